@@ -1,0 +1,1 @@
+"""OpenAI-compatible Whisper speech server."""

@@ -1,0 +1,288 @@
+"""The HTTP layer: OpenAI-compatible speech endpoints and operations endpoints over the engine and scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Match, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .audio import AudioError, decode_audio
+from .cli import Settings
+from .engine import SAMPLE_RATE, DecodeOptions, OutOfMemory, WhisperEngine
+from .errors import ApiError, error_response
+from .formats import MEDIA_TYPES, RESPONSE_FORMATS, render
+from .metrics import Metrics
+from .scheduler import BatchScheduler, QueueFull
+from .transcript import transcribe
+from .upload import receive_form
+
+log = logging.getLogger("whisper_server.http")
+STATIC_DIR = Path(__file__).parent / "static"
+AUDIO_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
+
+
+@dataclass
+class ServerState:
+    """What the handlers share: settings, the model once loaded, the scheduler, metrics and lifecycle flags."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: WhisperEngine | None = None
+    scheduler: BatchScheduler | None = None
+    ready: bool = False
+    draining: bool = False
+    load_failed: bool = False
+    in_flight: int = 0  # audio requests being handled; drain waits for zero
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_id(self) -> str:
+        model = self.settings.model
+        return Path(model).name if os.path.isdir(model) else model
+
+    def model_aliases(self) -> set[str]:
+        return {self.model_id, self.settings.model, "whisper-1"}
+
+
+def authorize(request: Request, state: ServerState) -> None:
+    key = state.settings.api_key
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+
+
+def refuse_unless_serving(state: ServerState) -> None:
+    if state.draining:
+        raise ApiError(503, "The server is shutting down; retry on another replica.", code="draining",
+                       headers={"Retry-After": "1", "Connection": "close"})
+    if not state.ready:
+        raise ApiError(503, "The model is still loading; retry shortly.", code="model_loading", headers={"Retry-After": "5"})
+    if state.scheduler.is_full():
+        raise queue_full(state.scheduler.retry_after_seconds())
+
+
+def queue_full(retry_after: int) -> ApiError:
+    return ApiError(503, "The server is at capacity; retry later.", code="queue_full",
+                    headers={"Retry-After": str(retry_after)})
+
+
+def decode_options(form, task: str, state: ServerState) -> tuple[DecodeOptions, str]:
+    model = form.get("model")
+    if model is not None and model not in state.model_aliases():
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{state.model_id}'.",
+                       param="model", code="model_not_found")
+    response_format = form.get("response_format") or "json"
+    if response_format not in RESPONSE_FORMATS:
+        raise ApiError(400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}; got '{response_format}'.",
+                       param="response_format", code="invalid_value")
+    temperature_text = form.get("temperature") or "0"
+    try:
+        temperature = float(temperature_text)
+    except ValueError:
+        temperature = -1.0
+    if not 0.0 <= temperature <= 1.0:
+        raise ApiError(400, f"temperature must be a number from 0 to 1; got '{temperature_text}'.",
+                       param="temperature", code="invalid_value")
+    granularities = form.fields.get("timestamp_granularities[]", []) + form.fields.get("timestamp_granularities", [])
+    unsupported = sorted(set(granularities) - {"segment"})
+    if unsupported:
+        raise ApiError(400, f"timestamp_granularities supports 'segment' only; got {', '.join(unsupported)}.",
+                       param="timestamp_granularities[]", code="invalid_value")
+    language = (form.get("language") or "").strip().lower() or None
+    if task == "translate":
+        language = None  # translations detect the source language and always answer in English
+    elif language is not None and language not in state.engine.languages:
+        raise ApiError(400, f"language must be an ISO-639-1 code the model knows (such as en, de, fr); got '{language}'.",
+                       param="language", code="invalid_language")
+    prompt = (form.get("prompt") or "").strip() or None
+    return DecodeOptions(task=task, language=language, prompt=prompt, temperature=temperature), response_format
+
+
+async def handle_audio(request: Request, task: str) -> Response:
+    state: ServerState = request.app.state.server
+    authorize(request, state)
+    refuse_unless_serving(state)
+    settings = state.settings
+    form = await receive_form(request, int(settings.max_upload_mb * 2**20))
+    try:
+        if form.file_path is None:
+            raise ApiError(400, "The 'file' field with the audio is missing.", param="file", code="missing_file")
+        if form.file_bytes == 0:
+            raise ApiError(400, "The uploaded file is empty.", param="file", code="empty_file")
+        options, response_format = decode_options(form, task, state)
+        try:
+            samples = await run_in_threadpool(decode_audio, form.file_path, settings.max_audio_seconds)
+        except AudioError as error:
+            raise ApiError(error.status, error.message, param="file", code=error.code) from error
+    finally:
+        form.discard()
+    audio_seconds = len(samples) / SAMPLE_RATE
+    request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
+    try:
+        transcript = await asyncio.wait_for(transcribe(state.scheduler, samples, options), settings.request_timeout_seconds)
+    except QueueFull as error:
+        raise queue_full(error.retry_after_seconds) from error
+    except TimeoutError as error:
+        raise ApiError(504, f"The request did not finish within {settings.request_timeout_seconds:g} s.",
+                       code="request_timeout") from error
+    except OutOfMemory as error:
+        raise ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
+                       headers={"Retry-After": "5"}) from error
+    state.metrics.audio_seconds.inc(audio_seconds)
+    body = render(transcript, response_format, task)
+    if isinstance(body, dict):
+        return JSONResponse(body)
+    return PlainTextResponse(body, media_type=MEDIA_TYPES[response_format])
+
+
+async def transcriptions(request: Request) -> Response:
+    return await handle_audio(request, "transcribe")
+
+
+async def translations(request: Request) -> Response:
+    return await handle_audio(request, "translate")
+
+
+async def models(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    authorize(request, state)
+    return JSONResponse({"object": "list", "data": [
+        {"id": state.model_id, "object": "model", "created": state.started_at, "owned_by": "whisper-server"}]})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    if state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not state.ready:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ready", "model": state.model_id})
+
+
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def index(request: Request) -> Response:
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():
+        raise ApiError(404, "The web page is not installed.", code="not_found")
+    return FileResponse(page, media_type="text/html; charset=utf-8")
+
+
+async def on_api_error(request: Request, error: ApiError) -> Response:
+    return error_response(error)
+
+
+async def on_http_exception(request: Request, error: HTTPException) -> Response:
+    return error_response(ApiError(error.status_code, error.detail, code="not_found" if error.status_code == 404 else None,
+                                   headers=error.headers))
+
+
+async def on_client_disconnect(request: Request, error: ClientDisconnect) -> Response:
+    return Response(status_code=499)  # the client went away mid-upload: nobody reads this answer
+
+
+async def on_unexpected(request: Request, error: Exception) -> Response:
+    log.exception("unhandled error")
+    return error_response(ApiError(500, "Internal server error.", code="internal_error"))
+
+
+class ObservedApp:
+    """ASGI wrapper: request id, route-template metrics, in-flight accounting and one JSON log line per request."""
+
+    def __init__(self, app: Starlette, state: ServerState):
+        self.app, self.state = app, state
+
+    def route_template(self, scope) -> str:
+        for route in self.app.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return route.path
+        return "unmatched"  # never the raw path: label values stay bounded
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = self.route_template(scope)
+        request_id = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None) or uuid.uuid4().hex
+        scope.setdefault("state", {})
+        status = 500
+        counted = route in AUDIO_ROUTES
+        started = time.monotonic()
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+            await send(message)
+
+        if counted:
+            self.state.in_flight += 1
+            self.state.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # noqa: BLE001 - already answered 500 and logged by on_unexpected
+            status = 500
+        finally:
+            if counted:
+                self.state.in_flight -= 1
+                self.state.metrics.in_flight.dec()
+            duration = time.monotonic() - started
+            metrics = self.state.metrics
+            metrics.requests.labels(scope["method"], route, str(status)).inc()
+            metrics.request_duration.labels(scope["method"], route).observe(duration)
+            log.info("request", extra={"fields": {
+                "request_id": request_id, "method": scope["method"], "route": route, "status": status,
+                "audio_seconds": round(scope["state"].get("audio_seconds", 0.0), 3), "duration_seconds": round(duration, 4),
+            }})
+
+
+def create_app(state: ServerState) -> ObservedApp:
+    routes = [
+        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+        Route("/v1/audio/translations", translations, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={
+        ApiError: on_api_error, HTTPException: on_http_exception, ClientDisconnect: on_client_disconnect,
+        Exception: on_unexpected})
+    app.state.server = state
+    return ObservedApp(app, state)
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)

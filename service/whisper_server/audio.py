@@ -1,0 +1,96 @@
+"""Audio decoding (PyAV: ffmpeg's libraries inside the wheel, no ffmpeg binary or subprocess) and windowing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from .engine import SAMPLE_RATE, WINDOW_SECONDS
+
+# A window is silence when almost none of its 30 ms frames rise above this level (dB relative to full scale).
+SILENCE_DBFS = -45.0
+SPEECH_FRAME_FRACTION = 0.02
+# Long audio is cut at the quietest 100 ms within the last few seconds before each 30 s boundary, not mid-word.
+CUT_SEARCH_SECONDS = 5.0
+
+
+class AudioError(Exception):
+    def __init__(self, status: int, message: str, code: str):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass
+class Window:
+    offset: float  # seconds from the start of the audio
+    samples: np.ndarray
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+def decode_audio(path: str, max_seconds: float) -> np.ndarray:
+    """Decodes any container/codec ffmpeg knows to 16 kHz mono float32, stopping as soon as it passes max_seconds."""
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except av.error.InvalidDataError as error:
+        raise AudioError(400, "The file could not be decoded as audio (unrecognised or corrupt data).", "invalid_audio") from error
+    except av.error.FFmpegError as error:
+        raise AudioError(400, f"The file could not be read as audio: {error.strerror or error}.", "invalid_audio") from error
+    with container:
+        if not container.streams.audio:
+            kinds = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+            raise AudioError(415, f"Unsupported media: the file has no audio stream ({kinds}).", "unsupported_media")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        max_samples = int(max_seconds * SAMPLE_RATE)
+        chunks, total = [], 0
+        try:
+            for frame in container.decode(stream):
+                for resampled in resampler.resample(frame):
+                    chunk = resampled.to_ndarray().reshape(-1)
+                    chunks.append(chunk)
+                    total += len(chunk)
+                if total > max_samples:
+                    raise AudioError(400, f"The audio is longer than the maximum of {max_seconds:g} seconds.", "audio_too_long")
+            for resampled in resampler.resample(None):
+                chunks.append(resampled.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as error:
+            if not chunks:
+                raise AudioError(400, f"The audio could not be decoded: {error.strerror or error}.", "invalid_audio") from error
+            # A damaged tail still yields the audio before it, as ffmpeg does.
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if len(samples) > max_samples:
+        raise AudioError(400, f"The audio is longer than the maximum of {max_seconds:g} seconds.", "audio_too_long")
+    if len(samples) < SAMPLE_RATE // 100:
+        raise AudioError(400, "The file contains no audio samples (empty or truncated).", "empty_audio")
+    return samples
+
+
+def frame_rms(samples: np.ndarray, frame: int) -> np.ndarray:
+    usable = len(samples) // frame * frame
+    if usable == 0:
+        return np.sqrt(np.mean(samples**2, keepdims=True)) if len(samples) else np.zeros(1)
+    return np.sqrt(np.mean(samples[:usable].reshape(-1, frame) ** 2, axis=1))
+
+
+def is_silence(samples: np.ndarray) -> bool:
+    loud = frame_rms(samples, int(0.03 * SAMPLE_RATE)) > 10 ** (SILENCE_DBFS / 20)
+    return loud.mean() < SPEECH_FRAME_FRACTION
+
+
+def split_windows(samples: np.ndarray) -> list[Window]:
+    """Cuts audio into windows of at most 30 s, each ending at the quietest 100 ms near its boundary."""
+    window, search, frame = int(WINDOW_SECONDS * SAMPLE_RATE), int(CUT_SEARCH_SECONDS * SAMPLE_RATE), SAMPLE_RATE // 10
+    windows, start = [], 0
+    while len(samples) - start > window:
+        search_from = start + window - search
+        energy = frame_rms(samples[search_from:start + window], frame)
+        cut = search_from + int(np.argmin(energy)) * frame + frame // 2
+        windows.append(Window(start / SAMPLE_RATE, samples[start:cut]))
+        start = cut
+    windows.append(Window(start / SAMPLE_RATE, samples[start:]))
+    return windows

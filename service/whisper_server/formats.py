@@ -1,0 +1,47 @@
+"""The response formats of OpenAI's audio API: json, text, srt, vtt and verbose_json."""
+
+from __future__ import annotations
+
+from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+from .transcript import Transcript
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+MEDIA_TYPES = {"json": "application/json", "verbose_json": "application/json", "text": "text/plain; charset=utf-8",
+               "srt": "application/x-subrip; charset=utf-8", "vtt": "text/vtt; charset=utf-8"}
+
+
+def clock(seconds: float, decimal: str) -> str:
+    milliseconds = round(seconds * 1000)
+    hours, milliseconds = divmod(milliseconds, 3_600_000)
+    minutes, milliseconds = divmod(milliseconds, 60_000)
+    seconds, milliseconds = divmod(milliseconds, 1000)
+    return f"{hours:02d}:{minutes:02d}:{seconds:02d}{decimal}{milliseconds:03d}"
+
+
+def render(transcript: Transcript, response_format: str, task: str) -> dict | str:
+    usage = {"type": "duration", "seconds": round(transcript.duration)}
+    if response_format == "json":
+        return {"text": transcript.text, "usage": usage}
+    if response_format == "text":
+        return transcript.text + "\n"
+    if response_format == "srt":
+        return "".join(
+            f"{index}\n{clock(s.start, ',')} --> {clock(s.end, ',')}\n{s.text}\n\n"
+            for index, s in enumerate(transcript.segments, start=1)
+        )
+    if response_format == "vtt":
+        return "WEBVTT\n\n" + "".join(f"{clock(s.start, '.')} --> {clock(s.end, '.')}\n{s.text}\n\n" for s in transcript.segments)
+    return {
+        "task": task,
+        "language": LANGUAGES.get(transcript.language, transcript.language or "unknown"),
+        "duration": transcript.duration,
+        "text": transcript.text,
+        "segments": [
+            {"id": index, "seek": int(s.start * 100), "start": s.start, "end": s.end, "text": s.text, "tokens": s.tokens,
+             "temperature": s.temperature, "avg_logprob": round(s.avg_logprob, 4),
+             "compression_ratio": round(s.compression_ratio, 4), "no_speech_prob": round(s.no_speech_prob, 4)}
+            for index, s in enumerate(transcript.segments)
+        ],
+        "usage": usage,
+    }

@@ -1,0 +1,29 @@
+"""The Prometheus metrics named in DESIGN.md, in one registry per server."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("http_requests", "HTTP requests answered, by route template and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.request_duration = Histogram(
+            "http_request_duration_seconds", "Time from request start to response end", ["method", "route"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=self.registry)
+        self.in_flight = Gauge("whisper_requests_in_flight", "Transcription and translation requests being handled",
+                               registry=self.registry)
+        self.queue_depth = Gauge("whisper_queue_depth", "30 s windows waiting for the model", registry=self.registry)
+        self.queued_audio = Gauge("whisper_queued_audio_seconds", "Seconds of audio waiting for the model",
+                                  registry=self.registry)
+        self.audio_seconds = Counter("whisper_audio_seconds", "Seconds of audio transcribed or translated",
+                                     registry=self.registry)
+        self.batch_size = Histogram("whisper_batch_size", "Windows decoded together in one model batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.model_load = Gauge("whisper_model_load_seconds", "Time taken to load the model", registry=self.registry)
+
+    def on_queue_change(self, windows: int, seconds: float) -> None:
+        self.queue_depth.set(windows)
+        self.queued_audio.set(seconds)

@@ -1,0 +1,136 @@
+"""Streams a multipart/form-data body to a spool file in the temp dir, enforcing the size limit while receiving."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from .errors import ApiError
+
+MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELDS = 32
+SPOOL_PREFIX = "whisper-upload-"
+
+
+@dataclass
+class Form:
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    file_path: str | None = None
+    filename: str | None = None
+    file_bytes: int = 0
+
+    def get(self, name: str) -> str | None:
+        values = self.fields.get(name)
+        return values[-1] if values else None
+
+    def discard(self) -> None:
+        if self.file_path:
+            os.unlink(self.file_path)
+            self.file_path = None
+
+
+def too_large(limit_bytes: int) -> ApiError:
+    return ApiError(413, f"The request body is larger than the maximum of {limit_bytes / 2**20:g} MB.",
+                    code="request_too_large", param="file")
+
+
+async def receive_form(request: Request, limit_bytes: int, file_field: str = "file") -> Form:
+    """Never holds more than one network chunk of the file in memory; removes the spool file on any failure."""
+    media_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if media_type != b"multipart/form-data":
+        raise ApiError(415, "The request must be multipart/form-data with the audio in a 'file' field.",
+                       code="unsupported_media_type")
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "The multipart/form-data content type has no boundary.", code="invalid_multipart")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit_bytes:
+        raise too_large(limit_bytes)  # refused before reading a byte of the body
+
+    form = Form()
+    part: dict = {}
+    finished = False
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(headers={}, header_field=b"", header_value=b"", value=bytearray(), spool=None, kind="field")
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part["header_field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        part["header_value"] += data[start:end]
+
+    def on_header_end() -> None:
+        part["headers"][part["header_field"].lower()] = part["header_value"]
+        part["header_field"], part["header_value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        part["name"] = disposition.get(b"name", b"").decode("utf-8", "replace")
+        filename = disposition.get(b"filename")
+        if part["name"] == file_field and filename is not None:
+            if form.file_path:
+                raise ApiError(400, "Send exactly one 'file' field.", param=file_field)
+            form.filename = filename.decode("utf-8", "replace")
+            descriptor, form.file_path = tempfile.mkstemp(prefix=SPOOL_PREFIX)
+            part["spool"], part["kind"] = os.fdopen(descriptor, "wb"), "file"
+        elif filename is not None:
+            part["kind"] = "ignored"  # other uploaded files are not ours to keep
+        elif len(form.fields) >= MAX_FIELDS:
+            raise ApiError(400, f"Too many form fields (at most {MAX_FIELDS}).", code="invalid_multipart")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if part["kind"] == "file":
+            part["spool"].write(data[start:end])
+            form.file_bytes += end - start
+        elif part["kind"] == "field":
+            part["value"] += data[start:end]
+            if len(part["value"]) > MAX_FIELD_BYTES:
+                raise ApiError(400, f"Form field '{part['name']}' is longer than {MAX_FIELD_BYTES} bytes.",
+                               param=part["name"])
+
+    def on_part_end() -> None:
+        if part["kind"] == "file":
+            part["spool"].close()
+            part["spool"] = None
+        elif part["kind"] == "field" and part["name"]:
+            form.fields.setdefault(part["name"], []).append(part["value"].decode("utf-8", "replace"))
+
+    def on_end() -> None:
+        nonlocal finished
+        finished = True
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+        "on_part_end": on_part_end, "on_end": on_end,
+    })
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit_bytes:
+                raise too_large(limit_bytes)
+            parser.write(chunk)
+        parser.finalize()
+        if not finished:
+            raise ApiError(400, "The multipart body ended before its closing boundary.", code="invalid_multipart")
+    except MultipartParseError as error:
+        form_cleanup(form, part)
+        raise ApiError(400, f"The multipart body is malformed: {error}.", code="invalid_multipart") from error
+    except BaseException:
+        form_cleanup(form, part)
+        raise
+    return form
+
+
+def form_cleanup(form: Form, part: dict) -> None:
+    if part.get("spool") is not None:
+        part["spool"].close()
+    form.discard()
