@@ -1,0 +1,561 @@
+// The page for people: picks or records audio, calls the public /v1/audio API, shows and exports the transcript.
+'use strict';
+
+(() => {
+  // Whisper large-v3's languages (ISO 639-1 codes as the API takes them), sorted by name.
+  const LANGUAGES = [
+    ['af', 'Afrikaans'], ['sq', 'Albanian'], ['am', 'Amharic'], ['ar', 'Arabic'], ['hy', 'Armenian'],
+    ['as', 'Assamese'], ['az', 'Azerbaijani'], ['ba', 'Bashkir'], ['eu', 'Basque'], ['be', 'Belarusian'],
+    ['bn', 'Bengali'], ['bs', 'Bosnian'], ['br', 'Breton'], ['bg', 'Bulgarian'], ['my', 'Burmese'],
+    ['yue', 'Cantonese'], ['ca', 'Catalan'], ['zh', 'Chinese'], ['hr', 'Croatian'], ['cs', 'Czech'],
+    ['da', 'Danish'], ['nl', 'Dutch'], ['en', 'English'], ['et', 'Estonian'], ['fo', 'Faroese'],
+    ['fi', 'Finnish'], ['fr', 'French'], ['gl', 'Galician'], ['ka', 'Georgian'], ['de', 'German'],
+    ['el', 'Greek'], ['gu', 'Gujarati'], ['ht', 'Haitian Creole'], ['ha', 'Hausa'], ['haw', 'Hawaiian'],
+    ['he', 'Hebrew'], ['hi', 'Hindi'], ['hu', 'Hungarian'], ['is', 'Icelandic'], ['id', 'Indonesian'],
+    ['it', 'Italian'], ['ja', 'Japanese'], ['jw', 'Javanese'], ['kn', 'Kannada'], ['kk', 'Kazakh'],
+    ['km', 'Khmer'], ['ko', 'Korean'], ['lo', 'Lao'], ['la', 'Latin'], ['lv', 'Latvian'],
+    ['ln', 'Lingala'], ['lt', 'Lithuanian'], ['lb', 'Luxembourgish'], ['mk', 'Macedonian'], ['mg', 'Malagasy'],
+    ['ms', 'Malay'], ['ml', 'Malayalam'], ['mt', 'Maltese'], ['mi', 'Maori'], ['mr', 'Marathi'],
+    ['mn', 'Mongolian'], ['ne', 'Nepali'], ['no', 'Norwegian'], ['nn', 'Norwegian Nynorsk'], ['oc', 'Occitan'],
+    ['ps', 'Pashto'], ['fa', 'Persian'], ['pl', 'Polish'], ['pt', 'Portuguese'], ['pa', 'Punjabi'],
+    ['ro', 'Romanian'], ['ru', 'Russian'], ['sa', 'Sanskrit'], ['sr', 'Serbian'], ['sn', 'Shona'],
+    ['sd', 'Sindhi'], ['si', 'Sinhala'], ['sk', 'Slovak'], ['sl', 'Slovenian'], ['so', 'Somali'],
+    ['es', 'Spanish'], ['su', 'Sundanese'], ['sw', 'Swahili'], ['sv', 'Swedish'], ['tl', 'Tagalog'],
+    ['tg', 'Tajik'], ['ta', 'Tamil'], ['tt', 'Tatar'], ['te', 'Telugu'], ['th', 'Thai'],
+    ['bo', 'Tibetan'], ['tr', 'Turkish'], ['tk', 'Turkmen'], ['uk', 'Ukrainian'], ['ur', 'Urdu'],
+    ['uz', 'Uzbek'], ['vi', 'Vietnamese'], ['cy', 'Welsh'], ['yi', 'Yiddish'], ['yo', 'Yoruba'],
+  ];
+
+  const KEY_STORAGE = 'whisper.apiKey';
+  const DOWNLOAD_TYPES = { txt: 'text/plain', srt: 'application/x-subrip', vtt: 'text/vtt' };
+
+  const byId = (id) => document.getElementById(id);
+  const ui = {
+    form: byId('transcribe-form'),
+    modelLine: byId('model-line'),
+    dropZone: byId('drop-zone'),
+    fileInput: byId('file-input'),
+    recordButton: byId('record-button'),
+    recordLabel: byId('record-label'),
+    recordNote: byId('record-note'),
+    chosen: byId('chosen-audio'),
+    language: byId('language'),
+    outputFormat: byId('output-format'),
+    prompt: byId('prompt'),
+    keyField: byId('key-field'),
+    apiKey: byId('api-key'),
+    rememberKey: byId('remember-key'),
+    submit: byId('submit-button'),
+    cancel: byId('cancel-button'),
+    progress: byId('progress'),
+    status: byId('status-line'),
+    meta: byId('result-meta'),
+    placeholder: byId('placeholder'),
+    errorBox: byId('error-box'),
+    errorHeading: byId('error-heading'),
+    errorMessage: byId('error-message'),
+    errorDetail: byId('error-detail'),
+    segments: byId('segments'),
+    formatted: byId('formatted'),
+    copy: byId('copy-button'),
+    downloads: Array.from(document.querySelectorAll('button.download')),
+  };
+
+  const state = {
+    audio: null, // { blob, name }
+    modelId: null,
+    result: null, // { text, segments, language, duration, baseName }
+    request: null, // the XMLHttpRequest in flight
+    ticker: null,
+    recorder: null,
+  };
+
+  // ---- formatting -------------------------------------------------------------------------
+
+  function formatBytes(bytes) {
+    if (bytes < 1024) return `${bytes} B`;
+    if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KB`;
+    return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+  }
+
+  function formatDuration(seconds) {
+    const whole = Math.round(seconds);
+    const h = Math.floor(whole / 3600);
+    const m = Math.floor((whole % 3600) / 60);
+    const s = String(whole % 60).padStart(2, '0');
+    return h ? `${h}:${String(m).padStart(2, '0')}:${s}` : `${m}:${s}`;
+  }
+
+  // HH:MM:SS,mmm for SRT, HH:MM:SS.mmm for WebVTT.
+  function cueTime(seconds, separator) {
+    const ms = Math.max(0, Math.round(seconds * 1000));
+    const pad = (n, width) => String(n).padStart(width, '0');
+    return `${pad(Math.floor(ms / 3600000), 2)}:${pad(Math.floor(ms / 60000) % 60, 2)}:` +
+      `${pad(Math.floor(ms / 1000) % 60, 2)}${separator}${pad(ms % 1000, 3)}`;
+  }
+
+  // The short form shown beside each segment: M:SS.s
+  function segmentTime(seconds) {
+    const tenths = Math.max(0, Math.round(seconds * 10));
+    const m = Math.floor(tenths / 600);
+    const s = ((tenths % 600) / 10).toFixed(1).padStart(4, '0');
+    return `${m}:${s}`;
+  }
+
+  // Segments worth a cue: subtitles have no empty cues, and a blank line would end a cue early.
+  function cues() {
+    return state.result.segments
+      .map((seg) => ({
+        start: seg.start,
+        end: Math.max(seg.start, seg.end),
+        text: seg.text.trim().replace(/\n\s*\n/g, '\n').replace(/-->/g, '->'),
+      }))
+      .filter((cue) => cue.text !== '');
+  }
+
+  const FORMATTERS = {
+    segments: () => cues().map((c) => `[${segmentTime(c.start)} – ${segmentTime(c.end)}] ${c.text}`).join('\n'),
+    txt: () => `${state.result.text.trim()}\n`,
+    srt: () => cues().map((c, i) =>
+      `${i + 1}\n${cueTime(c.start, ',')} --> ${cueTime(c.end, ',')}\n${c.text}\n`).join('\n'),
+    vtt: () => `WEBVTT\n\n${cues().map((c) =>
+      `${cueTime(c.start, '.')} --> ${cueTime(c.end, '.')}\n${c.text}\n`).join('\n')}`,
+  };
+
+  // ---- status and output ------------------------------------------------------------------
+
+  function setStatus(text) {
+    ui.status.textContent = text || '\u00a0';
+  }
+
+  function setProgress(mode, percent) {
+    ui.progress.classList.toggle('idle', mode === 'idle');
+    if (mode === 'determinate') ui.progress.value = percent;
+    else ui.progress.removeAttribute('value'); // no value: the browser shows an indeterminate bar
+  }
+
+  function showOnly(element) {
+    for (const el of [ui.placeholder, ui.errorBox, ui.segments, ui.formatted]) el.hidden = el !== element;
+  }
+
+  function setActionsEnabled(enabled) {
+    ui.copy.disabled = !enabled;
+    for (const button of ui.downloads) button.disabled = !enabled;
+  }
+
+  function renderResult() {
+    const format = ui.outputFormat.value;
+    if (!state.result.text.trim() && !cues().length) {
+      showPlaceholder('The server found no speech in this audio.');
+    } else if (format === 'segments') {
+      ui.segments.replaceChildren(...cues().map((cue) => {
+        const item = document.createElement('li');
+        const time = document.createElement('time');
+        time.dateTime = `PT${cue.start.toFixed(2)}S`;
+        time.textContent = `${segmentTime(cue.start)} – ${segmentTime(cue.end)}`;
+        const text = document.createElement('span');
+        text.className = 'segment-text';
+        text.textContent = cue.text;
+        item.append(time, text);
+        return item;
+      }));
+      showOnly(ui.segments);
+    } else {
+      ui.formatted.textContent = FORMATTERS[format]();
+      showOnly(ui.formatted);
+    }
+  }
+
+  function showPlaceholder(text) {
+    ui.placeholder.textContent = text;
+    showOnly(ui.placeholder);
+  }
+
+  // ---- errors -----------------------------------------------------------------------------
+
+  // A heading a person understands, from the API's error code where it has one, else from the HTTP status.
+  const NOT_AUDIO = 'Not audio: the server could not read this file as audio';
+  const HEADINGS_BY_CODE = {
+    invalid_api_key: 'Unauthorised: the API key is missing or wrong',
+    request_too_large: 'Too large: the file is over this server\'s upload limit',
+    audio_too_long: 'Too long: the audio is over this server\'s length limit',
+    invalid_audio: NOT_AUDIO,
+    unsupported_media: NOT_AUDIO,
+    empty_audio: 'No audio: the file holds no sound',
+    empty_file: 'Empty file: the file has no content',
+    model_loading: 'Not ready: the model is still loading',
+    draining: 'Not available: this server is shutting down',
+    out_of_memory: 'Server busy: the GPU ran out of memory',
+    request_timeout: 'Too slow: the server gave up on this request',
+  };
+  const HEADINGS_BY_STATUS = {
+    401: HEADINGS_BY_CODE.invalid_api_key,
+    403: 'Forbidden: this API key may not use the service',
+    413: HEADINGS_BY_CODE.request_too_large,
+    415: NOT_AUDIO,
+    429: 'Server busy: too many requests',
+    503: 'Server busy: the queue is full',
+    504: HEADINGS_BY_CODE.request_timeout,
+  };
+
+  function errorHeading(status, code, retryAfter) {
+    const heading = HEADINGS_BY_CODE[code] || HEADINGS_BY_STATUS[status] ||
+      (status >= 500 ? `The server failed (HTTP ${status})` : `The server refused the request (HTTP ${status})`);
+    return retryAfter ? `${heading}, retry after ${retryAfter} s` : heading;
+  }
+
+  function showError(heading, message, detail) {
+    ui.errorHeading.textContent = heading;
+    ui.errorMessage.textContent = message;
+    ui.errorDetail.textContent = detail || '';
+    showOnly(ui.errorBox);
+    setStatus(`Failed: ${heading}`);
+  }
+
+  // The API's error body is {"error": {"message", "type", "param", "code"}}; anything else is shown as text.
+  function parseError(xhr) {
+    try {
+      const body = JSON.parse(xhr.responseText);
+      if (body && body.error && typeof body.error.message === 'string') return body.error;
+    } catch (_) { /* not JSON: fall through to the raw text */ }
+    const text = (xhr.responseText || '').trim().slice(0, 500);
+    return { message: text || xhr.statusText || `HTTP ${xhr.status}`, type: null, code: null };
+  }
+
+  function showHttpError(xhr) {
+    const error = parseError(xhr);
+    const retryAfter = xhr.getResponseHeader('Retry-After');
+    const detail = [`HTTP ${xhr.status}`, error.type && `type: ${error.type}`, error.code && `code: ${error.code}`,
+      error.param && `param: ${error.param}`].filter(Boolean).join(' · ');
+    showError(errorHeading(xhr.status, error.code, retryAfter), error.message, detail);
+    if (xhr.status === 401 || xhr.status === 403) {
+      revealKeyField();
+      ui.apiKey.focus();
+    }
+  }
+
+  // ---- API key ----------------------------------------------------------------------------
+
+  function revealKeyField() {
+    ui.keyField.hidden = false;
+  }
+
+  function authHeaders() {
+    const key = ui.apiKey.value.trim();
+    return key ? { Authorization: `Bearer ${key}` } : {};
+  }
+
+  // The key is kept in sessionStorage (this tab only, gone when it closes) and only if the user asks.
+  function rememberKey() {
+    if (ui.rememberKey.checked && ui.apiKey.value.trim()) sessionStorage.setItem(KEY_STORAGE, ui.apiKey.value.trim());
+    else sessionStorage.removeItem(KEY_STORAGE);
+  }
+
+  async function loadModel() {
+    try {
+      const response = await fetch('v1/models', { headers: authHeaders() });
+      if (response.status === 401 || response.status === 403) {
+        revealKeyField();
+        ui.modelLine.textContent = 'This server requires an API key: enter it below.';
+        return;
+      }
+      if (!response.ok) {
+        ui.modelLine.textContent = `The server answered HTTP ${response.status} for its model list.`;
+        return;
+      }
+      const body = await response.json();
+      const model = body.data && body.data[0];
+      if (model) {
+        state.modelId = model.id;
+        ui.modelLine.textContent = `Model: ${model.id}`;
+      } else {
+        ui.modelLine.textContent = 'The server lists no model.';
+      }
+    } catch (err) {
+      ui.modelLine.textContent = `Cannot reach the server: ${err.message}`;
+    }
+  }
+
+  // ---- choosing audio ---------------------------------------------------------------------
+
+  function chooseAudio(blob, name) {
+    state.audio = { blob, name };
+    ui.chosen.textContent = `Chosen: ${name} (${formatBytes(blob.size)})`;
+    setStatus(`Ready to ${taskName()}.`);
+  }
+
+  function openFilePicker() {
+    if (!state.request) ui.fileInput.click();
+  }
+
+  ui.dropZone.addEventListener('click', openFilePicker);
+  ui.dropZone.addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' || event.key === ' ') {
+      event.preventDefault();
+      openFilePicker();
+    }
+  });
+  ui.dropZone.addEventListener('dragover', (event) => {
+    event.preventDefault();
+    ui.dropZone.classList.add('dragging');
+  });
+  ui.dropZone.addEventListener('dragleave', () => ui.dropZone.classList.remove('dragging'));
+  ui.dropZone.addEventListener('drop', (event) => {
+    event.preventDefault();
+    ui.dropZone.classList.remove('dragging');
+    const file = event.dataTransfer.files[0];
+    if (file) chooseAudio(file, file.name);
+  });
+  ui.fileInput.addEventListener('change', () => {
+    const file = ui.fileInput.files[0];
+    if (file) chooseAudio(file, file.name);
+    ui.fileInput.value = ''; // choosing the same file again still fires change
+  });
+
+  // ---- recording --------------------------------------------------------------------------
+
+  const RECORDING_EXTENSIONS = { 'audio/webm': 'webm', 'audio/ogg': 'ogg', 'audio/mp4': 'm4a' };
+
+  function setUpRecording() {
+    if (!window.isSecureContext || !navigator.mediaDevices || !window.MediaRecorder) {
+      ui.recordButton.disabled = true;
+      ui.recordNote.textContent = window.isSecureContext
+        ? 'This browser cannot record audio.'
+        : 'Recording needs HTTPS or localhost; upload a file instead.';
+      return;
+    }
+    ui.recordButton.addEventListener('click', () => (state.recorder ? stopRecording() : startRecording()));
+  }
+
+  async function startRecording() {
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    } catch (err) {
+      ui.recordNote.textContent = err.name === 'NotAllowedError'
+        ? 'Microphone permission was denied.' : `No microphone: ${err.message}`;
+      return;
+    }
+    const recorder = new MediaRecorder(stream);
+    const chunks = [];
+    const started = performance.now();
+    const ticker = setInterval(() => {
+      ui.recordNote.textContent = `Recording… ${formatDuration((performance.now() - started) / 1000)}`;
+    }, 500);
+    recorder.addEventListener('dataavailable', (event) => chunks.push(event.data));
+    recorder.addEventListener('stop', () => {
+      stream.getTracks().forEach((track) => track.stop());
+      clearInterval(ticker);
+      const type = recorder.mimeType.split(';')[0] || 'audio/webm';
+      const stamp = new Date().toISOString().slice(11, 19).replace(/:/g, '');
+      chooseAudio(new Blob(chunks, { type }), `recording-${stamp}.${RECORDING_EXTENSIONS[type] || 'webm'}`);
+      ui.recordNote.textContent = `Recorded ${formatDuration((performance.now() - started) / 1000)}.`;
+    });
+    recorder.start();
+    state.recorder = recorder;
+    ui.recordButton.setAttribute('aria-pressed', 'true');
+    ui.recordLabel.textContent = 'Stop recording';
+    ui.recordNote.textContent = 'Recording… 0:00';
+  }
+
+  function stopRecording() {
+    state.recorder.stop();
+    state.recorder = null;
+    ui.recordButton.setAttribute('aria-pressed', 'false');
+    ui.recordLabel.textContent = 'Record from microphone';
+  }
+
+  // ---- the request ------------------------------------------------------------------------
+
+  function task() {
+    return ui.form.elements.task.value;
+  }
+
+  function taskName() {
+    return task() === 'translate' ? 'translate' : 'transcribe';
+  }
+
+  function setBusy(busy) {
+    ui.submit.disabled = busy;
+    ui.cancel.disabled = !busy;
+    ui.dropZone.setAttribute('aria-disabled', String(busy));
+  }
+
+  function stopTicker() {
+    clearInterval(state.ticker);
+    state.ticker = null;
+  }
+
+  function startWorkingTicker(started) {
+    const verb = task() === 'translate' ? 'Translating' : 'Transcribing';
+    const tick = () => setStatus(`${verb}… ${((performance.now() - started) / 1000).toFixed(0)} s`);
+    setProgress('indeterminate');
+    tick();
+    state.ticker = setInterval(tick, 500);
+  }
+
+  function buildForm() {
+    const data = new FormData();
+    data.append('file', state.audio.blob, state.audio.name);
+    if (state.modelId) data.append('model', state.modelId);
+    // verbose_json carries the segments; every output format is built from them here.
+    data.append('response_format', 'verbose_json');
+    data.append('timestamp_granularities[]', 'segment');
+    if (ui.language.value && !ui.language.disabled) data.append('language', ui.language.value);
+    if (ui.prompt.value.trim()) data.append('prompt', ui.prompt.value.trim());
+    return data;
+  }
+
+  function finishRequest() {
+    stopTicker();
+    setProgress('idle');
+    setBusy(false);
+    state.request = null;
+  }
+
+  function handleSuccess(xhr, started) {
+    let body;
+    try {
+      body = JSON.parse(xhr.responseText);
+    } catch (_) {
+      showError('The server sent an answer the page cannot read', xhr.responseText.slice(0, 500), `HTTP ${xhr.status}`);
+      return;
+    }
+    const text = typeof body.text === 'string' ? body.text : '';
+    const duration = typeof body.duration === 'number' ? body.duration : null;
+    // A reply without segments still gets one cue covering the whole audio.
+    const segments = Array.isArray(body.segments) && body.segments.length
+      ? body.segments.map((s) => ({ start: Number(s.start) || 0, end: Number(s.end) || 0, text: String(s.text || '') }))
+      : [{ start: 0, end: duration || 0, text }];
+    state.result = { text, segments, baseName: state.audio.name.replace(/\.[^.]+$/, '') || 'transcript' };
+    renderResult();
+    setActionsEnabled(true);
+    const took = (performance.now() - started) / 1000;
+    ui.meta.textContent = [body.language && `Language: ${body.language}`,
+      duration !== null && `${formatDuration(duration)} of audio`, `took ${took.toFixed(1)} s`].filter(Boolean).join(' · ');
+    setStatus(`Done: ${segments.length} segment${segments.length === 1 ? '' : 's'} in ${took.toFixed(1)} s.`);
+  }
+
+  function submit(event) {
+    event.preventDefault();
+    if (state.request) return;
+    if (!state.audio) {
+      setStatus('Choose a file or record audio first.');
+      ui.dropZone.focus();
+      return;
+    }
+    rememberKey();
+    const xhr = new XMLHttpRequest();
+    const started = performance.now();
+    state.request = xhr;
+    state.result = null;
+    setActionsEnabled(false);
+    setBusy(true);
+    ui.meta.textContent = '\u00a0';
+    showPlaceholder('Waiting for the server…');
+    setProgress('determinate', 0);
+    setStatus('Uploading… 0%');
+
+    xhr.open('POST', task() === 'translate' ? 'v1/audio/translations' : 'v1/audio/transcriptions');
+    for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
+    xhr.upload.addEventListener('progress', (e) => {
+      if (!e.lengthComputable) return;
+      const percent = Math.round((e.loaded / e.total) * 100);
+      setProgress('determinate', percent);
+      setStatus(`Uploading… ${percent}% (${formatBytes(e.loaded)} of ${formatBytes(e.total)})`);
+    });
+    // Once the upload is done the server decodes and runs the model: no byte count to show, so show time.
+    xhr.upload.addEventListener('load', () => startWorkingTicker(performance.now()));
+    xhr.addEventListener('load', () => {
+      finishRequest();
+      if (xhr.status >= 200 && xhr.status < 300) handleSuccess(xhr, started);
+      else showHttpError(xhr);
+    });
+    xhr.addEventListener('error', () => {
+      finishRequest();
+      showError('No answer from the server',
+        'The connection closed before the server answered.',
+        'Check the network; a file over the server\'s upload limit or a proxy timeout can also close it.');
+    });
+    xhr.addEventListener('abort', () => {
+      finishRequest();
+      showPlaceholder('Cancelled. The transcript appears here.');
+      setStatus('Cancelled.');
+    });
+    xhr.send(buildForm());
+  }
+
+  ui.form.addEventListener('submit', submit);
+  ui.cancel.addEventListener('click', () => state.request && state.request.abort());
+
+  // ---- using the transcript ---------------------------------------------------------------
+
+  // navigator.clipboard exists only on HTTPS or localhost; a plain-HTTP load balancer needs the old way.
+  async function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      return;
+    }
+    const area = document.createElement('textarea');
+    area.value = text;
+    area.setAttribute('readonly', '');
+    area.className = 'visually-hidden';
+    document.body.append(area);
+    area.select();
+    const copied = document.execCommand('copy');
+    area.remove();
+    if (!copied) throw new Error('the browser refused');
+  }
+
+  ui.copy.addEventListener('click', async () => {
+    const text = FORMATTERS[ui.outputFormat.value]();
+    try {
+      await copyText(text);
+      setStatus(`Copied ${text.length.toLocaleString()} characters.`);
+    } catch (err) {
+      setStatus(`Could not copy: ${err.message}. Select the text and copy it instead.`);
+    }
+  });
+
+  for (const button of ui.downloads) {
+    button.addEventListener('click', () => {
+      const format = button.dataset.format;
+      const blob = new Blob([FORMATTERS[format]()], { type: `${DOWNLOAD_TYPES[format]};charset=utf-8` });
+      const link = document.createElement('a');
+      link.href = URL.createObjectURL(blob);
+      link.download = `${state.result.baseName}.${format}`;
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+    });
+  }
+
+  ui.outputFormat.addEventListener('change', () => {
+    if (state.result) renderResult();
+  });
+
+  // ---- start ------------------------------------------------------------------------------
+
+  for (const [code, name] of LANGUAGES) ui.language.add(new Option(name, code));
+  // Translation detects the spoken language itself (the API ignores `language` there).
+  ui.form.addEventListener('change', (event) => {
+    if (event.target.name !== 'task') return;
+    const translating = task() === 'translate';
+    ui.submit.textContent = translating ? 'Translate' : 'Transcribe';
+    ui.language.disabled = translating;
+  });
+  ui.rememberKey.addEventListener('change', rememberKey);
+  ui.apiKey.addEventListener('change', () => {
+    rememberKey();
+    if (!state.modelId) loadModel();
+  });
+  const savedKey = sessionStorage.getItem(KEY_STORAGE);
+  if (savedKey) {
+    ui.apiKey.value = savedKey;
+    ui.rememberKey.checked = true;
+    revealKeyField();
+  }
+  setUpRecording();
+  loadModel();
+})();
