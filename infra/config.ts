@@ -66,6 +66,8 @@ export interface StackConfig {
     project: string;
     stack: string;
     region: string;
+    /** Tags on every AWS resource that takes them. */
+    tags: Record<string, string>;
     network: NetworkConfig;
     cluster: ClusterConfig;
     gpu: GpuConfig;
@@ -328,6 +330,7 @@ export function loadConfig(): StackConfig {
         project: projectName,
         stack,
         region,
+        tags: { project: projectName, stack, "managed-by": "pulumi" },
         network: readNetwork(reader),
         cluster: readCluster(reader, stack),
         gpu: readGpu(reader),

@@ -90,7 +90,7 @@ export function stackConfig(stack: string, overrides: ConfigOverrides = {}): { v
 const shortHash = (text: string, length = 7): string => crypto.createHash("sha256").update(text).digest("hex").slice(0, length);
 
 /** Realistic outputs for what the program reads: remote components, AWS resources, invokes. */
-class OfflineMocks implements pulumi.runtime.Mocks {
+export class OfflineMocks implements pulumi.runtime.Mocks {
     readonly recorded: RecordedResource[] = [];
 
     constructor(private readonly region: string) {}
@@ -260,10 +260,31 @@ function forgetProgramModules(): void {
     }
 }
 
+/** Seconds to wait for the program's registrations; the mocks answer at once, so only a deadlock takes longer. */
+export const settleTimeoutSeconds = 30;
+
 async function settle(): Promise<void> {
     // waitForRPCs drains the runtime's queue of registrations and invokes; it is internal, hence the cast.
     const waitForRPCs: () => Promise<void> = (pulumi.runtime as any).waitForRPCs;
-    await waitForRPCs();
+    let timer: NodeJS.Timeout | undefined;
+    const deadlock = new Promise<never>((_, reject) => {
+        timer = setTimeout(
+            () =>
+                reject(
+                    new Error(
+                        `registrations did not complete within ${settleTimeoutSeconds} s: a dependency cycle, e.g. a resource ` +
+                            "parented to a component (eks.Cluster, eks.ManagedNodeGroup) whose outputs it depends on " +
+                            "(depending on a component waits for all its children); PULUMI_DEBUG_PROMISE_LEAKS=1 shows where",
+                    ),
+                ),
+            settleTimeoutSeconds * 1000,
+        );
+    });
+    try {
+        await Promise.race([waitForRPCs(), deadlock]);
+    } finally {
+        clearTimeout(timer);
+    }
 }
 
 async function resolveOutputs(exported: Record<string, unknown>): Promise<{ outputs: Record<string, unknown>; secretOutputs: string[] }> {

@@ -1,0 +1,47 @@
+// The one way this program installs a Helm chart: pinned version, explicit release name, the cluster's
+// provider, and a wait for the nodes and add-ons the chart's pods need.
+import * as k8s from "@pulumi/kubernetes";
+import * as pulumi from "@pulumi/pulumi";
+
+/** What every in-cluster add-on gets: the cluster's provider and what must exist before it. */
+export interface AddonContext {
+    provider: k8s.Provider;
+    dependsOn: pulumi.Resource[];
+}
+
+export interface HelmChart {
+    /** Release name, fixed: without it Pulumi adds a random suffix and service names become unpredictable. */
+    releaseName: string;
+    chart: string;
+    /** An exact chart version. */
+    version: string;
+    repository: string;
+    namespace: string;
+    values: Record<string, unknown>;
+    /** Seconds Helm waits for the release's resources to become ready. */
+    timeoutSeconds?: number;
+}
+
+const exactVersion = /^v?\d+\.\d+\.\d+(-[\w.]+)?$/;
+
+export function installChart(name: string, chart: HelmChart, context: AddonContext): k8s.helm.v3.Release {
+    if (!exactVersion.test(chart.version)) {
+        throw new Error(`Helm chart ${chart.chart} must be pinned to an exact version, got "${chart.version}"`);
+    }
+    return new k8s.helm.v3.Release(
+        name,
+        {
+            name: chart.releaseName,
+            chart: chart.chart,
+            version: chart.version,
+            repositoryOpts: { repo: chart.repository },
+            namespace: chart.namespace,
+            createNamespace: true,
+            values: chart.values,
+            atomic: true,
+            cleanupOnFail: true,
+            timeout: chart.timeoutSeconds ?? 600,
+        },
+        { provider: context.provider, dependsOn: context.dependsOn },
+    );
+}
