@@ -1,0 +1,55 @@
+// The AWS Load Balancer Controller: it turns the workload's `type: LoadBalancer` Service into an NLB with
+// IP targets, a deliberate idle timeout and health check (a plain Service would get a Classic ELB, 60 s idle).
+import * as fs from "fs";
+import * as path from "path";
+import * as k8s from "@pulumi/kubernetes";
+import * as pulumi from "@pulumi/pulumi";
+import { podIdentityForServiceAccount, systemNodeSelector } from "./cluster";
+import { AddonContext, installChart } from "./helm";
+
+export const loadBalancerControllerChart = {
+    chart: "aws-load-balancer-controller",
+    // Controller v2.13.4: NLB listener attributes (the TCP idle timeout) need v2.10 or later.
+    version: "1.13.4",
+    repository: "https://aws.github.io/eks-charts",
+};
+const serviceAccount = "aws-load-balancer-controller";
+
+/** The controller's IAM policy as published for v2.13 (docs/install/iam_policy.json), vendored: nothing is fetched at run time. */
+export const loadBalancerControllerPolicy = fs.readFileSync(path.join(__dirname, "policies", "aws-load-balancer-controller.json"), "utf8");
+
+export interface LoadBalancerControllerArgs {
+    clusterName: pulumi.Input<string>;
+    region: string;
+    vpcId: pulumi.Input<string>;
+    tags: Record<string, string>;
+}
+
+export function installLoadBalancerController(name: string, args: LoadBalancerControllerArgs, context: AddonContext): k8s.helm.v3.Release {
+    const { association } = podIdentityForServiceAccount(`${name}-aws-lb-controller`, {
+        clusterName: args.clusterName,
+        namespace: "kube-system",
+        serviceAccount,
+        inlinePolicy: loadBalancerControllerPolicy,
+        tags: args.tags,
+    });
+    return installChart(
+        "aws-load-balancer-controller",
+        {
+            releaseName: "aws-load-balancer-controller",
+            ...loadBalancerControllerChart,
+            namespace: "kube-system",
+            values: {
+                clusterName: args.clusterName,
+                region: args.region,
+                vpcId: args.vpcId,
+                serviceAccount: { create: true, name: serviceAccount },
+                // Its webhooks admit every Service and pod: two replicas, kept apart by a PDB through node drains.
+                replicaCount: 2,
+                podDisruptionBudget: { maxUnavailable: 1 },
+                nodeSelector: systemNodeSelector,
+            },
+        },
+        { provider: context.provider, dependsOn: [...context.dependsOn, association] },
+    );
+}

@@ -1,0 +1,310 @@
+// The Whisper service on the cluster: namespace, model cache volume, API key Secret, the GPU Deployment,
+// the NLB Service, its PodDisruptionBudget, the ServiceMonitor Prometheus scrapes and the HPA.
+import * as k8s from "@pulumi/kubernetes";
+import * as pulumi from "@pulumi/pulumi";
+import { Dtype, PodResources } from "./catalog";
+import { gpuNodeLabel, gpuToleration } from "./cluster";
+import { ScalingMetric } from "./autoscaling";
+import { VolumeAccessMode } from "./model-cache";
+
+export const whisperNamespace = "whisper";
+export const deploymentName = "whisper";
+export const serviceName = "whisper";
+export const containerPort = 8000;
+export const httpPortName = "http";
+/** The server image's user and group (service/Dockerfile): the EFS access points and fsGroup use them. */
+export const serverUser = { uid: 10001, gid: 10001 };
+/** Where the cache volume is mounted; HF_HOME lives inside it. */
+export const modelCacheMountPath = "/models";
+/** Long enough for the NLB to stop sending new connections to a terminating pod (its deregistration takes 10-30 s). */
+export const preStopSleepSeconds = 30;
+/** The first start downloads large-v3 (3 GB) and warms it up: allow 20 minutes before the kubelet gives up. */
+export const startupProbe = { periodSeconds: 10, failureThreshold: 120 };
+export const apiKeySecretName = "whisper-api-key";
+
+export const probePaths = { startup: "/readyz", readiness: "/readyz", liveness: "/healthz", metrics: "/metrics" } as const;
+
+export interface ServerSettings {
+    modelId: string;
+    dtype: Dtype;
+    maxBatchSize: number;
+    batchWaitMs: number;
+    maxUploadMb: number;
+    maxAudioSeconds: number;
+    queueSize: number;
+    /** The longest a request may run: the server's deadline, and the base of every timeout around it. */
+    requestTimeoutSeconds: number;
+}
+
+export type LoadBalancerScheme = "internet-facing" | "internal";
+export const loadBalancerSchemes: readonly LoadBalancerScheme[] = ["internet-facing", "internal"];
+
+export interface TrafficSettings {
+    scheme: LoadBalancerScheme;
+    sourceRanges: string[];
+    /** An ACM certificate: the NLB terminates TLS on 443 with it. */
+    certificateArn?: string;
+}
+
+export interface ScalingSettings {
+    minReplicas: number;
+    maxReplicas: number;
+    metric: ScalingMetric;
+    /** The per-pod average of the metric the HPA keeps. */
+    targetAverageValue: number;
+}
+
+export interface WhisperServiceArgs {
+    stack: string;
+    image: pulumi.Input<string>;
+    resources: PodResources;
+    server: ServerSettings;
+    /** The API key clients send as a bearer token; none leaves /v1/* open. */
+    apiKey?: pulumi.Input<string>;
+    modelCache: { storageClassName: pulumi.Input<string>; accessMode: VolumeAccessMode; sizeGiB: number; dependsOn: pulumi.Resource[] };
+    traffic: TrafficSettings;
+    scaling: ScalingSettings;
+    /** Declare the ServiceMonitor (the Prometheus Operator's CRDs exist). */
+    serviceMonitor: boolean;
+    /** What must run before the objects that need it: the LB controller's webhook, the CRDs, the metrics adapter. */
+    after: { loadBalancerController?: pulumi.Resource; monitoring?: pulumi.Resource; metricsAdapter?: pulumi.Resource };
+    provider: k8s.Provider;
+}
+
+/** How long the server keeps finishing in-flight requests after SIGTERM: the longest request. */
+export const drainSeconds = (server: ServerSettings): number => server.requestTimeoutSeconds;
+/** The preStop pause, the drain, and a margin for the process to exit. */
+export const terminationGracePeriodSeconds = (server: ServerSettings): number => preStopSleepSeconds + drainSeconds(server) + 15;
+/** NLB TCP idle timeout: no byte flows while a long file is transcribed; allowed range 60 to 6000 s. */
+export const idleTimeoutSeconds = (server: ServerSettings): number => Math.min(6000, Math.max(60, server.requestTimeoutSeconds + 60));
+
+export function podLabels(stack: string): Record<string, string> {
+    return { "app.kubernetes.io/name": "whisper", "app.kubernetes.io/instance": stack, "app.kubernetes.io/component": "server" };
+}
+
+/** The server's settings as its WHISPER_<NAME> environment. */
+export function serverEnvironment(server: ServerSettings): Record<string, string> {
+    return {
+        WHISPER_MODEL: server.modelId,
+        WHISPER_DEVICE: "cuda",
+        WHISPER_DTYPE: server.dtype,
+        WHISPER_HOST: "0.0.0.0",
+        WHISPER_PORT: String(containerPort),
+        WHISPER_MAX_BATCH_SIZE: String(server.maxBatchSize),
+        WHISPER_BATCH_WAIT_MS: String(server.batchWaitMs),
+        WHISPER_MAX_UPLOAD_MB: String(server.maxUploadMb),
+        WHISPER_MAX_AUDIO_SECONDS: String(server.maxAudioSeconds),
+        WHISPER_QUEUE_SIZE: String(server.queueSize),
+        WHISPER_REQUEST_TIMEOUT_SECONDS: String(server.requestTimeoutSeconds),
+        WHISPER_DRAIN_SECONDS: String(drainSeconds(server)),
+        HF_HOME: `${modelCacheMountPath}/hf`,
+    };
+}
+
+/** The AWS Load Balancer Controller's annotations for the NLB in front of the service. */
+export function loadBalancerAnnotations(traffic: TrafficSettings, server: ServerSettings): Record<string, string> {
+    const prefix = "service.beta.kubernetes.io/aws-load-balancer";
+    const listener = traffic.certificateArn ? "TLS-443" : "TCP-80";
+    return {
+        [`${prefix}-scheme`]: traffic.scheme,
+        // IP targets: the NLB sends straight to pod IPs, and health checks see each pod's own readiness.
+        [`${prefix}-nlb-target-type`]: "ip",
+        [`${prefix}-healthcheck-protocol`]: "http",
+        [`${prefix}-healthcheck-path`]: probePaths.readiness,
+        [`${prefix}-healthcheck-port`]: "traffic-port",
+        [`${prefix}-healthcheck-interval`]: "10",
+        [`${prefix}-healthcheck-healthy-threshold`]: "2",
+        [`${prefix}-healthcheck-unhealthy-threshold`]: "2",
+        [`${prefix}-attributes`]: "load_balancing.cross_zone.enabled=true",
+        // A deregistered pod keeps its open connections until the server's drain is over.
+        [`${prefix}-target-group-attributes`]: `deregistration_delay.timeout_seconds=${drainSeconds(server)}`,
+        [`${prefix}-listener-attributes.${listener}`]: `tcp.idle_timeout.seconds=${idleTimeoutSeconds(server)}`,
+        ...(traffic.certificateArn ? { [`${prefix}-ssl-cert`]: traffic.certificateArn, [`${prefix}-ssl-ports`]: "443" } : {}),
+    };
+}
+
+export class WhisperService extends pulumi.ComponentResource {
+    readonly namespace: k8s.core.v1.Namespace;
+    readonly deployment: k8s.apps.v1.Deployment;
+    readonly service: k8s.core.v1.Service;
+    readonly hpa: k8s.autoscaling.v2.HorizontalPodAutoscaler;
+    /** The NLB's DNS name, once the controller has made it. */
+    readonly endpoint: pulumi.Output<string>;
+
+    constructor(name: string, args: WhisperServiceArgs, opts: pulumi.ComponentResourceOptions = {}) {
+        super("whisper-eks:workload:WhisperService", name, {}, opts);
+        const k8sOpts = { parent: this, provider: args.provider };
+        const labels = podLabels(args.stack);
+        const { server, traffic, scaling } = args;
+
+        this.namespace = new k8s.core.v1.Namespace(`${name}-namespace`, { metadata: { name: whisperNamespace, labels } }, k8sOpts);
+        const namespace = this.namespace.metadata.name;
+        const metadata = (objectName: string) => ({ name: objectName, namespace, labels });
+
+        const modelCache = new k8s.core.v1.PersistentVolumeClaim(
+            `${name}-model-cache`,
+            {
+                metadata: metadata("whisper-model-cache"),
+                spec: {
+                    accessModes: [args.modelCache.accessMode],
+                    storageClassName: args.modelCache.storageClassName,
+                    resources: { requests: { storage: `${args.modelCache.sizeGiB}Gi` } },
+                },
+            },
+            { ...k8sOpts, dependsOn: args.modelCache.dependsOn },
+        );
+
+        const apiKeySecret =
+            args.apiKey === undefined
+                ? undefined
+                : new k8s.core.v1.Secret(
+                      `${name}-api-key`,
+                      { metadata: metadata(apiKeySecretName), type: "Opaque", stringData: { "api-key": pulumi.secret(args.apiKey) } },
+                      k8sOpts,
+                  );
+
+        const env: k8s.types.input.core.v1.EnvVar[] = [
+            ...Object.entries(serverEnvironment(server)).map(([envName, value]) => ({ name: envName, value })),
+            ...(apiKeySecret ? [{ name: "WHISPER_API_KEY", valueFrom: { secretKeyRef: { name: apiKeySecretName, key: "api-key" } } }] : []),
+        ];
+        const probe = (path: string) => ({ httpGet: { path, port: httpPortName } });
+        // One replica holding a ReadWriteOnce volume: the old pod must let go of it before the new one starts.
+        const strategy =
+            args.modelCache.accessMode === "ReadWriteOnce"
+                ? { type: "Recreate" }
+                : { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } };
+        const spread = (topologyKey: string) => ({ maxSkew: 1, topologyKey, whenUnsatisfiable: "ScheduleAnyway", labelSelector: { matchLabels: labels } });
+
+        this.deployment = new k8s.apps.v1.Deployment(
+            `${name}-server`,
+            {
+                metadata: metadata(deploymentName),
+                spec: {
+                    // The HPA owns the replica count; this is only the count at creation.
+                    replicas: scaling.minReplicas,
+                    selector: { matchLabels: labels },
+                    strategy,
+                    template: {
+                        metadata: { labels },
+                        spec: {
+                            terminationGracePeriodSeconds: terminationGracePeriodSeconds(server),
+                            nodeSelector: { [gpuNodeLabel.key]: gpuNodeLabel.value },
+                            tolerations: [gpuToleration],
+                            // Zones first (an AZ outage), then hosts; ScheduleAnyway so a zone without GPU capacity does not block scaling.
+                            topologySpreadConstraints: [spread("topology.kubernetes.io/zone"), spread("kubernetes.io/hostname")],
+                            securityContext: {
+                                runAsNonRoot: true,
+                                runAsUser: serverUser.uid,
+                                runAsGroup: serverUser.gid,
+                                fsGroup: serverUser.gid,
+                                seccompProfile: { type: "RuntimeDefault" },
+                            },
+                            containers: [
+                                {
+                                    name: "server",
+                                    image: args.image,
+                                    args: ["serve"],
+                                    ports: [{ name: httpPortName, containerPort, protocol: "TCP" }],
+                                    env,
+                                    resources: {
+                                        requests: { cpu: args.resources.cpu, memory: args.resources.memory, "nvidia.com/gpu": "1" },
+                                        limits: { memory: args.resources.memory, "nvidia.com/gpu": "1" },
+                                    },
+                                    startupProbe: { ...probe(probePaths.startup), ...startupProbe, timeoutSeconds: 5 },
+                                    readinessProbe: { ...probe(probePaths.readiness), periodSeconds: 5, failureThreshold: 2, timeoutSeconds: 5 },
+                                    livenessProbe: { ...probe(probePaths.liveness), periodSeconds: 15, failureThreshold: 4, timeoutSeconds: 5 },
+                                    lifecycle: { preStop: { exec: { command: ["sleep", String(preStopSleepSeconds)] } } },
+                                    securityContext: {
+                                        allowPrivilegeEscalation: false,
+                                        readOnlyRootFilesystem: true,
+                                        runAsNonRoot: true,
+                                        capabilities: { drop: ["ALL"] },
+                                    },
+                                    volumeMounts: [
+                                        { name: "model-cache", mountPath: modelCacheMountPath },
+                                        { name: "tmp", mountPath: "/tmp" },
+                                    ],
+                                },
+                            ],
+                            volumes: [
+                                { name: "model-cache", persistentVolumeClaim: { claimName: modelCache.metadata.name } },
+                                // Uploads are spooled here; memory-backed would count against the pod's memory limit.
+                                { name: "tmp", emptyDir: { sizeLimit: `${Math.ceil(server.maxUploadMb * 4 / 1024) + 1}Gi` } },
+                            ],
+                        },
+                    },
+                },
+            },
+            // The first rollout waits for GPU nodes and the model download: give it the startup probe's budget and more.
+            { ...k8sOpts, customTimeouts: { create: "30m", update: "30m" } },
+        );
+
+        const tls = traffic.certificateArn !== undefined;
+        this.service = new k8s.core.v1.Service(
+            `${name}-service`,
+            {
+                metadata: { ...metadata(serviceName), annotations: loadBalancerAnnotations(traffic, server) },
+                spec: {
+                    type: "LoadBalancer",
+                    loadBalancerClass: "service.k8s.aws/nlb",
+                    loadBalancerSourceRanges: traffic.sourceRanges,
+                    selector: labels,
+                    // One port, named for what the pods speak; the NLB terminates TLS on 443 when a certificate is given.
+                    ports: [{ name: httpPortName, port: tls ? 443 : 80, targetPort: httpPortName, protocol: "TCP" }],
+                },
+            },
+            { ...k8sOpts, dependsOn: args.after.loadBalancerController ? [args.after.loadBalancerController] : [] },
+        );
+
+        new k8s.policy.v1.PodDisruptionBudget(
+            `${name}-pdb`,
+            // maxUnavailable 1, not minAvailable: a drain can always make progress, even at one replica, one pod at a time.
+            { metadata: metadata("whisper"), spec: { maxUnavailable: 1, selector: { matchLabels: labels } } },
+            k8sOpts,
+        );
+
+        if (args.serviceMonitor) {
+            new k8s.apiextensions.CustomResource(
+                `${name}-service-monitor`,
+                {
+                    apiVersion: "monitoring.coreos.com/v1",
+                    kind: "ServiceMonitor",
+                    metadata: metadata("whisper"),
+                    spec: {
+                        selector: { matchLabels: labels },
+                        endpoints: [{ port: httpPortName, path: probePaths.metrics, interval: "15s" }],
+                    },
+                },
+                { ...k8sOpts, dependsOn: args.after.monitoring ? [args.after.monitoring] : [] },
+            );
+        }
+
+        // Scale down slowly: a pod removed mid-request has to drain, and the longest request must fit in the window.
+        const scaleDownWindow = Math.max(300, server.requestTimeoutSeconds);
+        this.hpa = new k8s.autoscaling.v2.HorizontalPodAutoscaler(
+            `${name}-hpa`,
+            {
+                metadata: metadata("whisper"),
+                spec: {
+                    scaleTargetRef: { apiVersion: "apps/v1", kind: "Deployment", name: this.deployment.metadata.name },
+                    minReplicas: scaling.minReplicas,
+                    maxReplicas: scaling.maxReplicas,
+                    metrics: [
+                        {
+                            type: "Pods",
+                            pods: { metric: { name: scaling.metric }, target: { type: "AverageValue", averageValue: String(scaling.targetAverageValue) } },
+                        },
+                    ],
+                    behavior: {
+                        scaleUp: { stabilizationWindowSeconds: 0, policies: [{ type: "Pods", value: 2, periodSeconds: 60 }] },
+                        scaleDown: { stabilizationWindowSeconds: scaleDownWindow, policies: [{ type: "Pods", value: 1, periodSeconds: 120 }] },
+                    },
+                },
+            },
+            { ...k8sOpts, dependsOn: args.after.metricsAdapter ? [args.after.metricsAdapter] : [] },
+        );
+
+        this.endpoint = this.service.status.apply((status) => status?.loadBalancer?.ingress?.[0]?.hostname ?? "");
+        this.registerOutputs({ endpoint: this.endpoint });
+    }
+}
