@@ -9,6 +9,9 @@ import {
     requiredGpuMemoryGiB,
     whisperModels,
 } from "./catalog";
+import { ScalingMetric, scalingMetrics } from "./autoscaling";
+import { ModelCacheStorage, modelCacheStorages } from "./model-cache";
+import { LoadBalancerScheme, loadBalancerSchemes } from "./whisper";
 
 export const projectName = "whisper-eks";
 
@@ -62,6 +65,46 @@ export interface ServiceConfig {
     maxBatchSize: number;
 }
 
+/** The server's settings beyond the model (WHISPER_* environment), its API key and its model cache. */
+export interface WorkloadConfig {
+    batchWaitMs: number;
+    maxUploadMb: number;
+    maxAudioSeconds: number;
+    queueSize: number;
+    requestTimeoutSeconds: number;
+    /** Set as secret config; when absent and required, the program generates one. */
+    apiKey?: pulumi.Output<string>;
+    requireApiKey: boolean;
+    modelCacheStorage: ModelCacheStorage;
+    modelCacheSizeGiB: number;
+    /** An existing StorageClass for the cache (existing-cluster mode): nothing is created for it. */
+    modelCacheStorageClass?: string;
+}
+
+export interface TrafficConfig {
+    scheme: LoadBalancerScheme;
+    sourceRanges: string[];
+    certificateArn?: string;
+    allowUnauthenticatedPublicAccess: boolean;
+}
+
+export interface MonitoringConfig {
+    prometheusRetentionDays: number;
+    prometheusStorageGiB: number;
+    grafanaAdminPassword?: pulumi.Output<string>;
+    alertP95LatencySeconds: number;
+    alertErrorRatio: number;
+}
+
+export interface AutoscalingConfig {
+    minReplicas: number;
+    maxReplicas: number;
+    metric: ScalingMetric;
+    /** The per-pod target of the chosen metric (from the key for that metric). */
+    targetAverageValue: number;
+    clusterAutoscalerScaleDownMinutes: number;
+}
+
 export interface StackConfig {
     project: string;
     stack: string;
@@ -73,6 +116,12 @@ export interface StackConfig {
     gpu: GpuConfig;
     image: ImageConfig;
     service: ServiceConfig;
+    workload: WorkloadConfig;
+    traffic: TrafficConfig;
+    monitoring: MonitoringConfig;
+    autoscaling: AutoscalingConfig;
+    /** A kubeconfig (secret) of a cluster to deploy into instead of creating VPC and EKS. */
+    existingClusterKubeconfig?: pulumi.Output<string>;
 }
 
 /** A bad stack configuration. Pulumi prints a RunError's message alone, without a stack trace. */
@@ -123,6 +172,11 @@ export class ConfigReader {
             this.problem(key, value, check.describe ?? `must match ${check.pattern}`);
         }
         return value;
+    }
+
+    /** A secret value that may be absent: secrets have no default in Pulumi.yaml. */
+    optionalSecret(key: string): pulumi.Output<string> | undefined {
+        return this.config.getSecret(key);
     }
 
     /** A string that may be empty (meaning "not set"); non-empty values must match the pattern. */
@@ -311,6 +365,112 @@ function checkGpuFitsService(reader: ConfigReader, gpu: GpuConfig, service: Serv
     }
 }
 
+function readWorkload(reader: ConfigReader): WorkloadConfig {
+    return {
+        batchWaitMs: reader.integer("batchWaitMs", { min: 0, max: 1000 }),
+        maxUploadMb: reader.integer("maxUploadMb", { min: 1, max: 2048 }),
+        maxAudioSeconds: reader.integer("maxAudioSeconds", { min: 30, max: 4 * 3600 }),
+        queueSize: reader.integer("queueSize", { min: 1, max: 10000 }),
+        // The NLB's idle timeout (requestTimeoutSeconds + 60) can be at most 6000 s.
+        requestTimeoutSeconds: reader.integer("requestTimeoutSeconds", { min: 30, max: 5940 }),
+        apiKey: reader.optionalSecret("apiKey"),
+        requireApiKey: reader.boolean("requireApiKey"),
+        modelCacheStorage: reader.string("modelCacheStorage", { allowed: modelCacheStorages }) as ModelCacheStorage,
+        modelCacheSizeGiB: reader.integer("modelCacheSizeGiB", { min: 10, max: 16384 }),
+        modelCacheStorageClass: reader.optionalString("modelCacheStorageClass", {
+            pattern: /^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/,
+            describe: "must be empty or the name of a StorageClass (a DNS subdomain), e.g. efs-sc",
+        }),
+    };
+}
+
+const certificateArnPattern = /^arn:aws(-cn|-us-gov)?:acm:[a-z0-9-]+:\d{12}:certificate\/[0-9a-f-]{36}$/;
+
+function readTraffic(reader: ConfigReader): TrafficConfig {
+    return {
+        scheme: reader.string("loadBalancerScheme", { allowed: loadBalancerSchemes }) as LoadBalancerScheme,
+        sourceRanges: reader.stringList("loadBalancerSourceRanges", 1, (cidr) => cidrProblem(cidr, 32)),
+        certificateArn: reader.optionalString("tlsCertificateArn", {
+            pattern: certificateArnPattern,
+            describe: "must be empty (plain HTTP on port 80) or an ACM certificate ARN, e.g. arn:aws:acm:us-east-1:123456789012:certificate/<uuid>",
+        }),
+        allowUnauthenticatedPublicAccess: reader.boolean("allowUnauthenticatedPublicAccess"),
+    };
+}
+
+function readMonitoring(reader: ConfigReader): MonitoringConfig {
+    const errorPercent = reader.integer("alertErrorPercent", { min: 1, max: 100 });
+    return {
+        prometheusRetentionDays: reader.integer("prometheusRetentionDays", { min: 1, max: 365 }),
+        prometheusStorageGiB: reader.integer("prometheusStorageGiB", { min: 10, max: 16384 }),
+        grafanaAdminPassword: reader.optionalSecret("grafanaAdminPassword"),
+        alertP95LatencySeconds: reader.integer("alertP95LatencySeconds", { min: 1, max: 6000 }),
+        alertErrorRatio: errorPercent / 100,
+    };
+}
+
+/** The key holding the per-pod target of each scaling metric. */
+export const scalingTargetKeys: Record<ScalingMetric, string> = {
+    http_requests_per_second: "targetRequestsPerSecond",
+    whisper_requests_in_flight: "targetInFlightRequests",
+    whisper_queued_audio_seconds: "targetQueuedAudioSeconds",
+};
+
+function readAutoscaling(reader: ConfigReader): AutoscalingConfig {
+    const minReplicas = reader.integer("minReplicas", { min: 1, max: 1000 });
+    const maxReplicas = reader.integer("maxReplicas", { min: 1, max: 1000 });
+    if (minReplicas > maxReplicas) reader.problem("minReplicas", minReplicas, `must not exceed maxReplicas (${maxReplicas})`);
+    const metric = reader.string("scalingMetric", { allowed: scalingMetrics }) as ScalingMetric;
+    const targets = Object.fromEntries(
+        Object.entries(scalingTargetKeys).map(([name, key]) => [name, reader.integer(key, { min: 1, max: 100000 })]),
+    ) as Record<ScalingMetric, number>;
+    return {
+        minReplicas,
+        maxReplicas,
+        metric,
+        targetAverageValue: targets[metric],
+        clusterAutoscalerScaleDownMinutes: reader.integer("clusterAutoscalerScaleDownMinutes", { min: 1, max: 1440 }),
+    };
+}
+
+/** Rules that span sections: what would break a deployment or expose it, refused before anything is declared. */
+function checkWorkload(reader: ConfigReader, config: StackConfig): void {
+    const { workload, traffic, autoscaling, gpu } = config;
+    if (workload.modelCacheStorage === "ebs" && autoscaling.maxReplicas > 1) {
+        reader.problem(
+            "modelCacheStorage",
+            "ebs",
+            `an EBS volume is ReadWriteOnce (one node, one AZ) but maxReplicas is ${autoscaling.maxReplicas}: ` +
+                `use modelCacheStorage "efs", or set maxReplicas (and minReplicas) to 1`,
+        );
+    }
+    const openToAll = traffic.sourceRanges.includes("0.0.0.0/0");
+    if (traffic.scheme === "internet-facing" && openToAll && !workload.requireApiKey && !traffic.allowUnauthenticatedPublicAccess) {
+        reader.problem(
+            "requireApiKey",
+            false,
+            `an internet-facing load balancer open to 0.0.0.0/0 (loadBalancerScheme, loadBalancerSourceRanges) would expose the GPUs ` +
+                `to anyone: set requireApiKey to true, narrow loadBalancerSourceRanges, use loadBalancerScheme "internal", ` +
+                `or set allowUnauthenticatedPublicAccess to true to accept it`,
+        );
+    }
+    if (config.existingClusterKubeconfig !== undefined) {
+        if (workload.modelCacheStorageClass === undefined) {
+            reader.problem(
+                "modelCacheStorageClass",
+                "",
+                `must name a StorageClass of the existing cluster (existingClusterKubeconfig is set, so no EFS file system is created); ` +
+                    `modelCacheStorage says its access mode ("efs": ReadWriteMany, "ebs": ReadWriteOnce)`,
+            );
+        }
+        return;
+    }
+    const gpuSlots = gpu.nodeGroups.reduce((sum, group) => sum + group.maxSize * (gpuInstanceTypes[group.instanceTypes[0]]?.gpuCount ?? 1), 0);
+    if (autoscaling.maxReplicas > gpuSlots) {
+        reader.problem("maxReplicas", autoscaling.maxReplicas, `the GPU node groups hold at most ${gpuSlots} pods (gpuMaxSize × GPUs per node): raise gpuMaxSize or lower maxReplicas`);
+    }
+}
+
 function readRegion(): { region: string; problems: string[] } {
     const aws = new ConfigReader("aws");
     const region = aws.string("region", {
@@ -336,8 +496,14 @@ export function loadConfig(): StackConfig {
         gpu: readGpu(reader),
         image: readImage(reader),
         service: readService(reader),
+        workload: readWorkload(reader),
+        traffic: readTraffic(reader),
+        monitoring: readMonitoring(reader),
+        autoscaling: readAutoscaling(reader),
+        existingClusterKubeconfig: reader.optionalSecret("existingClusterKubeconfig"),
     };
     checkGpuFitsService(reader, config.gpu, config.service);
+    checkWorkload(reader, config);
     reader.throwIfProblems();
     return config;
 }

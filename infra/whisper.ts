@@ -2,6 +2,7 @@
 // the NLB Service, its PodDisruptionBudget, the ServiceMonitor Prometheus scrapes and the HPA.
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
+import * as random from "@pulumi/random";
 import { Dtype, PodResources } from "./catalog";
 import { gpuNodeLabel, gpuToleration } from "./cluster";
 import { ScalingMetric } from "./autoscaling";
@@ -307,4 +308,14 @@ export class WhisperService extends pulumi.ComponentResource {
         this.endpoint = this.service.status.apply((status) => status?.loadBalancer?.ingress?.[0]?.hostname ?? "");
         this.registerOutputs({ endpoint: this.endpoint });
     }
+}
+
+/**
+ * The API key the service requires: the secret config value `apiKey` when set; otherwise, when a key is required,
+ * one generated once and kept in the stack state (exported as the secret output). None when keys are not required.
+ */
+export function apiKeyFor(name: string, settings: { apiKey?: pulumi.Output<string>; requireApiKey: boolean }): pulumi.Output<string> | undefined {
+    if (settings.apiKey !== undefined) return pulumi.secret(settings.apiKey);
+    if (!settings.requireApiKey) return undefined;
+    return pulumi.secret(new random.RandomPassword(`${name}-api-key`, { length: 40, special: false }).result);
 }
