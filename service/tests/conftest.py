@@ -1,0 +1,181 @@
+"""Real audio made on the spot and real `whisper-server` processes over HTTP, with the tiny random-weight model."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+SAMPLE_RATE = 16_000
+SPEECH = ("Hello, this is a test of the whisper speech server. It should turn spoken words into text, "
+          "batch requests from many callers together, and keep every timestamp in order.")
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True)
+
+
+@pytest.fixture(scope="session")
+def audio(tmp_path_factory) -> dict[str, Path]:
+    """Speech from espeak-ng in WAV and compressed formats, long speech (> 30 s), silence, a tone, and bad files."""
+    for tool in ("espeak-ng", "ffmpeg"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is required for the service tests (apt-get install espeak-ng ffmpeg)")
+    folder = tmp_path_factory.mktemp("audio")
+    files = {"speech.wav": folder / "speech.wav"}
+    subprocess.run(["espeak-ng", "-w", str(files["speech.wav"]), SPEECH], check=True)
+    for name, codec in (("speech.mp3", ["-c:a", "libmp3lame"]), ("speech.ogg", ["-c:a", "libvorbis"]),
+                        ("speech.flac", []), ("speech.m4a", ["-c:a", "aac"])):
+        files[name] = folder / name
+        ffmpeg("-i", str(files["speech.wav"]), *codec, str(files[name]))
+    files["one_second.wav"] = folder / "one_second.wav"
+    ffmpeg("-i", str(files["speech.wav"]), "-t", "1", str(files["one_second.wav"]))
+    # About 75 s of speech: three 30 s windows.
+    files["long.mp3"] = folder / "long.mp3"
+    ffmpeg("-stream_loop", "7", "-i", str(files["speech.wav"]), "-t", "75", "-c:a", "libmp3lame", str(files["long.mp3"]))
+    files["silence.wav"] = write_wav(folder / "silence.wav", np.zeros(10 * SAMPLE_RATE))
+    # 32 s of near silence, then speech: the first window must produce nothing.
+    speech = read_wav(files["speech.wav"])
+    quiet = np.random.default_rng(1).normal(0, 1e-4, 32 * SAMPLE_RATE)
+    files["silence_then_speech.wav"] = write_wav(folder / "silence_then_speech.wav", np.concatenate([quiet, speech]))
+    t = np.arange(3 * 44_100) / 44_100
+    files["tone_44k.wav"] = write_wav(folder / "tone_44k.wav", 0.3 * np.sin(2 * np.pi * 440 * t), rate=44_100)
+    files["image.png"] = folder / "image.png"
+    ffmpeg("-f", "lavfi", "-i", "color=red:s=16x16", "-frames:v", "1", str(files["image.png"]))
+    files["text.txt"] = folder / "text.txt"
+    files["text.txt"].write_text("this is not audio\n" * 20)
+    files["empty.wav"] = folder / "empty.wav"
+    files["empty.wav"].write_bytes(b"")
+    files["truncated.wav"] = folder / "truncated.wav"
+    files["truncated.wav"].write_bytes(files["speech.wav"].read_bytes()[:40])
+    return files
+
+
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path), "rb") as source:
+        assert source.getnchannels() == 1
+        frames = np.frombuffer(source.readframes(source.getnframes()), "<i2").astype(np.float32) / 32767
+        rate = source.getframerate()
+    # espeak-ng writes 22.05 kHz; resample by interpolation for the mixed test file.
+    positions = np.arange(0, len(frames), rate / SAMPLE_RATE)
+    return np.interp(positions, np.arange(len(frames)), frames)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model") / "whisper-tiny-random"
+    subprocess.run(["whisper-server", "make-test-model", str(folder)], check=True, capture_output=True)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    """`whisper-server serve` in its own process, with its own temp dir so spool files can be checked."""
+
+    def __init__(self, model: Path, spool: Path, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.spool = spool
+        spool.mkdir(parents=True, exist_ok=True)
+        self.log_path = spool.parent / f"{spool.name}.log"
+        environment = {**os.environ, "TMPDIR": str(spool), "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            ["whisper-server", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+             "--device", "cpu", *args],
+            env=environment, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if self.client.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready in {timeout} s:\n{self.log_path.read_text()}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample in /metrics (0 when absent)."""
+        text = self.client.get("/metrics").text
+        wanted = "".join(f'(?=[^}}]*{key}="{re.escape(value)}")' for key, value in labels.items())
+        pattern = rf"^{re.escape(name)}(\{{{wanted}[^}}]*\}})? (\S+)$" if labels else rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$"
+        return sum(float(match.group(2)) for match in re.finditer(pattern, text, re.M))
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.client.close()
+        self.log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def start_server(model_dir, tmp_path_factory):
+    started: list[ServerProcess] = []
+
+    def start(*args: str, wait: bool = True, env: dict[str, str] | None = None) -> ServerProcess:
+        server = ServerProcess(model_dir, tmp_path_factory.mktemp("spool"), *args, env=env)
+        started.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> ServerProcess:
+    """The main server: batching on, generous limits, no API key."""
+    return start_server("--max-batch-size", "8", "--batch-wait-ms", "50", "--queue-size", "64")
+
+
+def post_audio(client: httpx.Client, path: Path, route: str = "/v1/audio/transcriptions", **fields) -> httpx.Response:
+    with open(path, "rb") as handle:
+        return client.post(route, files={"file": (path.name, handle)}, data=fields)
+
+
+@pytest.fixture
+def assert_still_ready():
+    def check(server: ServerProcess) -> None:
+        assert server.client.get("/readyz").status_code == 200
+        assert server.process.poll() is None
+        assert list(server.spool.glob("whisper-upload-*")) == [], "spooled uploads must be removed"
+    return check

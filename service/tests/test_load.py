@@ -1,0 +1,73 @@
+"""Concurrency: batching across requests, a bounded queue, and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from conftest import post_audio
+
+
+def post_many(server, path, count: int, **fields) -> list[httpx.Response]:
+    def one(_):
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            return post_audio(client, path, **fields)
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_concurrent_requests_are_batched_together(server, audio):
+    batches_before = server.metric("whisper_batch_size_count")
+    singles_before = server.metric("whisper_batch_size_bucket", le="1.0")
+    responses = post_many(server, audio["speech.wav"], 16, response_format="verbose_json")
+    assert [r.status_code for r in responses] == [200] * 16
+    texts = {r.json()["text"] for r in responses}
+    assert len(texts) == 1, "the same audio gives the same text whichever batch it landed in"
+    batches = server.metric("whisper_batch_size_count") - batches_before
+    singles = server.metric("whisper_batch_size_bucket", le="1.0") - singles_before
+    assert batches - singles >= 1, "at least one batch held windows from more than one request"
+    assert batches < 16, "16 one-window requests took fewer than 16 model batches"
+
+
+def test_full_queue_answers_503_with_retry_after(start_server, audio, assert_still_ready):
+    server = start_server("--queue-size", "2", "--max-batch-size", "1")
+    responses = post_many(server, audio["long.mp3"], 10)
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) == {200, 503}, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.json()["error"]["code"] == "queue_full"
+            assert int(response.headers["retry-after"]) >= 1
+    assert statuses.count(200) >= 2
+    assert_still_ready(server)
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, audio):
+    server = start_server("--max-batch-size", "1", "--drain-seconds", "60")
+    count = 4
+    with ThreadPoolExecutor(count) as pool:
+        pending = [pool.submit(lambda: post_audio(httpx.Client(base_url=server.url, timeout=120), audio["long.mp3"]))
+                   for _ in range(count)]
+        deadline = time.monotonic() + 30
+        while server.metric("whisper_requests_in_flight") < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.metric("whisper_requests_in_flight") == count
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert server.client.get("/readyz").status_code == 503, "readiness turns off at once"
+        refused = post_audio(server.client, audio["speech.wav"])
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+        assert server.client.get("/healthz").status_code == 200, "liveness holds while draining"
+        responses = [future.result() for future in pending]
+    assert [r.status_code for r in responses] == [200] * count, "no in-flight request is lost"
+    assert all(r.json()["text"] for r in responses)
+    assert server.process.wait(timeout=30) == 0
+    events = {line["message"]: line for line in map(json.loads, server.log_path.read_text().splitlines())
+              if line.get("logger") == "whisper_server"}
+    assert events["draining"]["in_flight"] == count, "the requests were still in flight when SIGTERM came"
+    assert events["drained"]["unfinished"] == 0
