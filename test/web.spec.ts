@@ -1,0 +1,301 @@
+// End to end: the page at GET / in Debian's headless Chromium, against a real whisper-server with the tiny test model.
+import * as assert from "assert";
+import { ChildProcess, execFileSync, spawn } from "child_process";
+import * as fs from "fs";
+import * as net from "net";
+import * as os from "os";
+import * as path from "path";
+import { Browser, BrowserContext, Page, Response, chromium } from "playwright-core";
+
+const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
+// The closed network refuses Chromium's background connections; these flags keep it from trying.
+const CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    // A fake microphone (a beep) stands in for a real one, and the permission prompt is accepted.
+    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+];
+const API_KEY = "web-test-key";
+const MAX_UPLOAD_MB = 1;
+const ARTIFACTS = path.join(__dirname, "..", "test-artifacts", "web");
+const TRANSCRIPTION_ROUTE = "/v1/audio/transcriptions";
+
+interface Segment { start: number; end: number; text: string }
+interface Cue { index: number; start: string; end: string; text: string }
+
+function freePort(): Promise<number> {
+    return new Promise((resolve, reject) => {
+        const probe = net.createServer();
+        probe.once("error", reject);
+        probe.listen(0, "127.0.0.1", () => {
+            const { port } = probe.address() as net.AddressInfo;
+            probe.close(() => resolve(port));
+        });
+    });
+}
+
+async function waitUntilReady(baseUrl: string, server: ChildProcess, log: () => string): Promise<void> {
+    const deadline = Date.now() + 90_000;
+    while (Date.now() < deadline) {
+        if (server.exitCode !== null) throw new Error(`whisper-server exited with ${server.exitCode}:\n${log()}`);
+        try {
+            if ((await fetch(`${baseUrl}/readyz`)).status === 200) return;
+        } catch {
+            // not listening yet
+        }
+        await new Promise((r) => setTimeout(r, 250));
+    }
+    throw new Error(`whisper-server was not ready within 90 s:\n${log()}`);
+}
+
+async function stopServer(server: ChildProcess | undefined): Promise<void> {
+    if (!server || server.exitCode !== null || server.signalCode !== null) return;
+    const exited = new Promise<void>((resolve) => server.once("exit", () => resolve()));
+    server.kill("SIGTERM");
+    const timer = setTimeout(() => server.kill("SIGKILL"), 15_000);
+    await exited;
+    clearTimeout(timer);
+}
+
+// Strict SubRip: numbered cues from 1, "HH:MM:SS,mmm --> HH:MM:SS,mmm", non-empty text, one blank line between.
+function parseSrt(content: string): Cue[] {
+    assert.ok(content.endsWith("\n"), "an SRT file ends with a newline");
+    return content.trimEnd().split("\n\n").map((block, i) => {
+        const [index, timing, ...text] = block.split("\n");
+        assert.strictEqual(index, String(i + 1), `cue ${i + 1} is numbered ${i + 1}: ${JSON.stringify(block)}`);
+        const match = /^(\d{2}:\d{2}:\d{2},\d{3}) --> (\d{2}:\d{2}:\d{2},\d{3})$/.exec(timing ?? "");
+        assert.ok(match, `cue ${i + 1} has an SRT timing line: ${JSON.stringify(timing)}`);
+        assert.ok(text.length > 0 && text.every((line) => line.trim() !== ""), `cue ${i + 1} has text`);
+        assert.ok(match[1] <= match[2], `cue ${i + 1} ends after it starts`);
+        return { index: i + 1, start: match[1], end: match[2], text: text.join("\n") };
+    });
+}
+
+function srtTime(seconds: number): string {
+    const ms = Math.round(seconds * 1000);
+    const pad = (n: number, width = 2) => String(n).padStart(width, "0");
+    return `${pad(Math.floor(ms / 3_600_000))}:${pad(Math.floor(ms / 60_000) % 60)}:${pad(Math.floor(ms / 1000) % 60)},${pad(ms % 1000, 3)}`;
+}
+
+describe("web page (headless Chromium against a real whisper-server)", function () {
+    this.timeout(180_000);
+
+    const workDir = fs.mkdtempSync(path.join(os.tmpdir(), "whisper-web-"));
+    const speechWav = path.join(workDir, "speech.wav");
+    const notAudio = path.join(workDir, "notes.txt");
+    const tooLargeWav = path.join(workDir, "long-tone.wav");
+    let server: ChildProcess | undefined;
+    let serverLog = "";
+    let baseUrl = "";
+    let browser: Browser | undefined;
+    let context: BrowserContext;
+    let page: Page;
+    let transcribedSegments: Segment[] = [];
+    let idleOutputBox: { x: number; y: number; width: number; height: number } | null = null;
+
+    async function shot(name: string, target: Page = page): Promise<void> {
+        await target.screenshot({ path: path.join(ARTIFACTS, `${name}.png`), fullPage: true });
+    }
+
+    // Playwright switches file-chooser interception on and off, without waiting, as listeners come and go;
+    // a listener for the page's whole life keeps it on, so a chooser opened right after another is not missed.
+    async function newPage(browserContext: BrowserContext): Promise<Page> {
+        const created = await browserContext.newPage();
+        created.on("filechooser", () => undefined);
+        return created;
+    }
+
+    // Chooses a file the way a keyboard user does: focus the drop zone, press Enter, pick in the file chooser.
+    async function chooseFile(file: string, target: Page = page): Promise<void> {
+        await target.locator("#drop-zone").focus();
+        const [chooser] = await Promise.all([target.waitForEvent("filechooser"), target.keyboard.press("Enter")]);
+        await chooser.setFiles(file);
+        await target.locator("#chosen-audio").filter({ hasText: path.basename(file) }).waitFor();
+    }
+
+    // Submits and returns the server's HTTP answer, which the page must show faithfully.
+    async function submit(target: Page = page): Promise<Response> {
+        const [response] = await Promise.all([
+            target.waitForResponse((r) => r.url().endsWith(TRANSCRIPTION_ROUTE) && r.request().method() === "POST"),
+            target.locator("#submit-button").click(),
+        ]);
+        await target.locator("#submit-button:enabled").waitFor();
+        return response;
+    }
+
+    async function assertShowsServerError(response: Response, status: number, heading: RegExp): Promise<void> {
+        assert.strictEqual(response.status(), status);
+        const { error } = await response.json();
+        await page.locator("#error-box").waitFor();
+        assert.match(await page.locator("#error-heading").innerText(), heading);
+        assert.strictEqual(await page.locator("#error-message").innerText(), error.message, "the server's message verbatim");
+        assert.ok(await page.locator("#copy-button").isDisabled(), "nothing to copy after an error");
+    }
+
+    async function assertShowsSegments(target: Page, response: Response): Promise<Segment[]> {
+        assert.strictEqual(response.status(), 200, await response.text());
+        const body = await response.json();
+        const segments = (body.segments as Segment[]).filter((s) => s.text.trim() !== "");
+        assert.ok(segments.length > 0, "the test model produced no segment text");
+        const rows = target.locator("#segments li");
+        await rows.first().waitFor();
+        assert.deepStrictEqual(await rows.locator(".segment-text").allInnerTexts(), segments.map((s) => s.text.trim()));
+        for (const time of await rows.locator("time").allInnerTexts()) {
+            assert.match(time, /^\d+:\d{2}\.\d – \d+:\d{2}\.\d$/);
+        }
+        assert.match(await target.locator("#result-meta").innerText(), new RegExp(`Language: ${body.language}`));
+        assert.match(await target.locator("#status-line").innerText(), /^Done: \d+ segments? in \d+\.\d s\.$/);
+        return segments;
+    }
+
+    before(async function () {
+        fs.mkdirSync(ARTIFACTS, { recursive: true });
+        execFileSync("espeak-ng", ["-w", speechWav, "Hello from the web page test. The quick brown fox jumps over the lazy dog."]);
+        fs.writeFileSync(notAudio, "These are meeting notes, not audio.\n");
+        // 40 s of 16 kHz mono 16-bit tone is 1.28 MB: over the 1 MB upload limit the server is started with.
+        execFileSync("ffmpeg", ["-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=40",
+            "-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le", tooLargeWav]);
+
+        const modelDir = path.join(workDir, "model");
+        execFileSync("whisper-server", ["make-test-model", modelDir], { stdio: "ignore" });
+        const port = await freePort();
+        baseUrl = `http://127.0.0.1:${port}`;
+        server = spawn("whisper-server", ["serve", "--model", modelDir, "--device", "cpu", "--host", "127.0.0.1",
+            "--port", String(port), "--api-key", API_KEY, "--max-upload-mb", String(MAX_UPLOAD_MB)],
+        { stdio: ["ignore", "pipe", "pipe"] });
+        server.stdout!.on("data", (chunk) => { serverLog += chunk; });
+        server.stderr!.on("data", (chunk) => { serverLog += chunk; });
+        await waitUntilReady(baseUrl, server, () => serverLog);
+
+        browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, chromiumSandbox: false });
+        context = await browser.newContext({ viewport: { width: 1280, height: 900 }, acceptDownloads: true });
+        page = await newPage(context);
+    });
+
+    after(async function () {
+        await browser?.close();
+        await stopServer(server);
+        fs.rmSync(workDir, { recursive: true, force: true });
+    });
+
+    it("serves the page with its own styles and script, nothing from elsewhere", async function () {
+        const foreign: string[] = [];
+        page.on("request", (request) => {
+            if (!request.url().startsWith(baseUrl) && !request.url().startsWith("blob:")) foreign.push(request.url());
+        });
+        const response = await page.goto(`${baseUrl}/`);
+        assert.strictEqual(response?.status(), 200);
+        assert.strictEqual(await page.title(), "Whisper speech to text");
+        // Loaded CSS gives the drop zone its dashed border; loaded JS fills the language list.
+        assert.strictEqual(await page.locator("#drop-zone").evaluate((el) => (globalThis as any).getComputedStyle(el).borderTopStyle),
+            "dashed");
+        assert.ok((await page.locator("#language option").count()) > 90);
+        assert.deepStrictEqual(foreign, []);
+    });
+
+    it("says the server needs an API key and shows the unauthorised error verbatim", async function () {
+        await page.locator("#key-field").waitFor();
+        assert.match(await page.locator("#model-line").innerText(), /requires an API key/);
+        idleOutputBox = await page.locator("#output").boundingBox();
+        await shot("01-key-required");
+
+        await chooseFile(speechWav);
+        const response = await submit();
+        await assertShowsServerError(response, 401, /^Unauthorised/);
+        assert.strictEqual(await page.evaluate(() => (globalThis as any).document.activeElement.id), "api-key",
+            "focus moves to the key field");
+        await shot("02-unauthorised");
+    });
+
+    it("transcribes an uploaded WAV and shows the segments with timestamps, without moving the layout", async function () {
+        await page.locator("#api-key").fill(API_KEY);
+        const response = await submit();
+        transcribedSegments = await assertShowsSegments(page, response);
+        assert.deepStrictEqual(await page.locator("#output").boundingBox(), idleOutputBox,
+            "the transcript area keeps its place and size");
+        assert.strictEqual(await page.evaluate(() => (globalThis as any).sessionStorage.length), 0,
+            "the key is not stored unless the user asks");
+        await shot("03-transcript");
+
+        await page.locator("#output-format").selectOption("srt");
+        assert.match(await page.locator("#formatted").innerText(), /^1\n\d{2}:\d{2}:\d{2},\d{3} --> /);
+        await page.locator("#output-format").selectOption("segments");
+    });
+
+    it("downloads an .srt whose cues are the transcript's segments, and a .vtt", async function () {
+        const shown = await page.locator("#segments .segment-text").allInnerTexts();
+        const [srtDownload] = await Promise.all([
+            page.waitForEvent("download"),
+            page.getByRole("button", { name: "Download .srt" }).click(),
+        ]);
+        assert.strictEqual(srtDownload.suggestedFilename(), "speech.srt");
+        const srt = fs.readFileSync(await srtDownload.path(), "utf8");
+        fs.writeFileSync(path.join(ARTIFACTS, "speech.srt"), srt);
+        const cues = parseSrt(srt);
+        assert.deepStrictEqual(cues.map((c) => c.text), shown);
+
+        // The cue times are the API's segment times, to the millisecond.
+        assert.deepStrictEqual(cues.map((c) => [c.start, c.end]),
+            transcribedSegments.map((s) => [srtTime(s.start), srtTime(s.end)]));
+
+        const [vttDownload] = await Promise.all([
+            page.waitForEvent("download"),
+            page.getByRole("button", { name: "Download .vtt" }).click(),
+        ]);
+        const vtt = fs.readFileSync(await vttDownload.path(), "utf8");
+        assert.match(vtt, /^WEBVTT\n\n\d{2}:\d{2}:\d{2}\.\d{3} --> \d{2}:\d{2}:\d{2}\.\d{3}\n\S/);
+    });
+
+    it("shows the server's error for a file that is not audio", async function () {
+        await chooseFile(notAudio);
+        const response = await submit();
+        await assertShowsServerError(response, 400, /^Not audio/);
+        assert.deepStrictEqual(await page.locator("#output").boundingBox(), idleOutputBox);
+        await shot("04-not-audio");
+    });
+
+    it("shows the server's error for a file over the upload limit", async function () {
+        await chooseFile(tooLargeWav);
+        const response = await submit();
+        await assertShowsServerError(response, 413, /^Too large/);
+        await shot("05-too-large");
+    });
+
+    it("records from the microphone and transcribes the recording", async function () {
+        await page.locator("#record-button").click();
+        await page.locator("#record-note").filter({ hasText: "Recording… 0:01" }).waitFor();
+        await page.locator("#record-button").click();
+        await page.locator("#chosen-audio").filter({ hasText: /recording-\d{6}\.(webm|ogg)/ }).waitFor();
+        const response = await submit();
+        assert.strictEqual(response.status(), 200, await response.text());
+        assert.match(await page.locator("#status-line").innerText(), /^Done: /);
+    });
+
+    it("remembers the key for the tab only when asked", async function () {
+        await page.locator("#remember-key").check();
+        assert.strictEqual(await page.evaluate(() => (globalThis as any).sessionStorage.getItem("whisper.apiKey")), API_KEY);
+        await page.reload();
+        assert.strictEqual(await page.locator("#api-key").inputValue(), API_KEY);
+        assert.match(await page.locator("#model-line").innerText(), /^Model: /);
+        await page.locator("#remember-key").uncheck();
+        assert.strictEqual(await page.evaluate(() => (globalThis as any).sessionStorage.length), 0);
+    });
+
+    it("fits a 390 px wide phone screen with a transcript on it", async function () {
+        const phone = await context.browser()!.newContext({ viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
+        try {
+            const phonePage = await newPage(phone);
+            await phonePage.goto(`${baseUrl}/`);
+            await phonePage.locator("#key-field").waitFor();
+            await shot("06-phone-empty", phonePage);
+            await phonePage.locator("#api-key").fill(API_KEY);
+            await chooseFile(speechWav, phonePage);
+            await assertShowsSegments(phonePage, await submit(phonePage));
+            const width = await phonePage.evaluate(() => (globalThis as any).document.documentElement.scrollWidth);
+            assert.ok(width <= 390, `no sideways scrolling on a phone (page is ${width} px wide)`);
+            await shot("07-phone-transcript", phonePage);
+        } finally {
+            await phone.close();
+        }
+    });
+});
