@@ -71,3 +71,12 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, audio):
               if line.get("logger") == "whisper_server"}
     assert events["draining"]["in_flight"] == count, "the requests were still in flight when SIGTERM came"
     assert events["drained"]["unfinished"] == 0
+
+
+def test_request_deadline_answers_504_and_frees_the_queue(start_server, audio, assert_still_ready):
+    server = start_server("--max-batch-size", "1", "--request-timeout-seconds", "0.05")
+    response = post_audio(server.client, audio["long.mp3"])
+    assert response.status_code == 504 and response.json()["error"]["code"] == "request_timeout"
+    time.sleep(0.5)
+    assert server.metric("whisper_queue_depth") == 0, "the timed-out request's windows left the queue"
+    assert_still_ready(server)

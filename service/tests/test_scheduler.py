@@ -1,0 +1,114 @@
+"""The scheduler and reassembly logic, with a deterministic batch function in place of the model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from whisper_server.audio import Window, split_windows
+from whisper_server.engine import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult
+from whisper_server.scheduler import BatchScheduler, QueueFull, run_splitting_on_oom
+from whisper_server.transcript import assemble
+
+
+def labelled_window(label: float, seconds: float = 1.0) -> Window:
+    """A window whose samples carry a label, so results can be traced back to their window."""
+    return Window(offset=0.0, samples=np.full(int(seconds * SAMPLE_RATE), label, np.float32))
+
+
+def segment(start: float, end: float, text: str) -> Segment:
+    return Segment(start, end, text, [], -0.1, 1.0, 0.01, 0.0)
+
+
+class RecordingModel:
+    """Answers each window with its label as text; records batches; fails batches larger than `fits`."""
+
+    def __init__(self, fits: int = 1000):
+        self.fits, self.batches, self.lock = fits, [], threading.Lock()
+
+    def __call__(self, samples: list[np.ndarray], options: DecodeOptions) -> list[WindowResult]:
+        if len(samples) > self.fits:
+            raise OutOfMemory("batch too large")
+        with self.lock:
+            self.batches.append([float(s[0]) for s in samples])
+        return [WindowResult(options.language, [segment(0, 1, f"{s[0]:g}")]) for s in samples]
+
+
+def test_oom_splits_the_batch_and_keeps_order():
+    model = RecordingModel(fits=2)
+    windows = [np.full(10, i, np.float32) for i in range(7)]
+    results = run_splitting_on_oom(model, windows, DecodeOptions())
+    assert [r.segments[0].text for r in results] == [str(i) for i in range(7)]
+    assert max(len(batch) for batch in model.batches) <= 2
+
+
+def test_a_window_that_never_fits_fails_only_its_request():
+    model = RecordingModel(fits=0)
+    with pytest.raises(OutOfMemory):
+        run_splitting_on_oom(model, [np.zeros(10, np.float32)], DecodeOptions())
+
+
+def run_requests(scheduler: BatchScheduler, requests: list[tuple[list[Window], DecodeOptions]]):
+    async def main():
+        scheduler.start()
+        try:
+            return await asyncio.gather(*(scheduler.transcribe(w, o) for w, o in requests), return_exceptions=True)
+        finally:
+            scheduler.stop()
+
+    return asyncio.run(main())
+
+
+def test_windows_from_concurrent_requests_share_batches_and_come_back_in_order():
+    model = RecordingModel()
+    scheduler = BatchScheduler(model, max_batch_size=4, batch_wait_seconds=0.05, queue_size=10)
+    long_request = [labelled_window(100 + i) for i in range(6)]
+    short_requests = [[labelled_window(i)] for i in range(3)]
+    results = run_requests(scheduler, [(long_request, DecodeOptions())] + [(w, DecodeOptions()) for w in short_requests])
+    assert [r.segments[0].text for r in results[0]] == [str(100 + i) for i in range(6)]
+    assert [[r.segments[0].text for r in result] for result in results[1:]] == [["0"], ["1"], ["2"]]
+    # Round robin: the first batch takes one window from each request, so short requests are not stuck behind the long one.
+    assert sorted(model.batches[0]) == [0, 1, 2, 100]
+    assert all(len(batch) <= 4 for batch in model.batches)
+
+
+def test_requests_with_different_options_never_share_a_batch():
+    model = RecordingModel()
+    scheduler = BatchScheduler(model, max_batch_size=8, batch_wait_seconds=0.05, queue_size=10)
+    english, german = DecodeOptions(language="en"), DecodeOptions(language="de")
+    results = run_requests(scheduler, [([labelled_window(1)], english), ([labelled_window(2)], german),
+                                       ([labelled_window(3)], english)])
+    assert [r[0].language for r in results] == ["en", "de", "en"]
+    assert sorted(sorted(batch) for batch in model.batches) == [[1, 3], [2]]
+
+
+def test_queue_limit_refuses_new_requests():
+    scheduler = BatchScheduler(RecordingModel(), max_batch_size=1, batch_wait_seconds=0, queue_size=2)
+    results = run_requests(scheduler, [([labelled_window(i)], DecodeOptions()) for i in range(3)])
+    assert isinstance(results[2], QueueFull) and results[2].retry_after_seconds >= 1
+    assert [r[0].segments[0].text for r in results[:2]] == ["0", "1"]
+
+
+def test_assemble_offsets_windows_and_keeps_time_moving_forward():
+    windows = [Window(0.0, np.zeros(28 * SAMPLE_RATE)), Window(28.0, np.zeros(30 * SAMPLE_RATE)),
+               Window(58.0, np.zeros(5 * SAMPLE_RATE))]
+    results = [WindowResult("en", [segment(0, 10, "a"), segment(10, 28.5, "b")]),
+               WindowResult("en", [segment(0, 2, "c"), segment(5, 30, "d")]),
+               WindowResult(None, [])]
+    transcript = assemble(windows, results, 63.0)
+    assert [(s.start, s.end, s.text) for s in transcript.segments] == [
+        (0, 10, "a"), (10, 28.5, "b"), (28.5, 30, "c"), (33, 58, "d")]
+    assert transcript.text == "a b c d" and transcript.language == "en" and transcript.duration == 63.0
+
+
+def test_long_audio_is_cut_at_a_quiet_moment():
+    noise = np.random.default_rng(0).normal(0, 0.1, 70 * SAMPLE_RATE).astype(np.float32)
+    noise[int(27.0 * SAMPLE_RATE):int(27.3 * SAMPLE_RATE)] = 0  # a pause near the first 30 s boundary
+    windows = split_windows(noise)
+    assert 27.0 <= windows[1].offset <= 27.3
+    assert all(w.duration <= 30 for w in windows)
+    assert sum(len(w.samples) for w in windows) == len(noise)
+    assert windows[-1].offset + windows[-1].duration == pytest.approx(70)
