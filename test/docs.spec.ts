@@ -1,0 +1,87 @@
+// The operations guide against the code it describes: the GPU table must match the instance-type catalog,
+// every config key it names must exist, and every file it links must be there, so the guide cannot drift.
+import { strict as assert } from "assert";
+import * as fs from "fs";
+import * as path from "path";
+import * as YAML from "yaml";
+import { gpuInstanceTypes, requiredGpuMemoryGiB } from "../infra/catalog";
+
+const repoRoot = path.resolve(__dirname, "..");
+const guidePath = path.join(repoRoot, "docs", "operations.md");
+const guide = fs.readFileSync(guidePath, "utf8");
+const projectConfig: Record<string, unknown> = YAML.parse(fs.readFileSync(path.join(repoRoot, "Pulumi.yaml"), "utf8")).config;
+/** infra/config.ts, the one reader of stack config: secrets have no default, so Pulumi.yaml does not declare them. */
+const configSource = fs.readFileSync(path.join(repoRoot, "infra", "config.ts"), "utf8");
+
+/** The model and precision the table's batch-size column is computed for (the defaults). */
+const tableModel = "openai/whisper-large-v3";
+const tableDtype = "float16";
+const maxBatchSizeLimit = 256;
+
+/** Largest maxBatchSize the stack's GPU memory check accepts on a GPU with this much memory. */
+function largestBatchThatFits(gpuMemoryGiB: number): number {
+    let batch = 0;
+    while (batch < maxBatchSizeLimit && requiredGpuMemoryGiB(tableModel, tableDtype, batch + 1) <= gpuMemoryGiB) batch++;
+    return batch;
+}
+
+/** Rows of the GPU table: markdown rows whose first cell is a backquoted instance type. */
+function gpuTableRows(): Map<string, string[]> {
+    const rows = new Map<string, string[]>();
+    for (const line of guide.split("\n")) {
+        const match = /^\|\s*`([a-z0-9]+\.[a-z0-9]+)`\s*\|/.exec(line);
+        if (!match) continue;
+        const cells = line.split("|").slice(1, -1).map((cell) => cell.trim());
+        assert.ok(!rows.has(match[1]), `${match[1]} appears twice in the GPU table`);
+        rows.set(match[1], cells);
+    }
+    return rows;
+}
+
+describe("operations guide (docs/operations.md)", () => {
+    const rows = gpuTableRows();
+
+    it("lists exactly the catalog's GPU instance types", () => {
+        assert.deepEqual([...rows.keys()].sort(), Object.keys(gpuInstanceTypes).sort());
+    });
+
+    for (const [instanceType, spec] of Object.entries(gpuInstanceTypes)) {
+        it(`${instanceType}: GPU, count, memory, vCPU, pods per node and largest batch match the catalog`, () => {
+            const cells = rows.get(instanceType);
+            assert.ok(cells, `${instanceType} is missing from the GPU table`);
+            const [, gpu, gpuCount, gpuMemory, hostSize, podsPerNode, largestBatch] = cells;
+            assert.equal(gpu, spec.gpuModel);
+            assert.equal(gpuCount, String(spec.gpuCount));
+            assert.equal(gpuMemory, `${spec.gpuMemoryGiB} GiB`);
+            assert.equal(hostSize, `${spec.vcpu} / ${spec.memoryGiB} GiB`);
+            // One server pod per GPU.
+            assert.equal(podsPerNode, String(spec.gpuCount));
+            assert.equal(largestBatch, String(largestBatchThatFits(spec.gpuMemoryGiB)));
+        });
+    }
+
+    it("names only config keys the program reads", () => {
+        const named = new Set([...guide.matchAll(/whisper-eks:([A-Za-z][A-Za-z0-9]*)/g)].map((match) => match[1]));
+        const unknown = [...named].filter((key) => !(key in projectConfig) && !configSource.includes(`Secret("${key}")`));
+        assert.deepEqual(unknown, [], `keys in the guide that neither Pulumi.yaml declares nor infra/config.ts reads as secrets: ${unknown.join(", ")}`);
+        assert.ok(named.size >= 10, "the guide shows the stack's config keys with their namespace");
+    });
+
+    it("links only files that exist", () => {
+        const links = [...guide.matchAll(/\]\(([^)#\s]+)(#[^)]*)?\)/g)].map((match) => match[1]).filter((target) => !/^[a-z]+:/.test(target));
+        assert.ok(links.length > 0);
+        for (const target of links) {
+            assert.ok(fs.existsSync(path.resolve(path.dirname(guidePath), target)), `docs/operations.md links ${target}, which does not exist`);
+        }
+    });
+
+    it("covers the troubleshooting cases the design asks for", () => {
+        for (const symptom of ["ContainerCreating", "CUDA out of memory", "unreachable", "downloaded again", "Insufficient nvidia.com/gpu", "Multi-Attach"]) {
+            assert.ok(guide.includes(symptom), `the troubleshooting table covers "${symptom}"`);
+        }
+    });
+
+    it("is linked from the README", () => {
+        assert.match(fs.readFileSync(path.join(repoRoot, "README.md"), "utf8"), /\]\(docs\/operations\.md\)/);
+    });
+});
