@@ -154,7 +154,8 @@ function createNodeRole(name: string, tags: Record<string, string>): aws.iam.Rol
     return role;
 }
 
-const roleNameOf = (arn: string): string => arn.split("/").pop() as string;
+/** `arn:aws:iam::123456789012:role/sso/admin` -> `sso-admin`: unique per role in the account. */
+const roleNameOf = (arn: string): string => arn.slice(arn.indexOf(":role/") + ":role/".length).split("/").join("-");
 
 /**
  * Cluster Autoscaler can only scale a group up from zero if the group's ASG describes the nodes it would get:

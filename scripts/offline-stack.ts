@@ -87,21 +87,43 @@ export function stackConfig(stack: string, overrides: ConfigOverrides = {}): { v
     return { values, secretKeys };
 }
 
-const shortHash = (text: string, length = 7): string => crypto.createHash("sha256").update(text).digest("hex").slice(0, length);
+const hash = (text: string, length: number): string => crypto.createHash("sha256").update(text).digest("hex").slice(0, length);
 
 /** Realistic outputs for what the program reads: remote components, AWS resources, invokes. */
+/** A resource passed as an input (e.g. a node group's `cluster` or `nodeRole`), as recorded. */
+export interface ResourceReference {
+    $resource: { type: string; name: string };
+}
+
+/** Inputs with resource objects replaced by plain references, so that specs can compare them. */
+function plainInputs(value: any): any {
+    if (pulumi.Resource.isInstance(value)) {
+        return { $resource: { type: (value as any).__pulumiType, name: (value as any).__name } } satisfies ResourceReference;
+    }
+    if (Array.isArray(value)) return value.map(plainInputs);
+    if (value !== null && typeof value === "object") {
+        return Object.fromEntries(Object.entries(value).map(([key, item]) => [key, plainInputs(item)]));
+    }
+    return value;
+}
+
 export class OfflineMocks implements pulumi.runtime.Mocks {
     readonly recorded: RecordedResource[] = [];
 
-    constructor(private readonly region: string) {}
+    constructor(
+        private readonly region: string,
+        private readonly stack: string,
+    ) {}
 
     newResource(args: pulumi.runtime.MockResourceArgs): { id: string; state: Record<string, any> } {
         const state = this.stateFor(args);
-        this.recorded.push({ type: args.type, name: args.name, inputs: args.inputs, custom: args.custom ?? true, state });
+        this.recorded.push({ type: args.type, name: args.name, inputs: plainInputs(args.inputs), custom: args.custom ?? true, state });
         return { id: state.id ?? `${args.name}-id`, state };
     }
 
     private stateFor({ type, name, inputs }: pulumi.runtime.MockResourceArgs): Record<string, any> {
+        // Generated ids and names do not depend on the stack, so that two stacks' resources can be compared.
+        const shortHash = (text: string, length = 7) => hash(text.split(`-${this.stack}`).join(""), length);
         const physicalName: string = inputs.name ?? `${name}-${shortHash(name)}`;
         const arn = (service: string, resource: string) => `arn:aws:${service}:${this.region}:${mockAccountId}:${resource}`;
         switch (type) {
@@ -234,7 +256,7 @@ export class OfflineMocks implements pulumi.runtime.Mocks {
             case "aws:index/getAvailabilityZones:getAvailabilityZones":
                 return { names: ["a", "b", "c", "d"].map((zone) => `${this.region}${zone}`), zoneIds: [], id: this.region };
             case "aws:eks/getAddonVersion:getAddonVersion":
-                return { ...inputs, id: inputs.addonName, version: `v1.0.0-eksbuild.${inputs.kubernetesVersion}` };
+                return { ...inputs, id: inputs.addonName, version: "v1.0.0-eksbuild.1" };
             case "aws:ecr/getAuthorizationToken:getAuthorizationToken":
                 return {
                     id: this.region,
@@ -304,7 +326,7 @@ async function resolveOutputs(exported: Record<string, unknown>): Promise<{ outp
  */
 export async function tryEvaluateStack(stack: string, overrides: ConfigOverrides = {}): Promise<StackEvaluation & { error?: Error }> {
     const { values, secretKeys } = stackConfig(stack, overrides);
-    const mocks = new OfflineMocks(String(values["aws:region"] ?? "us-east-1"));
+    const mocks = new OfflineMocks(String(values["aws:region"] ?? "us-east-1"), stack);
     await pulumi.runtime.setMocks(mocks, projectName, stack, false);
     const asConfigString = (value: unknown) => (typeof value === "string" ? value : JSON.stringify(value));
     pulumi.runtime.setAllConfig(

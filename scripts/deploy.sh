@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Deploys a whisper-eks stack from a fresh clone: checks the prerequisites, installs the npm dependencies,
+# logs in to a Pulumi state backend (a local directory unless PULUMI_BACKEND_URL says otherwise), selects or
+# creates the stack and runs `pulumi up`. Usage: scripts/deploy.sh <stack> [pulumi up options, e.g. --yes]
+set -euo pipefail
+
+repo_root="$(cd "${BASH_SOURCE[0]%/*}/.." && pwd)"
+cd "$repo_root"
+
+stacks=()
+for file in Pulumi.*.yaml; do
+    [[ -e "$file" ]] || continue
+    name="${file#Pulumi.}"
+    stacks+=("${name%.yaml}")
+done
+
+if [[ $# -lt 1 || "$1" == -* ]]; then
+    echo "usage: scripts/deploy.sh <stack> [pulumi up options]; stacks: ${stacks[*]}" >&2
+    exit 2
+fi
+stack="$1"
+shift
+stack_file="Pulumi.${stack}.yaml"
+if [[ ! -f "$stack_file" ]]; then
+    echo "deploy: no stack \"${stack}\": ${stack_file} does not exist; stacks: ${stacks[*]}" >&2
+    exit 2
+fi
+
+# A stack that names a prebuilt image (whisper-eks:imageReference) builds nothing and needs no Docker.
+needs_docker=true
+while IFS= read -r line; do
+    if [[ "$line" =~ ^[[:space:]]*whisper-eks:imageReference:[[:space:]]*[\"\']?([^\"\'[:space:]#]+) ]]; then
+        needs_docker=false
+    fi
+done <"$stack_file"
+
+problems=()
+if ! command -v pulumi >/dev/null 2>&1; then
+    problems+=("the Pulumi CLI is not installed: curl -fsSL https://get.pulumi.com | sh (https://www.pulumi.com/docs/install/)")
+fi
+if ! command -v npm >/dev/null 2>&1; then
+    problems+=("Node.js 20.19+ with npm is not installed: https://nodejs.org/en/download")
+fi
+if ! command -v aws >/dev/null 2>&1; then
+    problems+=("the aws CLI v2 is not installed; the cluster's kubeconfig runs 'aws eks get-token', so every machine that runs pulumi up needs it: https://docs.aws.amazon.com/cli/latest/userguide/getting-started-install.html")
+elif ! identity_error="$(aws sts get-caller-identity --output text 2>&1 >/dev/null)"; then
+    problems+=("no valid AWS credentials ('aws sts get-caller-identity' failed: ${identity_error//$'\n'/ }); run 'aws configure', 'aws sso login' or set AWS_PROFILE")
+fi
+if [[ "$needs_docker" == true ]]; then
+    if ! command -v docker >/dev/null 2>&1; then
+        problems+=("Docker is not installed; it builds the server image from ./service (or set whisper-eks:imageReference to a prebuilt image): https://docs.docker.com/engine/install/")
+    elif ! docker info >/dev/null 2>&1; then
+        problems+=("the Docker engine is not running ('docker info' failed); start Docker Desktop or 'sudo systemctl start docker'")
+    fi
+fi
+if [[ ${#problems[@]} -gt 0 ]]; then
+    echo "deploy: cannot deploy stack \"${stack}\" yet:" >&2
+    for problem in "${problems[@]}"; do
+        echo "  - ${problem}" >&2
+    done
+    exit 1
+fi
+
+echo "deploy: installing npm dependencies (npm ci)"
+npm ci --no-audit --no-fund
+
+backend="${PULUMI_BACKEND_URL:-file://${HOME}/.pulumi-local}"
+if [[ "$backend" == file://* ]]; then
+    mkdir -p "${backend#file://}"
+    if [[ -z "${PULUMI_CONFIG_PASSPHRASE+set}" && -z "${PULUMI_CONFIG_PASSPHRASE_FILE:-}" ]]; then
+        if [[ ! -t 0 ]]; then
+            echo "deploy: a local state backend encrypts secrets with a passphrase: set PULUMI_CONFIG_PASSPHRASE (or PULUMI_CONFIG_PASSPHRASE_FILE), and keep it: the stack cannot be updated or destroyed without it" >&2
+            exit 1
+        fi
+        echo "deploy: Pulumi will ask for a passphrase that encrypts this stack's secrets; keep it (or set PULUMI_CONFIG_PASSPHRASE next time)"
+    fi
+fi
+echo "deploy: state backend ${backend}"
+pulumi login "$backend"
+pulumi stack select --create "$stack"
+pulumi up --stack "$stack" "$@"
+
+echo "deploy: done. Kubeconfig: pulumi stack output kubeconfig --show-secrets --stack ${stack} > kubeconfig.json"

@@ -1,0 +1,268 @@
+// Bad stack configurations fail before any resource is declared, with one message that names every bad key,
+// its value and what is allowed; the GPU catalog sizes pods that fit their nodes.
+import { strict as assert } from "assert";
+import * as fs from "fs";
+import * as path from "path";
+import * as pulumi from "@pulumi/pulumi";
+import * as YAML from "yaml";
+import {
+    gpuInstanceTypes,
+    gpuMemoryHeadroomGiB,
+    gpuNodeDaemonSetReserve,
+    podResourcesPerGpu,
+    requiredGpuMemoryGiB,
+    whisperModels,
+} from "../infra/catalog";
+import { ConfigOverrides, projectDefaults, repoRoot, stackConfig, tryEvaluateStack } from "../scripts/offline-stack";
+
+const digest = "a".repeat(64);
+
+interface BadConfig {
+    what: string;
+    stack?: string;
+    overrides: ConfigOverrides;
+    /** Substrings the error message must contain: the key, the value, what is allowed. */
+    expected: string[];
+}
+
+const badConfigs: BadConfig[] = [
+    {
+        what: "a non-GPU instance type for GPU nodes",
+        overrides: { gpuInstanceTypes: ["m5.large"] },
+        expected: ['whisper-eks:gpuInstanceTypes[0] = "m5.large"', "not a GPU instance type", "g5.xlarge"],
+    },
+    {
+        what: "an unsupported GPU instance type",
+        overrides: { gpuInstanceTypes: ["p3.2xlarge"] },
+        expected: ['whisper-eks:gpuInstanceTypes[0] = "p3.2xlarge"', "not a supported GPU instance type", "g6e.xlarge"],
+    },
+    {
+        what: "something that is no instance type",
+        overrides: { gpuInstanceTypes: ["big-gpu"] },
+        expected: ['whisper-eks:gpuInstanceTypes[0] = "big-gpu"', "not an EC2 instance type"],
+    },
+    {
+        what: "GPU types with different GPU counts in one group",
+        overrides: { gpuInstanceTypes: ["g5.xlarge", "g5.12xlarge"] },
+        expected: ["whisper-eks:gpuInstanceTypes = ", "same GPU count"],
+    },
+    {
+        what: "min > max",
+        overrides: { gpuMinSize: 5, gpuDesiredSize: 5, gpuMaxSize: 2 },
+        expected: ["whisper-eks:gpuMinSize = 5", "must not exceed gpuMaxSize (2)"],
+    },
+    {
+        what: "desired outside min..max",
+        overrides: { gpuMinSize: 1, gpuDesiredSize: 4, gpuMaxSize: 2 },
+        expected: ["whisper-eks:gpuDesiredSize = 4", "between gpuMinSize (1) and gpuMaxSize (2)"],
+    },
+    {
+        what: "a system node group with min > max",
+        overrides: { systemNodeMinSize: 3, systemNodeDesiredSize: 3, systemNodeMaxSize: 2 },
+        expected: ["whisper-eks:systemNodeMinSize = 3", "must not exceed systemNodeMaxSize (2)"],
+    },
+    {
+        what: "a GPU too small for the model",
+        stack: "prod",
+        overrides: { gpuInstanceTypes: ["g4dn.xlarge"], modelDtype: "float32", maxBatchSize: 32 },
+        expected: ['whisper-eks:gpuInstanceTypes[0] = "g4dn.xlarge"', "has 16 GiB", "openai/whisper-large-v3 at float32", "maxBatchSize 32", "GiB"],
+    },
+    {
+        what: "an unknown capacity type",
+        overrides: { gpuCapacityType: "on-demand" },
+        expected: ['whisper-eks:gpuCapacityType = "on-demand"', '"ON_DEMAND", "SPOT"'],
+    },
+    {
+        what: "a malformed admin role ARN",
+        overrides: { clusterAdminRoleArns: ["arn:aws:iam::123456789012:user/alice"] },
+        expected: ['whisper-eks:clusterAdminRoleArns[0] = "arn:aws:iam::123456789012:user/alice"', "must be an IAM role ARN"],
+    },
+    {
+        what: "bfloat16 on a T4",
+        overrides: { gpuInstanceTypes: ["g4dn.xlarge"], modelDtype: "bfloat16" },
+        expected: ['whisper-eks:modelDtype = "bfloat16"', "compute capability 7.5", "use float16"],
+    },
+    {
+        what: "a root disk under 100 GiB",
+        overrides: { gpuDiskSizeGiB: 50 },
+        expected: ["whisper-eks:gpuDiskSizeGiB = 50", "integer from 100 to"],
+    },
+    {
+        what: "a prebuilt image without a digest",
+        overrides: { imageReference: "123456789012.dkr.ecr.us-east-1.amazonaws.com/whisper:latest" },
+        expected: ['whisper-eks:imageReference = "123456789012.dkr.ecr.us-east-1.amazonaws.com/whisper:latest"', "pinned by digest"],
+    },
+    {
+        what: "an unknown model",
+        overrides: { modelId: "openai/whisper-huge" },
+        expected: ['whisper-eks:modelId = "openai/whisper-huge"', '"openai/whisper-large-v3"'],
+    },
+    {
+        what: "an unknown dtype",
+        overrides: { modelDtype: "int8" },
+        expected: ['whisper-eks:modelDtype = "int8"', '"float16", "bfloat16", "float32"'],
+    },
+    {
+        what: "a malformed Kubernetes version",
+        overrides: { kubernetesVersion: "1.28" },
+        expected: ['whisper-eks:kubernetesVersion = "1.28"', "from 1.30 on"],
+    },
+    {
+        what: "a single availability zone",
+        overrides: { availabilityZoneCount: 1 },
+        expected: ["whisper-eks:availabilityZoneCount = 1", "from 2 to 4"],
+    },
+    {
+        what: "an unknown NAT gateway strategy",
+        overrides: { natGatewayStrategy: "None" },
+        expected: ['whisper-eks:natGatewayStrategy = "None"', '"Single", "OnePerAz"'],
+    },
+    {
+        what: "a malformed VPC CIDR",
+        overrides: { vpcCidr: "10.0.0.0/28" },
+        expected: ['whisper-eks:vpcCidr = "10.0.0.0/28"', "/20 or shorter"],
+    },
+    {
+        what: "a malformed API access CIDR",
+        overrides: { clusterPublicAccessCidrs: ["203.0.113.300/32"] },
+        expected: ['whisper-eks:clusterPublicAccessCidrs[0] = "203.0.113.300/32"', "IPv4 CIDR block"],
+    },
+    {
+        what: "a GPU type for system nodes",
+        overrides: { systemNodeInstanceTypes: ["g5.xlarge"] },
+        expected: ['whisper-eks:systemNodeInstanceTypes[0] = "g5.xlarge"', "must not be a GPU instance type"],
+    },
+    {
+        what: "a list where a list is due, given as text",
+        overrides: { gpuInstanceTypes: "g5.xlarge" },
+        expected: ['whisper-eks:gpuInstanceTypes = "g5.xlarge"', "must be a list of strings"],
+    },
+    {
+        what: "a malformed region",
+        overrides: { "aws:region": "Virginia" },
+        expected: ['aws:region = "Virginia"', "must be an AWS region"],
+    },
+    {
+        what: "a missing key",
+        overrides: { gpuMaxSize: undefined },
+        expected: ["whisper-eks:gpuMaxSize is not set"],
+    },
+];
+
+describe("config: bad stack configurations", () => {
+    for (const bad of badConfigs) {
+        it(`refuses ${bad.what}, naming key, value and what is allowed, and declares nothing`, async () => {
+            const { error, resources } = await tryEvaluateStack(bad.stack ?? "dev", bad.overrides);
+            assert.ok(error, "the program must fail");
+            assert.equal(error.name, "ConfigError");
+            // Pulumi prints a RunError's message alone: no stack trace for the user.
+            assert.ok(pulumi.RunError.isInstance(error), "a RunError");
+            for (const expected of bad.expected) assert.ok(error.message.includes(expected), `"${expected}" in:\n${error.message}`);
+            assert.ok(!/\n\s+at /.test(error.message), "no stack trace in the message");
+            assert.deepEqual(resources, [], "no resource declared");
+        });
+    }
+
+    it("reports every problem at once", async () => {
+        const { error } = await tryEvaluateStack("dev", { gpuMinSize: 5, gpuCapacityType: "cheap", gpuDiskSizeGiB: 20 });
+        assert.ok(error);
+        assert.match(error.message, /\(3 problems\)/);
+        for (const key of ["gpuMinSize", "gpuCapacityType", "gpuDiskSizeGiB"]) assert.ok(error.message.includes(`whisper-eks:${key} = `), key);
+    });
+
+    it("accepts a prebuilt image pinned by digest, building nothing and making no repository", async () => {
+        const reference = `registry.example.com:5000/speech/whisper:2026.11@sha256:${digest}`;
+        const { error, resources, outputs } = await tryEvaluateStack("prod", { imageReference: reference });
+        assert.equal(error, undefined);
+        assert.equal(outputs.imageReference, reference);
+        assert.equal(resources.filter((r) => r.type === "docker-build:index:Image" || r.type === "aws:ecr/repository:Repository").length, 0);
+    });
+
+    it("gives admin roles cluster-admin access entries", async () => {
+        const roles = ["arn:aws:iam::123456789012:role/platform-admin", "arn:aws:iam::123456789012:role/sso/ml-oncall"];
+        const { error, resources } = await tryEvaluateStack("dev", { clusterAdminRoleArns: roles });
+        assert.equal(error, undefined);
+        const cluster = resources.find((r) => r.type === "eks:index:Cluster");
+        const entries = Object.values<any>(cluster?.inputs.accessEntries);
+        assert.deepEqual(entries.map((entry) => entry.principalArn).sort(), [...roles].sort());
+        for (const entry of entries) {
+            assert.equal(entry.accessPolicies.clusterAdmin.policyArn, "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy");
+            assert.equal(entry.accessPolicies.clusterAdmin.accessScope.type, "cluster");
+        }
+    });
+});
+
+describe("config: Pulumi.yaml", () => {
+    const project = YAML.parse(fs.readFileSync(path.join(repoRoot, "Pulumi.yaml"), "utf8"));
+
+    it("declares every project key with a type and a description, and a default unless it is a secret", () => {
+        for (const [key, declaration] of Object.entries<any>(project.config)) {
+            assert.ok(["string", "integer", "boolean", "array"].includes(declaration.type), `${key} has a type the CLI accepts`);
+            assert.ok(typeof declaration.description === "string" && declaration.description.length > 10, `${key} has a description`);
+            if (declaration.type === "array") assert.ok(declaration.items?.type, `${key} declares its items' type`);
+            if (!declaration.secret) assert.notEqual(declaration.default, undefined, `${key} has a default`);
+        }
+    });
+
+    it("alone (plus a region) makes a valid stack: every key the program reads has its default there", async () => {
+        const onlyDefaults: ConfigOverrides = Object.fromEntries(
+            Object.keys(stackConfig("dev").values)
+                .filter((key) => key !== "aws:region")
+                .map((key) => [key, projectDefaults()[key]]),
+        );
+        const { error } = await tryEvaluateStack("dev", onlyDefaults);
+        assert.equal(error, undefined, error?.message);
+    });
+
+    it("has stack files that set only declared keys (or provider keys)", () => {
+        for (const stack of ["dev", "prod"]) {
+            const file = YAML.parse(fs.readFileSync(path.join(repoRoot, `Pulumi.${stack}.yaml`), "utf8"));
+            for (const key of Object.keys(file.config)) {
+                const [namespace, name] = key.split(":");
+                if (namespace === "whisper-eks") assert.ok(project.config[name], `${stack}: ${key} is declared in Pulumi.yaml`);
+                else assert.equal(namespace, "aws", `${stack}: ${key}`);
+            }
+        }
+    });
+});
+
+describe("config: GPU catalog", () => {
+    it("refuses bfloat16 exactly where the GPU lacks it", () => {
+        for (const [name, type] of Object.entries(gpuInstanceTypes)) {
+            assert.equal(type.computeCapability < 8, type.gpuModel === "NVIDIA T4", name);
+        }
+    });
+
+    it("estimates GPU memory from weights, batch and headroom", () => {
+        const largeV3 = whisperModels["openai/whisper-large-v3"];
+        const weightsGiB = (largeV3.parametersBillions * 1e9 * 2) / 2 ** 30;
+        assert.ok(Math.abs(requiredGpuMemoryGiB("openai/whisper-large-v3", "float16", 1) - (weightsGiB + largeV3.perItemGiB16Bit + gpuMemoryHeadroomGiB)) < 1e-9);
+        assert.ok(requiredGpuMemoryGiB("openai/whisper-large-v3", "float32", 16) > 2 * requiredGpuMemoryGiB("openai/whisper-large-v3", "float16", 16) - gpuMemoryHeadroomGiB - 1e-9);
+        // The shipped stacks fit: large-v3 at float16 with their batch sizes.
+        for (const stack of ["dev", "prod"]) {
+            const values = stackConfig(stack).values;
+            const need = requiredGpuMemoryGiB(values["whisper-eks:modelId"] as string, "float16", values["whisper-eks:maxBatchSize"] as number);
+            for (const type of values["whisper-eks:gpuInstanceTypes"] as string[]) assert.ok(need <= gpuInstanceTypes[type].gpuMemoryGiB, `${stack} ${type}`);
+        }
+    });
+
+    it("sizes one pod per GPU so that all of a node's pods fit next to the system reserve and DaemonSets", () => {
+        for (const [name, type] of Object.entries(gpuInstanceTypes)) {
+            const pod = podResourcesPerGpu([name]);
+            const cpuLeft = type.vcpu * 1000 - gpuNodeDaemonSetReserve.cpuMillicores - type.gpuCount * pod.cpuMillicores;
+            const memoryLeft = type.memoryGiB * 1024 - gpuNodeDaemonSetReserve.memoryMiB - type.gpuCount * pod.memoryMiB;
+            // What is left covers the kubelet/system reserve (at least 60 m CPU and 355 MiB) but is not wasteful.
+            assert.ok(cpuLeft >= 60 && memoryLeft >= 355, `${name} fits: ${cpuLeft}m, ${memoryLeft}Mi left`);
+            assert.ok(pod.cpuMillicores >= 0.6 * ((type.vcpu * 1000) / type.gpuCount) - gpuNodeDaemonSetReserve.cpuMillicores, `${name} cpu not wasted`);
+            assert.ok(pod.memoryMiB >= 0.6 * ((type.memoryGiB * 1024) / type.gpuCount) - gpuNodeDaemonSetReserve.memoryMiB, `${name} memory not wasted`);
+            assert.equal(pod.cpu, `${pod.cpuMillicores}m`);
+            assert.equal(pod.memory, `${pod.memoryMiB}Mi`);
+        }
+    });
+
+    it("sizes pods on the smallest type of a mixed group", () => {
+        const mixed = podResourcesPerGpu(["g6e.2xlarge", "g6e.xlarge"]);
+        assert.deepEqual(mixed, podResourcesPerGpu(["g6e.xlarge"]));
+        assert.ok(mixed.memoryMiB < podResourcesPerGpu(["g6e.2xlarge"]).memoryMiB);
+    });
+});

@@ -1,0 +1,295 @@
+// What each real stack (Pulumi.dev.yaml, Pulumi.prod.yaml) declares for the foundation: network, cluster,
+// node groups, add-ons, device plugin, storage, image and outputs, evaluated offline under mocks.
+import { strict as assert } from "assert";
+import { gpuInstanceTypes } from "../infra/catalog";
+import { pinnedImagePattern } from "../infra/config";
+import {
+    evaluateStack,
+    findResource,
+    findResources,
+    RecordedResource,
+    StackEvaluation,
+    stackConfig,
+} from "../scripts/offline-stack";
+
+interface Taint {
+    key: string;
+    value?: string;
+    effect: string;
+}
+interface Toleration {
+    key?: string;
+    operator?: string;
+    value?: string;
+    effect?: string;
+}
+interface NodeSelectorTerm {
+    matchExpressions: { key: string; operator: string; values?: string[] }[];
+}
+
+/** Kubernetes' toleration rule: does the toleration tolerate the taint? */
+function tolerates(toleration: Toleration, taint: Taint): boolean {
+    if (toleration.effect && toleration.effect !== taint.effect) return false;
+    if (toleration.operator === "Exists") return toleration.key === undefined || toleration.key === taint.key;
+    return toleration.key === taint.key && (toleration.value ?? "") === (taint.value ?? "");
+}
+
+/** Kubernetes' required node affinity: do the node's labels satisfy one of the terms? */
+function affinityAdmits(terms: NodeSelectorTerm[], labels: Record<string, string>): boolean {
+    return terms.some((term) =>
+        term.matchExpressions.every((expression) => {
+            const value = labels[expression.key];
+            switch (expression.operator) {
+                case "In":
+                    return value !== undefined && (expression.values ?? []).includes(value);
+                case "Exists":
+                    return value !== undefined;
+                default:
+                    throw new Error(`operator ${expression.operator} not handled by this spec`);
+            }
+        }),
+    );
+}
+
+/** The NoSchedule taints of an EKS node group, written as the API writes them (NO_SCHEDULE). */
+const nodeTaints = (nodeGroup: RecordedResource): Taint[] =>
+    (nodeGroup.inputs.taints ?? []).map((taint: Taint) => ({ ...taint, effect: taint.effect === "NO_SCHEDULE" ? "NoSchedule" : taint.effect }));
+
+for (const stack of ["dev", "prod"]) {
+    describe(`foundation: the ${stack} stack`, () => {
+        let evaluation: StackEvaluation;
+        let config: Record<string, any>;
+        const key = (name: string) => config[`whisper-eks:${name}`];
+        const resources = (type: string, name?: string | RegExp) => findResources(evaluation.resources, type, name);
+        const resource = (type: string, name?: string | RegExp) => findResource(evaluation.resources, type, name);
+        const clusterName = `whisper-eks-${stack}`;
+        const gpuNodeGroup = () => resource("eks:index:ManagedNodeGroup", `${clusterName}-gpu`);
+        const systemNodeGroup = () => resource("eks:index:ManagedNodeGroup", `${clusterName}-system`);
+
+        before(async () => {
+            evaluation = await evaluateStack(stack);
+            config = stackConfig(stack).values;
+        });
+
+        it("spreads the VPC over the configured AZs with load balancer tags on its subnets", () => {
+            const vpc = resource("awsx:ec2:Vpc");
+            assert.equal(vpc.inputs.numberOfAvailabilityZones, key("availabilityZoneCount"));
+            assert.ok(vpc.inputs.numberOfAvailabilityZones >= 2);
+            assert.equal(vpc.inputs.cidrBlock, key("vpcCidr"));
+            assert.equal(vpc.inputs.natGateways.strategy, key("natGatewayStrategy"));
+            const specs = Object.fromEntries(vpc.inputs.subnetSpecs.map((spec: any) => [spec.type, spec.tags]));
+            assert.equal(specs.Public["kubernetes.io/role/elb"], "1");
+            assert.equal(specs.Private["kubernetes.io/role/internal-elb"], "1");
+        });
+
+        it("declares an EKS cluster with API authentication, logs, a pinned version and no default node group", () => {
+            const cluster = resource("eks:index:Cluster");
+            const vpc = resource("awsx:ec2:Vpc");
+            assert.equal(cluster.inputs.name, clusterName);
+            assert.equal(cluster.inputs.version, key("kubernetesVersion"));
+            assert.match(cluster.inputs.version, /^1\.\d+$/);
+            assert.equal(cluster.inputs.authenticationMode, "API");
+            assert.equal(cluster.inputs.skipDefaultNodeGroup, true);
+            for (const logType of ["api", "audit", "authenticator"]) assert.ok(cluster.inputs.enabledClusterLogTypes.includes(logType), logType);
+            assert.deepEqual(cluster.inputs.privateSubnetIds, vpc.state.privateSubnetIds);
+            assert.deepEqual(cluster.inputs.publicSubnetIds, vpc.state.publicSubnetIds);
+            assert.equal(cluster.inputs.nodeAssociatePublicIpAddress, false);
+            assert.deepEqual(cluster.inputs.publicAccessCidrs, key("clusterPublicAccessCidrs"));
+            // Each add-on is declared once, as an EKS add-on: none bootstrapped, none from the component.
+            assert.equal(cluster.inputs.bootstrapSelfManagedAddons, false);
+            assert.equal(cluster.inputs.useDefaultVpcCni, true);
+            assert.equal(cluster.inputs.corednsAddonOptions.enabled, false);
+            assert.equal(cluster.inputs.kubeProxyAddonOptions.enabled, false);
+        });
+
+        it("gives GPU nodes the NVIDIA AMI, the GPU taint and label, a large disk and the configured scaling", () => {
+            const group = gpuNodeGroup();
+            const vpc = resource("awsx:ec2:Vpc");
+            assert.equal(group.inputs.amiType, "AL2023_x86_64_NVIDIA");
+            assert.deepEqual(group.inputs.instanceTypes, key("gpuInstanceTypes"));
+            assert.equal(group.inputs.capacityType, key("gpuCapacityType"));
+            assert.equal(group.inputs.diskSize, key("gpuDiskSizeGiB"));
+            assert.ok(group.inputs.diskSize >= 100);
+            assert.deepEqual(group.inputs.scalingConfig, {
+                minSize: key("gpuMinSize"),
+                desiredSize: key("gpuDesiredSize"),
+                maxSize: key("gpuMaxSize"),
+            });
+            assert.equal(group.inputs.ignoreScalingChanges, true);
+            assert.equal(group.inputs.labels["nvidia.com/gpu.present"], "true");
+            assert.deepEqual(group.inputs.taints, [{ key: "nvidia.com/gpu", value: "true", effect: "NO_SCHEDULE" }]);
+            assert.deepEqual(group.inputs.subnetIds, vpc.state.privateSubnetIds);
+            // These would switch the group to a custom launch template whose AMI is looked up on every run.
+            for (const option of ["userData", "kubeletExtraArgs", "bootstrapExtraArgs", "amiId", "launchTemplate"]) {
+                assert.equal(group.inputs[option], undefined, option);
+            }
+        });
+
+        it("runs add-ons on an untainted system node group and both groups with the node role made here", () => {
+            const system = systemNodeGroup();
+            assert.equal(system.inputs.amiType, "AL2023_x86_64_STANDARD");
+            assert.deepEqual(system.inputs.instanceTypes, key("systemNodeInstanceTypes"));
+            for (const type of system.inputs.instanceTypes) assert.equal(gpuInstanceTypes[type], undefined, type);
+            assert.equal(system.inputs.taints, undefined);
+            assert.deepEqual(system.inputs.scalingConfig, {
+                minSize: key("systemNodeMinSize"),
+                desiredSize: key("systemNodeDesiredSize"),
+                maxSize: key("systemNodeMaxSize"),
+            });
+            const nodeRole = resource("aws:iam/role:Role", `${clusterName}-node`);
+            assert.deepEqual(system.inputs.nodeRole, { $resource: { type: "aws:iam/role:Role", name: nodeRole.name } });
+            assert.deepEqual(gpuNodeGroup().inputs.nodeRole, system.inputs.nodeRole);
+            assert.equal(JSON.parse(nodeRole.inputs.assumeRolePolicy).Statement[0].Principal.Service, "ec2.amazonaws.com");
+            const attached = resources("aws:iam/rolePolicyAttachment:RolePolicyAttachment", new RegExp(`^${nodeRole.name}-`)).map(
+                (attachment) => attachment.inputs.policyArn.split("/").pop(),
+            );
+            assert.deepEqual(attached.sort(), [
+                "AmazonEC2ContainerRegistryReadOnly",
+                "AmazonEKSWorkerNodePolicy",
+                "AmazonEKS_CNI_Policy",
+                "AmazonSSMManagedInstanceCore",
+            ]);
+        });
+
+        it("tags the GPU group's Auto Scaling group so Cluster Autoscaler can scale it up from zero", () => {
+            const group = gpuNodeGroup();
+            const asgName = group.state.nodeGroup.resources[0].autoscalingGroups[0].name;
+            const tags = Object.fromEntries(
+                resources("aws:autoscaling/tag:Tag")
+                    .filter((tag) => tag.inputs.autoscalingGroupName === asgName)
+                    .map((tag) => [tag.inputs.tag.key, tag.inputs.tag.value]),
+            );
+            const template = "k8s.io/cluster-autoscaler/node-template";
+            const gpuCount = gpuInstanceTypes[key("gpuInstanceTypes")[0]].gpuCount;
+            assert.equal(tags[`${template}/resources/nvidia.com/gpu`], String(gpuCount));
+            assert.equal(tags[`${template}/label/nvidia.com/gpu.present`], "true");
+            assert.equal(tags[`${template}/taint/nvidia.com/gpu`], "true:NoSchedule");
+            const exported = (evaluation.outputs.gpuNodeGroups as any[])[0];
+            assert.equal(exported.autoScalingGroupName, asgName);
+        });
+
+        it("declares each EKS add-on once, at a resolved version, coredns only after a node group", () => {
+            const addons = resources("aws:eks/addon:Addon");
+            const names = addons.map((addon) => addon.inputs.addonName);
+            assert.equal(new Set(names).size, names.length, `no add-on twice: ${names}`);
+            for (const addonName of ["vpc-cni", "kube-proxy", "coredns", "eks-pod-identity-agent", "aws-ebs-csi-driver"]) {
+                assert.ok(names.includes(addonName), addonName);
+            }
+            for (const addon of addons) {
+                assert.equal(addon.inputs.clusterName, clusterName);
+                assert.match(addon.inputs.addonVersion, /^v\d+\.\d+\.\d+-eksbuild\.\d+$/, addon.inputs.addonName);
+            }
+            // Recorded in registration order: coredns waits for the system node group, nodes wait for the CNI.
+            const order = evaluation.resources.map((r) => r.name);
+            assert.ok(order.indexOf(`${clusterName}-coredns`) > order.indexOf(`${clusterName}-system`));
+            assert.ok(order.indexOf(`${clusterName}-system`) > order.indexOf(`${clusterName}-vpc-cni`));
+        });
+
+        it("gives the EBS CSI driver an IAM role through Pod Identity and makes encrypted gp3 the default class", () => {
+            const driver = resource("aws:eks/addon:Addon", `${clusterName}-aws-ebs-csi-driver`);
+            const [association] = driver.inputs.podIdentityAssociations;
+            assert.equal(association.serviceAccount, "ebs-csi-controller-sa");
+            const role = resources("aws:iam/role:Role").find((candidate) => candidate.state.arn === association.roleArn);
+            assert.ok(role, "the association's role is declared here");
+            const trust = JSON.parse(role.inputs.assumeRolePolicy).Statement[0];
+            assert.equal(trust.Principal.Service, "pods.eks.amazonaws.com");
+            assert.ok(trust.Action.includes("sts:TagSession"));
+            const policies = resources("aws:iam/rolePolicyAttachment:RolePolicyAttachment")
+                .filter((attachment) => attachment.inputs.role === role.state.name)
+                .map((attachment) => attachment.inputs.policyArn);
+            assert.deepEqual(policies, ["arn:aws:iam::aws:policy/service-role/AmazonEBSCSIDriverPolicy"]);
+
+            const storageClass = resource("kubernetes:storage.k8s.io/v1:StorageClass", "gp3");
+            assert.equal(storageClass.inputs.metadata.annotations["storageclass.kubernetes.io/is-default-class"], "true");
+            assert.equal(storageClass.inputs.provisioner, "ebs.csi.aws.com");
+            assert.equal(storageClass.inputs.parameters.type, "gp3");
+            assert.equal(storageClass.inputs.parameters.encrypted, "true");
+            assert.equal(storageClass.inputs.volumeBindingMode, "WaitForFirstConsumer");
+            assert.equal(resources("kubernetes:storage.k8s.io/v1:StorageClass").filter(
+                (candidate) => candidate.inputs.metadata?.annotations?.["storageclass.kubernetes.io/is-default-class"] === "true",
+            ).length, 1);
+        });
+
+        it("installs the NVIDIA device plugin, pinned, on every GPU node and nowhere else", () => {
+            const plugin = resource("kubernetes:helm.sh/v3:Release", "nvidia-device-plugin");
+            assert.equal(plugin.inputs.chart, "nvidia-device-plugin");
+            assert.equal(plugin.inputs.repositoryOpts.repo, "https://nvidia.github.io/k8s-device-plugin");
+            assert.match(plugin.inputs.version, /^\d+\.\d+\.\d+$/);
+            assert.equal(plugin.inputs.name, "nvidia-device-plugin");
+            const { tolerations, affinity } = plugin.inputs.values;
+            const gpu = gpuNodeGroup();
+            for (const taint of nodeTaints(gpu)) {
+                assert.ok(tolerations.some((toleration: Toleration) => tolerates(toleration, taint)), `tolerates ${taint.key}`);
+            }
+            const terms = affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms;
+            assert.ok(affinityAdmits(terms, gpu.inputs.labels), "admits the GPU nodes");
+            assert.ok(!affinityAdmits(terms, systemNodeGroup().inputs.labels), "keeps off the system nodes");
+        });
+
+        it("builds the image from ./service for linux/amd64 and pushes it to a scanned ECR repository", () => {
+            const repository = resource("aws:ecr/repository:Repository");
+            assert.equal(repository.inputs.imageScanningConfiguration.scanOnPush, true);
+            assert.equal(repository.inputs.forceDelete, key("imageRepositoryForceDelete"));
+            const lifecycle = resource("aws:ecr/lifecyclePolicy:LifecyclePolicy");
+            assert.equal(lifecycle.inputs.repository, repository.state.name);
+            assert.ok(JSON.parse(lifecycle.inputs.policy).rules.every((rule: any) => rule.action.type === "expire"));
+
+            const image = resource("docker-build:index:Image");
+            assert.equal(image.inputs.context.location, "./service");
+            assert.deepEqual(image.inputs.platforms, ["linux/amd64"]);
+            assert.equal(image.inputs.push, true);
+            for (const tag of image.inputs.tags) assert.ok(tag.startsWith(`${repository.state.repositoryUrl}:`), tag);
+            assert.equal(image.inputs.registries[0].address, repository.state.repositoryUrl.split("/")[0]);
+            assert.equal(evaluation.outputs.imageReference, `${repository.state.repositoryUrl}@${image.state.digest}`);
+            assert.match(evaluation.outputs.imageReference as string, pinnedImagePattern);
+        });
+
+        it("exports the kubeconfig as a secret, the cluster name and the region", () => {
+            assert.equal(evaluation.outputs.clusterName, clusterName);
+            assert.equal(evaluation.outputs.region, config["aws:region"]);
+            assert.ok(evaluation.secretOutputs.includes("kubeconfig"));
+            const kubeconfig = evaluation.outputs.kubeconfig as any;
+            assert.equal(kubeconfig.users[0].user.exec.command, "aws");
+            assert.ok(kubeconfig.users[0].user.exec.args.includes(clusterName));
+            const provider = resource("pulumi:providers:kubernetes");
+            assert.deepEqual(JSON.parse(provider.inputs.kubeconfig), kubeconfig);
+        });
+    });
+}
+
+describe("foundation: dev and prod", () => {
+    it("meet the issue's sizes: dev one small GPU node that scales to zero, prod larger and at least two", () => {
+        const dev = stackConfig("dev").values;
+        const prod = stackConfig("prod").values;
+        assert.equal(dev["whisper-eks:gpuMinSize"], 0);
+        assert.ok((dev["whisper-eks:gpuDesiredSize"] as number) <= 1);
+        assert.ok((prod["whisper-eks:gpuMinSize"] as number) >= 2);
+        const largestGpuMemory = (types: string[]) => Math.max(...types.map((type) => gpuInstanceTypes[type].gpuMemoryGiB));
+        assert.ok(
+            largestGpuMemory(prod["whisper-eks:gpuInstanceTypes"] as string[]) > largestGpuMemory(dev["whisper-eks:gpuInstanceTypes"] as string[]),
+        );
+    });
+
+    it("differ in what they declare exactly as their configs differ", async () => {
+        // dev given prod's config must declare what prod declares, once the stack name is set aside.
+        const prodFile = stackConfig("prod").values;
+        const devWithProdConfig = await evaluateStack("dev", prodFile);
+        const prod = await evaluateStack("prod");
+        const normalise = (evaluation: StackEvaluation, stack: string) =>
+            JSON.parse(
+                JSON.stringify({ resources: evaluation.resources.map(({ urn, parent, ...rest }) => rest), outputs: evaluation.outputs })
+                    .split(`whisper-eks-${stack}`)
+                    .join("whisper-eks-STACK")
+                    .split(`"${stack}"`)
+                    .join(`"STACK"`),
+            );
+        assert.deepEqual(normalise(devWithProdConfig, "dev"), normalise(prod, "prod"));
+
+        // And the two stacks as they are do differ, in the node groups their configs size differently.
+        const dev = await evaluateStack("dev");
+        const gpuInputs = (evaluation: StackEvaluation) =>
+            findResources(evaluation.resources, "eks:index:ManagedNodeGroup", /-gpu$/)[0].inputs;
+        assert.notDeepEqual(gpuInputs(dev).instanceTypes, gpuInputs(prod).instanceTypes);
+        assert.notEqual(gpuInputs(dev).capacityType, gpuInputs(prod).capacityType);
+    });
+});
