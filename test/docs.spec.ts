@@ -81,6 +81,13 @@ describe("operations guide (docs/operations.md)", () => {
         }
     });
 
+    it("explains every alert the monitoring stack defines", () => {
+        const monitoring = fs.readFileSync(path.join(repoRoot, "infra", "monitoring.ts"), "utf8");
+        const alerts = [...new Set([...monitoring.matchAll(/"(Whisper[A-Za-z0-9]+)"/g)].map((match) => match[1]))];
+        assert.ok(alerts.length > 0, "infra/monitoring.ts defines Whisper* alerts");
+        for (const alert of alerts) assert.match(guide, new RegExp(`^\\| \`${alert}\` \\|`, "m"), `the alerts table explains ${alert}`);
+    });
+
     it("is linked from the README", () => {
         assert.match(fs.readFileSync(path.join(repoRoot, "README.md"), "utf8"), /\]\(docs\/operations\.md\)/);
     });
