@@ -21,6 +21,7 @@ const ARTIFACTS = path.join(__dirname, "..", "test-artifacts", "web");
 const TRANSCRIPTION_ROUTE = "/v1/audio/transcriptions";
 
 interface Segment { start: number; end: number; text: string }
+interface Box { top: number; left: number; width: number; height: number }
 interface Cue { index: number; start: string; end: string; text: string }
 
 function freePort(): Promise<number> {
@@ -80,10 +81,10 @@ function srtTime(seconds: number): string {
 describe("web page (headless Chromium against a real whisper-server)", function () {
     this.timeout(180_000);
 
-    const workDir = fs.mkdtempSync(path.join(os.tmpdir(), "whisper-web-"));
-    const speechWav = path.join(workDir, "speech.wav");
-    const notAudio = path.join(workDir, "notes.txt");
-    const tooLargeWav = path.join(workDir, "long-tone.wav");
+    let workDir = "";
+    let speechWav = "";
+    let notAudio = "";
+    let tooLargeWav = "";
     let server: ChildProcess | undefined;
     let serverLog = "";
     let baseUrl = "";
@@ -91,7 +92,16 @@ describe("web page (headless Chromium against a real whisper-server)", function 
     let context: BrowserContext;
     let page: Page;
     let transcribedSegments: Segment[] = [];
-    let idleOutputBox: { x: number; y: number; width: number; height: number } | null = null;
+    let idleOutputBox: Box | undefined;
+
+    // The transcript area's place on the page (not in the viewport, which scrolls to show the answer).
+    function outputBox(): Promise<Box> {
+        return page.locator("#output").evaluate((el) => {
+            const rect = el.getBoundingClientRect();
+            const view = globalThis as any;
+            return { top: rect.top + view.scrollY, left: rect.left + view.scrollX, width: rect.width, height: rect.height };
+        });
+    }
 
     async function shot(name: string, target: Page = page): Promise<void> {
         await target.screenshot({ path: path.join(ARTIFACTS, `${name}.png`), fullPage: true });
@@ -114,11 +124,11 @@ describe("web page (headless Chromium against a real whisper-server)", function 
     }
 
     // Submits and returns the server's HTTP answer, which the page must show faithfully.
-    async function submit(target: Page = page): Promise<Response> {
-        const [response] = await Promise.all([
-            target.waitForResponse((r) => r.url().endsWith(TRANSCRIPTION_ROUTE) && r.request().method() === "POST"),
-            target.locator("#submit-button").click(),
-        ]);
+    async function submit(target: Page = page, whileWorking?: () => Promise<void>): Promise<Response> {
+        const answered = target.waitForResponse((r) => r.url().endsWith(TRANSCRIPTION_ROUTE) && r.request().method() === "POST");
+        await target.locator("#submit-button").click();
+        await whileWorking?.();
+        const response = await answered;
         await target.locator("#submit-button:enabled").waitFor();
         return response;
     }
@@ -150,6 +160,10 @@ describe("web page (headless Chromium against a real whisper-server)", function 
 
     before(async function () {
         fs.mkdirSync(ARTIFACTS, { recursive: true });
+        workDir = fs.mkdtempSync(path.join(os.tmpdir(), "whisper-web-"));
+        speechWav = path.join(workDir, "speech.wav");
+        notAudio = path.join(workDir, "notes.txt");
+        tooLargeWav = path.join(workDir, "long-tone.wav");
         execFileSync("espeak-ng", ["-w", speechWav, "Hello from the web page test. The quick brown fox jumps over the lazy dog."]);
         fs.writeFileSync(notAudio, "These are meeting notes, not audio.\n");
         // 40 s of 16 kHz mono 16-bit tone is 1.28 MB: over the 1 MB upload limit the server is started with.
@@ -175,7 +189,7 @@ describe("web page (headless Chromium against a real whisper-server)", function 
     after(async function () {
         await browser?.close();
         await stopServer(server);
-        fs.rmSync(workDir, { recursive: true, force: true });
+        if (workDir) fs.rmSync(workDir, { recursive: true, force: true });
     });
 
     it("serves the page with its own styles and script, nothing from elsewhere", async function () {
@@ -196,7 +210,7 @@ describe("web page (headless Chromium against a real whisper-server)", function 
     it("says the server needs an API key and shows the unauthorised error verbatim", async function () {
         await page.locator("#key-field").waitFor();
         assert.match(await page.locator("#model-line").innerText(), /requires an API key/);
-        idleOutputBox = await page.locator("#output").boundingBox();
+        idleOutputBox = await outputBox();
         await shot("01-key-required");
 
         await chooseFile(speechWav);
@@ -209,13 +223,25 @@ describe("web page (headless Chromium against a real whisper-server)", function 
 
     it("transcribes an uploaded WAV and shows the segments with timestamps, without moving the layout", async function () {
         await page.locator("#api-key").fill(API_KEY);
-        const response = await submit();
+        // A slow uplink (128 KB/s for the 200 KB file) makes the upload progress observable.
+        const network = await context.newCDPSession(page);
+        await network.send("Network.enable");
+        await network.send("Network.emulateNetworkConditions",
+            { offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: 128 * 1024 });
+        const response = await submit(page, async () => {
+            await page.locator("#status-line").filter({ hasText: /^Uploading… [1-9]\d?% \(/ }).waitFor();
+            const percent = await page.locator("#progress").evaluate((el) => (el as any).value);
+            assert.ok(percent > 0 && percent < 100, `the progress bar shows the upload (${percent} %)`);
+            assert.ok(await page.locator("#cancel-button").isEnabled(), "the upload can be cancelled");
+            await shot("03-uploading");
+        });
+        await network.detach();
         transcribedSegments = await assertShowsSegments(page, response);
-        assert.deepStrictEqual(await page.locator("#output").boundingBox(), idleOutputBox,
+        assert.deepStrictEqual(await outputBox(), idleOutputBox,
             "the transcript area keeps its place and size");
         assert.strictEqual(await page.evaluate(() => (globalThis as any).sessionStorage.length), 0,
             "the key is not stored unless the user asks");
-        await shot("03-transcript");
+        await shot("04-transcript");
 
         await page.locator("#output-format").selectOption("srt");
         assert.match(await page.locator("#formatted").innerText(), /^1\n\d{2}:\d{2}:\d{2},\d{3} --> /);
@@ -250,15 +276,15 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         await chooseFile(notAudio);
         const response = await submit();
         await assertShowsServerError(response, 400, /^Not audio/);
-        assert.deepStrictEqual(await page.locator("#output").boundingBox(), idleOutputBox);
-        await shot("04-not-audio");
+        assert.deepStrictEqual(await outputBox(), idleOutputBox);
+        await shot("05-not-audio");
     });
 
     it("shows the server's error for a file over the upload limit", async function () {
         await chooseFile(tooLargeWav);
         const response = await submit();
         await assertShowsServerError(response, 413, /^Too large/);
-        await shot("05-too-large");
+        await shot("06-too-large");
     });
 
     it("records from the microphone and transcribes the recording", async function () {
@@ -287,13 +313,13 @@ describe("web page (headless Chromium against a real whisper-server)", function 
             const phonePage = await newPage(phone);
             await phonePage.goto(`${baseUrl}/`);
             await phonePage.locator("#key-field").waitFor();
-            await shot("06-phone-empty", phonePage);
+            await shot("07-phone-empty", phonePage);
             await phonePage.locator("#api-key").fill(API_KEY);
             await chooseFile(speechWav, phonePage);
             await assertShowsSegments(phonePage, await submit(phonePage));
             const width = await phonePage.evaluate(() => (globalThis as any).document.documentElement.scrollWidth);
             assert.ok(width <= 390, `no sideways scrolling on a phone (page is ${width} px wide)`);
-            await shot("07-phone-transcript", phonePage);
+            await shot("08-phone-transcript", phonePage);
         } finally {
             await phone.close();
         }

@@ -50,6 +50,7 @@
     progress: byId('progress'),
     status: byId('status-line'),
     meta: byId('result-meta'),
+    output: byId('output'),
     placeholder: byId('placeholder'),
     errorBox: byId('error-box'),
     errorHeading: byId('error-heading'),
@@ -138,6 +139,12 @@
     for (const el of [ui.placeholder, ui.errorBox, ui.segments, ui.formatted]) el.hidden = el !== element;
   }
 
+  // On a phone the transcript area is below the fold: bring the answer into view once it arrives.
+  function revealOutput() {
+    const smooth = !window.matchMedia('(prefers-reduced-motion: reduce)').matches;
+    ui.output.scrollIntoView({ block: 'nearest', behavior: smooth ? 'smooth' : 'auto' });
+  }
+
   function setActionsEnabled(enabled) {
     ui.copy.disabled = !enabled;
     for (const button of ui.downloads) button.disabled = !enabled;
@@ -210,6 +217,7 @@
     ui.errorDetail.textContent = detail || '';
     showOnly(ui.errorBox);
     setStatus(`Failed: ${heading}`);
+    revealOutput();
   }
 
   // The API's error body is {"error": {"message", "type", "param", "code"}}; anything else is shown as text.
@@ -433,6 +441,7 @@
     const took = (performance.now() - started) / 1000;
     ui.meta.textContent = [body.language && `Language: ${body.language}`,
       duration !== null && `${formatDuration(duration)} of audio`, `took ${took.toFixed(1)} s`].filter(Boolean).join(' · ');
+    revealOutput();
     setStatus(`Done: ${segments.length} segment${segments.length === 1 ? '' : 's'} in ${took.toFixed(1)} s.`);
   }
 
