@@ -18,7 +18,7 @@ const CHROMIUM_ARGS = [
 const API_KEY = "web-test-key";
 const MAX_UPLOAD_MB = 1;
 const ARTIFACTS = path.join(__dirname, "..", "test-artifacts", "web");
-const TRANSCRIPTION_ROUTE = "/v1/audio/transcriptions";
+const AUDIO_ROUTES = /\/v1\/audio\/(transcriptions|translations)$/;
 
 interface Segment { start: number; end: number; text: string }
 interface Box { top: number; left: number; width: number; height: number }
@@ -125,7 +125,7 @@ describe("web page (headless Chromium against a real whisper-server)", function 
 
     // Submits and returns the server's HTTP answer, which the page must show faithfully.
     async function submit(target: Page = page, whileWorking?: () => Promise<void>): Promise<Response> {
-        const answered = target.waitForResponse((r) => r.url().endsWith(TRANSCRIPTION_ROUTE) && r.request().method() === "POST");
+        const answered = target.waitForResponse((r) => AUDIO_ROUTES.test(r.url()) && r.request().method() === "POST");
         await target.locator("#submit-button").click();
         await whileWorking?.();
         const response = await answered;
@@ -207,6 +207,17 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         assert.deepStrictEqual(foreign, []);
     });
 
+    it("reaches the drop zone first from the keyboard, with a visible focus ring", async function () {
+        await page.keyboard.press("Tab");
+        const focused = page.locator("#drop-zone:focus-visible");
+        await focused.waitFor();
+        const outline = await focused.evaluate((el) => {
+            const style = (globalThis as any).getComputedStyle(el);
+            return `${style.outlineStyle} ${style.outlineWidth}`;
+        });
+        assert.strictEqual(outline, "solid 3px");
+    });
+
     it("says the server needs an API key and shows the unauthorised error verbatim", async function () {
         await page.locator("#key-field").waitFor();
         assert.match(await page.locator("#model-line").innerText(), /requires an API key/);
@@ -270,6 +281,16 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         ]);
         const vtt = fs.readFileSync(await vttDownload.path(), "utf8");
         assert.match(vtt, /^WEBVTT\n\n\d{2}:\d{2}:\d{2}\.\d{3} --> \d{2}:\d{2}:\d{2}\.\d{3}\n\S/);
+    });
+
+    it("translates through /v1/audio/translations, which detects the language itself", async function () {
+        await page.getByLabel("Translate to English").check();
+        assert.ok(await page.locator("#language").isDisabled(), "the language is not asked for a translation");
+        assert.strictEqual(await page.locator("#submit-button").innerText(), "Translate");
+        const response = await submit();
+        assert.ok(response.url().endsWith("/v1/audio/translations"), response.url());
+        await assertShowsSegments(page, response);
+        await page.getByLabel("Transcribe").check();
     });
 
     it("shows the server's error for a file that is not audio", async function () {
