@@ -1,0 +1,145 @@
+// `npm run render -- <stack> <dir>`: evaluates the program offline for a stack and writes what `pulumi up` would
+// apply to the cluster, for review: every Kubernetes object as YAML (secrets redacted), each Helm release's chart,
+// repository, version and values; then validates every object against the Kubernetes schema (kubernetes-models,
+// CRDs with @kubernetes-models/prometheus-operator). Exits non-zero when an object is invalid.
+import * as fs from "fs";
+import * as path from "path";
+import * as YAML from "yaml";
+import { evaluateStack, RecordedResource } from "./offline-stack";
+
+export const redacted = "<redacted>";
+
+export interface RenderedFile {
+    path: string;
+    content: Record<string, any>;
+}
+
+const isKubernetesObject = (resource: RecordedResource) =>
+    resource.type.startsWith("kubernetes:") && resource.type !== "kubernetes:helm.sh/v3:Release";
+
+/** How Pulumi marks a secret value on the wire (the mock sees inputs in this form). */
+const secretSignatureKey = "4dabf18193072939515e22adb298388d";
+const secretSignature = "1b47061264138c4ac30d75fd1eb44270";
+
+/** Every leaf value hidden, keys kept: the reader sees which secrets exist, not what they are. */
+function hideLeaves(value: unknown): unknown {
+    if (Array.isArray(value)) return value.map(hideLeaves);
+    if (value !== null && typeof value === "object") return Object.fromEntries(Object.entries(value).map(([key, item]) => [key, hideLeaves(item)]));
+    return redacted;
+}
+
+/** The inputs with Pulumi secrets replaced by their redacted shape. */
+export function redactSecrets(value: unknown): any {
+    if (Array.isArray(value)) return value.map(redactSecrets);
+    if (value !== null && typeof value === "object") {
+        const record = value as Record<string, unknown>;
+        if (record[secretSignatureKey] === secretSignature) return hideLeaves(record.value);
+        return Object.fromEntries(Object.entries(record).map(([key, item]) => [key, redactSecrets(item)]));
+    }
+    return value;
+}
+
+/** A Kubernetes object as the provider would send it: the resource's inputs, secrets and Secret values hidden. */
+export function kubernetesObject(resource: RecordedResource): Record<string, any> {
+    const { apiVersion, kind, metadata, ...rest } = redactSecrets(resource.inputs);
+    const object: Record<string, any> = { apiVersion, kind, metadata, ...rest };
+    if (kind === "Secret") {
+        for (const field of ["data", "stringData"]) {
+            if (object[field]) object[field] = Object.fromEntries(Object.keys(object[field]).map((key) => [key, redacted]));
+        }
+    }
+    return object;
+}
+
+/** The Helm release as a reviewer needs it: what is installed from where, and with which values. */
+export function helmRelease(resource: RecordedResource): Record<string, any> {
+    const { name, namespace, chart, version, repositoryOpts, values, atomic, timeout } = redactSecrets(resource.inputs);
+    return { release: name, namespace, chart, repository: repositoryOpts?.repo, version, atomic, timeout, values: values ?? {} };
+}
+
+/** Every file the render writes, by path relative to the output directory. */
+export function renderFiles(resources: readonly RecordedResource[]): RenderedFile[] {
+    const files: RenderedFile[] = [];
+    for (const resource of resources) {
+        if (resource.type === "kubernetes:helm.sh/v3:Release") {
+            files.push({ path: path.join("helm", `${resource.inputs.name}.yaml`), content: helmRelease(resource) });
+        } else if (isKubernetesObject(resource)) {
+            const object = kubernetesObject(resource);
+            const scope = object.metadata?.namespace ?? "cluster";
+            files.push({ path: path.join("kubernetes", scope, `${object.kind}-${object.metadata?.name}.yaml`.toLowerCase()), content: object });
+        }
+    }
+    return files;
+}
+
+// kubernetes-models is ESM-only ("exports" with only an "import" condition): load it with a real dynamic import,
+// which TypeScript's CommonJS output would otherwise turn into require().
+const importModule = new Function("specifier", "return import(specifier)") as (specifier: string) => Promise<Record<string, any>>;
+
+/** The kubernetes-models module with the classes of an apiVersion (the core group is `v1`). */
+function modelModule(apiVersion: string): string {
+    if (apiVersion.startsWith("monitoring.coreos.com/")) return `@kubernetes-models/prometheus-operator/${apiVersion}`;
+    return `kubernetes-models/${apiVersion}`;
+}
+
+/** Validates one object against its schema; returns the problems (none when valid). */
+export async function validateObject(object: Record<string, any>): Promise<string[]> {
+    const label = `${object.kind} ${object.metadata?.namespace ? `${object.metadata.namespace}/` : ""}${object.metadata?.name}`;
+    let module: Record<string, any>;
+    try {
+        module = await importModule(modelModule(object.apiVersion));
+    } catch {
+        return [`${label}: no schema for apiVersion ${object.apiVersion}`];
+    }
+    const Model = module[object.kind];
+    if (typeof Model !== "function") return [`${label}: no schema for kind ${object.kind} in ${object.apiVersion}`];
+    try {
+        new Model(object).validate();
+        return [];
+    } catch (error) {
+        return [`${label}: ${(error as Error).message}`];
+    }
+}
+
+/** Validates every rendered Kubernetes object; returns all problems. */
+export async function validateFiles(files: readonly RenderedFile[]): Promise<string[]> {
+    const problems: string[] = [];
+    for (const file of files.filter((candidate) => candidate.path.startsWith(`kubernetes${path.sep}`))) {
+        problems.push(...(await validateObject(file.content)));
+    }
+    return problems;
+}
+
+export async function render(stack: string, directory: string): Promise<{ files: RenderedFile[]; problems: string[] }> {
+    const evaluation = await evaluateStack(stack);
+    const files = renderFiles(evaluation.resources);
+    for (const file of files) {
+        const target = path.join(directory, file.path);
+        fs.mkdirSync(path.dirname(target), { recursive: true });
+        fs.writeFileSync(target, YAML.stringify(file.content, { lineWidth: 0 }));
+    }
+    return { files, problems: await validateFiles(files) };
+}
+
+async function main(): Promise<void> {
+    const [stack, directory] = process.argv.slice(2);
+    if (!stack || !directory) {
+        console.error("usage: npm run render -- <stack> <dir>");
+        process.exit(2);
+    }
+    const { files, problems } = await render(stack, directory);
+    const releases = files.filter((file) => file.path.startsWith("helm")).length;
+    console.log(`${stack}: wrote ${files.length - releases} Kubernetes objects and ${releases} Helm releases to ${directory}`);
+    if (problems.length > 0) {
+        console.error(`${problems.length} object(s) do not validate:\n${problems.map((problem) => `  - ${problem}`).join("\n")}`);
+        process.exit(1);
+    }
+    console.log("every object validates against the Kubernetes schema (kubernetes-models 5.1.0, Kubernetes 1.34; Prometheus Operator CRDs)");
+}
+
+if (require.main === module) {
+    main().catch((error) => {
+        console.error(error instanceof Error ? error.message : error);
+        process.exit(1);
+    });
+}

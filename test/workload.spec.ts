@@ -1,0 +1,431 @@
+// The workload as `pulumi up` would declare it, evaluated offline for the real dev and prod stacks: the invariants
+// that break real deployments (selectors, probe paths, metric names, access modes, pod sizing, drain timing),
+// the NLB, monitoring, autoscaling and Helm hygiene, and the configs that must be refused.
+import { strict as assert } from "assert";
+import * as fs from "fs";
+import * as path from "path";
+import * as pulumi from "@pulumi/pulumi";
+import { gpuInstanceTypes, gpuNodeDaemonSetReserve } from "../infra/catalog";
+import { ConfigOverrides, evaluateStack, findResource, findResources, RecordedResource, repoRoot, SecretValue, StackEvaluation, tryEvaluateStack } from "../scripts/offline-stack";
+
+// The mock does not report a resource's dependencies: note them where the request passes the mock monitor.
+const dependencies = new Map<string, string[]>();
+// eslint-disable-next-line @typescript-eslint/no-var-requires
+const { MockMonitor } = require("@pulumi/pulumi/runtime/mocks");
+const registerResource = MockMonitor.prototype.registerResource;
+MockMonitor.prototype.registerResource = function (request: any, callback: unknown) {
+    dependencies.set(`${pulumi.getStack()}::${request.getType()}::${request.getName()}`, request.getDependenciesList());
+    return registerResource.call(this, request, callback);
+};
+
+const kinds = {
+    deployment: "kubernetes:apps/v1:Deployment",
+    service: "kubernetes:core/v1:Service",
+    pvc: "kubernetes:core/v1:PersistentVolumeClaim",
+    secret: "kubernetes:core/v1:Secret",
+    pdb: "kubernetes:policy/v1:PodDisruptionBudget",
+    hpa: "kubernetes:autoscaling/v2:HorizontalPodAutoscaler",
+    serviceMonitor: "kubernetes:monitoring.coreos.com/v1:ServiceMonitor",
+    prometheusRule: "kubernetes:monitoring.coreos.com/v1:PrometheusRule",
+    storageClass: "kubernetes:storage.k8s.io/v1:StorageClass",
+    configMap: "kubernetes:core/v1:ConfigMap",
+    release: "kubernetes:helm.sh/v3:Release",
+};
+
+const release = (evaluation: StackEvaluation, releaseName: string) =>
+    findResources(evaluation.resources, kinds.release).find((resource) => resource.inputs.name === releaseName) ??
+    assert.fail(`no Helm release named ${releaseName}`);
+const byKind = (evaluation: StackEvaluation, type: string) => findResource(evaluation.resources, type);
+const podSpec = (evaluation: StackEvaluation) => byKind(evaluation, kinds.deployment).inputs.spec.template.spec;
+const container = (evaluation: StackEvaluation) => podSpec(evaluation).containers[0];
+const env = (evaluation: StackEvaluation): Record<string, any> =>
+    Object.fromEntries(container(evaluation).env.map((variable: any) => [variable.name, variable.value ?? variable.valueFrom]));
+const config = (evaluation: StackEvaluation, key: string) => evaluation.config[`whisper-eks:${key}`];
+const dependsOn = (evaluation: StackEvaluation, dependent: RecordedResource, dependency: RecordedResource) =>
+    (dependencies.get(`${evaluation.stack}::${dependent.type}::${dependent.name}`) ?? []).includes(dependency.urn ?? "none");
+const matches = (selector: Record<string, string>, labels: Record<string, string>) =>
+    Object.entries(selector).every(([key, value]) => labels[key] === value);
+
+/** The routes the server really serves, read from its Starlette route table. */
+function serverRoutes(): Map<string, string[]> {
+    const source = fs.readFileSync(path.join(repoRoot, "service", "whisper_server", "app.py"), "utf8");
+    const routes = new Map<string, string[]>();
+    for (const match of source.matchAll(/Route\("([^"]+)",\s*\w+,\s*methods=\[([^\]]*)\]/g)) {
+        routes.set(match[1], [...match[2].matchAll(/"(\w+)"/g)].map((method) => method[1]));
+    }
+    return routes;
+}
+
+/** The settings the server reads from WHISPER_<NAME>: the fields of its Settings dataclass. */
+function serverEnvironmentNames(): Set<string> {
+    const source = fs.readFileSync(path.join(repoRoot, "service", "whisper_server", "cli.py"), "utf8");
+    const body = source.slice(source.indexOf("class Settings:"), source.indexOf("\n\n\n", source.indexOf("class Settings:")));
+    return new Set([...body.matchAll(/^\s{4}(\w+):/gm)].map((field) => `WHISPER_${field[1].toUpperCase()}`));
+}
+
+const cpuMillicores = (quantity: string) => (quantity.endsWith("m") ? Number(quantity.slice(0, -1)) : Number(quantity) * 1000);
+const memoryMiB = (quantity: string) => (quantity.endsWith("Gi") ? Number(quantity.slice(0, -2)) * 1024 : Number(quantity.replace("Mi", "")));
+
+describe("workload", function () {
+    const stacks: Record<string, StackEvaluation> = {};
+    before(async function () {
+        for (const stack of ["dev", "prod"]) stacks[stack] = await evaluateStack(stack);
+    });
+
+    for (const stack of ["dev", "prod"]) {
+        describe(`${stack} stack`, function () {
+            const evaluation = () => stacks[stack];
+
+            it("labels the pods with the contract labels, and the Deployment, Service and PDB select exactly them", function () {
+                const deployment = byKind(evaluation(), kinds.deployment);
+                const labels = deployment.inputs.spec.template.metadata.labels;
+                assert.deepEqual(labels, { "app.kubernetes.io/name": "whisper", "app.kubernetes.io/instance": stack, "app.kubernetes.io/component": "server" });
+                assert.deepEqual(deployment.inputs.spec.selector.matchLabels, labels);
+                assert.ok(matches(byKind(evaluation(), kinds.service).inputs.spec.selector, labels), "the Service selects the pods");
+                assert.ok(matches(byKind(evaluation(), kinds.pdb).inputs.spec.selector.matchLabels, labels), "the PDB selects the pods");
+            });
+
+            it("runs the image built for this stack, by digest", function () {
+                const image = container(evaluation()).image;
+                assert.match(image, /@sha256:[a-f0-9]{64}$/);
+                assert.equal(image, evaluation().outputs.imageReference);
+            });
+
+            it("asks for one whole GPU, on GPU nodes, with the node group's own label and taint", function () {
+                const { requests, limits } = container(evaluation()).resources;
+                assert.equal(requests["nvidia.com/gpu"], "1");
+                assert.equal(limits["nvidia.com/gpu"], "1");
+                const gpuGroup = findResources(evaluation().resources, "eks:index:ManagedNodeGroup").find((group) => group.inputs.amiType === "AL2023_x86_64_NVIDIA");
+                assert.ok(gpuGroup, "a GPU node group");
+                assert.ok(matches(podSpec(evaluation()).nodeSelector, gpuGroup.inputs.labels), "the nodeSelector names labels the GPU nodes carry");
+                for (const taint of gpuGroup.inputs.taints) {
+                    const effect = taint.effect === "NO_SCHEDULE" ? "NoSchedule" : taint.effect;
+                    assert.ok(
+                        podSpec(evaluation()).tolerations.some((toleration: any) => toleration.key === taint.key && toleration.effect === effect),
+                        `the pod tolerates the GPU taint ${taint.key}`,
+                    );
+                }
+            });
+
+            it("requests CPU and memory that fit the smallest GPU node beside its DaemonSets", function () {
+                const { requests, limits } = container(evaluation()).resources;
+                const types = (config(evaluation(), "gpuInstanceTypes") as string[]).map((name) => gpuInstanceTypes[name]);
+                const smallestCpu = Math.min(...types.map((type) => type.vcpu * 1000));
+                const smallestMemory = Math.min(...types.map((type) => type.memoryGiB * 1024));
+                assert.ok(cpuMillicores(requests.cpu) <= smallestCpu - gpuNodeDaemonSetReserve.cpuMillicores - 60, `cpu ${requests.cpu} fits ${smallestCpu}m`);
+                assert.ok(memoryMiB(requests.memory) <= smallestMemory - gpuNodeDaemonSetReserve.memoryMiB - 1000, `memory ${requests.memory} fits ${smallestMemory}Mi`);
+                // A useful share, not a token request: the server decodes audio on the CPU.
+                assert.ok(cpuMillicores(requests.cpu) >= smallestCpu / 2);
+                assert.equal(limits.memory, requests.memory, "memory limit = request: the pod is never the first to be OOM-killed");
+            });
+
+            it("probes the server's real endpoints and allows at least 5 minutes for the first model download", function () {
+                const routes = serverRoutes();
+                const probes = container(evaluation());
+                for (const probe of [probes.startupProbe, probes.readinessProbe, probes.livenessProbe]) {
+                    assert.ok(routes.get(probe.httpGet.path)?.includes("GET"), `${probe.httpGet.path} is a GET route of the server`);
+                    assert.equal(probe.httpGet.port, "http");
+                }
+                assert.equal(probes.readinessProbe.httpGet.path, "/readyz");
+                assert.equal(probes.livenessProbe.httpGet.path, "/healthz");
+                assert.ok(probes.startupProbe.failureThreshold * probes.startupProbe.periodSeconds >= 300);
+                assert.ok(probes.ports.some((port: any) => port.name === "http" && port.containerPort === 8000));
+            });
+
+            it("drains before it dies: preStop pause, then the longest request, within the grace period", function () {
+                const spec = podSpec(evaluation());
+                const preStop = container(evaluation()).lifecycle.preStop.exec.command;
+                assert.equal(preStop[0], "sleep");
+                const requestTimeout = config(evaluation(), "requestTimeoutSeconds") as number;
+                assert.equal(Number(env(evaluation()).WHISPER_REQUEST_TIMEOUT_SECONDS), requestTimeout);
+                assert.ok(Number(env(evaluation()).WHISPER_DRAIN_SECONDS) >= requestTimeout, "in-flight requests may finish");
+                assert.ok(spec.terminationGracePeriodSeconds > Number(preStop[1]) + Number(env(evaluation()).WHISPER_DRAIN_SECONDS));
+                const rolling = byKind(evaluation(), kinds.deployment).inputs.spec.strategy;
+                assert.deepEqual(rolling, { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } });
+            });
+
+            it("runs locked down: non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp, read-only root with a writable /tmp", function () {
+                const spec = podSpec(evaluation());
+                const security = container(evaluation()).securityContext;
+                assert.equal(spec.securityContext.runAsNonRoot, true);
+                assert.equal(spec.securityContext.seccompProfile.type, "RuntimeDefault");
+                assert.equal(security.allowPrivilegeEscalation, false);
+                assert.deepEqual(security.capabilities.drop, ["ALL"]);
+                assert.equal(security.readOnlyRootFilesystem, true);
+                const tmp = container(evaluation()).volumeMounts.find((mount: any) => mount.mountPath === "/tmp");
+                assert.ok(spec.volumes.find((volume: any) => volume.name === tmp.name).emptyDir, "/tmp is an emptyDir");
+            });
+
+            it("spreads the pods across zones and hosts", function () {
+                const keys = podSpec(evaluation()).topologySpreadConstraints.map((constraint: any) => constraint.topologyKey);
+                assert.deepEqual(keys, ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]);
+            });
+
+            it("configures the server only through settings it has, from the stack config", function () {
+                const names = serverEnvironmentNames();
+                const variables = env(evaluation());
+                for (const name of Object.keys(variables).filter((variable) => variable.startsWith("WHISPER_"))) {
+                    assert.ok(names.has(name), `${name} is a setting of whisper-server`);
+                }
+                assert.equal(variables.WHISPER_MODEL, config(evaluation(), "modelId"));
+                assert.equal(variables.WHISPER_DTYPE, config(evaluation(), "modelDtype"));
+                assert.equal(Number(variables.WHISPER_MAX_BATCH_SIZE), config(evaluation(), "maxBatchSize"));
+                assert.equal(Number(variables.WHISPER_QUEUE_SIZE), config(evaluation(), "queueSize"));
+                assert.equal(variables.HF_HOME, "/models/hf");
+                const cache = container(evaluation()).volumeMounts.find((mount: any) => mount.mountPath === "/models");
+                const volume = podSpec(evaluation()).volumes.find((candidate: any) => candidate.name === cache.name);
+                assert.equal(volume.persistentVolumeClaim.claimName, byKind(evaluation(), kinds.pvc).inputs.metadata.name);
+            });
+
+            it("shares a ReadWriteMany EFS model cache: encrypted, mounted in every node subnet, NFS open to the nodes only", function () {
+                const pvc = byKind(evaluation(), kinds.pvc).inputs.spec;
+                assert.deepEqual(pvc.accessModes, ["ReadWriteMany"]);
+                const storageClass = findResources(evaluation().resources, kinds.storageClass).find((candidate) => candidate.inputs.metadata.name === pvc.storageClassName);
+                assert.ok(storageClass, "the PVC's StorageClass is declared");
+                assert.equal(storageClass.inputs.provisioner, "efs.csi.aws.com");
+                assert.equal(storageClass.inputs.parameters.provisioningMode, "efs-ap");
+                assert.equal(Number(storageClass.inputs.parameters.uid), podSpec(evaluation()).securityContext.runAsUser, "access points belong to the server's user");
+                const fileSystem = byKind(evaluation(), "aws:efs/fileSystem:FileSystem");
+                assert.equal(fileSystem.inputs.encrypted, true);
+                assert.equal(storageClass.inputs.parameters.fileSystemId, fileSystem.state.id);
+                const mountTargets = findResources(evaluation().resources, "aws:efs/mountTarget:MountTarget");
+                assert.equal(mountTargets.length, config(evaluation(), "availabilityZoneCount"));
+                assert.equal(new Set(mountTargets.map((target) => target.inputs.subnetId)).size, mountTargets.length, "one per subnet");
+                const vpc = byKind(evaluation(), "awsx:ec2:Vpc");
+                assert.deepEqual(mountTargets.map((target) => target.inputs.subnetId).sort(), [...vpc.state.privateSubnetIds].sort());
+                const nfs = findResources(evaluation().resources, "aws:ec2/securityGroup:SecurityGroup").find((group) => group.state.id === mountTargets[0].inputs.securityGroups[0]);
+                assert.ok(nfs, "the mount targets' security group");
+                const cluster = byKind(evaluation(), "eks:index:Cluster");
+                assert.deepEqual(nfs.inputs.ingress.map((rule: any) => [rule.fromPort, rule.toPort, rule.securityGroups]), [[2049, 2049, [cluster.state.eksCluster.vpcConfig.clusterSecurityGroupId]]]);
+                const driver = findResources(evaluation().resources, "aws:eks/addon:Addon").find((addon) => addon.inputs.addonName === "aws-efs-csi-driver");
+                assert.ok(driver?.inputs.podIdentityAssociations?.[0]?.roleArn, "the EFS CSI driver add-on has its IAM role");
+            });
+
+            it("serves through an NLB with IP targets, a readiness health check and an idle timeout longer than any request", function () {
+                const service = byKind(evaluation(), kinds.service).inputs;
+                const annotations: Record<string, string> = service.metadata.annotations;
+                const prefix = "service.beta.kubernetes.io/aws-load-balancer";
+                assert.equal(service.spec.type, "LoadBalancer");
+                assert.equal(service.spec.loadBalancerClass, "service.k8s.aws/nlb");
+                assert.equal(annotations[`${prefix}-nlb-target-type`], "ip");
+                assert.equal(annotations[`${prefix}-scheme`], config(evaluation(), "loadBalancerScheme"));
+                assert.equal(annotations[`${prefix}-healthcheck-path`], "/readyz");
+                const idle = Number(/tcp\.idle_timeout\.seconds=(\d+)/.exec(annotations[`${prefix}-listener-attributes.TCP-80`])?.[1]);
+                assert.ok(idle > (config(evaluation(), "requestTimeoutSeconds") as number) && idle <= 6000, `idle timeout ${idle}`);
+                assert.deepEqual(service.spec.loadBalancerSourceRanges, config(evaluation(), "loadBalancerSourceRanges"));
+                assert.deepEqual(service.spec.ports.map((port: any) => [port.name, port.port, port.targetPort]), [["http", 80, "http"]]);
+                const controller = release(evaluation(), "aws-load-balancer-controller");
+                assert.ok(dependsOn(evaluation(), byKind(evaluation(), kinds.service), controller), "the Service waits for the controller's webhook");
+            });
+
+            it("requires an API key, kept in a Kubernetes Secret and exported only as a secret", function () {
+                const reference = env(evaluation()).WHISPER_API_KEY.secretKeyRef;
+                const secret = findResources(evaluation().resources, kinds.secret).find((candidate) => candidate.inputs.metadata.name === reference.name);
+                assert.ok(secret, `the Secret ${reference.name} is declared`);
+                assert.equal(secret.inputs.metadata.namespace, byKind(evaluation(), kinds.deployment).inputs.metadata.namespace);
+                assert.ok(evaluation().secretOutputs.includes("apiKey"), "the generated key is a secret output");
+                assert.ok(findResources(evaluation().resources, "random:index/randomPassword:RandomPassword").length >= 2, "key and Grafana password are generated");
+            });
+
+            it("lets Prometheus scrape the service through a port the Service has", function () {
+                const monitor = byKind(evaluation(), kinds.serviceMonitor);
+                const service = byKind(evaluation(), kinds.service).inputs;
+                assert.equal(monitor.inputs.metadata.namespace, service.metadata.namespace);
+                assert.ok(matches(monitor.inputs.spec.selector.matchLabels, service.metadata.labels), "the ServiceMonitor selects the Service");
+                for (const endpoint of monitor.inputs.spec.endpoints) {
+                    assert.ok(service.spec.ports.some((port: any) => port.name === endpoint.port), `the Service has port ${endpoint.port}`);
+                    assert.ok(serverRoutes().has(endpoint.path), `${endpoint.path} is served`);
+                }
+                assert.ok(dependsOn(evaluation(), monitor, release(evaluation(), "kube-prometheus-stack")), "the ServiceMonitor waits for the CRDs");
+                assert.ok(dependsOn(evaluation(), byKind(evaluation(), kinds.prometheusRule), release(evaluation(), "kube-prometheus-stack")));
+            });
+
+            it("scales on a metric the adapter serves, with min, max and target from the stack and a slow scale-down", function () {
+                const hpa = byKind(evaluation(), kinds.hpa).inputs.spec;
+                const deployment = byKind(evaluation(), kinds.deployment).inputs;
+                assert.deepEqual([hpa.scaleTargetRef.kind, hpa.scaleTargetRef.name], ["Deployment", deployment.metadata.name]);
+                assert.equal(byKind(evaluation(), kinds.hpa).inputs.metadata.namespace, deployment.metadata.namespace);
+                const adapterNames = release(evaluation(), "prometheus-adapter").inputs.values.rules.custom.map((rule: any) => rule.name.as);
+                const [metric] = hpa.metrics;
+                assert.equal(metric.type, "Pods");
+                assert.ok(adapterNames.includes(metric.pods.metric.name), `${metric.pods.metric.name} is one of the adapter's metrics ${adapterNames}`);
+                assert.equal(metric.pods.metric.name, config(evaluation(), "scalingMetric"));
+                assert.equal(metric.pods.target.type, "AverageValue");
+                assert.equal(Number(metric.pods.target.averageValue), config(evaluation(), "targetQueuedAudioSeconds"));
+                assert.equal(hpa.minReplicas, config(evaluation(), "minReplicas"));
+                assert.equal(hpa.maxReplicas, config(evaluation(), "maxReplicas"));
+                assert.ok(hpa.behavior.scaleDown.stabilizationWindowSeconds >= (config(evaluation(), "requestTimeoutSeconds") as number));
+            });
+
+            it("pins every Helm chart to an exact version under an explicit release name", function () {
+                const releases = findResources(evaluation().resources, kinds.release);
+                const names = releases.map((candidate) => candidate.inputs.name);
+                for (const expected of ["aws-load-balancer-controller", "kube-prometheus-stack", "dcgm-exporter", "prometheus-adapter", "cluster-autoscaler"]) {
+                    assert.ok(names.includes(expected), `release ${expected}`);
+                }
+                for (const candidate of releases) {
+                    assert.match(candidate.inputs.version, /^\d+\.\d+\.\d+$/, `${candidate.inputs.name} version`);
+                    assert.match(candidate.inputs.repositoryOpts.repo, /^https:\/\//);
+                    assert.ok(candidate.inputs.namespace, `${candidate.inputs.name} namespace`);
+                }
+            });
+
+            it("runs kube-prometheus-stack on system nodes, selecting every monitor and rule, without EKS control-plane scrapes", function () {
+                const values = release(evaluation(), "kube-prometheus-stack").inputs.values;
+                const spec = values.prometheus.prometheusSpec;
+                for (const key of ["serviceMonitorSelectorNilUsesHelmValues", "podMonitorSelectorNilUsesHelmValues", "ruleSelectorNilUsesHelmValues"]) {
+                    assert.equal(spec[key], false, key);
+                }
+                for (const scrape of ["kubeScheduler", "kubeControllerManager", "kubeEtcd"]) assert.equal(values[scrape].enabled, false, scrape);
+                assert.equal(spec.retention, `${config(evaluation(), "prometheusRetentionDays")}d`);
+                assert.equal(spec.storageSpec.volumeClaimTemplate.spec.storageClassName, "gp3");
+                const systemGroup = findResources(evaluation().resources, "eks:index:ManagedNodeGroup").find((group) => group.inputs.amiType === "AL2023_x86_64_STANDARD");
+                for (const selector of [spec.nodeSelector, values.grafana.nodeSelector, values.prometheusOperator.nodeSelector]) {
+                    assert.ok(matches(selector, systemGroup!.inputs.labels), "on system nodes");
+                }
+                assert.equal(values.grafana.sidecar.dashboards.enabled, true);
+                assert.equal(values.grafana.adminPassword, undefined, "the password stays out of the Helm values");
+                assert.ok(evaluation().secretOutputs.includes("grafanaAdminPassword"));
+                const adapter = release(evaluation(), "prometheus-adapter").inputs.values.prometheus;
+                assert.equal(adapter.url, `http://${values.fullnameOverride}-prometheus.${release(evaluation(), "kube-prometheus-stack").inputs.namespace}.svc`);
+            });
+
+            it("runs the DCGM exporter on the GPU nodes only, tolerating their taint, with a ServiceMonitor", function () {
+                const values = release(evaluation(), "dcgm-exporter").inputs.values;
+                assert.ok(matches(values.nodeSelector, podSpec(evaluation()).nodeSelector));
+                assert.deepEqual(values.tolerations, podSpec(evaluation()).tolerations);
+                assert.equal(values.serviceMonitor.enabled, true);
+            });
+
+            it("alerts on GPU memory (with a companion signal), errors, latency, queue saturation and unready pods", function () {
+                const rules = byKind(evaluation(), kinds.prometheusRule).inputs.spec.groups.flatMap((group: any) => group.rules);
+                const named = (name: string) => rules.find((rule: any) => rule.alert === name) ?? assert.fail(`alert ${name}`);
+                const gpuMemory = named("WhisperGpuMemoryHigh");
+                assert.match(gpuMemory.expr, /DCGM_FI_DEV_FB_USED/);
+                assert.match(gpuMemory.expr, /> 0\.9$/);
+                assert.equal(gpuMemory.for, "5m");
+                assert.match(named("WhisperGpuXidError").expr, /DCGM_FI_DEV_XID_ERRORS/);
+                assert.match(named("WhisperHighErrorRatio").expr, /status=~"5\.\."/);
+                assert.match(named("WhisperHighLatencyP95").expr, /histogram_quantile\(0\.95, .*http_request_duration_seconds_bucket/);
+                assert.match(named("WhisperQueueSaturated").expr, new RegExp(`whisper_queue_depth.*/ ${config(evaluation(), "queueSize")} `));
+                assert.match(named("WhisperPodsNotReady").expr, /kube_deployment_status_replicas_ready/);
+            });
+
+            it("ships a Grafana dashboard the sidecar loads, with the service's and the GPUs' panels", function () {
+                const dashboard = byKind(evaluation(), kinds.configMap).inputs;
+                assert.equal(dashboard.metadata.labels.grafana_dashboard, "1");
+                const model = JSON.parse(dashboard.data["whisper.json"]);
+                const expressions = model.panels.flatMap((panel: any) => panel.targets.map((target: any) => target.expr)).join("\n");
+                for (const metric of ["http_requests_total", "http_request_duration_seconds_bucket", "whisper_audio_seconds_total", "whisper_queue_depth", "whisper_batch_size", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"]) {
+                    assert.ok(expressions.includes(metric), `a panel shows ${metric}`);
+                }
+            });
+
+            it("runs Cluster Autoscaler for this cluster, on system nodes, with the image of its Kubernetes version", function () {
+                const values = release(evaluation(), "cluster-autoscaler").inputs.values;
+                const cluster = byKind(evaluation(), "eks:index:Cluster");
+                assert.equal(values.autoDiscovery.clusterName, cluster.inputs.name);
+                assert.equal(values.image.tag, `v${config(evaluation(), "kubernetesVersion")}.0`);
+                assert.equal(values.extraArgs.expander, "least-waste");
+                assert.equal(values.extraArgs["scale-down-unneeded-time"], `${config(evaluation(), "clusterAutoscalerScaleDownMinutes")}m`);
+                const associations = findResources(evaluation().resources, "aws:eks/podIdentityAssociation:PodIdentityAssociation");
+                const serviceAccounts = associations.map((association) => `${association.inputs.namespace}/${association.inputs.serviceAccount}`);
+                assert.ok(serviceAccounts.includes(`kube-system/${values.rbac.serviceAccount.name}`), "its service account has an IAM role");
+                assert.ok(serviceAccounts.includes("kube-system/aws-load-balancer-controller"));
+            });
+        });
+    }
+
+    it("sizes dev and prod as their stack files say", function () {
+        const hpa = (stack: string) => byKind(stacks[stack], kinds.hpa).inputs.spec;
+        assert.deepEqual([hpa("dev").minReplicas, hpa("dev").maxReplicas], [1, 2]);
+        assert.deepEqual([hpa("prod").minReplicas, hpa("prod").maxReplicas], [2, 10]);
+        const retention = (stack: string) => release(stacks[stack], "kube-prometheus-stack").inputs.values.prometheus.prometheusSpec.retention;
+        assert.notEqual(retention("dev"), retention("prod"));
+        assert.notEqual(container(stacks.dev).resources.requests.memory, container(stacks.prod).resources.requests.memory, "pods sized from each stack's GPU types");
+    });
+
+    describe("variants", function () {
+        it("scales prod on requests per second at 10 per pod when asked (the original design)", async function () {
+            const evaluation = await evaluateStack("prod", { scalingMetric: "http_requests_per_second" });
+            const metric = byKind(evaluation, kinds.hpa).inputs.spec.metrics[0].pods;
+            assert.deepEqual([metric.metric.name, metric.target.averageValue], ["http_requests_per_second", "10"]);
+            const rule = release(evaluation, "prometheus-adapter").inputs.values.rules.custom.find((candidate: any) => candidate.name.as === metric.metric.name);
+            assert.match(rule.seriesQuery, /^http_requests_total\{/);
+            assert.match(rule.metricsQuery, /rate\(<<\.Series>>\{<<\.LabelMatchers>>.*\}\[2m\]\)/);
+        });
+
+        it("uses a single-replica gp3 cache with Recreate rollouts when asked for EBS", async function () {
+            const evaluation = await evaluateStack("dev", { modelCacheStorage: "ebs", minReplicas: 1, maxReplicas: 1 });
+            const pvc = byKind(evaluation, kinds.pvc).inputs.spec;
+            assert.deepEqual([pvc.accessModes, pvc.storageClassName], [["ReadWriteOnce"], "gp3"]);
+            assert.equal(byKind(evaluation, kinds.deployment).inputs.spec.strategy.type, "Recreate");
+            assert.equal(findResources(evaluation.resources, "aws:efs/fileSystem:FileSystem").length, 0);
+        });
+
+        it("terminates TLS on 443 with the ACM certificate, keeping the port named http", async function () {
+            const certificateArn = "arn:aws:acm:us-east-1:123456789012:certificate/0a1b2c3d-0a1b-0a1b-0a1b-0a1b2c3d4e5f";
+            const evaluation = await evaluateStack("prod", { tlsCertificateArn: certificateArn, loadBalancerScheme: "internal", loadBalancerSourceRanges: ["10.0.0.0/8"] });
+            const service = byKind(evaluation, kinds.service).inputs;
+            const annotations = service.metadata.annotations;
+            assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-ssl-cert"], certificateArn);
+            assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-ssl-ports"], "443");
+            assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-scheme"], "internal");
+            assert.ok(annotations["service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TLS-443"]);
+            assert.deepEqual(service.spec.ports.map((port: any) => [port.name, port.port]), [["http", 443]]);
+            assert.deepEqual(service.spec.loadBalancerSourceRanges, ["10.0.0.0/8"]);
+        });
+
+        it("uses the API key and Grafana password from secret config instead of generating them", async function () {
+            const evaluation = await evaluateStack("dev", { apiKey: new SecretValue("key-from-config"), grafanaAdminPassword: new SecretValue("grafana-from-config") });
+            assert.equal(findResources(evaluation.resources, "random:index/randomPassword:RandomPassword").length, 0);
+            assert.ok(evaluation.secretOutputs.includes("apiKey"));
+        });
+
+        it("serves without a key only on an internal or restricted endpoint, or with the explicit opt-in", async function () {
+            const evaluation = await evaluateStack("dev", { requireApiKey: false, loadBalancerScheme: "internal" });
+            assert.equal(env(evaluation).WHISPER_API_KEY, undefined);
+            assert.equal(evaluation.outputs.apiKey, undefined);
+            const optedIn = await evaluateStack("dev", { requireApiKey: false, allowUnauthenticatedPublicAccess: true });
+            assert.equal(env(optedIn).WHISPER_API_KEY, undefined);
+        });
+    });
+
+    describe("refused configs", function () {
+        const refused: { what: string; stack?: string; overrides: ConfigOverrides; expected: string[] }[] = [
+            {
+                what: "an EBS cache with more than one replica",
+                overrides: { modelCacheStorage: "ebs", maxReplicas: 2 },
+                expected: ['whisper-eks:modelCacheStorage = "ebs"', "ReadWriteOnce", "maxReplicas is 2", 'modelCacheStorage "efs"'],
+            },
+            {
+                what: "an internet-facing endpoint open to everyone without an API key",
+                overrides: { requireApiKey: false },
+                expected: ["whisper-eks:requireApiKey = false", "0.0.0.0/0", "loadBalancerSourceRanges", "allowUnauthenticatedPublicAccess"],
+            },
+            {
+                what: "more replicas than GPU nodes",
+                overrides: { maxReplicas: 3 },
+                expected: ["whisper-eks:maxReplicas = 3", "at most 2 pods", "gpuMaxSize"],
+            },
+            { what: "minReplicas above maxReplicas", overrides: { minReplicas: 3 }, expected: ["whisper-eks:minReplicas = 3", "must not exceed maxReplicas (2)"] },
+            {
+                what: "an unknown scaling metric",
+                overrides: { scalingMetric: "cpu" },
+                expected: ['whisper-eks:scalingMetric = "cpu"', "whisper_queued_audio_seconds", "http_requests_per_second"],
+            },
+            { what: "a bad load balancer scheme", overrides: { loadBalancerScheme: "public" }, expected: ['whisper-eks:loadBalancerScheme = "public"', '"internet-facing", "internal"'] },
+            { what: "a certificate that is not an ACM ARN", overrides: { tlsCertificateArn: "my-cert" }, expected: ['whisper-eks:tlsCertificateArn = "my-cert"', "ACM certificate ARN"] },
+            { what: "a request timeout the NLB cannot hold", overrides: { requestTimeoutSeconds: 7000 }, expected: ["whisper-eks:requestTimeoutSeconds = 7000", "from 30 to 5940"] },
+            { what: "a bad source range", overrides: { loadBalancerSourceRanges: ["everyone"] }, expected: ['whisper-eks:loadBalancerSourceRanges[0] = "everyone"', "CIDR"] },
+        ];
+        for (const { what, stack, overrides, expected } of refused) {
+            it(`refuses ${what}, before declaring anything`, async function () {
+                const evaluation = await tryEvaluateStack(stack ?? "dev", overrides);
+                assert.ok(evaluation.error, "the evaluation fails");
+                for (const text of expected) assert.ok(evaluation.error.message.includes(text), `message names ${text}:\n${evaluation.error.message}`);
+                assert.equal(evaluation.resources.length, 0, "no resource was declared");
+            });
+        }
+    });
+});
