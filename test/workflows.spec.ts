@@ -178,6 +178,27 @@ describe("GitHub Actions workflows", () => {
             assert.equal(pulumi.doc.jobs.pulumi.environment, "${{ inputs.environment }}");
         });
 
+        it("every stack has a deploy job", () => {
+            const deployed = calls(deploy, "pulumi.yml").map(({ job }) => job.with.stack).sort();
+            assert.deepEqual(deployed, stacks, "deploy.yml updates every Pulumi.<stack>.yaml");
+        });
+
+        it("no run: script interpolates an expression (inputs reach scripts through env, never as code)", () => {
+            for (const workflow of workflows) {
+                for (const { job, step } of steps(workflow).filter(({ step }) => step.run !== undefined)) {
+                    assert.doesNotMatch(step.run, /\$\{\{/, `${workflow.file}: job ${job} step "${step.name ?? step.run}"`);
+                }
+            }
+        });
+
+        it("every job that runs on a runner has a timeout", () => {
+            for (const workflow of workflows) {
+                for (const [id, job] of Object.entries<any>(workflow.doc.jobs).filter(([, job]) => job["runs-on"])) {
+                    assert.ok(Number.isInteger(job["timeout-minutes"]), `${workflow.file}: job ${id} sets timeout-minutes`);
+                }
+            }
+        });
+
         it("each stack's updates share a concurrency group that never cancels a running update", () => {
             const groups = calls(deploy, "pulumi.yml").map(({ id, job }) => {
                 assert.ok(job.concurrency, `deploy job ${id} has a concurrency group`);
