@@ -6,7 +6,7 @@ import { AddonContext, installChart } from "./helm";
 
 export const nvidiaDevicePluginChart = {
     chart: "nvidia-device-plugin",
-    version: "0.17.1",
+    version: "0.18.0",
     repository: "https://nvidia.github.io/k8s-device-plugin",
 };
 
