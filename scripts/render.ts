@@ -5,7 +5,7 @@
 import * as fs from "fs";
 import * as path from "path";
 import * as YAML from "yaml";
-import { evaluateStack, RecordedResource } from "./offline-stack";
+import { ConfigOverrides, evaluateStack, RecordedResource } from "./offline-stack";
 
 export const redacted = "<redacted>";
 
@@ -110,8 +110,8 @@ export async function validateFiles(files: readonly RenderedFile[]): Promise<str
     return problems;
 }
 
-export async function render(stack: string, directory: string): Promise<{ files: RenderedFile[]; problems: string[] }> {
-    const evaluation = await evaluateStack(stack);
+export async function render(stack: string, directory: string, overrides: ConfigOverrides = {}): Promise<{ files: RenderedFile[]; problems: string[] }> {
+    const evaluation = await evaluateStack(stack, overrides);
     const files = renderFiles(evaluation.resources);
     for (const file of files) {
         const target = path.join(directory, file.path);
