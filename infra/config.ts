@@ -223,6 +223,7 @@ export class ConfigReader {
         value.forEach((item: string, index: number) => {
             const allowed = checkItem(item);
             if (allowed !== undefined) this.problem(`${key}[${index}]`, item, allowed);
+            else if (value.indexOf(item) !== index) this.problem(`${key}[${index}]`, item, "must not repeat an earlier item");
         });
         return value as string[];
     }

@@ -273,12 +273,14 @@ export class OfflineMocks implements pulumi.runtime.Mocks {
     }
 }
 
-/** Forgets every module of the program (not node_modules), so that index.ts runs afresh. */
+/**
+ * Forgets the program's modules (index.ts and infra/), so that index.ts runs afresh. Classes from a fresh
+ * evaluation are not those a spec imported: compare errors by `name`, not `instanceof`.
+ */
 function forgetProgramModules(): void {
+    const infra = path.join(repoRoot, "infra") + path.sep;
     for (const file of Object.keys(require.cache)) {
-        if (file.startsWith(repoRoot + path.sep) && !file.includes(`${path.sep}node_modules${path.sep}`) && file !== __filename) {
-            delete require.cache[file];
-        }
+        if (file === path.join(repoRoot, "index.ts") || file.startsWith(infra)) delete require.cache[file];
     }
 }
 

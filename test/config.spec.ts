@@ -42,6 +42,11 @@ const badConfigs: BadConfig[] = [
         expected: ['whisper-eks:gpuInstanceTypes[0] = "big-gpu"', "not an EC2 instance type"],
     },
     {
+        what: "a repeated admin role",
+        overrides: { clusterAdminRoleArns: ["arn:aws:iam::123456789012:role/admin", "arn:aws:iam::123456789012:role/admin"] },
+        expected: ['whisper-eks:clusterAdminRoleArns[1] = "arn:aws:iam::123456789012:role/admin"', "must not repeat an earlier item"],
+    },
+    {
         what: "GPU types with different GPU counts in one group",
         overrides: { gpuInstanceTypes: ["g5.xlarge", "g5.12xlarge"] },
         expected: ["whisper-eks:gpuInstanceTypes = ", "same GPU count"],
