@@ -1,71 +1,91 @@
 // whisper-eks: a production Whisper speech-to-text service on EKS GPU nodes.
 // This file is the architecture's table of contents: config in, components wired, outputs out.
+import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
+import { installClusterAutoscaler, installPrometheusAdapter } from "./infra/autoscaling";
+import { podResourcesPerGpu } from "./infra/catalog";
 import { createCluster } from "./infra/cluster";
 import { loadConfig } from "./infra/config";
 import { installNvidiaDevicePlugin } from "./infra/gpu";
 import { AddonContext } from "./infra/helm";
 import { createServiceImage } from "./infra/image";
-import { createNetwork } from "./infra/network";
-import { createBlockStorage } from "./infra/storage";
-import { installClusterAutoscaler, installPrometheusAdapter } from "./infra/autoscaling";
 import { installLoadBalancerController } from "./infra/load-balancer";
 import { createEfsModelCache, ModelCacheClass } from "./infra/model-cache";
 import { grafanaService, installMonitoring, monitoringNamespace, prometheusPort, prometheusUrl } from "./infra/monitoring";
+import { createNetwork } from "./infra/network";
+import { createBlockStorage } from "./infra/storage";
 import { apiKeyFor, deploymentName, serverUser, whisperNamespace, WhisperService } from "./infra/whisper";
-import { podResourcesPerGpu } from "./infra/catalog";
 
 // 1. Config, validated before anything is declared.
 const config = loadConfig();
 const name = config.cluster.name;
 
-// 2. Network: VPC over several AZs, private subnets for nodes, tagged public/private subnets for load balancers.
-const network = createNetwork(name, config.network, config.tags);
+// 2-5. The cluster, created here unless the stack deploys into an existing one (existingClusterKubeconfig).
+function createEksCluster() {
+    // 2. Network: VPC over several AZs, private subnets for nodes, tagged public/private subnets for load balancers.
+    const network = createNetwork(name, config.network, config.tags);
 
-// 3. Cluster: EKS, access entries, system and GPU node groups, EKS add-ons, the Kubernetes provider.
-const cluster = createCluster(name, { config: config.cluster, gpu: config.gpu, network, tags: config.tags });
-const addons: AddonContext = { provider: cluster.provider, dependsOn: cluster.ready };
+    // 3. Cluster: EKS, access entries, system and GPU node groups, EKS add-ons, the Kubernetes provider.
+    const cluster = createCluster(name, { config: config.cluster, gpu: config.gpu, network, tags: config.tags });
+    const addons: AddonContext = { provider: cluster.provider, dependsOn: cluster.ready };
 
-// 4. GPUs: the NVIDIA device plugin advertises nvidia.com/gpu on the GPU nodes.
-installNvidiaDevicePlugin(addons);
+    // 4. GPUs: the NVIDIA device plugin advertises nvidia.com/gpu on the GPU nodes.
+    installNvidiaDevicePlugin(addons);
 
-// 5. Storage: EBS CSI driver and the default encrypted gp3 StorageClass.
-const blockStorage = createBlockStorage(name, cluster, config.tags);
+    // 5. Storage: EBS CSI driver and the default encrypted gp3 StorageClass.
+    const blockStorage = createBlockStorage(name, cluster, config.tags);
+    return { network, cluster, addons, blockStorage };
+}
+const eks = config.existingClusterKubeconfig === undefined ? createEksCluster() : undefined;
+
+/** What an existing cluster is assumed to run already, and so is not installed or created. */
+const skippedInExistingCluster = eks
+    ? []
+    : [
+          "VPC, EKS cluster, node groups, node IAM role and EKS add-ons",
+          "NVIDIA device plugin (the cluster must advertise nvidia.com/gpu)",
+          "EBS CSI driver and the gp3 StorageClass (Prometheus uses the cluster's default StorageClass)",
+          "AWS Load Balancer Controller and its IAM role (the cluster must run it for the NLB Service)",
+          "EFS file system and the efs-sc StorageClass (the model cache uses modelCacheStorageClass)",
+          "Cluster Autoscaler and its IAM role (node scaling is the cluster's own)",
+      ];
+for (const part of skippedInExistingCluster) pulumi.log.info(`existing cluster: not deployed: ${part}`);
+const provider = eks?.cluster.provider ?? new k8s.Provider(`${name}-existing`, { kubeconfig: config.existingClusterKubeconfig, enableServerSideApply: true });
+const addons: AddonContext = eks?.addons ?? { provider, dependsOn: [] };
 
 // 6. Image: the server built from ./service and pushed to ECR (or a prebuilt image), pinned by digest.
 const image = createServiceImage(name, config.image, config.tags);
 
 // 7. Traffic: the AWS Load Balancer Controller, which makes the service's NLB.
-const loadBalancerController = installLoadBalancerController(
-    name,
-    { clusterName: cluster.name, region: config.region, vpcId: network.vpcId, tags: config.tags },
-    addons,
-);
+const loadBalancerController =
+    eks && installLoadBalancerController(name, { clusterName: eks.cluster.name, region: config.region, vpcId: eks.network.vpcId, tags: config.tags }, addons);
 
-// 8. Model cache: a shared EFS volume (any replica count), or the gp3 class for a single replica.
-const modelCache: ModelCacheClass =
-    config.workload.modelCacheStorage === "efs"
-        ? createEfsModelCache(
-              name,
-              {
-                  clusterName: cluster.name,
-                  kubernetesVersion: cluster.kubernetesVersion,
-                  vpcId: network.vpcId,
-                  subnetIds: network.privateSubnetIds,
-                  subnetCount: config.network.availabilityZoneCount,
-                  nodeSecurityGroupId: cluster.eks.eksCluster.vpcConfig.clusterSecurityGroupId,
-                  ...serverUser,
-                  tags: config.tags,
-              },
-              addons,
-          )
-        : { storageClassName: blockStorage.storageClass.metadata.name, accessMode: "ReadWriteOnce", dependsOn: [blockStorage.storageClass] };
+// 8. Model cache: a shared EFS volume (any replica count), the gp3 class for a single replica, or the existing cluster's class.
+const modelCacheAccessMode = config.workload.modelCacheStorage === "efs" ? "ReadWriteMany" : "ReadWriteOnce";
+const modelCache: ModelCacheClass = !eks
+    ? { storageClassName: config.workload.modelCacheStorageClass ?? "", accessMode: modelCacheAccessMode, dependsOn: [] }
+    : config.workload.modelCacheStorage === "efs"
+      ? createEfsModelCache(
+            name,
+            {
+                clusterName: eks.cluster.name,
+                kubernetesVersion: eks.cluster.kubernetesVersion,
+                vpcId: eks.network.vpcId,
+                subnetIds: eks.network.privateSubnetIds,
+                subnetCount: config.network.availabilityZoneCount,
+                nodeSecurityGroupId: eks.cluster.eks.eksCluster.vpcConfig.clusterSecurityGroupId,
+                ...serverUser,
+                tags: config.tags,
+            },
+            addons,
+        )
+      : { storageClassName: eks.blockStorage.storageClass.metadata.name, accessMode: "ReadWriteOnce", dependsOn: [eks.blockStorage.storageClass] };
 
 // 9. Monitoring: kube-prometheus-stack, the DCGM exporter, the service's alerts and dashboard.
 const monitoring = installMonitoring(
     name,
     {
-        prometheusStorageClassName: blockStorage.storageClass.metadata.name,
+        prometheusStorageClassName: eks?.blockStorage.storageClass.metadata.name,
         prometheusStorageGiB: config.monitoring.prometheusStorageGiB,
         prometheusRetentionDays: config.monitoring.prometheusRetentionDays,
         grafanaAdminPassword: config.monitoring.grafanaAdminPassword,
@@ -78,25 +98,24 @@ const monitoring = installMonitoring(
             errorRatio: config.monitoring.alertErrorRatio,
         },
     },
-    { provider: cluster.provider, dependsOn: [...cluster.ready, blockStorage.storageClass] },
+    { provider, dependsOn: [...addons.dependsOn, ...(eks ? [eks.blockStorage.storageClass] : [])] },
 );
 
 // 10. Autoscaling: the service's metrics for the HPA, and GPU nodes for the HPA's pods.
-const metricsAdapter = installPrometheusAdapter(
-    { namespace: monitoringNamespace, prometheusUrl, prometheusPort },
-    { provider: cluster.provider, dependsOn: [monitoring.release] },
-);
-installClusterAutoscaler(
-    name,
-    {
-        clusterName: cluster.name,
-        kubernetesVersion: cluster.kubernetesVersion,
-        region: config.region,
-        scaleDownUnneededMinutes: config.autoscaling.clusterAutoscalerScaleDownMinutes,
-        tags: config.tags,
-    },
-    addons,
-);
+const metricsAdapter = installPrometheusAdapter({ namespace: monitoringNamespace, prometheusUrl, prometheusPort }, { provider, dependsOn: [monitoring.release] });
+if (eks) {
+    installClusterAutoscaler(
+        name,
+        {
+            clusterName: eks.cluster.name,
+            kubernetesVersion: eks.cluster.kubernetesVersion,
+            region: config.region,
+            scaleDownUnneededMinutes: config.autoscaling.clusterAutoscalerScaleDownMinutes,
+            tags: config.tags,
+        },
+        addons,
+    );
+}
 
 // 11. The Whisper service: model cache volume, GPU Deployment, NLB Service, PDB, ServiceMonitor, HPA.
 const serviceApiKey = apiKeyFor(name, config.workload);
@@ -113,23 +132,24 @@ const whisper = new WhisperService(
         scaling: config.autoscaling,
         serviceMonitor: true,
         after: { loadBalancerController, monitoring: monitoring.release, metricsAdapter },
-        provider: cluster.provider,
+        provider,
     },
-    { dependsOn: cluster.ready },
+    { dependsOn: addons.dependsOn },
 );
 
 // Outputs.
 export const region = config.region;
-export const clusterName = cluster.name;
-export const kubeconfig = pulumi.secret(cluster.kubeconfig);
+export const clusterName = eks?.cluster.name;
+export const kubeconfig = eks && pulumi.secret(eks.cluster.kubeconfig);
 export const imageReference = image.reference;
-export const defaultStorageClass = blockStorage.storageClass.metadata.name;
-export const gpuNodeGroups = cluster.gpuNodeGroups.map((group) => ({
+export const defaultStorageClass = eks?.blockStorage.storageClass.metadata.name;
+export const gpuNodeGroups = eks?.cluster.gpuNodeGroups.map((group) => ({
     name: group.nodeGroup.nodeGroup.nodeGroupName,
     autoScalingGroupName: group.autoScalingGroupName,
     instanceTypes: group.config.instanceTypes,
     capacityType: group.config.capacityType,
 }));
+export const notDeployedInExistingCluster = eks ? undefined : skippedInExistingCluster;
 export const serviceEndpoint = whisper.endpoint;
 export const serviceUrl = pulumi.interpolate`${config.traffic.certificateArn ? "https" : "http"}://${whisper.endpoint}`;
 export const apiKey = serviceApiKey;

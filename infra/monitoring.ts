@@ -24,8 +24,8 @@ export const grafanaService = `${kubePrometheusStackRelease}-grafana`;
 const grafanaAdminSecret = "grafana-admin";
 
 export interface MonitoringArgs {
-    /** The cluster's default (gp3) StorageClass, for Prometheus' volume. */
-    prometheusStorageClassName: pulumi.Input<string>;
+    /** The StorageClass of Prometheus' volume (gp3); the cluster's default class when absent. */
+    prometheusStorageClassName?: pulumi.Input<string>;
     prometheusStorageGiB: number;
     prometheusRetentionDays: number;
     /** The Grafana admin password (a secret); generated when not given. */

@@ -391,6 +391,35 @@ describe("workload", function () {
         });
     });
 
+    describe("existing-cluster mode", function () {
+        const kubeconfig = new SecretValue("apiVersion: v1\nkind: Config\nclusters: []\n");
+
+        it("deploys the workload, monitoring and metrics adapter into the given cluster and says what it skipped", async function () {
+            const evaluation = await evaluateStack("dev", { existingClusterKubeconfig: kubeconfig, modelCacheStorageClass: "shared-nfs" });
+            for (const type of ["awsx:ec2:Vpc", "eks:index:Cluster", "eks:index:ManagedNodeGroup", "aws:efs/fileSystem:FileSystem", "aws:eks/podIdentityAssociation:PodIdentityAssociation"]) {
+                assert.equal(findResources(evaluation.resources, type).length, 0, `no ${type}`);
+            }
+            const releases = findResources(evaluation.resources, kinds.release).map((candidate) => candidate.inputs.name).sort();
+            assert.deepEqual(releases, ["dcgm-exporter", "kube-prometheus-stack", "prometheus-adapter"]);
+            const provider = findResource(evaluation.resources, "pulumi:providers:kubernetes");
+            assert.match(JSON.stringify(provider.inputs.kubeconfig), /kind: Config/);
+            const pvc = byKind(evaluation, kinds.pvc).inputs.spec;
+            assert.deepEqual([pvc.storageClassName, pvc.accessModes], ["shared-nfs", ["ReadWriteMany"]]);
+            assert.ok(byKind(evaluation, kinds.deployment) && byKind(evaluation, kinds.hpa) && byKind(evaluation, kinds.serviceMonitor));
+            const skipped = evaluation.outputs.notDeployedInExistingCluster as string[];
+            assert.ok(skipped.some((part) => part.includes("Cluster Autoscaler")) && skipped.some((part) => part.includes("AWS Load Balancer Controller")));
+            assert.equal(evaluation.outputs.kubeconfig, undefined);
+            assert.equal(release(evaluation, "kube-prometheus-stack").inputs.values.prometheus.prometheusSpec.storageSpec.volumeClaimTemplate.spec.storageClassName, undefined);
+        });
+
+        it("refuses an existing cluster without a StorageClass for the model cache", async function () {
+            const evaluation = await tryEvaluateStack("dev", { existingClusterKubeconfig: kubeconfig });
+            assert.ok(evaluation.error?.message.includes("whisper-eks:modelCacheStorageClass"), evaluation.error?.message);
+            assert.ok(evaluation.error?.message.includes("existingClusterKubeconfig is set"));
+            assert.equal(evaluation.resources.length, 0);
+        });
+    });
+
     describe("refused configs", function () {
         const refused: { what: string; stack?: string; overrides: ConfigOverrides; expected: string[] }[] = [
             {
