@@ -14,6 +14,8 @@ const CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     // A fake microphone (a beep) stands in for a real one, and the permission prompt is accepted.
     "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+    // A name that is not localhost reaches the test server as plain HTTP does the NLB: not a secure context.
+    "--host-resolver-rules=MAP plain-http.test 127.0.0.1",
 ];
 const API_KEY = "web-test-key";
 const MAX_UPLOAD_MB = 1;
@@ -101,6 +103,11 @@ describe("web page (headless Chromium against a real whisper-server)", function 
             const view = globalThis as any;
             return { top: rect.top + view.scrollY, left: rect.left + view.scrollX, width: rect.width, height: rect.height };
         });
+    }
+
+    // Reads the browser's clipboard from the secure-context page, which holds the clipboard permission.
+    function readClipboard(): Promise<string> {
+        return page.evaluate(() => (globalThis as any).navigator.clipboard.readText());
     }
 
     async function shot(name: string, target: Page = page): Promise<void> {
@@ -283,6 +290,16 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         assert.match(vtt, /^WEBVTT\n\n\d{2}:\d{2}:\d{2}\.\d{3} --> \d{2}:\d{2}:\d{2}\.\d{3}\n\S/);
     });
 
+    it("copies the transcript in the format shown", async function () {
+        await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: baseUrl });
+        const rows = page.locator("#segments li");
+        const times = await rows.locator("time").allInnerTexts();
+        const texts = await rows.locator(".segment-text").allInnerTexts();
+        await page.getByRole("button", { name: "Copy" }).click();
+        await page.locator("#status-line").filter({ hasText: /^Copied \d+ characters\.$/ }).waitFor();
+        assert.strictEqual(await readClipboard(), times.map((time, i) => `[${time}] ${texts[i]}`).join("\n"));
+    });
+
     it("translates through /v1/audio/translations, which detects the language itself", async function () {
         await page.getByLabel("Translate to English").check();
         assert.ok(await page.locator("#language").isDisabled(), "the language is not asked for a translation");
@@ -326,6 +343,26 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         assert.match(await page.locator("#model-line").innerText(), /^Model: /);
         await page.locator("#remember-key").uncheck();
         assert.strictEqual(await page.evaluate(() => (globalThis as any).sessionStorage.length), 0);
+    });
+
+    it("works over plain HTTP, as through the NLB without TLS: copy falls back, recording explains itself", async function () {
+        const plain = await context.browser()!.newContext({ viewport: { width: 1280, height: 900 } });
+        try {
+            const plainPage = await newPage(plain);
+            await plainPage.goto(baseUrl.replace("127.0.0.1", "plain-http.test") + "/");
+            assert.strictEqual(await plainPage.evaluate(() => (globalThis as any).isSecureContext), false);
+            assert.ok(await plainPage.locator("#record-button").isDisabled());
+            assert.match(await plainPage.locator("#record-note").innerText(), /needs HTTPS or localhost/);
+            await plainPage.locator("#api-key").fill(API_KEY);
+            await chooseFile(speechWav, plainPage);
+            await assertShowsSegments(plainPage, await submit(plainPage));
+            await plainPage.locator("#output-format").selectOption("txt");
+            await plainPage.getByRole("button", { name: "Copy" }).click();
+            await plainPage.locator("#status-line").filter({ hasText: /^Copied \d+ characters\.$/ }).waitFor();
+            assert.strictEqual(await readClipboard(), await plainPage.locator("#formatted").innerText());
+        } finally {
+            await plain.close();
+        }
     });
 
     it("fits a 390 px wide phone screen with a transcript on it", async function () {
