@@ -197,6 +197,22 @@ describe("config: bad stack configurations", () => {
     });
 });
 
+/** The Pulumi CLI's check of a config value against a declared type (string, integer, boolean, array of items). */
+function matchesDeclaredType(value: unknown, declaration: { type: string; items?: { type: string } }): boolean {
+    switch (declaration.type) {
+        case "string":
+            return typeof value === "string";
+        case "integer":
+            return Number.isInteger(value);
+        case "boolean":
+            return typeof value === "boolean";
+        case "array":
+            return Array.isArray(value) && value.every((item) => matchesDeclaredType(item, declaration.items!));
+        default:
+            return false;
+    }
+}
+
 describe("config: Pulumi.yaml", () => {
     const project = YAML.parse(fs.readFileSync(path.join(repoRoot, "Pulumi.yaml"), "utf8"));
 
@@ -206,6 +222,7 @@ describe("config: Pulumi.yaml", () => {
             assert.ok(typeof declaration.description === "string" && declaration.description.length > 10, `${key} has a description`);
             if (declaration.type === "array") assert.ok(declaration.items?.type, `${key} declares its items' type`);
             if (!declaration.secret) assert.notEqual(declaration.default, undefined, `${key} has a default`);
+            if (declaration.default !== undefined) assert.ok(matchesDeclaredType(declaration.default, declaration), `${key}'s default is a ${declaration.type}`);
         }
     });
 
@@ -219,13 +236,20 @@ describe("config: Pulumi.yaml", () => {
         assert.equal(error, undefined, error?.message);
     });
 
-    it("has stack files that set only declared keys (or provider keys)", () => {
+    it("has stack files that set only declared keys (or provider keys), with values of the declared types", () => {
         for (const stack of ["dev", "prod"]) {
             const file = YAML.parse(fs.readFileSync(path.join(repoRoot, `Pulumi.${stack}.yaml`), "utf8"));
             for (const key of Object.keys(file.config)) {
                 const [namespace, name] = key.split(":");
-                if (namespace === "whisper-eks") assert.ok(project.config[name], `${stack}: ${key} is declared in Pulumi.yaml`);
-                else assert.equal(namespace, "aws", `${stack}: ${key}`);
+                if (namespace !== "whisper-eks") {
+                    assert.equal(namespace, "aws", `${stack}: ${key}`);
+                    continue;
+                }
+                const declaration = project.config[name];
+                assert.ok(declaration, `${stack}: ${key} is declared in Pulumi.yaml`);
+                const value = file.config[key];
+                const isSecret = value !== null && typeof value === "object" && "secure" in value;
+                assert.ok(isSecret || matchesDeclaredType(value, declaration), `${stack}: ${key} is a ${declaration.type}`);
             }
         }
     });
