@@ -22,6 +22,8 @@ export const systemNodeSelector = { [nodePoolLabelKey]: "system" } as const;
 
 /** Control-plane log types sent to CloudWatch. */
 export const controlPlaneLogTypes = ["api", "audit", "authenticator", "controllerManager", "scheduler"];
+/** Days CloudWatch keeps control-plane logs (EKS would create their log group with no expiry). */
+export const controlPlaneLogRetentionDays = 30;
 const systemNodeDiskSizeGiB = 50;
 const clusterAdminPolicyArn = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy";
 /** Policies of the node IAM role: join the cluster, run the VPC CNI, pull from ECR, be reachable by SSM. */
@@ -186,6 +188,12 @@ export function createCluster(
 ): Cluster {
     const { config, gpu, network, tags } = args;
     const nodeRole = createNodeRole(`${name}-node`, tags);
+    // Made before the cluster, under the name EKS writes to, so that the logs expire.
+    const controlPlaneLogs = new aws.cloudwatch.LogGroup(`${name}-control-plane`, {
+        name: `/aws/eks/${config.name}/cluster`,
+        retentionInDays: controlPlaneLogRetentionDays,
+        tags,
+    });
 
     const cluster = new eks.Cluster(name, {
         name: config.name,
@@ -218,7 +226,7 @@ export function createCluster(
         corednsAddonOptions: { enabled: false },
         kubeProxyAddonOptions: { enabled: false },
         tags,
-    });
+    }, { dependsOn: [controlPlaneLogs] });
     const clusterName = cluster.eksCluster.name;
     // Not parented to the cluster: depending on a component waits for all its children, and the node groups
     // depend on the cluster while coredns depends on a node group.

@@ -91,6 +91,11 @@ for (const stack of ["dev", "prod"]) {
             assert.equal(cluster.inputs.authenticationMode, "API");
             assert.equal(cluster.inputs.skipDefaultNodeGroup, true);
             for (const logType of ["api", "audit", "authenticator"]) assert.ok(cluster.inputs.enabledClusterLogTypes.includes(logType), logType);
+            const logGroup = resource("aws:cloudwatch/logGroup:LogGroup", `${clusterName}-control-plane`);
+            assert.equal(logGroup.inputs.name, `/aws/eks/${clusterName}/cluster`);
+            assert.ok(logGroup.inputs.retentionInDays > 0);
+            const order = evaluation.resources.map((r) => r.name);
+            assert.ok(order.indexOf(logGroup.name) < order.indexOf(cluster.name), "the log group exists before EKS writes to it");
             assert.deepEqual(cluster.inputs.privateSubnetIds, vpc.state.privateSubnetIds);
             assert.deepEqual(cluster.inputs.publicSubnetIds, vpc.state.publicSubnetIds);
             assert.equal(cluster.inputs.nodeAssociatePublicIpAddress, false);
