@@ -108,6 +108,22 @@ describe("scripts/deploy.sh", () => {
         assert.ok(fs.readFileSync(log, "utf8").includes("pulumi login s3://team-pulumi-state/whisper\n"));
     });
 
+    it("does not ask for Docker when the stack names a prebuilt image", () => {
+        // A copy of the script in a repository of its own, whose one stack sets imageReference.
+        const repo = temporaryDir("deploy-repo-");
+        fs.mkdirSync(path.join(repo, "scripts"));
+        fs.copyFileSync(script, path.join(repo, "scripts", "deploy.sh"));
+        const reference = `123456789012.dkr.ecr.us-east-1.amazonaws.com/whisper@sha256:${"b".repeat(64)}`;
+        fs.writeFileSync(path.join(repo, "Pulumi.ci.yaml"), `config:\n  aws:region: us-east-1\n  whisper-eks:imageReference: "${reference}"\n`);
+        const result = spawnSync(bash, [path.join(repo, "scripts", "deploy.sh"), "ci"], {
+            env: { PATH: binDir({}), HOME: temporaryDir("deploy-home-") },
+            encoding: "utf8",
+        });
+        assert.equal(result.status, 1);
+        assert.match(result.stderr, /the Pulumi CLI is not installed/);
+        assert.doesNotMatch(result.stderr, /Docker/);
+    });
+
     it("asks for a passphrase for a local backend when it cannot prompt", () => {
         const dir = binDir({ pulumi: "exit 0", npm: "exit 0", aws: "exit 0", docker: "exit 0" });
         const result = deploy(["dev"], dir);
