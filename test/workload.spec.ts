@@ -156,6 +156,13 @@ describe("workload", function () {
                 assert.ok(spec.volumes.find((volume: any) => volume.name === tmp.name).emptyDir, "/tmp is an emptyDir");
             });
 
+            it("runs as the image's own user, which owns the model cache", function () {
+                const dockerfile = fs.readFileSync(path.join(repoRoot, "service", "Dockerfile"), "utf8");
+                const [uid, gid] = (/^USER (\d+):(\d+)$/m.exec(dockerfile) ?? assert.fail("the Dockerfile sets a numeric USER")).slice(1).map(Number);
+                const security = podSpec(evaluation()).securityContext;
+                assert.deepEqual([security.runAsUser, security.runAsGroup, security.fsGroup], [uid, gid, gid]);
+            });
+
             it("spreads the pods across zones and hosts", function () {
                 const keys = podSpec(evaluation()).topologySpreadConstraints.map((constraint: any) => constraint.topologyKey);
                 assert.deepEqual(keys, ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]);
