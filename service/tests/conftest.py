@@ -106,7 +106,7 @@ class ServerProcess:
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             ["whisper-server", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-             "--device", "cpu", *args],
+             "--device", "cpu", "--cpu-threads", "1", *args],
             env=environment, stdout=self.log, stderr=subprocess.STDOUT,
         )
         self.url = f"http://127.0.0.1:{self.port}"

@@ -24,7 +24,9 @@ class Settings:
     request_timeout_seconds: float = 600.0
     drain_seconds: float = 30.0
     offline: bool = False
+    cpu_threads: int | None = None
     max_new_tokens: int | None = None
+    fixed_new_tokens: bool = False
 
 
 CHOICES = {"device": ("auto", "cuda", "cpu"), "dtype": ("auto", "float16", "bfloat16", "float32")}
@@ -41,10 +43,12 @@ HELP = {
     "request_timeout_seconds": "deadline for decoding and transcribing one request (504 beyond it)",
     "drain_seconds": "after SIGTERM, how long in-flight requests may take to finish before exit",
     "offline": "never contact the Hugging Face Hub; the model must be in HF_HOME or a local directory",
+    "cpu_threads": "torch threads on --device cpu (default: torch's choice, one per core); 1 is best on a busy machine",
     "max_new_tokens": "cap on tokens decoded per 30 s window (default: the checkpoint's generation config)",
+    "fixed_new_tokens": "benchmarks only: decode exactly --max-new-tokens tokens per window, whatever the weights say",
 }
 POSITIVE = {"port", "max_batch_size", "max_upload_mb", "max_audio_seconds", "queue_size",
-            "request_timeout_seconds", "max_new_tokens"}
+            "request_timeout_seconds", "max_new_tokens", "cpu_threads"}
 
 
 def env_name(name: str) -> str:
@@ -85,6 +89,8 @@ def validate(settings: Settings, parser: argparse.ArgumentParser) -> None:
     for name, allowed in CHOICES.items():
         if getattr(settings, name) not in allowed:
             parser.error(f"{env_name(name)}={getattr(settings, name)!r} is not one of {', '.join(allowed)}")
+    if settings.fixed_new_tokens and not settings.max_new_tokens:
+        parser.error("--fixed-new-tokens needs --max-new-tokens")
     if settings.batch_wait_ms < 0 or settings.drain_seconds < 0:
         parser.error("--batch-wait-ms and --drain-seconds must not be negative")
 

@@ -75,7 +75,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 class WhisperEngine:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", offline: bool = False,
-                 max_new_tokens: int | None = None, fixed_new_tokens: bool = False):
+                 max_new_tokens: int | None = None, fixed_new_tokens: bool = False, cpu_threads: int | None = None):
         self.model_name = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -83,10 +83,13 @@ class WhisperEngine:
         # A fixed decode length (benchmarks) forces exactly max_new_tokens tokens per window, whatever the weights say.
         self.max_new_tokens = max_new_tokens
         self.fixed_new_tokens = fixed_new_tokens
+        self.cpu_threads = cpu_threads
         self.load_seconds: float | None = None
 
     def load(self) -> None:
         started = time.monotonic()
+        if self.device == "cpu" and self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)
         self.processor = WhisperProcessor.from_pretrained(self.model_name, local_files_only=self.offline)
         self.model = WhisperForConditionalGeneration.from_pretrained(
             self.model_name, dtype=self.dtype, attn_implementation="sdpa", local_files_only=self.offline,

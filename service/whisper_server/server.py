@@ -64,7 +64,8 @@ class DrainingServer(uvicorn.Server):
 def load_model(state: ServerState, server: DrainingServer) -> None:
     settings = state.settings
     try:
-        engine = WhisperEngine(settings.model, settings.device, settings.dtype, settings.offline, settings.max_new_tokens)
+        engine = WhisperEngine(settings.model, settings.device, settings.dtype, settings.offline,
+                               settings.max_new_tokens, settings.fixed_new_tokens, settings.cpu_threads)
         engine.load()
         state.metrics.model_load.set(engine.load_seconds)
         engine.warm_up(settings.max_batch_size)
