@@ -5,7 +5,7 @@ import * as fs from "fs";
 import * as net from "net";
 import * as os from "os";
 import * as path from "path";
-import { Browser, BrowserContext, Page, Response, chromium } from "playwright-core";
+import { Browser, BrowserContext, CDPSession, Page, Response, chromium } from "playwright-core";
 
 const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
 // The closed network refuses Chromium's background connections; these flags keep it from trying.
@@ -115,6 +115,15 @@ describe("web page (headless Chromium against a real whisper-server)", function 
             const view = globalThis as any;
             return { top: rect.top + view.scrollY, left: rect.left + view.scrollX, width: rect.width, height: rect.height };
         });
+    }
+
+    // A slow uplink (128 KB/s: about 1.5 s for the 200 KB speech file) makes the upload observable.
+    async function slowUplink(): Promise<CDPSession> {
+        const network = await context.newCDPSession(page);
+        await network.send("Network.enable");
+        await network.send("Network.emulateNetworkConditions",
+            { offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: 128 * 1024 });
+        return network;
     }
 
     // Reads the browser's clipboard from the secure-context page, which holds the clipboard permission.
@@ -248,13 +257,20 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         await shot("02-unauthorised");
     });
 
-    it("transcribes an uploaded WAV and shows the segments with timestamps, without moving the layout", async function () {
+    it("cancels an upload in progress", async function () {
         await page.locator("#api-key").fill(API_KEY);
-        // A slow uplink (128 KB/s for the 200 KB file) makes the upload progress observable.
-        const network = await context.newCDPSession(page);
-        await network.send("Network.enable");
-        await network.send("Network.emulateNetworkConditions",
-            { offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: 128 * 1024 });
+        const network = await slowUplink();
+        await page.locator("#submit-button").click();
+        await page.locator("#status-line").filter({ hasText: /^Uploading… / }).waitFor();
+        await page.getByRole("button", { name: "Cancel" }).click();
+        await page.locator("#status-line").filter({ hasText: /^Cancelled\.$/ }).waitFor();
+        assert.ok(await page.locator("#submit-button").isEnabled(), "a new request can start");
+        assert.ok(await page.locator("#progress").isHidden(), "the progress bar is idle");
+        await network.detach();
+    });
+
+    it("transcribes an uploaded WAV and shows the segments with timestamps, without moving the layout", async function () {
+        const network = await slowUplink();
         const response = await submit(page, async () => {
             await page.locator("#status-line").filter({ hasText: /^Uploading… [1-9]\d?% \(/ }).waitFor();
             const percent = await page.locator("#progress").evaluate((el) => (el as any).value);
@@ -319,8 +335,17 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         await page.getByLabel("Transcribe").check();
     });
 
-    it("shows the server's error for a file that is not audio", async function () {
-        await chooseFile(notAudio);
+    it("takes a dropped file, and shows the server's error when it is not audio", async function () {
+        // A real drop event carrying the file, as a person dragging it from their desktop makes.
+        const dropped = await page.evaluateHandle(({ name, text }) => {
+            const view = globalThis as any;
+            const transfer = new view.DataTransfer();
+            transfer.items.add(new view.File([text], name, { type: "text/plain" }));
+            return transfer;
+        }, { name: path.basename(notAudio), text: fs.readFileSync(notAudio, "utf8") });
+        await page.locator("#drop-zone").dispatchEvent("dragover", { dataTransfer: dropped });
+        await page.locator("#drop-zone").dispatchEvent("drop", { dataTransfer: dropped });
+        await page.locator("#chosen-audio").filter({ hasText: path.basename(notAudio) }).waitFor();
         const response = await submit();
         await assertShowsServerError(response, 400, /^Not audio/);
         assert.deepStrictEqual(await outputBox(), idleOutputBox);
