@@ -39,7 +39,7 @@ export interface ServiceAlertThresholds {
     /** The workload's namespace and Deployment. */
     namespace: string;
     deployment: string;
-    /** The server's queue capacity (WHISPER_QUEUE_SIZE): saturation is measured against it. */
+    /** The most unfinished requests a pod admits (WHISPER_QUEUE_SIZE): saturation is measured against it. */
     queueSize: number;
     p95LatencySeconds: number;
     errorRatio: number;
@@ -209,10 +209,11 @@ export function serviceAlertGroups(t: ServiceAlertThresholds): object[] {
                 ),
                 alert(
                     "WhisperQueueSaturated",
-                    `max by (pod) (whisper_queue_depth{${inNamespace}}) / ${t.queueSize} > 0.8`,
+                    // The server admits at most queueSize unfinished requests; beyond that it answers 503.
+                    `max by (pod) (whisper_requests_in_flight{${inNamespace}}) / ${t.queueSize} > 0.8`,
                     "5m",
                     "warning",
-                    "Pod {{ $labels.pod }} has its request queue more than 80% full: requests will soon be refused with 503. Check that the HPA and Cluster Autoscaler can add capacity.",
+                    "Pod {{ $labels.pod }} holds more than 80% of the requests it admits: new requests will soon be refused with 503. Check that the HPA and Cluster Autoscaler can add capacity.",
                 ),
                 alert(
                     "WhisperPodsNotReady",

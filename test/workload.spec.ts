@@ -63,6 +63,17 @@ function serverEnvironmentNames(): Set<string> {
     return new Set([...body.matchAll(/^\s{4}(\w+):/gm)].map((field) => `WHISPER_${field[1].toUpperCase()}`));
 }
 
+/** The series the server exports, from its prometheus_client declarations (counters get _total, histograms their parts). */
+function serverMetricNames(): Set<string> {
+    const source = fs.readFileSync(path.join(repoRoot, "service", "whisper_server", "metrics.py"), "utf8");
+    const names = new Set<string>();
+    for (const [, kind, name] of source.matchAll(/\b(Counter|Gauge|Histogram)\(\s*"(\w+)"/g)) {
+        const series = { Counter: [`${name}_total`], Gauge: [name], Histogram: [`${name}_bucket`, `${name}_sum`, `${name}_count`] }[kind as "Counter" | "Gauge" | "Histogram"];
+        series.forEach((item) => names.add(item));
+    }
+    return names;
+}
+
 const cpuMillicores = (quantity: string) => (quantity.endsWith("m") ? Number(quantity.slice(0, -1)) : Number(quantity) * 1000);
 const memoryMiB = (quantity: string) => (quantity.endsWith("Gi") ? Number(quantity.slice(0, -2)) * 1024 : Number(quantity.replace("Mi", "")));
 
@@ -314,8 +325,21 @@ describe("workload", function () {
                 assert.match(named("WhisperGpuXidError").expr, /DCGM_FI_DEV_XID_ERRORS/);
                 assert.match(named("WhisperHighErrorRatio").expr, /status=~"5\.\."/);
                 assert.match(named("WhisperHighLatencyP95").expr, /histogram_quantile\(0\.95, .*http_request_duration_seconds_bucket/);
-                assert.match(named("WhisperQueueSaturated").expr, new RegExp(`whisper_queue_depth.*/ ${config(evaluation(), "queueSize")} `));
+                assert.match(named("WhisperQueueSaturated").expr, new RegExp(`whisper_requests_in_flight.*/ ${config(evaluation(), "queueSize")} `));
                 assert.match(named("WhisperPodsNotReady").expr, /kube_deployment_status_replicas_ready/);
+            });
+
+            it("queries only metrics the server exports, in alerts, dashboard and adapter rules", function () {
+                const exported = serverMetricNames();
+                const dashboard = JSON.parse(byKind(evaluation(), kinds.configMap).inputs.data["whisper.json"]);
+                const queries = [
+                    ...byKind(evaluation(), kinds.prometheusRule).inputs.spec.groups.flatMap((group: any) => group.rules.map((rule: any) => rule.expr)),
+                    ...dashboard.panels.flatMap((panel: any) => panel.targets.map((target: any) => target.expr)),
+                    ...release(evaluation(), "prometheus-adapter").inputs.values.rules.custom.map((rule: any) => rule.seriesQuery),
+                ];
+                const used = new Set(queries.flatMap((query: string) => query.match(/\b(whisper|http)_[a-z_]+\b/g) ?? []));
+                assert.ok(used.size >= 8);
+                for (const metric of used) assert.ok(exported.has(metric), `${metric} is exported by the server (${[...exported].join(", ")})`);
             });
 
             it("ships a Grafana dashboard the sidecar loads, with the service's and the GPUs' panels", function () {

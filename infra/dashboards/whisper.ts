@@ -34,10 +34,10 @@ export function whisperPanels(namespace: string): Panel[] {
             ],
         },
         {
-            title: "Queue and in-flight requests",
+            title: "In-flight requests and queued 30 s windows",
             unit: "none",
             targets: [
-                { expr: `sum by (pod) (whisper_queue_depth{${ns}})`, legend: "queued {{pod}}" },
+                { expr: `sum by (pod) (whisper_queue_depth{${ns}})`, legend: "queued windows {{pod}}" },
                 { expr: `sum by (pod) (whisper_requests_in_flight{${ns}})`, legend: "in flight {{pod}}" },
             ],
         },
