@@ -1,6 +1,7 @@
 // The server image: built from ./service for linux/amd64, pushed to a private ECR repository, and handed
 // to the workload by digest so that a rollout always runs exactly what was built. A prebuilt image pinned
-// by digest (from CI, or an air-gapped registry) skips the build and the repository.
+// by digest (from CI, or an air-gapped registry) skips the build; the repository stays either way, so that
+// switching a stack between the two never deletes the images a rollback needs.
 import * as aws from "@pulumi/aws";
 import * as dockerBuild from "@pulumi/docker-build";
 import * as pulumi from "@pulumi/pulumi";
@@ -14,13 +15,10 @@ export const untaggedImagesKept = 10;
 export interface ServiceImage {
     /** `registry/repository@sha256:...` */
     reference: pulumi.Output<string>;
-    repository?: aws.ecr.Repository;
+    repository: aws.ecr.Repository;
 }
 
 export function createServiceImage(name: string, config: ImageConfig, tags: Record<string, string>): ServiceImage {
-    if (config.prebuiltReference !== undefined) {
-        return { reference: pulumi.output(config.prebuiltReference) };
-    }
     const repository = new aws.ecr.Repository(name, {
         imageScanningConfiguration: { scanOnPush: true },
         imageTagMutability: "MUTABLE",
@@ -45,6 +43,9 @@ export function createServiceImage(name: string, config: ImageConfig, tags: Reco
         },
         { parent: repository },
     );
+    if (config.prebuiltReference !== undefined) {
+        return { reference: pulumi.output(config.prebuiltReference), repository };
+    }
     const registry = repository.repositoryUrl.apply((url) => url.split("/")[0]);
     const credentials = aws.ecr.getAuthorizationTokenOutput({ registryId: repository.registryId });
     const image = new dockerBuild.Image(
@@ -54,6 +55,9 @@ export function createServiceImage(name: string, config: ImageConfig, tags: Reco
             dockerfile: { location: `${imageBuildContext}/Dockerfile` },
             platforms: [imagePlatform],
             push: true,
+            // Previews (one per stack on every pull request) would each build the CUDA image; a changed build
+            // context still shows as an image update, and the pull-request workflow builds the image once.
+            buildOnPreview: false,
             tags: [pulumi.interpolate`${repository.repositoryUrl}:latest`],
             registries: [{ address: registry, username: credentials.userName, password: credentials.password }],
             // The CUDA layers are large: reuse them from the registry between builds and machines.

@@ -175,12 +175,14 @@ describe("config: bad stack configurations", () => {
         for (const key of ["gpuMinSize", "gpuCapacityType", "gpuDiskSizeGiB"]) assert.ok(error.message.includes(`whisper-eks:${key} = `), key);
     });
 
-    it("accepts a prebuilt image pinned by digest, building nothing and making no repository", async () => {
+    it("accepts a prebuilt image pinned by digest, building nothing and keeping the repository", async () => {
         const reference = `registry.example.com:5000/speech/whisper:2026.11@sha256:${digest}`;
         const { error, resources, outputs } = await tryEvaluateStack("prod", { imageReference: reference });
         assert.equal(error, undefined);
         assert.equal(outputs.imageReference, reference);
-        assert.equal(resources.filter((r) => r.type === "docker-build:index:Image" || r.type === "aws:ecr/repository:Repository").length, 0);
+        assert.equal(resources.filter((r) => r.type === "docker-build:index:Image").length, 0);
+        // Switching a stack to a prebuilt image must not delete the repository that holds its earlier builds.
+        assert.equal(resources.filter((r) => r.type === "aws:ecr/repository:Repository").length, 1);
     });
 
     it("gives admin roles cluster-admin access entries", async () => {

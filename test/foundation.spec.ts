@@ -243,6 +243,7 @@ for (const stack of ["dev", "prod"]) {
             assert.equal(image.inputs.context.location, "./service");
             assert.deepEqual(image.inputs.platforms, ["linux/amd64"]);
             assert.equal(image.inputs.push, true);
+            assert.equal(image.inputs.buildOnPreview, false, "previews on pull requests must not build the CUDA image per stack");
             for (const tag of image.inputs.tags) assert.ok(tag.startsWith(`${repository.state.repositoryUrl}:`), tag);
             assert.equal(image.inputs.registries[0].address, repository.state.repositoryUrl.split("/")[0]);
             assert.equal(evaluation.outputs.imageReference, `${repository.state.repositoryUrl}@${image.state.digest}`);
