@@ -142,6 +142,7 @@ export const region = config.region;
 export const clusterName = eks?.cluster.name;
 export const kubeconfig = eks && pulumi.secret(eks.cluster.kubeconfig);
 export const imageReference = image.reference;
+export const imageRepositoryUrl = image.repository.repositoryUrl;
 export const defaultStorageClass = eks?.blockStorage.storageClass.metadata.name;
 export const gpuNodeGroups = eks?.cluster.gpuNodeGroups.map((group) => ({
     name: group.nodeGroup.nodeGroup.nodeGroupName,
