@@ -76,6 +76,8 @@ export interface WhisperServiceArgs {
 export const drainSeconds = (server: ServerSettings): number => server.requestTimeoutSeconds;
 /** The preStop pause, the drain, and a margin for the process to exit. */
 export const terminationGracePeriodSeconds = (server: ServerSettings): number => preStopSleepSeconds + drainSeconds(server) + 15;
+/** The longest an NLB deregistration delay and an HPA stabilization window can be (AWS and Kubernetes limits). */
+const oneHourSeconds = 3600;
 /** NLB TCP idle timeout: no byte flows while a long file is transcribed; allowed range 60 to 6000 s. */
 export const idleTimeoutSeconds = (server: ServerSettings): number => Math.min(6000, Math.max(60, server.requestTimeoutSeconds + 60));
 
@@ -118,7 +120,7 @@ export function loadBalancerAnnotations(traffic: TrafficSettings, server: Server
         [`${prefix}-healthcheck-unhealthy-threshold`]: "2",
         [`${prefix}-attributes`]: "load_balancing.cross_zone.enabled=true",
         // A deregistered pod keeps its open connections until the server's drain is over.
-        [`${prefix}-target-group-attributes`]: `deregistration_delay.timeout_seconds=${drainSeconds(server)}`,
+        [`${prefix}-target-group-attributes`]: `deregistration_delay.timeout_seconds=${Math.min(oneHourSeconds, drainSeconds(server))}`,
         [`${prefix}-listener-attributes.${listener}`]: `tcp.idle_timeout.seconds=${idleTimeoutSeconds(server)}`,
         ...(traffic.certificateArn ? { [`${prefix}-ssl-cert`]: traffic.certificateArn, [`${prefix}-ssl-ports`]: "443" } : {}),
     };
@@ -281,7 +283,7 @@ export class WhisperService extends pulumi.ComponentResource {
         }
 
         // Scale down slowly: a pod removed mid-request has to drain, and the longest request must fit in the window.
-        const scaleDownWindow = Math.max(300, server.requestTimeoutSeconds);
+        const scaleDownWindow = Math.min(oneHourSeconds, Math.max(300, server.requestTimeoutSeconds));
         this.hpa = new k8s.autoscaling.v2.HorizontalPodAutoscaler(
             `${name}-hpa`,
             {

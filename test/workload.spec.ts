@@ -407,6 +407,15 @@ describe("workload", function () {
             assert.deepEqual(service.spec.loadBalancerSourceRanges, ["10.0.0.0/8"]);
         });
 
+        it("keeps the NLB deregistration delay and HPA window within their one-hour limits for the longest requests", async function () {
+            const evaluation = await evaluateStack("prod", { requestTimeoutSeconds: 5940 });
+            const annotations = byKind(evaluation, kinds.service).inputs.metadata.annotations;
+            assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-target-group-attributes"], "deregistration_delay.timeout_seconds=3600");
+            assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80"], "tcp.idle_timeout.seconds=6000");
+            assert.equal(byKind(evaluation, kinds.hpa).inputs.spec.behavior.scaleDown.stabilizationWindowSeconds, 3600);
+            assert.ok(podSpec(evaluation).terminationGracePeriodSeconds > 5940, "the pod still gets to finish its longest request");
+        });
+
         it("uses the API key and Grafana password from secret config instead of generating them", async function () {
             const evaluation = await evaluateStack("dev", { apiKey: new SecretValue("key-from-config"), grafanaAdminPassword: new SecretValue("grafana-from-config") });
             assert.equal(findResources(evaluation.resources, "random:index/randomPassword:RandomPassword").length, 0);
