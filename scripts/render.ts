@@ -1,4 +1,4 @@
-// `npm run render -- <stack> <dir>`: evaluates the program offline for a stack and writes what `pulumi up` would
+// `npm run render -- <stack> <dir>`: evaluates the program offline for a stack and writes, under <dir>/<stack>/, what `pulumi up` would
 // apply to the cluster, for review: every Kubernetes object as YAML (secrets redacted), each Helm release's chart,
 // repository, version and values; then validates every object against the Kubernetes schema (kubernetes-models,
 // CRDs with @kubernetes-models/prometheus-operator). Exits non-zero when an object is invalid.
@@ -113,8 +113,11 @@ export async function validateFiles(files: readonly RenderedFile[]): Promise<str
 export async function render(stack: string, directory: string, overrides: ConfigOverrides = {}): Promise<{ files: RenderedFile[]; problems: string[] }> {
     const evaluation = await evaluateStack(stack, overrides);
     const files = renderFiles(evaluation.resources);
+    // One folder per stack, emptied first: dev and prod can share <dir>, and nothing stale survives a re-render.
+    const root = path.join(directory, stack);
+    fs.rmSync(root, { recursive: true, force: true });
     for (const file of files) {
-        const target = path.join(directory, file.path);
+        const target = path.join(root, file.path);
         fs.mkdirSync(path.dirname(target), { recursive: true });
         fs.writeFileSync(target, YAML.stringify(file.content, { lineWidth: 0 }));
     }
@@ -129,7 +132,7 @@ async function main(): Promise<void> {
     }
     const { files, problems } = await render(stack, directory);
     const releases = files.filter((file) => file.path.startsWith("helm")).length;
-    console.log(`${stack}: wrote ${files.length - releases} Kubernetes objects and ${releases} Helm releases to ${directory}`);
+    console.log(`${stack}: wrote ${files.length - releases} Kubernetes objects and ${releases} Helm releases to ${path.join(directory, stack)}`);
     if (problems.length > 0) {
         console.error(`${problems.length} object(s) do not validate:\n${problems.map((problem) => `  - ${problem}`).join("\n")}`);
         process.exit(1);

@@ -29,11 +29,11 @@ describe("render", function () {
         for (const stack of ["dev", "prod"]) {
             const directory = fs.mkdtempSync(path.join(os.tmpdir(), `render-${stack}-`));
             const { problems } = await render(stack, directory, { apiKey: new SecretValue(apiKey), grafanaAdminPassword: new SecretValue(grafanaPassword) });
-            trees[stack] = { directory, files: readTree(directory), problems };
+            trees[stack] = { directory: path.join(directory, stack), files: readTree(path.join(directory, stack)), problems };
         }
     });
     after(function () {
-        for (const { directory } of Object.values(trees)) fs.rmSync(directory, { recursive: true, force: true });
+        for (const { directory } of Object.values(trees)) fs.rmSync(path.dirname(directory), { recursive: true, force: true });
     });
 
     for (const stack of ["dev", "prod"]) {
