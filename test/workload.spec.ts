@@ -364,6 +364,20 @@ describe("workload", function () {
                 assert.ok(serviceAccounts.includes(`kube-system/${values.rbac.serviceAccount.name}`), "its service account has an IAM role");
                 assert.ok(serviceAccounts.includes("kube-system/aws-load-balancer-controller"));
             });
+
+            it("lets Cluster Autoscaler scale the GPU group from zero: its ASG describes a GPU node the pod fits", function () {
+                const template = Object.fromEntries(
+                    findResources(evaluation().resources, "aws:autoscaling/tag:Tag")
+                        .map((tag) => [tag.inputs.tag.key, tag.inputs.tag.value])
+                        .filter(([key]) => key.startsWith("k8s.io/cluster-autoscaler/node-template/")),
+                );
+                const prefix = "k8s.io/cluster-autoscaler/node-template";
+                assert.ok(Number(template[`${prefix}/resources/nvidia.com/gpu`]) >= Number(container(evaluation()).resources.requests["nvidia.com/gpu"]));
+                for (const [key, value] of Object.entries(podSpec(evaluation()).nodeSelector)) assert.equal(template[`${prefix}/label/${key}`], value);
+                for (const toleration of podSpec(evaluation()).tolerations) {
+                    assert.ok(template[`${prefix}/taint/${toleration.key}`]?.endsWith(`:${toleration.effect}`), `the template's taint ${toleration.key} is tolerated`);
+                }
+            });
         });
     }
 
