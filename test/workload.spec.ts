@@ -263,7 +263,13 @@ describe("workload", function () {
                 const deployment = byKind(evaluation(), kinds.deployment).inputs;
                 assert.deepEqual([hpa.scaleTargetRef.kind, hpa.scaleTargetRef.name], ["Deployment", deployment.metadata.name]);
                 assert.equal(byKind(evaluation(), kinds.hpa).inputs.metadata.namespace, deployment.metadata.namespace);
-                const adapterNames = release(evaluation(), "prometheus-adapter").inputs.values.rules.custom.map((rule: any) => rule.name.as);
+                const rules = release(evaluation(), "prometheus-adapter").inputs.values.rules.custom;
+                for (const rule of rules) {
+                    const series = /^(\w+)\{/.exec(rule.seriesQuery)![1];
+                    assert.ok(new RegExp(rule.name.matches).test(series), `the rule for ${rule.name.as} matches its series ${series}`);
+                    assert.ok(rule.metricsQuery.includes("<<.Series>>") && rule.metricsQuery.includes("<<.GroupBy>>"), "a per-pod query");
+                }
+                const adapterNames = rules.map((rule: any) => rule.name.as);
                 const [metric] = hpa.metrics;
                 assert.equal(metric.type, "Pods");
                 assert.ok(adapterNames.includes(metric.pods.metric.name), `${metric.pods.metric.name} is one of the adapter's metrics ${adapterNames}`);
