@@ -289,7 +289,7 @@ function readCluster(reader: ConfigReader, stack: string): ClusterConfig {
         name: `${projectName}-${stack}`,
         kubernetesVersion: reader.string("kubernetesVersion", {
             pattern: /^1\.(3\d)$/,
-            describe: "must be an EKS Kubernetes version from 1.30 on, written major.minor, e.g. 1.33",
+            describe: "must be an EKS Kubernetes version from 1.30 on, written major.minor, e.g. 1.35",
         }),
         adminRoleArns: reader.stringList("clusterAdminRoleArns", 0, (arn) =>
             roleArnPattern.test(arn) ? undefined : "must be an IAM role ARN, e.g. arn:aws:iam::123456789012:role/platform-admin",
