@@ -221,6 +221,11 @@ export class OfflineMocks implements pulumi.runtime.Mocks {
                 const tag: string | undefined = inputs.tags?.[0];
                 return { ...inputs, id: digest, digest, ref: tag ? `${tag.split(":")[0]}@${digest}` : digest };
             }
+            case "random:index/randomPassword:RandomPassword": {
+                // A generated secret (API key, Grafana password) that the program feeds into Kubernetes Secrets.
+                const result = shortHash(name, inputs.length ?? 16);
+                return { ...inputs, id: name, result, bcryptHash: `$2a$10$${shortHash(result, 53)}` };
+            }
             case "aws:iam/role:Role":
                 return { ...inputs, id: physicalName, name: physicalName, arn: `arn:aws:iam::${mockAccountId}:role/${physicalName}` };
             case "aws:iam/policy:Policy":

@@ -76,6 +76,18 @@ describe("render", function () {
         });
     }
 
+    it("renders generated secrets (no apiKey or grafanaAdminPassword in config) with their keys, redacted", async function () {
+        const directory = fs.mkdtempSync(path.join(os.tmpdir(), "render-generated-"));
+        try {
+            await render("dev", directory);
+            const files = readTree(path.join(directory, "dev"));
+            assert.deepEqual(files.get(path.join("kubernetes", "whisper", "secret-whisper-api-key.yaml")).stringData, { "api-key": redacted });
+            assert.deepEqual(Object.keys(files.get(path.join("kubernetes", "monitoring", "secret-grafana-admin.yaml")).stringData).sort(), ["admin-password", "admin-user"]);
+        } finally {
+            fs.rmSync(directory, { recursive: true, force: true });
+        }
+    });
+
     it("reports objects that break the schema", async function () {
         const broken = { apiVersion: "apps/v1", kind: "Deployment", metadata: { name: "broken" }, spec: { replicas: "two", selector: {}, template: {} } };
         const problems = await validateObject(broken);
