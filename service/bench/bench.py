@@ -189,7 +189,7 @@ def main() -> None:
     load = os.getloadavg()
     report = {
         "mode": mode, "model": "large-v3 architecture, random FP16 weights" if args.gpu else "tiny random-weight model",
-        "clip_seconds": clip_seconds, "requests_per_level": requests, "new_tokens_per_window": args.new_tokens if args.gpu else "up to 24",
+        "clip_seconds": clip_seconds, "requests_per_level": requests, "new_tokens_per_window": args.new_tokens if args.gpu else "13 (the tiny model's cap)",
         "cpu_threads": None if args.gpu else args.cpu_threads,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_after": [round(x, 2) for x in load],
                     "gpu": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,

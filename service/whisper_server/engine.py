@@ -138,7 +138,10 @@ class WhisperEngine:
         and a batch size that cannot fit shows up before the server reports ready."""
         noise = np.random.default_rng(0).normal(0, 0.05, SAMPLE_RATE).astype(np.float32)
         for size in sorted({1, max_batch_size}):
-            self.transcribe([noise] * size, DecodeOptions(language="en"), max_new_tokens=4)
+            try:
+                self.transcribe([noise] * size, DecodeOptions(language="en"), max_new_tokens=4)
+            except OutOfMemory as error:
+                raise OutOfMemory(f"a batch of {size} windows does not fit on {self.device}: lower --max-batch-size") from error
 
     @torch.inference_mode()
     def transcribe(self, windows: list[np.ndarray], options: DecodeOptions,

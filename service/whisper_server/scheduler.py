@@ -50,6 +50,8 @@ class SchedulerStats:
 
     on_queue_change: Callable[[int, float], None] = lambda windows, seconds: None
     on_batch: Callable[[int], None] = lambda size: None
+    # Requests on their way to the queue (uploading, decoding): only for them is a batch worth waiting for.
+    arriving: Callable[[int], int] = lambda queued_requests: 1
 
 
 def run_splitting_on_oom(run_batch: RunBatch, samples: list[np.ndarray], options: DecodeOptions) -> list[WindowResult]:
@@ -156,10 +158,10 @@ class BatchScheduler:
                     self.condition.wait()
                 if self.stopped:
                     return
-                # Wait a little for more windows, unless a full batch is already waiting.
+                # Wait a little for more windows, unless a full batch is already waiting or nobody else is coming.
                 deadline = time.monotonic() + self.batch_wait_seconds
                 while (not self.stopped and self._waiting_windows_locked() < self.max_batch_size
-                       and (remaining := deadline - time.monotonic()) > 0):
+                       and self.stats.arriving(len(self.jobs)) > 0 and (remaining := deadline - time.monotonic()) > 0):
                     self.condition.wait(remaining)
                 if self.stopped:
                     return

@@ -71,7 +71,8 @@ def load_model(state: ServerState, server: DrainingServer) -> None:
         engine.warm_up(settings.max_batch_size)
         scheduler = BatchScheduler(
             engine.transcribe, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size,
-            SchedulerStats(on_queue_change=state.metrics.on_queue_change, on_batch=state.metrics.batch_size.observe),
+            SchedulerStats(on_queue_change=state.metrics.on_queue_change, on_batch=state.metrics.batch_size.observe,
+                           arriving=lambda queued_requests: state.in_flight - queued_requests),
         )
         scheduler.start()
         state.engine, state.scheduler = engine, scheduler
