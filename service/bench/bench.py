@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, help="requests per concurrency level (default 64 on CPU, 128 on GPU)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="the batching configuration's batch size")
     parser.add_argument("--batch-wait-ms", type=float, default=10)
-    parser.add_argument("--cpu-threads", type=int, default=1, help="CPU: torch threads in the server")
+    parser.add_argument("--cpu-threads", type=int, default=os.cpu_count(), help="CPU: torch threads in the server (default: one per CPU)")
     parser.add_argument("--new-tokens", type=int, default=64, help="GPU: tokens decoded per window, fixed")
     parser.add_argument("--output", type=Path, help="results path without extension (default bench/results-<mode>)")
     args = parser.parse_args()
