@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import openai
@@ -148,3 +149,15 @@ def test_official_openai_sdk_works_unchanged(server, audio):
         with open(audio["text.txt"], "rb") as handle:
             client.audio.transcriptions.create(model="whisper-1", file=handle)
     assert error.value.body["code"] == "invalid_audio"
+
+
+def test_each_request_logs_one_json_line(server, audio):
+    with open(audio["speech.wav"], "rb") as handle:
+        server.client.post("/v1/audio/transcriptions", files={"file": handle}, headers={"X-Request-ID": "log-check-1"})
+    server.client.get("/readyz")
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == "log-check-1"]
+    assert len(mine) == 1
+    assert mine[0]["route"] == "/v1/audio/transcriptions" and mine[0]["status"] == 200
+    assert mine[0]["audio_seconds"] > 1 and mine[0]["duration_seconds"] > 0
+    assert not any(line.get("route") == "/readyz" and line.get("status") == 200 for line in lines)

@@ -34,6 +34,7 @@ from .upload import receive_form
 log = logging.getLogger("whisper_server.http")
 STATIC_DIR = Path(__file__).parent / "static"
 AUDIO_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
+QUIET_ROUTES = ("/healthz", "/readyz", "/metrics")
 
 
 @dataclass
@@ -255,10 +256,13 @@ class ObservedApp:
             metrics = self.state.metrics
             metrics.requests.labels(scope["method"], route, str(status)).inc()
             metrics.request_duration.labels(scope["method"], route).observe(duration)
-            log.info("request", extra={"fields": {
-                "request_id": request_id, "method": scope["method"], "route": route, "status": status,
-                "audio_seconds": round(scope["state"].get("audio_seconds", 0.0), 3), "duration_seconds": round(duration, 4),
-            }})
+            # Probes and scrapes every few seconds would drown the request log.
+            if route not in QUIET_ROUTES or status >= 400:
+                log.info("request", extra={"fields": {
+                    "request_id": request_id, "method": scope["method"], "route": route, "status": status,
+                    "audio_seconds": round(scope["state"].get("audio_seconds", 0.0), 3),
+                    "duration_seconds": round(duration, 4),
+                }})
 
 
 def create_app(state: ServerState) -> ObservedApp:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -19,7 +17,6 @@ NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-log = logging.getLogger("whisper_server.engine")
 
 
 class OutOfMemory(Exception):
