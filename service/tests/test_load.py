@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -79,4 +80,27 @@ def test_request_deadline_answers_504_and_frees_the_queue(start_server, audio, a
     assert response.status_code == 504 and response.json()["error"]["code"] == "request_timeout"
     time.sleep(0.5)
     assert server.metric("whisper_queue_depth") == 0, "the timed-out request's windows left the queue"
+    assert_still_ready(server)
+
+
+def test_a_client_that_hangs_up_leaves_the_queue(start_server, audio, assert_still_ready):
+    server = start_server("--max-batch-size", "1")
+    body = audio["long.mp3"].read_bytes()
+    boundary = b"hangup"
+    multipart = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="long.mp3"\r\n\r\n'
+                 + body + b"\r\n--" + boundary + b"--\r\n")
+    with ThreadPoolExecutor(3) as pool:
+        ahead = [pool.submit(lambda: post_audio(httpx.Client(base_url=server.url, timeout=120), audio["long.mp3"]))
+                 for _ in range(3)]
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", server.port)) as connection:
+            connection.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nX-Request-ID: hangs-up\r\n"
+                               b"Content-Type: multipart/form-data; boundary=" + boundary + b"\r\n"
+                               + f"Content-Length: {len(multipart)}\r\n\r\n".encode() + multipart)
+            time.sleep(0.3)  # received and queued behind the three long requests, then the client goes away
+        assert [future.result().status_code for future in ahead] == [200] * 3
+    time.sleep(0.3)
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+    assert [line["status"] for line in lines if line.get("request_id") == "hangs-up"] == [499]
+    assert server.metric("whisper_queue_depth") == 0
     assert_still_ready(server)

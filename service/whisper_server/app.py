@@ -137,7 +137,8 @@ async def handle_audio(request: Request, task: str) -> Response:
     audio_seconds = len(samples) / SAMPLE_RATE
     request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
     try:
-        transcript = await asyncio.wait_for(transcribe(state.scheduler, samples, options), settings.request_timeout_seconds)
+        transcript = await until_disconnected(
+            request, asyncio.wait_for(transcribe(state.scheduler, samples, options), settings.request_timeout_seconds))
     except QueueFull as error:
         raise queue_full(error.retry_after_seconds) from error
     except TimeoutError as error:
@@ -151,6 +152,23 @@ async def handle_audio(request: Request, task: str) -> Response:
     if isinstance(body, dict):
         return JSONResponse(body)
     return PlainTextResponse(body, media_type=MEDIA_TYPES[response_format])
+
+
+async def until_disconnected(request: Request, work):
+    """Runs the work unless the client hangs up first; then the work is cancelled and its windows leave the queue."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work_task, watch_task = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch_task.cancel()
+    if not work_task.done():
+        work_task.cancel()
+        raise ClientDisconnect()
+    return work_task.result()
 
 
 async def transcriptions(request: Request) -> Response:
