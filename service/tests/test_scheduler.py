@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from whisper_server.audio import Window, split_windows
-from whisper_server.engine import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult
+from whisper_server.engine import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
 from whisper_server.scheduler import BatchScheduler, QueueFull, run_splitting_on_oom
-from whisper_server.transcript import assemble
+from whisper_server.transcript import assemble, decode_with_fallback
 
 
 def labelled_window(label: float, seconds: float = 1.0) -> Window:
@@ -112,3 +112,32 @@ def test_long_audio_is_cut_at_a_quiet_moment():
     assert all(w.duration <= 30 for w in windows)
     assert sum(len(w.samples) for w in windows) == len(noise)
     assert windows[-1].offset + windows[-1].duration == pytest.approx(70)
+
+
+def test_repetition_loops_are_decoded_again_at_higher_temperatures():
+    class LoopsWhenCold(RecordingModel):
+        """Repeats itself on window 1 below temperature 0.4, as a real Whisper does on hard audio."""
+
+        def __call__(self, samples, options):
+            with self.lock:
+                self.batches.append((options.temperature, [float(s[0]) for s in samples]))
+            looping = "the the the the the the the the the the the the the the the the the the the the"
+            return [WindowResult("en", [Segment(0, 1, looping if s[0] == 1 and options.temperature < 0.4 else "fine", [],
+                                                -0.1, compression_ratio(looping if s[0] == 1 and options.temperature < 0.4
+                                                                        else "fine"), 0.01, options.temperature)])
+                    for s in samples]
+
+    model = LoopsWhenCold()
+    scheduler = BatchScheduler(model, max_batch_size=4, batch_wait_seconds=0, queue_size=1)
+
+    async def main():
+        scheduler.start()
+        try:
+            return await decode_with_fallback(scheduler, [labelled_window(0), labelled_window(1)], DecodeOptions())
+        finally:
+            scheduler.stop()
+
+    results = asyncio.run(main())
+    assert [r.segments[0].text for r in results] == ["fine", "fine"]
+    assert [r.segments[0].temperature for r in results] == [0.0, 0.4]
+    assert model.batches == [(0.0, [0.0, 1.0]), (0.2, [1.0]), (0.4, [1.0])], "only the looping window is retried"

@@ -98,13 +98,14 @@ class BatchScheduler:
         with self.condition:
             return self._retry_after_locked()
 
-    async def transcribe(self, windows: list[Window], options: DecodeOptions) -> list[WindowResult]:
-        """Queues a request's windows and waits for all their results, in window order."""
+    async def transcribe(self, windows: list[Window], options: DecodeOptions, admitted: bool = False) -> list[WindowResult]:
+        """Queues a request's windows and waits for all their results, in window order. `admitted` is for a
+        request that already holds a place (a retry of some of its windows): it is never refused."""
         loop = asyncio.get_running_loop()
         job = Job(options=options, windows=windows, future=loop.create_future(), loop=loop,
                   sequence=next(self.sequence), results=[None] * len(windows))
         with self.condition:
-            if len(self.jobs) >= self.queue_size:
+            if len(self.jobs) >= self.queue_size and not admitted:
                 raise QueueFull(self._retry_after_locked())
             self.jobs.append(job)
             self._report_queue_locked()
