@@ -90,6 +90,8 @@ def test_language_prompt_and_temperature_are_accepted(server, audio):
                       temperature="0.4", response_format="verbose_json", **{"timestamp_granularities[]": "segment"}).json()
     assert body["language"] == "german"
     assert {s["temperature"] for s in body["segments"]} == {0.4}
+    long_prompt = post_audio(server.client, audio["speech.wav"], prompt="Kubernetes on EKS with GPUs. " * 300)
+    assert long_prompt.status_code == 200, "a prompt longer than the decoder's context keeps its last tokens"
 
 
 def test_long_audio_has_ordered_timestamps_across_windows(server, audio):

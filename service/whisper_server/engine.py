@@ -161,7 +161,7 @@ class WhisperEngine:
         if options.temperature > 0:
             generate_args.update(do_sample=True, temperature=options.temperature)
         if options.prompt:
-            generate_args["prompt_ids"] = self.processor.get_prompt_ids(options.prompt, return_tensors="pt").to(self.device)
+            generate_args["prompt_ids"] = self._prompt_ids(options.prompt)
         if max_new_tokens:
             generate_args["max_new_tokens"] = max_new_tokens
             if self.fixed_new_tokens:
@@ -199,6 +199,12 @@ class WhisperEngine:
         log_spec[..., :computed.shape[2]] = computed
         peak = log_spec.amax(dim=(1, 2), keepdim=True)
         return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+    def _prompt_ids(self, prompt: str) -> torch.Tensor:
+        """<|startofprev|> and the prompt's last tokens: at most half the decoder's context, as OpenAI keeps it."""
+        ids = self.processor.get_prompt_ids(prompt, return_tensors="pt")
+        keep = self.model.config.max_target_positions // 2 - 1
+        return torch.cat([ids[:1], ids[1:][-keep:]]).to(self.device)
 
     def _no_speech_probs(self, encoder_outputs) -> list[float]:
         """Probability of <|nospeech|> right after <|startoftranscript|>, as OpenAI's decoder reports it."""
