@@ -89,16 +89,19 @@ def test_a_client_that_hangs_up_leaves_the_queue(start_server, audio, assert_sti
     boundary = b"hangup"
     multipart = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="long.mp3"\r\n\r\n'
                  + body + b"\r\n--" + boundary + b"--\r\n")
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(6) as pool:
         ahead = [pool.submit(lambda: post_audio(httpx.Client(base_url=server.url, timeout=120), audio["long.mp3"]))
-                 for _ in range(3)]
-        time.sleep(0.3)
+                 for _ in range(6)]
+        time.sleep(0.2)
         with socket.create_connection(("127.0.0.1", server.port)) as connection:
             connection.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nX-Request-ID: hangs-up\r\n"
                                b"Content-Type: multipart/form-data; boundary=" + boundary + b"\r\n"
                                + f"Content-Length: {len(multipart)}\r\n\r\n".encode() + multipart)
-            time.sleep(0.3)  # received and queued behind the three long requests, then the client goes away
-        assert [future.result().status_code for future in ahead] == [200] * 3
+            deadline = time.monotonic() + 10
+            while server.metric("whisper_requests_in_flight") < 7 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.15)  # decoded and queued behind 18 windows decoded one at a time; then the client goes away
+        assert [future.result().status_code for future in ahead] == [200] * 6
     time.sleep(0.3)
     lines = [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
     assert [line["status"] for line in lines if line.get("request_id") == "hangs-up"] == [499]

@@ -141,3 +141,40 @@ def test_repetition_loops_are_decoded_again_at_higher_temperatures():
     assert [r.segments[0].text for r in results] == ["fine", "fine"]
     assert [r.segments[0].temperature for r in results] == [0.0, 0.4]
     assert model.batches == [(0.0, [0.0, 1.0]), (0.2, [1.0]), (0.4, [1.0])], "only the looping window is retried"
+
+
+def test_requests_finishing_out_of_order_leave_the_queue_cleanly():
+    """Jobs are compared by identity: removing one that is not first must not compare audio arrays."""
+    class HeldModel(RecordingModel):
+        """Holds its first batch until released, so the queue is known to be full when a request is cancelled."""
+
+        def __init__(self):
+            super().__init__()
+            self.release = threading.Event()
+
+        def __call__(self, samples, options):
+            self.release.wait(10)
+            return super().__call__(samples, options)
+
+    model = HeldModel()
+    scheduler = BatchScheduler(model, max_batch_size=1, batch_wait_seconds=0, queue_size=10)
+
+    async def main():
+        scheduler.start()
+        try:
+            slow = asyncio.ensure_future(scheduler.transcribe([labelled_window(1), labelled_window(1)], DecodeOptions()))
+            fast = asyncio.ensure_future(scheduler.transcribe([labelled_window(2), labelled_window(2)], DecodeOptions()))
+            cancelled = asyncio.ensure_future(scheduler.transcribe([labelled_window(3), labelled_window(3)], DecodeOptions()))
+            await asyncio.sleep(0.01)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            model.release.set()
+            return await asyncio.gather(slow, fast)
+        finally:
+            scheduler.stop()
+
+    slow, fast = asyncio.run(main())
+    assert [r.segments[0].text for r in slow] == ["1", "1"] and [r.segments[0].text for r in fast] == ["2", "2"]
+    assert scheduler.jobs == []
+    assert 3.0 not in [label for batch in model.batches for label in batch], "the cancelled request was never decoded"

@@ -22,7 +22,7 @@ class AudioError(Exception):
         self.status, self.message, self.code = status, message, code
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: field equality would compare sample arrays
 class Window:
     offset: float  # seconds from the start of the audio
     samples: np.ndarray

@@ -27,7 +27,7 @@ class QueueFull(Exception):
         self.retry_after_seconds = retry_after_seconds
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs are found and removed in lists by who they are, not by their audio
 class Job:
     """One request: its windows, the results filled in as batches finish, and the future its handler awaits."""
 
