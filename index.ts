@@ -5,7 +5,7 @@ import * as pulumi from "@pulumi/pulumi";
 import { installClusterAutoscaler, installPrometheusAdapter } from "./infra/autoscaling";
 import { podResourcesPerGpu } from "./infra/catalog";
 import { createCluster } from "./infra/cluster";
-import { loadConfig } from "./infra/config";
+import { loadConfig } from "./infra/load-config";
 import { installNvidiaDevicePlugin } from "./infra/gpu";
 import { AddonContext } from "./infra/helm";
 import { createServiceImage } from "./infra/image";

@@ -2,8 +2,9 @@
 // and Cluster Autoscaler adds GPU nodes (from zero) when the HPA's new pods cannot be scheduled.
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { podIdentityForServiceAccount, systemNodeSelector } from "./cluster";
+import { systemNodeSelector } from "./conventions";
 import { AddonContext, installChart } from "./helm";
+import { podIdentityForServiceAccount } from "./pod-identity";
 
 export const prometheusAdapterChart = {
     chart: "prometheus-adapter",
@@ -11,10 +12,6 @@ export const prometheusAdapterChart = {
     repository: "https://prometheus-community.github.io/helm-charts",
 };
 export const clusterAutoscalerChart = { chart: "cluster-autoscaler", version: "9.46.6", repository: "https://kubernetes.github.io/autoscaler" };
-
-/** The per-pod metrics an HPA can scale the service on. */
-export type ScalingMetric = "http_requests_per_second" | "whisper_requests_in_flight" | "whisper_queued_audio_seconds";
-export const scalingMetrics: readonly ScalingMetric[] = ["http_requests_per_second", "whisper_requests_in_flight", "whisper_queued_audio_seconds"];
 
 /** One prometheus-adapter rule (its chart's `rules.custom` items). */
 export interface AdapterRule {

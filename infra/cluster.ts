@@ -7,18 +7,9 @@ import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import { gpuInstanceTypes } from "./catalog";
 import { ClusterConfig, GpuConfig, GpuNodeGroupConfig } from "./config";
+import { gpuNodeLabel, gpuNodeSelector, gpuTaint, NodePool, nodePoolLabelKey, systemNodeSelector } from "./conventions";
+import { eksAddon } from "./eks-addon";
 import { Network } from "./network";
-
-/** Label every GPU node carries; the NVIDIA device plugin's chart schedules on it. */
-export const gpuNodeLabel = { key: "nvidia.com/gpu.present", value: "true" } as const;
-/** Taint that keeps everything but GPU workloads off GPU nodes. */
-export const gpuTaint = { key: "nvidia.com/gpu", value: "true", effect: "NoSchedule" } as const;
-/** Toleration for pods that belong on GPU nodes (the server, GPU DaemonSets). */
-export const gpuToleration = { key: gpuTaint.key, operator: "Exists", effect: gpuTaint.effect } as const;
-/** Label of the node pool a node belongs to: `system` or `gpu`. */
-export const nodePoolLabelKey = "whisper-eks/node-pool";
-/** nodeSelector for cluster add-ons, controllers and monitoring. */
-export const systemNodeSelector = { [nodePoolLabelKey]: "system" } as const;
 
 /** Control-plane log types sent to CloudWatch. */
 export const controlPlaneLogTypes = ["api", "audit", "authenticator", "controllerManager", "scheduler"];
@@ -51,94 +42,6 @@ export interface Cluster {
     gpuNodeGroups: GpuNodeGroup[];
     /** Resources that must exist before workloads are scheduled: node groups and the add-ons on them. */
     ready: pulumi.Resource[];
-}
-
-export interface EksAddonArgs {
-    clusterName: pulumi.Input<string>;
-    kubernetesVersion: string;
-    /** The add-on's name in EKS, e.g. `coredns`. */
-    addonName: string;
-    /** A Pod Identity association for the add-on's service account. */
-    podIdentity?: { serviceAccount: string; roleArn: pulumi.Input<string> };
-    configurationValues?: Record<string, unknown>;
-}
-
-/**
- * An EKS-managed add-on, at the default version EKS publishes for the cluster's pinned Kubernetes version:
- * the version moves only when the Kubernetes version does (or AWS changes its default), never silently to latest.
- */
-export function eksAddon(name: string, args: EksAddonArgs, opts?: pulumi.CustomResourceOptions): aws.eks.Addon {
-    const version = aws.eks.getAddonVersionOutput({
-        addonName: args.addonName,
-        kubernetesVersion: args.kubernetesVersion,
-        mostRecent: false,
-    });
-    return new aws.eks.Addon(
-        name,
-        {
-            clusterName: args.clusterName,
-            addonName: args.addonName,
-            addonVersion: version.version,
-            resolveConflictsOnCreate: "OVERWRITE",
-            resolveConflictsOnUpdate: "OVERWRITE",
-            podIdentityAssociations: args.podIdentity ? [args.podIdentity] : undefined,
-            configurationValues: args.configurationValues ? JSON.stringify(args.configurationValues) : undefined,
-        },
-        opts,
-    );
-}
-
-/** An IAM role that pods assume through EKS Pod Identity, with the given managed and inline policies. */
-export function podIdentityRole(
-    name: string,
-    policies: { managedPolicyArns?: string[]; inlinePolicy?: pulumi.Input<string> },
-    tags: Record<string, string>,
-): aws.iam.Role {
-    const role = new aws.iam.Role(name, {
-        assumeRolePolicy: JSON.stringify({
-            Version: "2012-10-17",
-            Statement: [
-                {
-                    Effect: "Allow",
-                    Principal: { Service: "pods.eks.amazonaws.com" },
-                    Action: ["sts:AssumeRole", "sts:TagSession"],
-                },
-            ],
-        }),
-        tags,
-    });
-    (policies.managedPolicyArns ?? []).forEach(
-        (policyArn, index) => new aws.iam.RolePolicyAttachment(`${name}-${index}`, { role: role.name, policyArn }, { parent: role }),
-    );
-    if (policies.inlinePolicy !== undefined) {
-        new aws.iam.RolePolicy(`${name}-inline`, { role: role.id, policy: policies.inlinePolicy }, { parent: role });
-    }
-    return role;
-}
-
-/**
- * Binds a Kubernetes service account to a new IAM role through EKS Pod Identity (for controllers installed by
- * Helm: the Pod Identity agent add-on hands the role's credentials to the service account's pods).
- */
-export function podIdentityForServiceAccount(
-    name: string,
-    args: {
-        clusterName: pulumi.Input<string>;
-        namespace: string;
-        serviceAccount: string;
-        managedPolicyArns?: string[];
-        inlinePolicy?: pulumi.Input<string>;
-        tags: Record<string, string>;
-    },
-    opts?: pulumi.CustomResourceOptions,
-): { role: aws.iam.Role; association: aws.eks.PodIdentityAssociation } {
-    const role = podIdentityRole(name, args, args.tags);
-    const association = new aws.eks.PodIdentityAssociation(
-        name,
-        { clusterName: args.clusterName, namespace: args.namespace, serviceAccount: args.serviceAccount, roleArn: role.arn, tags: args.tags },
-        opts,
-    );
-    return { role, association };
 }
 
 function createNodeRole(name: string, tags: Record<string, string>): aws.iam.Role {
@@ -236,7 +139,7 @@ export function createCluster(
     // Nodes need the network plugin, kube-proxy and the Pod Identity agent from their first minute.
     const nodeAddons = [addon("vpc-cni"), addon("kube-proxy"), addon("eks-pod-identity-agent")];
 
-    const nodeGroupArgs = (pool: string) => ({
+    const nodeGroupArgs = (pool: NodePool) => ({
         cluster,
         nodeRole,
         subnetIds: network.privateSubnetIds,
@@ -275,7 +178,7 @@ export function createCluster(
                 scalingConfig: { minSize: group.minSize, desiredSize: group.desiredSize, maxSize: group.maxSize },
                 // Cluster Autoscaler owns the desired size after creation.
                 ignoreScalingChanges: true,
-                labels: { [gpuNodeLabel.key]: gpuNodeLabel.value, [nodePoolLabelKey]: "gpu" },
+                labels: { ...gpuNodeSelector, [nodePoolLabelKey]: "gpu" },
                 taints: [{ key: gpuTaint.key, value: gpuTaint.value, effect: "NO_SCHEDULE" }],
             },
             { dependsOn: nodeAddons },

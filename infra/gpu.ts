@@ -1,7 +1,7 @@
 // The NVIDIA device plugin: advertises nvidia.com/gpu on GPU nodes. AL2023 NVIDIA AMIs carry the driver and
 // container toolkit but not the plugin; without it every GPU pod stays Pending.
 import * as k8s from "@pulumi/kubernetes";
-import { gpuNodeLabel, gpuToleration } from "./cluster";
+import { gpuNodeLabel, gpuToleration } from "./conventions";
 import { AddonContext, installChart } from "./helm";
 
 export const nvidiaDevicePluginChart = {

@@ -4,8 +4,9 @@ import * as fs from "fs";
 import * as path from "path";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { podIdentityForServiceAccount, systemNodeSelector } from "./cluster";
+import { systemNodeSelector } from "./conventions";
 import { AddonContext, installChart } from "./helm";
+import { podIdentityForServiceAccount } from "./pod-identity";
 
 export const loadBalancerControllerChart = {
     chart: "aws-load-balancer-controller",

@@ -3,11 +3,10 @@
 import * as aws from "@pulumi/aws";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { eksAddon, podIdentityRole } from "./cluster";
+import { eksAddon } from "./eks-addon";
 import { AddonContext } from "./helm";
+import { podIdentityRole } from "./pod-identity";
 
-export type ModelCacheStorage = "efs" | "ebs";
-export const modelCacheStorages: readonly ModelCacheStorage[] = ["efs", "ebs"];
 export type VolumeAccessMode = "ReadWriteMany" | "ReadWriteOnce";
 
 /** The EFS CSI driver's StorageClass: one access point (a directory owned by the server's user) per volume. */

@@ -3,7 +3,7 @@
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
-import { gpuNodeLabel, gpuToleration, systemNodeSelector } from "./cluster";
+import { gpuNodeSelector, gpuToleration, systemNodeSelector } from "./conventions";
 import { gpuMemoryRatio, whisperDashboard } from "./dashboards/whisper";
 import { AddonContext, installChart } from "./helm";
 
@@ -132,7 +132,7 @@ export function installMonitoring(name: string, args: MonitoringArgs, context: A
                   namespace: monitoringNamespace,
                   values: {
                       // The chart's defaults neither tolerate the GPU taint nor select GPU nodes.
-                      nodeSelector: { [gpuNodeLabel.key]: gpuNodeLabel.value },
+                      nodeSelector: gpuNodeSelector,
                       tolerations: [gpuToleration],
                       serviceMonitor: { enabled: true, interval: "15s", honorLabels: false },
                   },

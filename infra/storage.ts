@@ -2,7 +2,9 @@
 // gp3 StorageClass as the cluster default. New clusters have neither, and every PVC would stay Pending.
 import * as aws from "@pulumi/aws";
 import * as k8s from "@pulumi/kubernetes";
-import { Cluster, eksAddon, podIdentityRole } from "./cluster";
+import { Cluster } from "./cluster";
+import { eksAddon } from "./eks-addon";
+import { podIdentityRole } from "./pod-identity";
 
 export const ebsCsiDriverPolicyArn = "arn:aws:iam::aws:policy/service-role/AmazonEBSCSIDriverPolicy";
 export const defaultStorageClassName = "gp3";

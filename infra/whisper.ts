@@ -4,8 +4,8 @@ import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import { Dtype, PodResources } from "./catalog";
-import { gpuNodeLabel, gpuToleration } from "./cluster";
-import { ScalingMetric } from "./autoscaling";
+import { LoadBalancerScheme, ScalingMetric } from "./config";
+import { gpuNodeSelector, gpuToleration } from "./conventions";
 import { VolumeAccessMode } from "./model-cache";
 
 export const whisperNamespace = "whisper";
@@ -36,9 +36,6 @@ export interface ServerSettings {
     /** The longest a request may run: the server's deadline, and the base of every timeout around it. */
     requestTimeoutSeconds: number;
 }
-
-export type LoadBalancerScheme = "internet-facing" | "internal";
-export const loadBalancerSchemes: readonly LoadBalancerScheme[] = ["internet-facing", "internal"];
 
 export interface TrafficSettings {
     scheme: LoadBalancerScheme;
@@ -191,7 +188,7 @@ export class WhisperService extends pulumi.ComponentResource {
                         metadata: { labels },
                         spec: {
                             terminationGracePeriodSeconds: terminationGracePeriodSeconds(server),
-                            nodeSelector: { [gpuNodeLabel.key]: gpuNodeLabel.value },
+                            nodeSelector: gpuNodeSelector,
                             tolerations: [gpuToleration],
                             // Zones first (an AZ outage), then hosts; ScheduleAnyway so a zone without GPU capacity does not block scaling.
                             topologySpreadConstraints: [spread("topology.kubernetes.io/zone"), spread("kubernetes.io/hostname")],

@@ -10,8 +10,8 @@ const repoRoot = path.resolve(__dirname, "..");
 const guidePath = path.join(repoRoot, "docs", "operations.md");
 const guide = fs.readFileSync(guidePath, "utf8");
 const projectConfig: Record<string, unknown> = YAML.parse(fs.readFileSync(path.join(repoRoot, "Pulumi.yaml"), "utf8")).config;
-/** infra/config.ts, the one reader of stack config: secrets have no default, so Pulumi.yaml does not declare them. */
-const configSource = fs.readFileSync(path.join(repoRoot, "infra", "config.ts"), "utf8");
+/** infra/load-config.ts, the one reader of stack config: secrets have no default, so Pulumi.yaml does not declare them. */
+const configSource = fs.readFileSync(path.join(repoRoot, "infra", "load-config.ts"), "utf8");
 
 /** The model and precision the table's batch-size column is computed for (the defaults). */
 const tableModel = "openai/whisper-large-v3";
@@ -63,7 +63,7 @@ describe("operations guide (docs/operations.md)", () => {
     it("names only config keys the program reads", () => {
         const named = new Set([...guide.matchAll(/whisper-eks:([A-Za-z][A-Za-z0-9]*)/g)].map((match) => match[1]));
         const unknown = [...named].filter((key) => !(key in projectConfig) && !configSource.includes(`Secret("${key}")`));
-        assert.deepEqual(unknown, [], `keys in the guide that neither Pulumi.yaml declares nor infra/config.ts reads as secrets: ${unknown.join(", ")}`);
+        assert.deepEqual(unknown, [], `keys in the guide that neither Pulumi.yaml declares nor infra/load-config.ts reads as secrets: ${unknown.join(", ")}`);
         assert.ok(named.size >= 10, "the guide shows the stack's config keys with their namespace");
     });
 

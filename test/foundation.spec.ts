@@ -2,7 +2,7 @@
 // node groups, add-ons, device plugin, storage, image and outputs, evaluated offline under mocks.
 import { strict as assert } from "assert";
 import { gpuInstanceTypes } from "../infra/catalog";
-import { pinnedImagePattern } from "../infra/config";
+import { pinnedImagePattern } from "../infra/load-config";
 import {
     evaluateStack,
     findResource,

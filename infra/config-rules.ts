@@ -1,0 +1,77 @@
+// Rules that span several config keys: what would break a deployment or expose it, refused before anything
+// is declared. Each names the keys involved, their values and the ways out.
+import { bfloat16MinComputeCapability, dtypes, gpuInstanceTypes, requiredGpuMemoryGiB, whisperModels } from "./catalog";
+import { GpuConfig, ServiceConfig, StackConfig } from "./config";
+import { ConfigReader } from "./config-reader";
+
+/** Checks every rule across keys; problems are recorded on the reader. */
+export function checkStackRules(reader: ConfigReader, config: StackConfig): void {
+    checkGpuFitsService(reader, config.gpu, config.service);
+    checkWorkload(reader, config);
+}
+
+/** The GPUs must support the dtype and hold the model at the configured batch size. */
+function checkGpuFitsService(reader: ConfigReader, gpu: GpuConfig, service: ServiceConfig): void {
+    if (!whisperModels[service.modelId] || !dtypes.includes(service.dtype) || Number.isNaN(service.maxBatchSize)) return;
+    const needGiB = requiredGpuMemoryGiB(service.modelId, service.dtype, service.maxBatchSize);
+    for (const group of gpu.nodeGroups) {
+        group.instanceTypes.forEach((name, index) => {
+            const type = gpuInstanceTypes[name];
+            if (!type) return;
+            if (service.dtype === "bfloat16" && type.computeCapability < bfloat16MinComputeCapability) {
+                reader.problem(
+                    "modelDtype",
+                    service.dtype,
+                    `${name} (${type.gpuModel}, compute capability ${type.computeCapability.toFixed(1)}) has no bfloat16; ` +
+                        `use float16, or GPUs with compute capability ${bfloat16MinComputeCapability.toFixed(1)} or more (g5, g6, g6e, p4d, p5)`,
+                );
+            }
+            if (needGiB > type.gpuMemoryGiB) {
+                reader.problem(
+                    `gpuInstanceTypes[${index}]`,
+                    name,
+                    `its ${type.gpuModel} has ${type.gpuMemoryGiB} GiB but ${service.modelId} at ${service.dtype} ` +
+                        `with maxBatchSize ${service.maxBatchSize} needs about ${needGiB.toFixed(1)} GiB; ` +
+                        `choose a larger GPU, a smaller maxBatchSize or a 16-bit modelDtype`,
+                );
+            }
+        });
+    }
+}
+
+function checkWorkload(reader: ConfigReader, config: StackConfig): void {
+    const { workload, traffic, autoscaling, gpu } = config;
+    if (workload.modelCacheStorage === "ebs" && autoscaling.maxReplicas > 1) {
+        reader.problem(
+            "modelCacheStorage",
+            "ebs",
+            `an EBS volume is ReadWriteOnce (one node, one AZ) but maxReplicas is ${autoscaling.maxReplicas}: ` +
+                `use modelCacheStorage "efs", or set maxReplicas (and minReplicas) to 1`,
+        );
+    }
+    const openToAll = traffic.sourceRanges.includes("0.0.0.0/0");
+    if (traffic.scheme === "internet-facing" && openToAll && !workload.requireApiKey && !traffic.allowUnauthenticatedPublicAccess) {
+        reader.problem(
+            "requireApiKey",
+            false,
+            `an internet-facing load balancer open to 0.0.0.0/0 (loadBalancerScheme, loadBalancerSourceRanges) would expose the GPUs ` +
+                `to anyone: set requireApiKey to true, narrow loadBalancerSourceRanges, use loadBalancerScheme "internal", ` +
+                `or set allowUnauthenticatedPublicAccess to true to accept it`,
+        );
+    }
+    if (config.existingClusterKubeconfig !== undefined) {
+        if (workload.modelCacheStorageClass === undefined) {
+            reader.problem(
+                "modelCacheStorageClass",
+                "",
+                `must name a StorageClass of the existing cluster (existingClusterKubeconfig is set, so no EFS file system is created); ` +
+                    `modelCacheStorage says its access mode ("efs": ReadWriteMany, "ebs": ReadWriteOnce)`,
+            );
+        }
+        return;
+    }
+    const gpuSlots = gpu.nodeGroups.reduce((sum, group) => sum + group.maxSize * (gpuInstanceTypes[group.instanceTypes[0]]?.gpuCount ?? 1), 0);
+    if (autoscaling.maxReplicas > gpuSlots) {
+        reader.problem("maxReplicas", autoscaling.maxReplicas, `the GPU node groups hold at most ${gpuSlots} pods (gpuMaxSize × GPUs per node): raise gpuMaxSize or lower maxReplicas`);
+    }
+}

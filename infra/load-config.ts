@@ -1,0 +1,211 @@
+// Reads and validates the stack's configuration, once, into the typed StackConfig (config.ts): each key with
+// its type, range or allowed values. The only code that reads pulumi.Config (through ConfigReader); every
+// problem is collected and reported together, before any resource is declared.
+import * as pulumi from "@pulumi/pulumi";
+import { dtypes, gpuInstanceTypes, whisperModels } from "./catalog";
+import {
+    AutoscalingConfig,
+    capacityTypes,
+    ClusterConfig,
+    GpuConfig,
+    GpuNodeGroupConfig,
+    ImageConfig,
+    loadBalancerSchemes,
+    modelCacheStorages,
+    MonitoringConfig,
+    natGatewayStrategies,
+    NetworkConfig,
+    projectName,
+    ScalingMetric,
+    scalingMetrics,
+    ServiceConfig,
+    StackConfig,
+    TrafficConfig,
+    WorkloadConfig,
+} from "./config";
+import { cidrProblem, ConfigReader } from "./config-reader";
+import { checkStackRules } from "./config-rules";
+
+const instanceTypePattern = /^[a-z][a-z0-9-]*\.[a-z0-9]+$/;
+const gpuFamilyPattern = /^(p\d|g\d)[a-z0-9-]*\./;
+const supportedGpuTypes = Object.keys(gpuInstanceTypes).join(", ");
+const roleArnPattern = /^arn:aws(-cn|-us-gov)?:iam::\d{12}:role\/[\w+=,.@/-]{1,512}$/;
+const certificateArnPattern = /^arn:aws(-cn|-us-gov)?:acm:[a-z0-9-]+:\d{12}:certificate\/[0-9a-f-]{36}$/;
+/** `registry/repository[:tag]@sha256:<digest>`: a digest makes the deployment reproducible. */
+export const pinnedImagePattern =
+    /^[a-z0-9]+([.-][a-z0-9]+)*(:\d+)?(\/[a-z0-9]+([._-][a-z0-9]+)*)+(:[\w][\w.-]{0,127})?@sha256:[a-f0-9]{64}$/;
+
+function gpuInstanceTypeProblem(name: string): string | undefined {
+    if (gpuInstanceTypes[name]) return undefined;
+    if (!instanceTypePattern.test(name)) return `not an EC2 instance type; supported GPU instance types: ${supportedGpuTypes}`;
+    if (!gpuFamilyPattern.test(name)) return `not a GPU instance type; supported GPU instance types: ${supportedGpuTypes}`;
+    return `not a supported GPU instance type; supported: ${supportedGpuTypes}`;
+}
+
+function readNetwork(reader: ConfigReader): NetworkConfig {
+    return {
+        vpcCidr: reader.cidr("vpcCidr", 20),
+        availabilityZoneCount: reader.integer("availabilityZoneCount", { min: 2, max: 4 }),
+        natGatewayStrategy: reader.oneOf("natGatewayStrategy", natGatewayStrategies),
+    };
+}
+
+function readCluster(reader: ConfigReader, stack: string): ClusterConfig {
+    const systemInstanceTypes = reader.stringList("systemNodeInstanceTypes", 1, (name) => {
+        if (!instanceTypePattern.test(name)) return "must be an EC2 instance type, e.g. m7i.xlarge";
+        if (gpuInstanceTypes[name] || gpuFamilyPattern.test(name)) return "must not be a GPU instance type: GPU nodes belong in gpuInstanceTypes";
+        return undefined;
+    });
+    return {
+        name: `${projectName}-${stack}`,
+        kubernetesVersion: reader.string("kubernetesVersion", {
+            pattern: /^1\.(3\d)$/,
+            describe: "must be an EKS Kubernetes version from 1.30 on, written major.minor, e.g. 1.35",
+        }),
+        adminRoleArns: reader.stringList("clusterAdminRoleArns", 0, (arn) =>
+            roleArnPattern.test(arn) ? undefined : "must be an IAM role ARN, e.g. arn:aws:iam::123456789012:role/platform-admin",
+        ),
+        publicAccessCidrs: reader.stringList("clusterPublicAccessCidrs", 1, (cidr) => cidrProblem(cidr, 32)),
+        systemNodes: { instanceTypes: systemInstanceTypes, ...reader.scaling("systemNode", 20) },
+    };
+}
+
+function readGpu(reader: ConfigReader): GpuConfig {
+    const instanceTypes = reader.stringList("gpuInstanceTypes", 1, gpuInstanceTypeProblem);
+    const known = instanceTypes.filter((name) => gpuInstanceTypes[name]);
+    const gpuCounts = new Set(known.map((name) => gpuInstanceTypes[name].gpuCount));
+    if (gpuCounts.size > 1) {
+        // Cluster Autoscaler builds one node template per group: every type in it must offer the same GPUs.
+        reader.problem("gpuInstanceTypes", instanceTypes, "all types in the GPU node group must have the same GPU count");
+    }
+    const group: GpuNodeGroupConfig = {
+        name: "gpu",
+        instanceTypes,
+        capacityType: reader.oneOf("gpuCapacityType", capacityTypes),
+        diskSizeGiB: reader.integer("gpuDiskSizeGiB", { min: 100, max: 16384 }),
+        ...reader.scaling("gpu", 100),
+    };
+    return { nodeGroups: [group] };
+}
+
+function readImage(reader: ConfigReader): ImageConfig {
+    return {
+        prebuiltReference: reader.optionalString("imageReference", {
+            pattern: pinnedImagePattern,
+            describe:
+                "must be empty (build from ./service) or an image pinned by digest, " +
+                "e.g. 123456789012.dkr.ecr.us-east-1.amazonaws.com/whisper@sha256:<64 hex digits>",
+        }),
+        repositoryForceDelete: reader.boolean("imageRepositoryForceDelete"),
+    };
+}
+
+function readService(reader: ConfigReader): ServiceConfig {
+    return {
+        modelId: reader.string("modelId", { allowed: Object.keys(whisperModels) }),
+        dtype: reader.oneOf("modelDtype", dtypes),
+        maxBatchSize: reader.integer("maxBatchSize", { min: 1, max: 256 }),
+    };
+}
+
+function readWorkload(reader: ConfigReader): WorkloadConfig {
+    return {
+        batchWaitMs: reader.integer("batchWaitMs", { min: 0, max: 1000 }),
+        maxUploadMb: reader.integer("maxUploadMb", { min: 1, max: 2048 }),
+        maxAudioSeconds: reader.integer("maxAudioSeconds", { min: 30, max: 4 * 3600 }),
+        queueSize: reader.integer("queueSize", { min: 1, max: 10000 }),
+        // The NLB's idle timeout (requestTimeoutSeconds + 60) can be at most 6000 s.
+        requestTimeoutSeconds: reader.integer("requestTimeoutSeconds", { min: 30, max: 5940 }),
+        apiKey: reader.optionalSecret("apiKey"),
+        requireApiKey: reader.boolean("requireApiKey"),
+        modelCacheStorage: reader.oneOf("modelCacheStorage", modelCacheStorages),
+        modelCacheSizeGiB: reader.integer("modelCacheSizeGiB", { min: 10, max: 16384 }),
+        modelCacheStorageClass: reader.optionalString("modelCacheStorageClass", {
+            pattern: /^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/,
+            describe: "must be empty or the name of a StorageClass (a DNS subdomain), e.g. efs-sc",
+        }),
+    };
+}
+
+function readTraffic(reader: ConfigReader): TrafficConfig {
+    return {
+        scheme: reader.oneOf("loadBalancerScheme", loadBalancerSchemes),
+        sourceRanges: reader.stringList("loadBalancerSourceRanges", 1, (cidr) => cidrProblem(cidr, 32)),
+        certificateArn: reader.optionalString("tlsCertificateArn", {
+            pattern: certificateArnPattern,
+            describe: "must be empty (plain HTTP on port 80) or an ACM certificate ARN, e.g. arn:aws:acm:us-east-1:123456789012:certificate/<uuid>",
+        }),
+        allowUnauthenticatedPublicAccess: reader.boolean("allowUnauthenticatedPublicAccess"),
+    };
+}
+
+function readMonitoring(reader: ConfigReader): MonitoringConfig {
+    const errorPercent = reader.integer("alertErrorPercent", { min: 1, max: 100 });
+    return {
+        prometheusRetentionDays: reader.integer("prometheusRetentionDays", { min: 1, max: 365 }),
+        prometheusStorageGiB: reader.integer("prometheusStorageGiB", { min: 10, max: 16384 }),
+        grafanaAdminPassword: reader.optionalSecret("grafanaAdminPassword"),
+        alertP95LatencySeconds: reader.integer("alertP95LatencySeconds", { min: 1, max: 6000 }),
+        alertErrorRatio: errorPercent / 100,
+    };
+}
+
+/** The key holding the per-pod target of each scaling metric. */
+const scalingTargetKeys: Record<ScalingMetric, string> = {
+    http_requests_per_second: "targetRequestsPerSecond",
+    whisper_requests_in_flight: "targetInFlightRequests",
+    whisper_queued_audio_seconds: "targetQueuedAudioSeconds",
+};
+
+function readAutoscaling(reader: ConfigReader): AutoscalingConfig {
+    const minReplicas = reader.integer("minReplicas", { min: 1, max: 1000 });
+    const maxReplicas = reader.integer("maxReplicas", { min: 1, max: 1000 });
+    if (minReplicas > maxReplicas) reader.problem("minReplicas", minReplicas, `must not exceed maxReplicas (${maxReplicas})`);
+    const metric = reader.oneOf("scalingMetric", scalingMetrics);
+    const targets = Object.fromEntries(
+        Object.entries(scalingTargetKeys).map(([name, key]) => [name, reader.integer(key, { min: 1, max: 100000 })]),
+    ) as Record<ScalingMetric, number>;
+    return {
+        minReplicas,
+        maxReplicas,
+        metric,
+        targetAverageValue: targets[metric],
+        clusterAutoscalerScaleDownMinutes: reader.integer("clusterAutoscalerScaleDownMinutes", { min: 1, max: 1440 }),
+    };
+}
+
+function readRegion(): { region: string; problems: string[] } {
+    const aws = new ConfigReader("aws");
+    const region = aws.string("region", {
+        pattern: /^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$/,
+        describe: "must be an AWS region, e.g. us-east-1",
+    });
+    return { region, problems: aws.problems };
+}
+
+/** Reads and validates the whole stack configuration; throws one ConfigError listing every problem. */
+export function loadConfig(): StackConfig {
+    const reader = new ConfigReader(projectName);
+    const stack = pulumi.getStack();
+    const { region, problems: regionProblems } = readRegion();
+    reader.problems.push(...regionProblems);
+    const config: StackConfig = {
+        project: projectName,
+        stack,
+        region,
+        tags: { project: projectName, stack, "managed-by": "pulumi" },
+        network: readNetwork(reader),
+        cluster: readCluster(reader, stack),
+        gpu: readGpu(reader),
+        image: readImage(reader),
+        service: readService(reader),
+        workload: readWorkload(reader),
+        traffic: readTraffic(reader),
+        monitoring: readMonitoring(reader),
+        autoscaling: readAutoscaling(reader),
+        existingClusterKubeconfig: reader.optionalSecret("existingClusterKubeconfig"),
+    };
+    checkStackRules(reader, config);
+    reader.throwIfProblems();
+    return config;
+}
