@@ -59,6 +59,15 @@ function checkWorkload(reader: ConfigReader, config: StackConfig): void {
                 `or set allowUnauthenticatedPublicAccess to true to accept it`,
         );
     }
+    if (traffic.scheme === "internet-facing" && traffic.certificateArn === undefined && !traffic.allowPlaintextPublicAccess) {
+        reader.problem(
+            "tlsCertificateArn",
+            "",
+            `an internet-facing load balancer (loadBalancerScheme "internet-facing") without a certificate serves plain HTTP on port 80, ` +
+                `so the API key and the audio cross the internet in the clear: set tlsCertificateArn to an ACM certificate ARN, ` +
+                `use loadBalancerScheme "internal", or set allowPlaintextPublicAccess to true to accept it`,
+        );
+    }
     if (config.existingClusterKubeconfig !== undefined) {
         if (workload.modelCacheStorageClass === undefined) {
             reader.problem(

@@ -85,6 +85,8 @@ export interface TrafficConfig {
     sourceRanges: string[];
     certificateArn?: string;
     allowUnauthenticatedPublicAccess: boolean;
+    /** The explicit opt-in to plain HTTP on an internet-facing load balancer (no certificate). */
+    allowPlaintextPublicAccess: boolean;
 }
 
 export interface MonitoringConfig {

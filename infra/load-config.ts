@@ -136,6 +136,7 @@ function readTraffic(reader: ConfigReader): TrafficConfig {
             describe: "must be empty (plain HTTP on port 80) or an ACM certificate ARN, e.g. arn:aws:acm:us-east-1:123456789012:certificate/<uuid>",
         }),
         allowUnauthenticatedPublicAccess: reader.boolean("allowUnauthenticatedPublicAccess"),
+        allowPlaintextPublicAccess: reader.boolean("allowPlaintextPublicAccess"),
     };
 }
 

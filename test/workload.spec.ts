@@ -5,6 +5,7 @@ import { strict as assert } from "assert";
 import * as fs from "fs";
 import * as path from "path";
 import * as pulumi from "@pulumi/pulumi";
+import * as YAML from "yaml";
 import { gpuInstanceTypes, gpuNodeDaemonSetReserve } from "../infra/catalog";
 import { ConfigOverrides, evaluateStack, findResource, findResources, RecordedResource, repoRoot, SecretValue, StackEvaluation, tryEvaluateStack } from "../scripts/offline-stack";
 
@@ -436,6 +437,18 @@ describe("workload", function () {
             assert.ok(podSpec(evaluation).terminationGracePeriodSeconds > 5940, "the pod still gets to finish its longest request");
         });
 
+        it("serves plain HTTP to the internet only with the explicit opt-in, which dev shows and prod does not use", async function () {
+            const stackFile = (stack: string) => YAML.parse(fs.readFileSync(path.join(repoRoot, `Pulumi.${stack}.yaml`), "utf8")).config;
+            assert.equal(stackFile("dev")["whisper-eks:allowPlaintextPublicAccess"], true, "Pulumi.dev.yaml shows the opt-in");
+            assert.equal(stackFile("prod")["whisper-eks:allowPlaintextPublicAccess"], undefined, "prod never opts in");
+            const dev = await evaluateStack("dev");
+            assert.ok(byKind(dev, kinds.service).inputs.metadata.annotations["service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80"]);
+            // With a certificate, or on an internal load balancer, no opt-in is needed.
+            const certificateArn = "arn:aws:acm:us-east-1:123456789012:certificate/0a1b2c3d-0a1b-0a1b-0a1b-0a1b2c3d4e5f";
+            assert.equal((await tryEvaluateStack("dev", { allowPlaintextPublicAccess: false, tlsCertificateArn: certificateArn })).error, undefined);
+            assert.equal((await tryEvaluateStack("dev", { allowPlaintextPublicAccess: false, loadBalancerScheme: "internal" })).error, undefined);
+        });
+
         it("uses the API key and Grafana password from secret config instead of generating them", async function () {
             const evaluation = await evaluateStack("dev", { apiKey: new SecretValue("key-from-config"), grafanaAdminPassword: new SecretValue("grafana-from-config") });
             assert.equal(findResources(evaluation.resources, "random:index/randomPassword:RandomPassword").length, 0);
@@ -496,6 +509,25 @@ describe("workload", function () {
                 what: "more replicas than GPU nodes",
                 overrides: { maxReplicas: 3 },
                 expected: ["whisper-eks:maxReplicas = 3", "at most 2 pods", "gpuMaxSize"],
+            },
+            {
+                what: "an internet-facing endpoint without TLS (the API key would cross the internet in the clear)",
+                overrides: { allowPlaintextPublicAccess: false },
+                expected: [
+                    'whisper-eks:tlsCertificateArn = ""',
+                    'loadBalancerScheme "internet-facing"',
+                    "plain HTTP on port 80",
+                    "in the clear",
+                    "ACM certificate ARN",
+                    'loadBalancerScheme "internal"',
+                    "allowPlaintextPublicAccess to true",
+                ],
+            },
+            {
+                what: "plain HTTP on the internet for the prod stack, which does not opt in",
+                stack: "prod",
+                overrides: { loadBalancerScheme: "internet-facing" },
+                expected: ['whisper-eks:tlsCertificateArn = ""', "allowPlaintextPublicAccess"],
             },
             { what: "minReplicas above maxReplicas", overrides: { minReplicas: 3 }, expected: ["whisper-eks:minReplicas = 3", "must not exceed maxReplicas (2)"] },
             {
