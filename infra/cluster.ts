@@ -17,6 +17,8 @@ export const controlPlaneLogTypes = ["api", "audit", "authenticator", "controlle
 export const controlPlaneLogRetentionDays = 30;
 const systemNodeDiskSizeGiB = 50;
 const clusterAdminPolicyArn = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy";
+/** Read access to most objects, not Secrets: enough for previews, which fall back to client-side diffs. */
+const clusterViewPolicyArn = "arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy";
 /** Policies of the node IAM role: join the cluster, run the VPC CNI, pull from ECR, be reachable by SSM. */
 export const nodeRolePolicyArns = [
     "arn:aws:iam::aws:policy/AmazonEKSWorkerNodePolicy",
@@ -61,6 +63,14 @@ function createNodeRole(name: string, tags: Record<string, string>): aws.iam.Rol
 
 /** `arn:aws:iam::123456789012:role/sso/admin` -> `sso-admin`: unique per role in the account. */
 const roleNameOf = (arn: string): string => arn.slice(arn.indexOf(":role/") + ":role/".length).split("/").join("-");
+
+/** An access entry giving an IAM role the named EKS access policies on the whole cluster. */
+function accessEntry(kind: string, principalArn: string, policies: Record<string, string>): [string, eks.types.input.AccessEntryArgs] {
+    const accessPolicies = Object.fromEntries(
+        Object.entries(policies).map(([policyName, policyArn]) => [policyName, { policyArn, accessScope: { type: "cluster" } }]),
+    );
+    return [`${kind}-${roleNameOf(principalArn)}`, { principalArn, type: eks.AccessEntryType.Standard, accessPolicies }];
+}
 
 /**
  * Cluster Autoscaler can only scale a group up from zero if the group's ASG describes the nodes it would get:
@@ -109,18 +119,10 @@ export function createCluster(
         endpointPrivateAccess: true,
         publicAccessCidrs: config.publicAccessCidrs,
         authenticationMode: eks.AuthenticationMode.Api,
-        accessEntries: Object.fromEntries(
-            config.adminRoleArns.map((principalArn) => [
-                `admin-${roleNameOf(principalArn)}`,
-                {
-                    principalArn,
-                    type: eks.AccessEntryType.Standard,
-                    accessPolicies: {
-                        clusterAdmin: { policyArn: clusterAdminPolicyArn, accessScope: { type: "cluster" } },
-                    },
-                },
-            ]),
-        ),
+        accessEntries: Object.fromEntries([
+            ...config.adminRoleArns.map((principalArn) => accessEntry("admin", principalArn, { clusterAdmin: clusterAdminPolicyArn })),
+            ...config.viewerRoleArns.map((principalArn) => accessEntry("viewer", principalArn, { clusterView: clusterViewPolicyArn })),
+        ]),
         enabledClusterLogTypes: controlPlaneLogTypes,
         skipDefaultNodeGroup: true,
         // Every add-on is an EKS add-on declared below, once: none bootstrapped, none from the component.

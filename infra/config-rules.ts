@@ -1,13 +1,27 @@
 // Rules that span several config keys: what would break a deployment or expose it, refused before anything
 // is declared. Each names the keys involved, their values and the ways out.
 import { bfloat16MinComputeCapability, dtypes, gpuInstanceTypes, requiredGpuMemoryGiB, whisperModels } from "./catalog";
-import { GpuConfig, ServiceConfig, StackConfig } from "./config";
+import { ClusterConfig, GpuConfig, ServiceConfig, StackConfig } from "./config";
 import { ConfigReader } from "./config-reader";
 
 /** Checks every rule across keys; problems are recorded on the reader. */
 export function checkStackRules(reader: ConfigReader, config: StackConfig): void {
+    checkClusterAccess(reader, config.cluster);
     checkGpuFitsService(reader, config.gpu, config.service);
     checkWorkload(reader, config);
+}
+
+/** A viewer role is the one pull-request code runs with: it must never also be an administrator. */
+function checkClusterAccess(reader: ConfigReader, cluster: ClusterConfig): void {
+    cluster.viewerRoleArns.forEach((arn, index) => {
+        if (cluster.adminRoleArns.includes(arn)) {
+            reader.problem(
+                `clusterViewerRoleArns[${index}]`,
+                arn,
+                "is also in clusterAdminRoleArns: a viewer (a CI preview role, which pull-request code runs with) must stay read-only; list it in one of the two",
+            );
+        }
+    });
 }
 
 /** The GPUs must support the dtype and hold the model at the configured batch size. */

@@ -35,7 +35,10 @@ export interface ClusterConfig {
     /** Cluster name: `<project>-<stack>`. */
     name: string;
     kubernetesVersion: string;
+    /** Roles given cluster-admin (people, the CI deploy role). */
     adminRoleArns: string[];
+    /** Roles given read-only access without Secrets (the CI preview role: pull-request code runs with it). */
+    viewerRoleArns: string[];
     publicAccessCidrs: string[];
     systemNodes: NodeGroupScaling & { instanceTypes: string[] };
 }

@@ -56,15 +56,16 @@ function readCluster(reader: ConfigReader, stack: string): ClusterConfig {
         if (gpuInstanceTypes[name] || gpuFamilyPattern.test(name)) return "must not be a GPU instance type: GPU nodes belong in gpuInstanceTypes";
         return undefined;
     });
+    const roleArn = (arn: string) =>
+        roleArnPattern.test(arn) ? undefined : "must be an IAM role ARN, e.g. arn:aws:iam::123456789012:role/platform-admin";
     return {
         name: `${projectName}-${stack}`,
         kubernetesVersion: reader.string("kubernetesVersion", {
             pattern: /^1\.(3\d)$/,
             describe: "must be an EKS Kubernetes version from 1.30 on, written major.minor, e.g. 1.35",
         }),
-        adminRoleArns: reader.stringList("clusterAdminRoleArns", 0, (arn) =>
-            roleArnPattern.test(arn) ? undefined : "must be an IAM role ARN, e.g. arn:aws:iam::123456789012:role/platform-admin",
-        ),
+        adminRoleArns: reader.stringList("clusterAdminRoleArns", 0, roleArn),
+        viewerRoleArns: reader.stringList("clusterViewerRoleArns", 0, roleArn),
         publicAccessCidrs: reader.stringList("clusterPublicAccessCidrs", 1, (cidr) => cidrProblem(cidr, 32)),
         systemNodes: { instanceTypes: systemInstanceTypes, ...reader.scaling("systemNode", 20) },
     };

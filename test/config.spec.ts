@@ -47,6 +47,23 @@ const badConfigs: BadConfig[] = [
         expected: ['whisper-eks:clusterAdminRoleArns[1] = "arn:aws:iam::123456789012:role/admin"', "must not repeat an earlier item"],
     },
     {
+        what: "a viewer role that is not a role ARN",
+        overrides: { clusterViewerRoleArns: ["arn:aws:iam::123456789012:user/ci"] },
+        expected: ['whisper-eks:clusterViewerRoleArns[0] = "arn:aws:iam::123456789012:user/ci"', "must be an IAM role ARN"],
+    },
+    {
+        what: "a role that is both admin and viewer",
+        overrides: {
+            clusterAdminRoleArns: ["arn:aws:iam::123456789012:role/whisper-eks-dev-preview"],
+            clusterViewerRoleArns: ["arn:aws:iam::123456789012:role/whisper-eks-dev-preview"],
+        },
+        expected: [
+            'whisper-eks:clusterViewerRoleArns[0] = "arn:aws:iam::123456789012:role/whisper-eks-dev-preview"',
+            "also in clusterAdminRoleArns",
+            "read-only",
+        ],
+    },
+    {
         what: "GPU types with different GPU counts in one group",
         overrides: { gpuInstanceTypes: ["g5.xlarge", "g5.12xlarge"] },
         expected: ["whisper-eks:gpuInstanceTypes = ", "same GPU count"],
@@ -196,6 +213,25 @@ describe("config: bad stack configurations", () => {
             assert.equal(entry.accessPolicies.clusterAdmin.policyArn, "arn:aws:eks::aws:cluster-access-policy/AmazonEKSClusterAdminPolicy");
             assert.equal(entry.accessPolicies.clusterAdmin.accessScope.type, "cluster");
         }
+    });
+
+    it("gives viewer roles (CI previews) read-only access entries: the EKS view policy and nothing else", async () => {
+        const admin = "arn:aws:iam::123456789012:role/whisper-eks-prod-deploy";
+        const viewer = "arn:aws:iam::123456789012:role/whisper-eks-prod-preview";
+        const { error, resources } = await tryEvaluateStack("prod", { clusterAdminRoleArns: [admin], clusterViewerRoleArns: [viewer] });
+        assert.equal(error, undefined, error?.message);
+        const cluster = resources.find((r) => r.type === "eks:index:Cluster");
+        const entries = Object.values<any>(cluster?.inputs.accessEntries);
+        const viewerEntry = entries.find((entry) => entry.principalArn === viewer);
+        assert.ok(viewerEntry, "the viewer role has an access entry");
+        assert.equal(viewerEntry.type, "STANDARD");
+        assert.deepEqual(viewerEntry.kubernetesGroups ?? [], [], "no Kubernetes groups that RBAC could bind to more");
+        assert.deepEqual(
+            Object.values<any>(viewerEntry.accessPolicies).map((policy) => [policy.policyArn, policy.accessScope.type]),
+            [["arn:aws:eks::aws:cluster-access-policy/AmazonEKSViewPolicy", "cluster"]],
+        );
+        const adminPolicies = entries.filter((entry) => entry.principalArn !== admin).flatMap((entry) => Object.values<any>(entry.accessPolicies));
+        assert.ok(!adminPolicies.some((policy) => /Admin/.test(policy.policyArn)), "only the admin role is an administrator");
     });
 });
 

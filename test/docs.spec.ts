@@ -88,6 +88,15 @@ describe("operations guide (docs/operations.md)", () => {
         for (const alert of alerts) assert.match(guide, new RegExp(`^\\| \`${alert}\` \\|`, "m"), `the alerts table explains ${alert}`);
     });
 
+    it("states the CI threat model: previews are cluster viewers, prod-preview needs a reviewer, secrets live in environments", () => {
+        const section = guide.slice(guide.indexOf("### Who can reach what: the CI threat model"));
+        assert.ok(section.length < guide.length, "the guide has the threat model section");
+        for (const point of ["untrusted", "`prod-preview`", "required reviewer", "viewer", "environment secrets", "one passphrase per stack", "What remains"]) {
+            assert.ok(section.includes(point), `the threat model covers "${point}"`);
+        }
+        assert.doesNotMatch(guide, /clusterAdminRoleArns\[\d\]' arn:aws:iam::\d+:role\/whisper-eks-\w+-preview/, "no example makes a preview role an admin");
+    });
+
     it("is linked from the README", () => {
         assert.match(fs.readFileSync(path.join(repoRoot, "README.md"), "utf8"), /\]\(docs\/operations\.md\)/);
     });

@@ -220,6 +220,50 @@ describe("GitHub Actions workflows", () => {
             assert.equal(credentialSteps[0].step.with["role-to-assume"], "${{ vars.AWS_ROLE_ARN }}");
         });
 
+        describe("pull-request code cannot reach prod as an administrator, nor the stacks' secrets unreviewed", () => {
+            // A same-repository pull request runs the workflow files of its own branch: the controls that hold
+            // against it are the environments' protection and secrets, the OIDC subjects and the access entries.
+            it("runs on pull_request, never pull_request_target (which hands the base repository's secrets to the head's code)", () => {
+                for (const workflow of workflows) {
+                    assert.equal(workflow.doc.on?.pull_request_target, undefined, workflow.file);
+                    assert.equal(workflow.doc.on?.workflow_run, undefined, workflow.file);
+                }
+            });
+
+            it("passes no secrets to reusable workflows: backend secrets are the job's environment secrets", () => {
+                for (const workflow of workflows) {
+                    for (const [id, job] of Object.entries<any>(workflow.doc.jobs)) {
+                        assert.equal(job.secrets, undefined, `${workflow.file}: job ${id} passes secrets; they belong to the environment`);
+                    }
+                }
+                assert.equal(pulumi.doc.on.workflow_call.secrets, undefined, "pulumi.yml takes no secrets from its caller");
+                assert.equal(pulumi.doc.jobs.pulumi.environment, "${{ inputs.environment }}", "the job runs in the environment that holds them");
+            });
+
+            it("previews run in each stack's -preview environment, updates in the stack's own", () => {
+                const [preview] = calls(pullRequest, "pulumi.yml");
+                assert.equal(preview.job.with.environment, "${{ matrix.stack }}-preview");
+                for (const { job } of calls(deploy, "pulumi.yml")) assert.equal(job.with.environment, job.with.stack);
+            });
+
+            it("the pull request's other jobs get no token scope beyond reading the code", () => {
+                for (const [id, job] of Object.entries<any>(pullRequest.doc.jobs)) {
+                    if (job.uses === "./.github/workflows/pulumi.yml") continue;
+                    assert.deepEqual(job.permissions, { contents: "read" }, `pull-request.yml: ${id}`);
+                }
+            });
+
+            it("the README sets up prod-preview with required reviewers and per-environment backend secrets", () => {
+                const readme = fs.readFileSync(path.join(repoRoot, "README.md"), "utf8");
+                const row = readme.split("\n").find((line) => /^\s*\| `prod-preview` \|/.test(line));
+                assert.ok(row, "the environments table has a prod-preview row");
+                assert.match(row, /Required reviewers/);
+                assert.match(readme, /gh secret set PULUMI_CONFIG_PASSPHRASE --env prod-preview/);
+                assert.doesNotMatch(readme, /clusterAdminRoleArns\[\d\]' arn:aws:iam::\d+:role\/whisper-eks-\w+-preview/, "preview roles are never admins");
+                assert.match(readme, /clusterViewerRoleArns\[0\]' arn:aws:iam::\d+:role\/whisper-eks-dev-preview/);
+            });
+        });
+
         it("the Pulumi backend and passphrase come from secrets", () => {
             const step = pulumiStep();
             assert.equal(step.with["cloud-url"], "${{ secrets.PULUMI_BACKEND_URL }}");
