@@ -39,7 +39,7 @@ if ! command -v pulumi >/dev/null 2>&1; then
     problems+=("the Pulumi CLI is not installed: curl -fsSL https://get.pulumi.com | sh (https://www.pulumi.com/docs/install/)")
 fi
 if ! command -v npm >/dev/null 2>&1; then
-    problems+=("Node.js 20.19+ with npm is not installed: https://nodejs.org/en/download")
+    problems+=("Node.js 22+ with npm is not installed: https://nodejs.org/en/download")
 fi
 if ! command -v aws >/dev/null 2>&1; then
     problems+=("the aws CLI v2 is not installed; the cluster's kubeconfig runs 'aws eks get-token', so every machine that runs pulumi up needs it: https://docs.aws.amazon.com/cli/latest/userguide/getting-started-install.html")
