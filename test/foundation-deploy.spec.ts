@@ -50,7 +50,7 @@ describe("scripts/deploy.sh", () => {
         assert.match(result.stderr, /the Pulumi CLI is not installed/);
         assert.match(result.stderr, /the aws CLI v2 is not installed; .*aws eks get-token/);
         assert.match(result.stderr, /Docker is not installed/);
-        assert.match(result.stderr, /Node\.js 20\.19\+ with npm is not installed/);
+        assert.match(result.stderr, /Node\.js 22\+ with npm is not installed/);
         assert.equal(result.stdout, "");
     });
 

@@ -333,7 +333,8 @@ describe("GitHub Actions workflows", () => {
 
         it("Node.js and the Pulumi CLI are pinned to the versions the project uses", () => {
             const pkg = JSON.parse(fs.readFileSync(path.join(repoRoot, "package.json"), "utf8"));
-            const minimum = /(\d+)\.(\d+)/.exec(pkg.engines.node)!.slice(1).map(Number);
+            const [, minimumMajor, minimumMinor] = /(\d+)(?:\.(\d+))?/.exec(pkg.engines.node)!;
+            const minimum = [Number(minimumMajor), Number(minimumMinor ?? 0)];
             const nodeVersions = workflows.flatMap((workflow) =>
                 steps(workflow)
                     .filter(({ step }) => String(step.uses ?? "").startsWith("actions/setup-node@"))
@@ -344,6 +345,8 @@ describe("GitHub Actions workflows", () => {
             const [major, minor] = nodeVersions[0].split(".").map(Number);
             assert.match(nodeVersions[0], /^\d+\.\d+\.\d+$/, "an exact Node.js version");
             assert.ok(major > minimum[0] || (major === minimum[0] && minor >= minimum[1]), `${nodeVersions[0]} satisfies engines ${pkg.engines.node}`);
+            const ciNode = /^NODE_VERSION=(\S+)$/m.exec(fs.readFileSync(path.join(repoRoot, ".ci", "run"), "utf8"));
+            assert.equal(ciNode?.[1], nodeVersions[0], ".ci/run installs the Node.js version the workflows use");
             assert.equal(pulumiStep().with["pulumi-version"], pkg.dependencies["@pulumi/pulumi"], "CLI matches the SDK");
         });
 
