@@ -129,6 +129,7 @@ const whisper = new WhisperService(
         apiKey: serviceApiKey,
         modelCache: { ...modelCache, sizeGiB: config.workload.modelCacheSizeGiB },
         traffic: config.traffic,
+        loadBalancerSourceCidrs: eks && [config.network.vpcCidr],
         scaling: config.autoscaling,
         serviceMonitor: true,
         after: { loadBalancerController, monitoring: monitoring.release, metricsAdapter },

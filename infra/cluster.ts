@@ -61,6 +61,25 @@ function createNodeRole(name: string, tags: Record<string, string>): aws.iam.Rol
     return role;
 }
 
+/**
+ * The node groups' launch template: IMDSv2 only, with a hop limit of 1, so that pods (one network hop beyond the
+ * node) cannot take the node role's credentials; pods get their own through Pod Identity, and the controllers get
+ * the region and VPC they would have read from it. Neither an image nor user data: the node group's amiType keeps
+ * choosing the EKS-managed AMI, and EKS merges its bootstrap in. EKS refuses diskSize beside a launch template,
+ * so the root volume (/dev/xvda on AL2023) is set here.
+ */
+function nodeLaunchTemplate(name: string, diskSizeGiB: number, tags: Record<string, string>): { id: pulumi.Output<string>; version: pulumi.Output<string> } {
+    const template = new aws.ec2.LaunchTemplate(name, {
+        description: "EKS managed node group: IMDSv2 only, hop limit 1, encrypted gp3 root volume; AMI chosen by EKS",
+        metadataOptions: { httpEndpoint: "enabled", httpTokens: "required", httpPutResponseHopLimit: 1 },
+        blockDeviceMappings: [
+            { deviceName: "/dev/xvda", ebs: { volumeSize: diskSizeGiB, volumeType: "gp3", encrypted: "true", deleteOnTermination: "true" } },
+        ],
+        tags,
+    });
+    return { id: template.id, version: template.latestVersion.apply(String) };
+}
+
 /** `arn:aws:iam::123456789012:role/sso/admin` -> `sso-admin`: unique per role in the account. */
 const roleNameOf = (arn: string): string => arn.slice(arn.indexOf(":role/") + ":role/".length).split("/").join("-");
 
@@ -135,27 +154,32 @@ export function createCluster(
     const clusterName = cluster.eksCluster.name;
     // Not parented to the cluster: depending on a component waits for all its children, and the node groups
     // depend on the cluster while coredns depends on a node group.
-    const addon = (addonName: string, opts?: pulumi.CustomResourceOptions) =>
-        eksAddon(`${name}-${addonName}`, { clusterName, kubernetesVersion: config.kubernetesVersion, addonName }, opts);
+    const addon = (addonName: string, opts?: pulumi.CustomResourceOptions, configurationValues?: Record<string, unknown>) =>
+        eksAddon(`${name}-${addonName}`, { clusterName, kubernetesVersion: config.kubernetesVersion, addonName, configurationValues }, opts);
 
-    // Nodes need the network plugin, kube-proxy and the Pod Identity agent from their first minute.
-    const nodeAddons = [addon("vpc-cni"), addon("kube-proxy"), addon("eks-pod-identity-agent")];
+    // Nodes need the network plugin, kube-proxy and the Pod Identity agent from their first minute. The CNI
+    // enforces NetworkPolicies only with its network policy agent turned on.
+    const nodeAddons = [
+        addon("vpc-cni", undefined, { enableNetworkPolicy: "true" }),
+        addon("kube-proxy"),
+        addon("eks-pod-identity-agent"),
+    ];
 
-    const nodeGroupArgs = (pool: NodePool) => ({
+    const nodeGroupArgs = (nodeGroupName: string, pool: NodePool, diskSizeGiB: number) => ({
         cluster,
         nodeRole,
         subnetIds: network.privateSubnetIds,
         tags: { ...tags, [nodePoolLabelKey]: pool },
+        launchTemplate: nodeLaunchTemplate(`${nodeGroupName}-launch-template`, diskSizeGiB, tags),
     });
 
     const systemNodeGroup = new eks.ManagedNodeGroup(
         `${name}-system`,
         {
-            ...nodeGroupArgs("system"),
+            ...nodeGroupArgs(`${name}-system`, "system", systemNodeDiskSizeGiB),
             amiType: "AL2023_x86_64_STANDARD",
             instanceTypes: config.systemNodes.instanceTypes,
             capacityType: "ON_DEMAND",
-            diskSize: systemNodeDiskSizeGiB,
             scalingConfig: {
                 minSize: config.systemNodes.minSize,
                 desiredSize: config.systemNodes.desiredSize,
@@ -170,13 +194,12 @@ export function createCluster(
         const nodeGroup = new eks.ManagedNodeGroup(
             `${name}-${group.name}`,
             {
-                ...nodeGroupArgs("gpu"),
+                ...nodeGroupArgs(`${name}-${group.name}`, "gpu", group.diskSizeGiB),
                 // Set explicitly: `gpu: true` alone does not pick the NVIDIA AMI. No userData, kubeletExtraArgs
-                // or amiId: they force a custom launch template whose AMI is looked up again on every run.
+                // or amiId: they make the component build a launch template whose AMI is looked up on every run.
                 amiType: "AL2023_x86_64_NVIDIA",
                 instanceTypes: group.instanceTypes,
                 capacityType: group.capacityType,
-                diskSize: group.diskSizeGiB,
                 scalingConfig: { minSize: group.minSize, desiredSize: group.desiredSize, maxSize: group.maxSize },
                 // Cluster Autoscaler owns the desired size after creation.
                 ignoreScalingChanges: true,

@@ -61,6 +61,11 @@ export interface WhisperServiceArgs {
     apiKey?: pulumi.Input<string>;
     modelCache: { storageClassName: pulumi.Input<string>; accessMode: VolumeAccessMode; sizeGiB: number; dependsOn: pulumi.Resource[] };
     traffic: TrafficSettings;
+    /**
+     * The source ranges the load balancer's traffic arrives from: the VPC's CIDR, since NLB IP targets without
+     * client IP preservation see the NLB's own private addresses. Unknown (an existing cluster): any source.
+     */
+    loadBalancerSourceCidrs?: string[];
     scaling: ScalingSettings;
     /** Declare the ServiceMonitor (the Prometheus Operator's CRDs exist). */
     serviceMonitor: boolean;
@@ -187,6 +192,8 @@ export class WhisperService extends pulumi.ComponentResource {
                     template: {
                         metadata: { labels },
                         spec: {
+                            // The server never calls the Kubernetes API: no token to steal from it.
+                            automountServiceAccountToken: false,
                             terminationGracePeriodSeconds: terminationGracePeriodSeconds(server),
                             nodeSelector: gpuNodeSelector,
                             tolerations: [gpuToleration],
@@ -254,6 +261,25 @@ export class WhisperService extends pulumi.ComponentResource {
                 },
             },
             { ...k8sOpts, dependsOn: args.after.loadBalancerController ? [args.after.loadBalancerController] : [] },
+        );
+
+        // Only the API port is reachable, and only from where the load balancer sends; enforced by the VPC CNI.
+        new k8s.networking.v1.NetworkPolicy(
+            `${name}-network-policy`,
+            {
+                metadata: metadata("whisper"),
+                spec: {
+                    podSelector: { matchLabels: labels },
+                    policyTypes: ["Ingress"],
+                    ingress: [
+                        {
+                            from: args.loadBalancerSourceCidrs?.map((cidr) => ({ ipBlock: { cidr } })),
+                            ports: [{ port: httpPortName, protocol: "TCP" }],
+                        },
+                    ],
+                },
+            },
+            k8sOpts,
         );
 
         new k8s.policy.v1.PodDisruptionBudget(

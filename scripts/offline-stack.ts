@@ -228,6 +228,8 @@ export class OfflineMocks implements pulumi.runtime.Mocks {
             }
             case "aws:iam/role:Role":
                 return { ...inputs, id: physicalName, name: physicalName, arn: `arn:aws:iam::${mockAccountId}:role/${physicalName}` };
+            case "aws:ec2/launchTemplate:LaunchTemplate":
+                return { ...inputs, id: `lt-${shortHash(name, 17)}`, name: physicalName, latestVersion: 1, defaultVersion: 1 };
             case "aws:iam/policy:Policy":
                 return { ...inputs, id: physicalName, name: physicalName, arn: `arn:aws:iam::${mockAccountId}:policy/${physicalName}` };
             default: {

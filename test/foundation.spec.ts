@@ -52,6 +52,9 @@ function affinityAdmits(terms: NodeSelectorTerm[], labels: Record<string, string
 }
 
 /** The NoSchedule taints of an EKS node group, written as the API writes them (NO_SCHEDULE). */
+/** The launch template a managed node group names. */
+let launchTemplate: (group: RecordedResource) => RecordedResource;
+
 const nodeTaints = (nodeGroup: RecordedResource): Taint[] =>
     (nodeGroup.inputs.taints ?? []).map((taint: Taint) => ({ ...taint, effect: taint.effect === "NO_SCHEDULE" ? "NoSchedule" : taint.effect }));
 
@@ -69,6 +72,11 @@ for (const stack of ["dev", "prod"]) {
         before(async () => {
             evaluation = await evaluateStack(stack);
             config = stackConfig(stack).values;
+            launchTemplate = (group) => {
+                const id = group.inputs.launchTemplate?.id;
+                return resources("aws:ec2/launchTemplate:LaunchTemplate").find((template) => template.state.id === id) ??
+                    assert.fail(`${group.name} names no launch template declared here (${JSON.stringify(group.inputs.launchTemplate)})`);
+            };
         });
 
         it("spreads the VPC over the configured AZs with load balancer tags on its subnets", () => {
@@ -113,8 +121,8 @@ for (const stack of ["dev", "prod"]) {
             assert.equal(group.inputs.amiType, "AL2023_x86_64_NVIDIA");
             assert.deepEqual(group.inputs.instanceTypes, key("gpuInstanceTypes"));
             assert.equal(group.inputs.capacityType, key("gpuCapacityType"));
-            assert.equal(group.inputs.diskSize, key("gpuDiskSizeGiB"));
-            assert.ok(group.inputs.diskSize >= 100);
+            assert.equal(launchTemplate(group).inputs.blockDeviceMappings[0].ebs.volumeSize, key("gpuDiskSizeGiB"));
+            assert.ok(key("gpuDiskSizeGiB") >= 100);
             assert.deepEqual(group.inputs.scalingConfig, {
                 minSize: key("gpuMinSize"),
                 desiredSize: key("gpuDesiredSize"),
@@ -124,10 +132,39 @@ for (const stack of ["dev", "prod"]) {
             assert.equal(group.inputs.labels["nvidia.com/gpu.present"], "true");
             assert.deepEqual(group.inputs.taints, [{ key: "nvidia.com/gpu", value: "true", effect: "NO_SCHEDULE" }]);
             assert.deepEqual(group.inputs.subnetIds, vpc.state.privateSubnetIds);
-            // These would switch the group to a custom launch template whose AMI is looked up on every run.
-            for (const option of ["userData", "kubeletExtraArgs", "bootstrapExtraArgs", "amiId", "launchTemplate"]) {
+            // These would switch the group to a launch template of the component's whose AMI is looked up on every run.
+            for (const option of ["userData", "kubeletExtraArgs", "bootstrapExtraArgs", "amiId", "enableIMDSv2"]) {
                 assert.equal(group.inputs[option], undefined, option);
             }
+        });
+
+        it("requires IMDSv2 with a hop limit of 1 on every node group, by a launch template that leaves the AMI to EKS", () => {
+            for (const [group, diskSize] of [[gpuNodeGroup(), key("gpuDiskSizeGiB")], [systemNodeGroup(), 50]] as const) {
+                const template = launchTemplate(group);
+                // Pods (one hop further than the node) cannot reach the instance role; Pod Identity gives them theirs.
+                assert.deepEqual(template.inputs.metadataOptions, { httpEndpoint: "enabled", httpTokens: "required", httpPutResponseHopLimit: 1 });
+                // No image and no user data: the node group's amiType picks the EKS-managed AMI, and updates roll nodes
+                // only when the template itself changes.
+                assert.equal(template.inputs.imageId, undefined, group.name);
+                assert.equal(template.inputs.userData, undefined, group.name);
+                assert.match(group.inputs.amiType, /^AL2023_x86_64_/);
+                assert.equal(group.inputs.launchTemplate.version, String(template.state.latestVersion));
+                // EKS refuses diskSize beside a launch template: the root volume is the template's.
+                assert.equal(group.inputs.diskSize, undefined, group.name);
+                assert.deepEqual(template.inputs.blockDeviceMappings, [
+                    { deviceName: "/dev/xvda", ebs: { volumeSize: diskSize, volumeType: "gp3", encrypted: "true", deleteOnTermination: "true" } },
+                ]);
+            }
+            // What pods would otherwise read from the instance metadata service, they are given.
+            const values = (release: string) => resource("kubernetes:helm.sh/v3:Release", release).inputs.values;
+            assert.equal(values("aws-load-balancer-controller").region, config["aws:region"]);
+            assert.equal(values("aws-load-balancer-controller").vpcId, resource("awsx:ec2:Vpc").state.vpcId);
+            assert.equal(values("cluster-autoscaler").awsRegion, config["aws:region"]);
+        });
+
+        it("enforces NetworkPolicies: the VPC CNI add-on runs with network policy support on", () => {
+            const cni = resource("aws:eks/addon:Addon", `${clusterName}-vpc-cni`);
+            assert.equal(JSON.parse(cni.inputs.configurationValues).enableNetworkPolicy, "true");
         });
 
         it("runs add-ons on an untainted system node group and both groups with the node role made here", () => {

@@ -27,6 +27,7 @@ const kinds = {
     pdb: "kubernetes:policy/v1:PodDisruptionBudget",
     hpa: "kubernetes:autoscaling/v2:HorizontalPodAutoscaler",
     serviceMonitor: "kubernetes:monitoring.coreos.com/v1:ServiceMonitor",
+    networkPolicy: "kubernetes:networking.k8s.io/v1:NetworkPolicy",
     prometheusRule: "kubernetes:monitoring.coreos.com/v1:PrometheusRule",
     storageClass: "kubernetes:storage.k8s.io/v1:StorageClass",
     configMap: "kubernetes:core/v1:ConfigMap",
@@ -166,6 +167,26 @@ describe("workload", function () {
                 assert.equal(security.readOnlyRootFilesystem, true);
                 const tmp = container(evaluation()).volumeMounts.find((mount: any) => mount.mountPath === "/tmp");
                 assert.ok(spec.volumes.find((volume: any) => volume.name === tmp.name).emptyDir, "/tmp is an emptyDir");
+            });
+
+            it("mounts no service account token: the server never calls the Kubernetes API", function () {
+                assert.equal(podSpec(evaluation()).automountServiceAccountToken, false);
+            });
+
+            it("admits traffic to the API port only from the VPC, where the NLB's addresses are, and nothing else", function () {
+                const policy = byKind(evaluation(), kinds.networkPolicy).inputs;
+                const deployment = byKind(evaluation(), kinds.deployment).inputs;
+                assert.equal(policy.metadata.namespace, deployment.metadata.namespace);
+                assert.ok(matches(policy.spec.podSelector.matchLabels, deployment.spec.template.metadata.labels), "it selects the server's pods");
+                assert.deepEqual(policy.spec.policyTypes, ["Ingress"]);
+                // IP targets without client IP preservation: the pods see the NLB's private addresses, inside the VPC.
+                const annotations = byKind(evaluation(), kinds.service).inputs.metadata.annotations;
+                assert.ok(!JSON.stringify(annotations).includes("preserve_client_ip.enabled=true"), "client IPs are not preserved");
+                const api = policy.spec.ingress.find((rule: any) => rule.ports.some((port: any) => port.port === "http"));
+                assert.deepEqual(api, { from: [{ ipBlock: { cidr: config(evaluation(), "vpcCidr") } }], ports: [{ port: "http", protocol: "TCP" }] });
+                const openPorts = policy.spec.ingress.flatMap((rule: any) => rule.ports.map((port: any) => port.port));
+                const containerPorts = container(evaluation()).ports.map((port: any) => port.name);
+                assert.deepEqual([...openPorts].sort(), [...containerPorts].sort(), "a rule for each port the pod serves, none for others");
             });
 
             it("runs as the image's own user, which owns the model cache", function () {
@@ -479,6 +500,9 @@ describe("workload", function () {
             const pvc = byKind(evaluation, kinds.pvc).inputs.spec;
             assert.deepEqual([pvc.storageClassName, pvc.accessModes], ["shared-nfs", ["ReadWriteMany"]]);
             assert.ok(byKind(evaluation, kinds.deployment) && byKind(evaluation, kinds.hpa) && byKind(evaluation, kinds.serviceMonitor));
+            // The VPC's range is unknown here: the API port is open to any source, as the cluster's load balancer sends it.
+            const api = byKind(evaluation, kinds.networkPolicy).inputs.spec.ingress.find((rule: any) => rule.ports.some((port: any) => port.port === "http"));
+            assert.equal(api.from, undefined);
             const skipped = evaluation.outputs.notDeployedInExistingCluster as string[];
             assert.ok(skipped.some((part) => part.includes("Cluster Autoscaler")) && skipped.some((part) => part.includes("AWS Load Balancer Controller")));
             assert.equal(evaluation.outputs.kubeconfig, undefined);
