@@ -41,16 +41,39 @@ fi
 if ! command -v npm >/dev/null 2>&1; then
     problems+=("Node.js 22+ with npm is not installed: https://nodejs.org/en/download")
 fi
+aws_install="https://docs.aws.amazon.com/cli/latest/userguide/getting-started-install.html"
 if ! command -v aws >/dev/null 2>&1; then
-    problems+=("the aws CLI v2 is not installed; the cluster's kubeconfig runs 'aws eks get-token', so every machine that runs pulumi up needs it: https://docs.aws.amazon.com/cli/latest/userguide/getting-started-install.html")
-elif ! identity_error="$(aws sts get-caller-identity --output text 2>&1 >/dev/null)"; then
-    problems+=("no valid AWS credentials ('aws sts get-caller-identity' failed: ${identity_error//$'\n'/ }); run 'aws configure', 'aws sso login' or set AWS_PROFILE")
+    problems+=("the aws CLI v2 is not installed; the cluster's kubeconfig runs 'aws eks get-token', so every machine that runs pulumi up needs it: ${aws_install}")
+else
+    # v1 prints its version on stderr, v2 on stdout: "aws-cli/2.27.50 Python/3.13.4 ...".
+    aws_version="$(aws --version 2>&1 || true)"
+    if [[ "$aws_version" =~ aws-cli/([0-9]+)\.[0-9.]+ ]]; then
+        if ((BASH_REMATCH[1] < 2)); then
+            problems+=("the aws CLI is version ${BASH_REMATCH[1]} (${BASH_REMATCH[0]}); the cluster's kubeconfig needs v2 ('aws eks get-token'): install v2 and put it first on PATH: ${aws_install}")
+        fi
+    else
+        problems+=("could not tell the aws CLI's version ('aws --version' said: ${aws_version//$'\n'/ }); install the aws CLI v2: ${aws_install}")
+    fi
+    if ! identity_error="$(aws sts get-caller-identity --output text 2>&1 >/dev/null)"; then
+        problems+=("no valid AWS credentials ('aws sts get-caller-identity' failed: ${identity_error//$'\n'/ }); run 'aws configure', 'aws sso login' or set AWS_PROFILE")
+    fi
 fi
 if [[ "$needs_docker" == true ]]; then
     if ! command -v docker >/dev/null 2>&1; then
         problems+=("Docker is not installed; it builds the server image from ./service (or set whisper-eks:imageReference to a prebuilt image): https://docs.docker.com/engine/install/")
     elif ! docker info >/dev/null 2>&1; then
         problems+=("the Docker engine is not running ('docker info' failed); start Docker Desktop or 'sudo systemctl start docker'")
+    fi
+fi
+# A local state backend encrypts the stack's secrets with a passphrase: without one, and no terminal to ask on,
+# pulumi would fail after npm ci; say so now, with the rest.
+backend="${PULUMI_BACKEND_URL:-file://${HOME}/.pulumi-local}"
+ask_passphrase=false
+if [[ "$backend" == file://* && -z "${PULUMI_CONFIG_PASSPHRASE+set}" && -z "${PULUMI_CONFIG_PASSPHRASE_FILE:-}" ]]; then
+    if [[ -t 0 ]]; then
+        ask_passphrase=true
+    else
+        problems+=("a local state backend encrypts secrets with a passphrase: set PULUMI_CONFIG_PASSPHRASE (or PULUMI_CONFIG_PASSPHRASE_FILE), and keep it: the stack cannot be updated or destroyed without it")
     fi
 fi
 if [[ ${#problems[@]} -gt 0 ]]; then
@@ -64,16 +87,11 @@ fi
 echo "deploy: installing npm dependencies (npm ci)"
 npm ci --no-audit --no-fund
 
-backend="${PULUMI_BACKEND_URL:-file://${HOME}/.pulumi-local}"
 if [[ "$backend" == file://* ]]; then
     mkdir -p "${backend#file://}"
-    if [[ -z "${PULUMI_CONFIG_PASSPHRASE+set}" && -z "${PULUMI_CONFIG_PASSPHRASE_FILE:-}" ]]; then
-        if [[ ! -t 0 ]]; then
-            echo "deploy: a local state backend encrypts secrets with a passphrase: set PULUMI_CONFIG_PASSPHRASE (or PULUMI_CONFIG_PASSPHRASE_FILE), and keep it: the stack cannot be updated or destroyed without it" >&2
-            exit 1
-        fi
-        echo "deploy: Pulumi will ask for a passphrase that encrypts this stack's secrets; keep it (or set PULUMI_CONFIG_PASSPHRASE next time)"
-    fi
+fi
+if [[ "$ask_passphrase" == true ]]; then
+    echo "deploy: Pulumi will ask for a passphrase that encrypts this stack's secrets; keep it (or set PULUMI_CONFIG_PASSPHRASE next time)"
 fi
 echo "deploy: state backend ${backend}"
 pulumi login "$backend"

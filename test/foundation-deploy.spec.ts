@@ -30,6 +30,10 @@ function binDir(tools: Record<string, string>): string {
 /** A fake tool that appends its arguments to the log and succeeds. */
 const recording = (log: string, name: string) => `echo "${name} $*" >> "${log}"`;
 
+/** A fake aws CLI: `aws --version` answers as that version does, any other call runs `otherwise`. */
+const awsCli = (version: string, otherwise = "exit 0") =>
+    `if [[ "$1" == --version ]]; then echo "aws-cli/${version} Python/3.11.9 Linux/6.1.0 exe/x86_64.debian.12" >&2; exit 0; fi\n${otherwise}`;
+
 function deploy(args: string[], pathDir: string, env: Record<string, string> = {}) {
     const home = temporaryDir("deploy-home-");
     const result = spawnSync(bash, [script, ...args], {
@@ -59,7 +63,7 @@ describe("scripts/deploy.sh", () => {
         const dir = binDir({
             pulumi: recording(log, "pulumi"),
             npm: recording(log, "npm"),
-            aws: 'echo "Unable to locate credentials. You can configure credentials by running \\"aws configure\\"." >&2; exit 253',
+            aws: awsCli("2.27.50", 'echo "Unable to locate credentials. You can configure credentials by running \\"aws configure\\"." >&2; exit 253'),
             docker: 'echo "Cannot connect to the Docker daemon at unix:///var/run/docker.sock." >&2; exit 1',
         });
         const result = deploy(["prod"], dir);
@@ -83,7 +87,7 @@ describe("scripts/deploy.sh", () => {
         const tools = {
             pulumi: recording(log, "pulumi"),
             npm: recording(log, "npm"),
-            aws: recording(log, "aws"),
+            aws: awsCli("2.27.50", recording(log, "aws")),
             docker: recording(log, "docker"),
         };
         const result = deploy(["dev", "--yes"], binDir(tools), { PULUMI_CONFIG_PASSPHRASE: "" });
@@ -102,7 +106,7 @@ describe("scripts/deploy.sh", () => {
 
     it("honours PULUMI_BACKEND_URL", () => {
         const log = path.join(temporaryDir("deploy-log-"), "calls");
-        const dir = binDir({ pulumi: recording(log, "pulumi"), npm: recording(log, "npm"), aws: "exit 0", docker: "exit 0" });
+        const dir = binDir({ pulumi: recording(log, "pulumi"), npm: recording(log, "npm"), aws: awsCli("2.27.50"), docker: "exit 0" });
         const result = deploy(["prod"], dir, { PULUMI_BACKEND_URL: "s3://team-pulumi-state/whisper" });
         assert.equal(result.status, 0, result.stderr);
         assert.ok(fs.readFileSync(log, "utf8").includes("pulumi login s3://team-pulumi-state/whisper\n"));
@@ -124,10 +128,31 @@ describe("scripts/deploy.sh", () => {
         assert.doesNotMatch(result.stderr, /Docker/);
     });
 
-    it("asks for a passphrase for a local backend when it cannot prompt", () => {
-        const dir = binDir({ pulumi: "exit 0", npm: "exit 0", aws: "exit 0", docker: "exit 0" });
+    it("asks for a passphrase for a local backend when it cannot prompt, before installing anything", () => {
+        const log = path.join(temporaryDir("deploy-log-"), "calls");
+        const dir = binDir({ pulumi: recording(log, "pulumi"), npm: recording(log, "npm"), aws: awsCli("2.27.50"), docker: "exit 0" });
         const result = deploy(["dev"], dir);
         assert.equal(result.status, 1);
+        assert.match(result.stderr, /cannot deploy stack "dev" yet/);
         assert.match(result.stderr, /set PULUMI_CONFIG_PASSPHRASE/);
+        assert.equal(fs.existsSync(log), false, "neither npm ci nor pulumi ran");
+        assert.equal(fs.existsSync(path.join(result.home, ".pulumi-local")), false, "nothing was written");
+    });
+
+    it("refuses the aws CLI v1, naming the version found, before doing anything", () => {
+        const log = path.join(temporaryDir("deploy-log-"), "calls");
+        const dir = binDir({ pulumi: recording(log, "pulumi"), npm: recording(log, "npm"), aws: awsCli("1.33.40", recording(log, "aws")), docker: "exit 0" });
+        const result = deploy(["dev"], dir, { PULUMI_CONFIG_PASSPHRASE: "" });
+        assert.equal(result.status, 1, result.stderr);
+        assert.match(result.stderr, /the aws CLI is version 1 \(aws-cli\/1\.33\.40\); .*needs v2/);
+        assert.match(result.stderr, /getting-started-install/);
+        assert.ok(!fs.existsSync(log) || !/^(npm|pulumi) /m.test(fs.readFileSync(log, "utf8")), "neither npm ci nor pulumi ran");
+    });
+
+    it("says so when it cannot tell the aws CLI's version", () => {
+        const dir = binDir({ pulumi: "exit 0", npm: "exit 0", aws: 'if [[ "$1" == --version ]]; then echo "command not found: python" >&2; exit 1; fi', docker: "exit 0" });
+        const result = deploy(["dev"], dir, { PULUMI_CONFIG_PASSPHRASE: "" });
+        assert.equal(result.status, 1);
+        assert.match(result.stderr, /could not tell the aws CLI's version \('aws --version' said: command not found: python\)/);
     });
 });
