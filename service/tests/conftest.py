@@ -52,6 +52,8 @@ def audio(tmp_path_factory) -> dict[str, Path]:
     # About 75 s of speech: three 30 s windows.
     files["long.mp3"] = folder / "long.mp3"
     ffmpeg("-stream_loop", "7", "-i", str(files["speech.wav"]), "-t", "75", "-c:a", "libmp3lame", str(files["long.mp3"]))
+    files["two_windows.mp3"] = folder / "two_windows.mp3"
+    ffmpeg("-stream_loop", "7", "-i", str(files["speech.wav"]), "-t", "50", "-c:a", "libmp3lame", str(files["two_windows.mp3"]))
     files["silence.wav"] = write_wav(folder / "silence.wav", np.zeros(10 * SAMPLE_RATE))
     # 32 s of near silence, then speech: the first window must produce nothing.
     speech = read_wav(files["speech.wav"])
@@ -85,6 +87,15 @@ def model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model") / "whisper-tiny-random"
     subprocess.run(["whisper-server", "make-test-model", str(folder)], check=True, capture_output=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def slow_model_dir(tmp_path_factory) -> Path:
+    """The tiny model allowed a real checkpoint's 448 positions: each window decodes 445 tokens, hundreds of steps,
+    so tests can act while windows are part-way through decoding."""
+    from whisper_server.test_model import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("model") / "whisper-tiny-slow", max_length=448)
 
 
 def free_port() -> int:
@@ -148,8 +159,8 @@ class ServerProcess:
 def start_server(model_dir, tmp_path_factory):
     started: list[ServerProcess] = []
 
-    def start(*args: str, wait: bool = True, env: dict[str, str] | None = None) -> ServerProcess:
-        server = ServerProcess(model_dir, tmp_path_factory.mktemp("spool"), *args, env=env)
+    def start(*args: str, wait: bool = True, env: dict[str, str] | None = None, model: Path | None = None) -> ServerProcess:
+        server = ServerProcess(model or model_dir, tmp_path_factory.mktemp("spool"), *args, env=env)
         started.append(server)
         if wait:
             server.wait_ready()
@@ -162,8 +173,8 @@ def start_server(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(start_server) -> ServerProcess:
-    """The main server: batching on, generous limits, no API key."""
-    return start_server("--max-batch-size", "8", "--batch-wait-ms", "50", "--queue-size", "64")
+    """The main server: eight decode slots, generous limits, no API key."""
+    return start_server("--max-batch-size", "8", "--queue-size", "64")
 
 
 def post_audio(client: httpx.Client, path: Path, route: str = "/v1/audio/transcriptions", **fields) -> httpx.Response:

@@ -22,17 +22,92 @@ def post_many(server, path, count: int, **fields) -> list[httpx.Response]:
         return list(pool.map(one, range(count)))
 
 
-def test_concurrent_requests_are_batched_together(server, audio):
-    batches_before = server.metric("whisper_batch_size_count")
-    singles_before = server.metric("whisper_batch_size_bucket", le="1.0")
+def test_concurrent_requests_share_decode_steps(server, audio):
+    steps_before = server.metric("whisper_decode_step_seconds_count")
+    slots_before = server.metric("whisper_batch_size_sum")
     responses = post_many(server, audio["speech.wav"], 16, response_format="verbose_json")
     assert [r.status_code for r in responses] == [200] * 16
     texts = {r.json()["text"] for r in responses}
-    assert len(texts) == 1, "the same audio gives the same text whichever batch it landed in"
-    batches = server.metric("whisper_batch_size_count") - batches_before
-    singles = server.metric("whisper_batch_size_bucket", le="1.0") - singles_before
-    assert batches - singles >= 1, "at least one batch held windows from more than one request"
-    assert batches < 16, "16 one-window requests took fewer than 16 model batches"
+    assert len(texts) == 1, "the same audio gives the same text whichever windows it shared steps with"
+    steps = wait_for_steps(server, steps_before)
+    slots = server.metric("whisper_batch_size_sum") - slots_before
+    assert slots == 16 * 16, "16 one-window requests took 16 tokens each"
+    assert slots / steps > 2, "on average more than two windows shared each decode step"
+
+
+def test_requests_with_different_options_share_decode_steps(server, audio):
+    requests = [dict(language="en"), dict(language="de", prompt="Kubernetes"), dict(temperature="0.6"),
+                dict(route="/v1/audio/translations")] * 3
+    steps_before = server.metric("whisper_decode_step_seconds_count")
+    slots_before = server.metric("whisper_batch_size_sum")
+
+    def one(fields):
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            return post_audio(client, audio["speech.wav"], response_format="verbose_json", **fields)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        responses = list(pool.map(one, requests))
+    assert [r.status_code for r in responses] == [200] * len(requests)
+    assert [r.json()["language"] for r in responses[:2]] == ["english", "german"]
+    assert {s["temperature"] for s in responses[2].json()["segments"]} == {0.6}
+    assert responses[3].json()["task"] == "translate"
+    steps = wait_for_steps(server, steps_before)
+    assert (server.metric("whisper_batch_size_sum") - slots_before) / steps > 2
+
+
+def wait_for_steps(server, before: float) -> float:
+    """Decode steps since `before`, once the engine's last report has arrived (it reports every 100 ms)."""
+    steps, deadline = -1.0, time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = server.metric("whisper_decode_step_seconds_count") - before
+        if now == steps:
+            return steps
+        steps = now
+    return steps
+
+
+def test_a_clip_is_answered_while_a_long_file_decodes(start_server, slow_model_dir, audio):
+    """Iteration-level batching: the clip's window joins the steps the file's windows are running, and is answered
+    while they go on; it does not wait for them to finish."""
+    server = start_server("--max-batch-size", "4", model=slow_model_dir)
+    with ThreadPoolExecutor(1) as pool:
+        long_file = pool.submit(post_audio, httpx.Client(base_url=server.url, timeout=300), audio["two_windows.mp3"])
+        wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > 0, "the file decodes")
+        # A prompt of half the context leaves the clip about 222 tokens to decode; each of the file's windows 445.
+        clip = post_audio(server.client, audio["one_second.wav"], prompt="Kubernetes on EKS with GPUs. " * 40)
+        assert clip.status_code == 200
+        assert not long_file.done(), "the clip was answered while the file was still decoding"
+        assert long_file.result().status_code == 200
+    wait_for_steps(server, 0)
+    # The file's two windows alone never fill more than two slots: steps with three busy had the clip beside them.
+    assert server.metric("whisper_batch_size_bucket", le="4.0") > server.metric("whisper_batch_size_bucket", le="2.0")
+
+
+def test_a_cancelled_request_frees_its_slots_at_once(start_server, slow_model_dir, audio, assert_still_ready):
+    server = start_server("--max-batch-size", "2", model=slow_model_dir)
+    body = audio["long.mp3"].read_bytes()
+    multipart = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="long.mp3"\r\n\r\n' + body
+                 + b"\r\n--b--\r\n")
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Type: multipart/form-data; boundary=b\r\n"
+                           + f"Content-Length: {len(multipart)}\r\n\r\n".encode() + multipart)
+        wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > 0, "the long file decodes")
+        steps_at_hangup = server.metric("whisper_decode_step_seconds_count")
+    steps = wait_for_steps(server, 0)
+    # Each of its windows needs 445 steps; cancelled, they stop at the next step and the third never starts.
+    assert steps - steps_at_hangup < 150, f"{steps - steps_at_hangup} steps ran after the client went away"
+    assert server.metric("whisper_queue_depth") == 0
+    assert post_audio(server.client, audio["one_second.wav"]).status_code == 200
+    assert_still_ready(server)
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
 
 
 def test_full_queue_answers_503_with_retry_after(start_server, audio, assert_still_ready):

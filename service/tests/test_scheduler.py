@@ -1,95 +1,192 @@
-"""The scheduler and reassembly logic, with a deterministic batch function in place of the model."""
+"""The continuous-batching scheduler, with a deterministic stand-in engine in place of the model, and the
+reassembly of window results into a transcript."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import numpy as np
-import pytest
 
 from whisper_server.audio import Window
-from whisper_server.engine import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
-from whisper_server.scheduler import BatchScheduler, QueueFull, run_splitting_on_oom
-from whisper_server.transcript import assemble, decode_with_fallback
+from whisper_server.decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
+from whisper_server.scheduler import SchedulerEvents, SlotScheduler
+from whisper_server.transcript import assemble
+
+LOOPING = "the the the the the the the the the the the the the the the the the the the the"
 
 
-def labelled_window(label: float, seconds: float = 1.0) -> Window:
+def labelled(label: float, seconds: float = 1.0) -> np.ndarray:
     """A window whose samples carry a label, so results can be traced back to their window."""
-    return Window(offset=0.0, samples=np.full(int(seconds * SAMPLE_RATE), label, np.float32))
+    return np.full(int(seconds * SAMPLE_RATE), label, np.float32)
 
 
-def segment(start: float, end: float, text: str) -> Segment:
-    return Segment(start, end, text, [], -0.1, 1.0, 0.01, 0.0)
+def segment(start: float, end: float, text: str, temperature: float = 0.0) -> Segment:
+    return Segment(start, end, text, [], -0.1, compression_ratio(text), 0.01, temperature)
 
 
-class RecordingModel:
-    """Answers each window with its label as text; records batches; fails batches larger than `fits`."""
+class StandInEngine:
+    """Slots like the real engine's: a window labelled L decodes in `steps(L)` steps and answers its label as text
+    (or a repetition loop where `loops(L, temperature)`). Records every admission and which labels each step ran."""
 
-    def __init__(self, fits: int = 1000):
-        self.fits, self.batches, self.lock = fits, [], threading.Lock()
+    def __init__(self, capacity: int, steps=lambda label: 1, loops=lambda label, temperature: False, fails=()):
+        self.capacity, self.steps_for, self.loops, self.fails = capacity, steps, loops, set(fails)
+        self.slots: dict[int, list] = {}  # slot -> [label, options, steps left]
+        self.admissions: list[list[tuple[float, DecodeOptions]]] = []
+        self.steps: list[list[float]] = []
+        self.released: list[int] = []
 
-    def __call__(self, samples: list[np.ndarray], options: DecodeOptions) -> list[WindowResult]:
-        if len(samples) > self.fits:
-            raise OutOfMemory("batch too large")
-        with self.lock:
-            self.batches.append([float(s[0]) for s in samples])
-        return [WindowResult(options.language, [segment(0, 1, f"{s[0]:g}")]) for s in samples]
+    def free_slots(self) -> int:
+        return self.capacity - len(self.slots)
 
+    def busy_slots(self) -> list[int]:
+        return sorted(self.slots)
 
-def test_oom_splits_the_batch_and_keeps_order():
-    model = RecordingModel(fits=2)
-    windows = [np.full(10, i, np.float32) for i in range(7)]
-    results = run_splitting_on_oom(model, windows, DecodeOptions())
-    assert [r.segments[0].text for r in results] == [str(i) for i in range(7)]
-    assert max(len(batch) for batch in model.batches) <= 2
+    def admit(self, windows):
+        labels = [(float(samples[0]), options) for samples, options in windows]
+        if self.fails & {label for label, _ in labels}:
+            raise OutOfMemory("the stand-in ran out of memory")
+        self.admissions.append(labels)
+        free = sorted(set(range(self.capacity)) - set(self.slots))[:len(windows)]
+        for slot, (label, options) in zip(free, labels):  # the lowest free slots, as the real decoder does
+            self.slots[slot] = [label, options, self.steps_for(label)]
+        return free
 
+    def step(self):
+        self.steps.append(sorted(label for label, _, _ in self.slots.values()))
+        finished = []
+        for slot, entry in sorted(self.slots.items()):
+            entry[2] -= 1
+            if entry[2] == 0:
+                label, options, _ = self.slots.pop(slot)
+                text = LOOPING if self.loops(label, options.temperature) else f"{label:g}"
+                finished.append((slot, WindowResult(options.language, [segment(0, 1, text, options.temperature)])))
+        return finished
 
-def test_a_window_that_never_fits_fails_only_its_request():
-    model = RecordingModel(fits=0)
-    with pytest.raises(OutOfMemory):
-        run_splitting_on_oom(model, [np.zeros(10, np.float32)], DecodeOptions())
-
-
-def run_requests(scheduler: BatchScheduler, requests: list[tuple[list[Window], DecodeOptions]]):
-    async def main():
-        scheduler.start()
-        try:
-            return await asyncio.gather(*(scheduler.transcribe(w, o) for w, o in requests), return_exceptions=True)
-        finally:
-            scheduler.stop()
-
-    return asyncio.run(main())
-
-
-def test_windows_from_concurrent_requests_share_batches_and_come_back_in_order():
-    model = RecordingModel()
-    scheduler = BatchScheduler(model, max_batch_size=4, batch_wait_seconds=0.05, queue_size=10)
-    long_request = [labelled_window(100 + i) for i in range(6)]
-    short_requests = [[labelled_window(i)] for i in range(3)]
-    results = run_requests(scheduler, [(long_request, DecodeOptions())] + [(w, DecodeOptions()) for w in short_requests])
-    assert [r.segments[0].text for r in results[0]] == [str(100 + i) for i in range(6)]
-    assert [[r.segments[0].text for r in result] for result in results[1:]] == [["0"], ["1"], ["2"]]
-    # Round robin: the first batch takes one window from each request, so short requests are not stuck behind the long one.
-    assert sorted(model.batches[0]) == [0, 1, 2, 100]
-    assert all(len(batch) <= 4 for batch in model.batches)
+    def release(self, slots):
+        self.released.extend(slots)
+        for slot in slots:
+            self.slots.pop(slot, None)
 
 
-def test_requests_with_different_options_never_share_a_batch():
-    model = RecordingModel()
-    scheduler = BatchScheduler(model, max_batch_size=8, batch_wait_seconds=0.05, queue_size=10)
-    english, german = DecodeOptions(language="en"), DecodeOptions(language="de")
-    results = run_requests(scheduler, [([labelled_window(1)], english), ([labelled_window(2)], german),
-                                       ([labelled_window(3)], english)])
-    assert [r[0].language for r in results] == ["en", "de", "en"]
-    assert sorted(sorted(batch) for batch in model.batches) == [[1, 3], [2]]
+class Harness:
+    """Drives a SlotScheduler step by step, as the engine process's loop does, recording what each request got."""
+
+    def __init__(self, engine: StandInEngine, fallback: bool = True):
+        self.engine = engine
+        self.done: dict[int, list[WindowResult]] = {}
+        self.failed: dict[int, Exception] = {}
+        self.finished_at: dict[int, int] = {}
+        self.scheduler = SlotScheduler(engine, SchedulerEvents(on_done=self._done, on_failed=self.failed.__setitem__),
+                                       fallback=fallback)
+
+    def _done(self, key, results):
+        self.done[key] = results
+        self.finished_at[key] = len(self.engine.steps)
+
+    def submit(self, key: int, labels: list[float], options: DecodeOptions = DecodeOptions()) -> None:
+        self.scheduler.submit(key, options, [labelled(label) for label in labels])
+
+    def run(self, steps: int | None = None) -> None:
+        """Runs until idle, or for a number of steps."""
+        target = len(self.engine.steps) + steps if steps is not None else None
+        while not self.scheduler.idle and (target is None or len(self.engine.steps) < target):
+            self.scheduler.run_once()
+
+    def texts(self, key: int) -> list[str]:
+        return [result.segments[0].text for result in self.done[key]]
 
 
-def test_queue_limit_refuses_new_requests():
-    scheduler = BatchScheduler(RecordingModel(), max_batch_size=1, batch_wait_seconds=0, queue_size=2)
-    results = run_requests(scheduler, [([labelled_window(i)], DecodeOptions()) for i in range(3)])
-    assert isinstance(results[2], QueueFull) and results[2].retry_after_seconds >= 1
-    assert [r[0].segments[0].text for r in results[:2]] == ["0", "1"]
+def test_windows_of_concurrent_requests_share_steps_and_come_back_in_order():
+    harness = Harness(StandInEngine(capacity=4, steps=lambda label: 1 + int(label) % 3))
+    harness.submit(0, [100 + i for i in range(6)])
+    for key in (1, 2, 3):
+        harness.submit(key, [key])
+    harness.run()
+    assert harness.texts(0) == [str(100 + i) for i in range(6)]
+    assert [harness.texts(key) for key in (1, 2, 3)] == [["1"], ["2"], ["3"]]
+    # Fair shares: the first admission takes one window from each request, so the clips are not behind the file.
+    assert sorted(label for label, _ in harness.engine.admissions[0]) == [1, 2, 3, 100]
+    assert max(len(step) for step in harness.engine.steps) == 4, "every slot was busy"
+
+
+def test_a_clip_joins_the_running_batch_instead_of_waiting_for_it():
+    """A long file holds every slot; a clip posted mid-decode takes the next slot that frees, ahead of the file's
+    waiting windows, and is answered while the file is still decoding."""
+    harness = Harness(StandInEngine(capacity=2, steps=lambda label: 5))
+    harness.submit(0, [100 + i for i in range(10)])
+    harness.run(steps=2)
+    harness.submit(1, [1])
+    harness.run()
+    joined = next(i for i, step in enumerate(harness.engine.steps) if 1 in step)
+    assert joined == 5, "the clip's window joined at the first free slot"
+    assert 100 + 2 in harness.engine.steps[joined], "beside the file's windows, which kept decoding"
+    assert harness.finished_at[1] == 10 < harness.finished_at[0] == 30
+
+
+def test_requests_with_different_options_share_admissions_and_steps():
+    harness = Harness(StandInEngine(capacity=8, steps=lambda label: 3))
+    options = [DecodeOptions(language="en"), DecodeOptions(language="de", task="translate"),
+               DecodeOptions(prompt="Kubernetes"), DecodeOptions(temperature=0.6)]
+    for key, option in enumerate(options):
+        harness.submit(key, [key], option)
+    harness.run()
+    assert [options for _, options in harness.engine.admissions[0]] == options, "one admission, every option kept"
+    assert harness.engine.steps == [[0, 1, 2, 3]] * 3
+    assert [harness.done[key][0].language for key in range(4)] == ["en", "de", None, None]
+
+
+def test_one_slot_is_shared_round_robin():
+    harness = Harness(StandInEngine(capacity=1))
+    harness.submit(0, [100, 101, 102])
+    harness.submit(1, [200, 201])
+    harness.run(steps=1)
+    harness.submit(2, [300])
+    harness.run()
+    assert [admission[0][0] for admission in harness.engine.admissions] == [100, 200, 300, 101, 201, 102]
+
+
+def test_a_looping_window_is_retried_hotter_and_keeps_its_request_s_place():
+    """Window 1 repeats itself below temperature 0.4; its retries go ahead of a newer request's windows."""
+    engine = StandInEngine(capacity=2, loops=lambda label, temperature: label == 1 and temperature < 0.4)
+    harness = Harness(engine)
+    harness.submit(0, [1])
+    harness.submit(1, [7, 8, 9])
+    harness.run()
+    assert [[(label, options.temperature) for label, options in admission] for admission in engine.admissions] == [
+        [(1, 0.0), (7, 0.0)], [(1, 0.2), (8, 0.0)], [(1, 0.4), (9, 0.0)]]
+    assert harness.texts(0) == ["1"] and harness.done[0][0].segments[0].temperature == 0.4
+    assert harness.texts(1) == ["7", "8", "9"]
+
+
+def test_fixed_length_decoding_has_no_fallback():
+    engine = StandInEngine(capacity=2, loops=lambda label, temperature: True)
+    harness = Harness(engine, fallback=False)
+    harness.submit(0, [1])
+    harness.run()
+    assert len(engine.admissions) == 1 and harness.done[0][0].segments[0].text == LOOPING
+
+
+def test_cancelling_a_request_frees_its_slots_before_the_next_step():
+    engine = StandInEngine(capacity=2, steps=lambda label: 100)
+    harness = Harness(engine)
+    harness.submit(0, [100 + i for i in range(8)])
+    harness.run(steps=3)
+    harness.scheduler.cancel(0)
+    assert sorted(engine.released) == [0, 1] and harness.scheduler.idle
+    assert harness.scheduler.waiting_windows() == 0
+    harness.submit(1, [1])
+    harness.run()
+    assert engine.steps[3:] == [[1]] * 100, "the next request decodes alone, at once"
+    assert 0 not in harness.done and harness.texts(1) == ["1"]
+
+
+def test_a_failed_admission_fails_only_the_requests_in_it():
+    engine = StandInEngine(capacity=1, fails={13})
+    harness = Harness(engine)
+    harness.submit(0, [13])
+    harness.run()
+    harness.submit(1, [2])
+    harness.run()
+    assert isinstance(harness.failed[0], OutOfMemory) and 0 not in harness.done
+    assert harness.texts(1) == ["2"]
 
 
 def test_assemble_offsets_windows_and_keeps_time_moving_forward():
@@ -102,69 +199,3 @@ def test_assemble_offsets_windows_and_keeps_time_moving_forward():
     assert [(s.start, s.end, s.text) for s in transcript.segments] == [
         (0, 10, "a"), (10, 28.5, "b"), (28.5, 30, "c"), (33, 58, "d")]
     assert transcript.text == "a b c d" and transcript.language == "en" and transcript.duration == 63.0
-
-
-def test_repetition_loops_are_decoded_again_at_higher_temperatures():
-    class LoopsWhenCold(RecordingModel):
-        """Repeats itself on window 1 below temperature 0.4, as a real Whisper does on hard audio."""
-
-        def __call__(self, samples, options):
-            with self.lock:
-                self.batches.append((options.temperature, [float(s[0]) for s in samples]))
-            looping = "the the the the the the the the the the the the the the the the the the the the"
-            return [WindowResult("en", [Segment(0, 1, looping if s[0] == 1 and options.temperature < 0.4 else "fine", [],
-                                                -0.1, compression_ratio(looping if s[0] == 1 and options.temperature < 0.4
-                                                                        else "fine"), 0.01, options.temperature)])
-                    for s in samples]
-
-    model = LoopsWhenCold()
-    scheduler = BatchScheduler(model, max_batch_size=4, batch_wait_seconds=0, queue_size=1)
-
-    async def main():
-        scheduler.start()
-        try:
-            return await decode_with_fallback(scheduler, [labelled_window(0), labelled_window(1)], DecodeOptions())
-        finally:
-            scheduler.stop()
-
-    results = asyncio.run(main())
-    assert [r.segments[0].text for r in results] == ["fine", "fine"]
-    assert [r.segments[0].temperature for r in results] == [0.0, 0.4]
-    assert model.batches == [(0.0, [0.0, 1.0]), (0.2, [1.0]), (0.4, [1.0])], "only the looping window is retried"
-
-
-def test_requests_finishing_out_of_order_leave_the_queue_cleanly():
-    """Jobs are compared by identity: removing one that is not first must not compare audio arrays."""
-    class HeldModel(RecordingModel):
-        """Holds its first batch until released, so the queue is known to be full when a request is cancelled."""
-
-        def __init__(self):
-            super().__init__()
-            self.release = threading.Event()
-
-        def __call__(self, samples, options):
-            self.release.wait(10)
-            return super().__call__(samples, options)
-
-    model = HeldModel()
-    scheduler = BatchScheduler(model, max_batch_size=1, batch_wait_seconds=0, queue_size=10)
-
-    async def main():
-        scheduler.start()
-        try:
-            slow = asyncio.ensure_future(scheduler.transcribe([labelled_window(1), labelled_window(1)], DecodeOptions()))
-            fast = asyncio.ensure_future(scheduler.transcribe([labelled_window(2), labelled_window(2)], DecodeOptions()))
-            cancelled = asyncio.ensure_future(scheduler.transcribe([labelled_window(3), labelled_window(3)], DecodeOptions()))
-            await asyncio.sleep(0.01)
-            cancelled.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await cancelled
-            model.release.set()
-            return await asyncio.gather(slow, fast)
-        finally:
-            scheduler.stop()
-
-    slow, fast = asyncio.run(main())
-    assert [r.segments[0].text for r in slow] == ["1", "1"] and [r.segments[0].text for r in fast] == ["2", "2"]
-    assert scheduler.jobs == []
-    assert 3.0 not in [label for batch in model.batches for label in batch], "the cancelled request was never decoded"

@@ -1,10 +1,9 @@
-"""The HTTP layer: OpenAI-compatible speech endpoints and operations endpoints over the engine and scheduler."""
+"""The HTTP layer: OpenAI-compatible speech endpoints and operations endpoints over the engine process."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import time
@@ -23,11 +22,11 @@ from starlette.staticfiles import StaticFiles
 
 from .audio import AudioError, decode_audio
 from .cli import Settings
-from .engine import SAMPLE_RATE, DecodeOptions, OutOfMemory, WhisperEngine
+from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
+from .engine_process import EngineProcess, EngineUnavailable, QueueFull
 from .errors import ApiError, error_response
 from .formats import MEDIA_TYPES, RESPONSE_FORMATS, render
 from .metrics import Metrics
-from .scheduler import BatchScheduler, QueueFull
 from .transcript import transcribe
 from .upload import receive_form
 
@@ -39,12 +38,11 @@ QUIET_ROUTES = ("/healthz", "/readyz", "/metrics")
 
 @dataclass
 class ServerState:
-    """What the handlers share: settings, the model once loaded, the scheduler, metrics and lifecycle flags."""
+    """What the handlers share: settings, the engine process once it is ready, metrics and lifecycle flags."""
 
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    engine: WhisperEngine | None = None
-    scheduler: BatchScheduler | None = None
+    engine: EngineProcess | None = None
     ready: bool = False
     draining: bool = False
     load_failed: bool = False
@@ -75,8 +73,8 @@ def refuse_unless_serving(state: ServerState) -> None:
                        headers={"Retry-After": "1", "Connection": "close"})
     if not state.ready:
         raise ApiError(503, "The model is still loading; retry shortly.", code="model_loading", headers={"Retry-After": "5"})
-    if state.scheduler.is_full():
-        raise queue_full(state.scheduler.retry_after_seconds())
+    if state.engine.is_full():
+        raise queue_full(state.engine.retry_after_seconds())
 
 
 def queue_full(retry_after: int) -> ApiError:
@@ -138,7 +136,7 @@ async def handle_audio(request: Request, task: str) -> Response:
     request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
     try:
         transcript = await until_disconnected(
-            request, asyncio.wait_for(transcribe(state.scheduler, samples, options), settings.request_timeout_seconds))
+            request, asyncio.wait_for(transcribe(state.engine, samples, options), settings.request_timeout_seconds))
     except QueueFull as error:
         raise queue_full(error.retry_after_seconds) from error
     except TimeoutError as error:
@@ -146,6 +144,9 @@ async def handle_audio(request: Request, task: str) -> Response:
                        code="request_timeout") from error
     except OutOfMemory as error:
         raise ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
+                       headers={"Retry-After": "5"}) from error
+    except EngineUnavailable as error:
+        raise ApiError(503, "The speech engine stopped; retry on another replica.", code="engine_unavailable",
                        headers={"Retry-After": "5"}) from error
     state.metrics.audio_seconds.inc(audio_seconds)
     body = render(transcript, response_format, task)
@@ -155,7 +156,7 @@ async def handle_audio(request: Request, task: str) -> Response:
 
 
 async def until_disconnected(request: Request, work):
-    """Runs the work unless the client hangs up first; then the work is cancelled and its windows leave the queue."""
+    """Runs the work unless the client hangs up first; then the work is cancelled and its windows leave the engine."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -300,11 +301,3 @@ def create_app(state: ServerState) -> ObservedApp:
     app.state.server = state
     return ObservedApp(app, state)
 
-
-class JsonLogFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname.lower(),
-                 "logger": record.name, "message": record.getMessage(), **getattr(record, "fields", {})}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)

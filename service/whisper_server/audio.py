@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from .engine import SAMPLE_RATE, WINDOW_SECONDS
+from .decoding import SAMPLE_RATE, WINDOW_SECONDS
 
 # A window is silence when almost none of its 30 ms frames rise above this level (dB relative to full scale).
 SILENCE_DBFS = -45.0

@@ -16,7 +16,6 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     max_batch_size: int = 16
-    batch_wait_ms: float = 10.0
     max_upload_mb: float = 100.0
     max_audio_seconds: float = 7200.0
     queue_size: int = 64
@@ -34,8 +33,7 @@ HELP = {
     "model": "Hugging Face model id (downloaded once into HF_HOME) or a local checkpoint directory",
     "device": "where the model runs; auto picks cuda when a GPU is visible",
     "dtype": "weights and activations; auto is float16 on cuda, float32 on cpu",
-    "max_batch_size": "most 30 s windows decoded together, across requests",
-    "batch_wait_ms": "longest a waiting window waits for others to fill a batch",
+    "max_batch_size": "decode slots: most 30 s windows decoding at once, across requests (sizes the KV cache)",
     "max_upload_mb": "largest request body, enforced while it is received (413 beyond it)",
     "max_audio_seconds": "longest audio accepted after decoding (400 beyond it)",
     "queue_size": "most requests admitted and unfinished; more get 503 with Retry-After",
@@ -45,7 +43,8 @@ HELP = {
     "offline": "never contact the Hugging Face Hub; the model must be in HF_HOME or a local directory",
     "cpu_threads": "torch threads on --device cpu (default: torch's choice, one per core); 1 is best on a busy machine",
     "max_new_tokens": "cap on tokens decoded per 30 s window (default: the checkpoint's generation config)",
-    "fixed_new_tokens": "benchmarks only: decode exactly --max-new-tokens tokens per window, whatever the weights say",
+    "fixed_new_tokens": ("benchmarks only: decode exactly --max-new-tokens tokens per window, whatever the weights say, "
+                         "with no temperature fallback and no silence drop"),
 }
 POSITIVE = {"port", "max_batch_size", "max_upload_mb", "max_audio_seconds", "queue_size",
             "request_timeout_seconds", "max_new_tokens", "cpu_threads"}
@@ -91,8 +90,8 @@ def validate(settings: Settings, parser: argparse.ArgumentParser) -> None:
             parser.error(f"{env_name(name)}={getattr(settings, name)!r} is not one of {', '.join(allowed)}")
     if settings.fixed_new_tokens and not settings.max_new_tokens:
         parser.error("--fixed-new-tokens needs --max-new-tokens")
-    if settings.batch_wait_ms < 0 or settings.drain_seconds < 0:
-        parser.error("--batch-wait-ms and --drain-seconds must not be negative")
+    if settings.drain_seconds < 0:
+        parser.error("--drain-seconds must not be negative")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,83 +1,25 @@
-"""The speech engine: loads a Whisper checkpoint and decodes batches of <= 30 s windows. It knows nothing of HTTP."""
+"""The speech engine: a Whisper checkpoint, its log-mel front end and encoder, and the slot decoder. Windows join
+free decode slots (their encoder pass batched together), every step advances all busy slots, and finished windows
+come back as segments. It knows nothing of HTTP or of requests."""
 
 from __future__ import annotations
 
 import time
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, WhisperForConditionalGeneration, WhisperProcessor
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-SAMPLE_RATE = 16_000
-WINDOW_SECONDS = 30.0
+from .decoder import SlotDecoder, SpecialTokens
+from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
+
 # Whisper's own rule for dropping a window as silence: likely no speech and a low-confidence decode.
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-
-class OutOfMemory(Exception):
-    """A batch did not fit in accelerator memory; smaller batches may."""
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """What a request asks of the decoder; windows batch together only when these are equal."""
-
-    task: str = "transcribe"  # or "translate"
-    language: str | None = None  # ISO-639-1 code; None detects it per window
-    prompt: str | None = None
-    temperature: float = 0.0
-
-
-@dataclass
-class Segment:
-    start: float
-    end: float
-    text: str
-    tokens: list[int]
-    avg_logprob: float
-    compression_ratio: float
-    no_speech_prob: float
-    temperature: float
-
-
-@dataclass
-class WindowResult:
-    language: str | None
-    segments: list[Segment] = field(default_factory=list)
-
-
-class ChosenTokenLogprobs(LogitsProcessor):
-    """Records the log-probability of each chosen token as decoding goes, holding one step of scores rather than
-    all of them (output_scores on large-v3 keeps steps x batch x 51866 floats: gigabytes at batch 16)."""
-
-    def __init__(self) -> None:
-        self.previous: torch.Tensor | None = None
-        self.chosen: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._record(input_ids)
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def _record(self, sequences: torch.Tensor) -> None:
-        if self.previous is not None:  # the token picked from the previous step's scores is now the last one
-            self.chosen.append(self.previous.gather(1, sequences[:, -1:]).squeeze(1))
-
-    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-        """(batch, generated tokens) log-probabilities, once generate has returned the final sequences."""
-        self._record(sequences)
-        self.previous = None
-        return torch.stack(self.chosen, dim=1).cpu()
-
-
-def compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
+# Memory left beside the KV caches for the encoder's activations and the step graphs, as a share of free memory.
+ACTIVATION_RESERVE = 0.2
 
 
 def resolve_device(device: str) -> str:
@@ -94,9 +36,20 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+@dataclass
+class SlotWindow:
+    """What the engine remembers of a window while it decodes in a slot."""
+
+    duration: float
+    language: str | None
+    no_speech_prob: float
+    temperature: float
+
+
 class WhisperEngine:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", offline: bool = False,
-                 max_new_tokens: int | None = None, fixed_new_tokens: bool = False, cpu_threads: int | None = None):
+                 max_new_tokens: int | None = None, fixed_new_tokens: bool = False, cpu_threads: int | None = None,
+                 slots: int = 16):
         self.model_name = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -105,7 +58,9 @@ class WhisperEngine:
         self.max_new_tokens = max_new_tokens
         self.fixed_new_tokens = fixed_new_tokens
         self.cpu_threads = cpu_threads
+        self.capacity = slots
         self.load_seconds: float | None = None
+        self.windows: dict[int, SlotWindow] = {}
 
     def load(self) -> None:
         started = time.monotonic()
@@ -115,70 +70,148 @@ class WhisperEngine:
         self.model = WhisperForConditionalGeneration.from_pretrained(
             self.model_name, dtype=self.dtype, attn_implementation="sdpa", local_files_only=self.offline,
         ).to(self.device).eval()
-        tokenizer = self.processor.tokenizer
-        generation = self.model.generation_config
-        self.eot = generation.eos_token_id
-        self.sot = generation.decoder_start_token_id
-        self.timestamp_begin = generation.no_timestamps_token_id + 1
-        self.no_speech_id = tokenizer.convert_tokens_to_ids("<|nospeech|>")
-        if self.no_speech_id == tokenizer.unk_token_id:  # checkpoints before large-v3 call it <|nocaptions|>
-            self.no_speech_id = tokenizer.convert_tokens_to_ids("<|nocaptions|>")
+        tokenizer, generation, config = self.processor.tokenizer, self.model.generation_config, self.model.config
+        no_speech = tokenizer.convert_tokens_to_ids("<|nospeech|>")
+        if no_speech == tokenizer.unk_token_id:  # checkpoints before large-v3 call it <|nocaptions|>
+            no_speech = tokenizer.convert_tokens_to_ids("<|nocaptions|>")
+        self.special = SpecialTokens(
+            end_of_text=generation.eos_token_id, start_of_transcript=generation.decoder_start_token_id,
+            no_timestamps=generation.no_timestamps_token_id,
+            no_speech=no_speech, languages=tuple(generation.lang_to_id.values()),
+            suppress=tuple(generation.suppress_tokens or ()), begin_suppress=tuple(generation.begin_suppress_tokens or ()),
+            max_initial_timestamp_index=getattr(generation, "max_initial_timestamp_index", None),
+        )
+        self.language_ids = {token[2:-2]: token_id for token, token_id in generation.lang_to_id.items()}
+        self.id_to_language = {token_id: code for code, token_id in self.language_ids.items()}
+        self.languages = set(self.language_ids)
+        self.task_ids = dict(generation.task_to_id)
+        self.positions = config.max_target_positions
+        self.max_length = min(generation.max_length or self.positions, self.positions)
         extractor = self.processor.feature_extractor
         self.hann_window = torch.hann_window(extractor.n_fft, device=self.device)
         self.mel_filters = torch.from_numpy(extractor.mel_filters).to(self.device, torch.float32)
-        self.id_to_language = {token_id: token[2:-2] for token, token_id in generation.lang_to_id.items()}
-        self.languages = set(self.id_to_language.values())
+        self.decoder = self._allocate_decoder()
         self.load_seconds = time.monotonic() - started
 
-    def warm_up(self, max_batch_size: int) -> None:
-        """Runs the smallest and the largest batch once, so the first requests pay no compile or allocation cost
-        and a batch size that cannot fit shows up before the server reports ready."""
-        noise = np.random.default_rng(0).normal(0, 0.05, SAMPLE_RATE).astype(np.float32)
-        for size in sorted({1, max_batch_size}):
-            try:
-                self.transcribe([noise] * size, DecodeOptions(language="en"), max_new_tokens=4)
-            except OutOfMemory as error:
-                raise OutOfMemory(f"a batch of {size} windows does not fit on {self.device}: lower --max-batch-size") from error
+    def _allocate_decoder(self) -> SlotDecoder:
+        """The KV caches for --max-batch-size slots, refused up front when they plainly cannot fit."""
+        if self.device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            self.memory_after_load = free, total
+            if self.capacity * self.bytes_per_slot > free * (1 - ACTIVATION_RESERVE):
+                raise OutOfMemory(self._sizing_advice())
+        try:
+            return SlotDecoder(self.model, self.special, self.capacity)
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(self._sizing_advice()) from error
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return SlotDecoder.bytes_per_slot(self.model.config, self.dtype)
+
+    def _sizing_advice(self) -> str:
+        per_slot = self.bytes_per_slot
+        message = (f"{self.capacity} decode slots (--max-batch-size) need {self.capacity * per_slot / 2**30:.1f} GiB "
+                   f"of KV cache ({per_slot / 2**20:.0f} MiB per slot) on {self.device}")
+        if self.device != "cuda":
+            return message
+        free, total = self.memory_after_load
+        fits = max(0, int(free * (1 - ACTIVATION_RESERVE) // per_slot))
+        return (f"{message}, with {free / 2**30:.1f} of {total / 2**30:.1f} GiB free after loading the model and "
+                f"{ACTIVATION_RESERVE:.0%} of it kept for activations: --max-batch-size {fits} fits")
 
     @torch.inference_mode()
-    def transcribe(self, windows: list[np.ndarray], options: DecodeOptions,
-                   max_new_tokens: int | None = None) -> list[WindowResult]:
-        """Decodes each window (16 kHz mono float32, <= 30 s) with timestamps; segment times are window-relative."""
+    def warm_up(self) -> None:
+        """Captures the step graphs, then decodes a window in every slot at once (the largest encoder batch and step)
+        and one alone, so the first requests pay no capture or allocation cost and a slot count that cannot fit
+        fails here, before the server reports ready."""
+        noise = np.random.default_rng(0).normal(0, 0.05, SAMPLE_RATE).astype(np.float32)
         try:
-            return self._transcribe(windows, options, max_new_tokens or self.max_new_tokens)
+            self.decoder.capture()
+            for count in (self.capacity, 1):
+                self.admit([(noise, DecodeOptions(language="en"))] * count, max_new_tokens=4)
+                while self.decoder.busy:
+                    self.step()
+        except (torch.OutOfMemoryError, OutOfMemory) as error:
+            raise OutOfMemory(self._sizing_advice()) from error
+
+    # Slots --------------------------------------------------------------------------------------------------------
+
+    def free_slots(self) -> int:
+        return len(self.decoder.free)
+
+    def busy_slots(self) -> list[int]:
+        return sorted(self.windows)
+
+    def release(self, slots: list[int]) -> None:
+        """Stops decoding these slots' windows (their requests were cancelled or failed)."""
+        self.decoder.release(slots)
+        for slot in slots:
+            self.windows.pop(slot, None)
+
+    @torch.inference_mode()
+    def admit(self, windows: list[tuple[np.ndarray, DecodeOptions]], max_new_tokens: int | None = None) -> list[int]:
+        """Puts windows (16 kHz mono float32, <= 30 s) into free slots: one batched log-mel and encoder pass, their
+        cross-attention K/V, language detection where none was given, and their forced prefixes. Returns the slots."""
+        slots = self.decoder.allocate(len(windows))
+        try:
+            features = self.log_mel([samples for samples, _ in windows]).to(self.dtype)
+            first = self.decoder.attach(slots, self.model.get_encoder()(features).last_hidden_state)
+            # no_speech_prob and the detected language come from the logits after <|startoftranscript|> alone, as in
+            # OpenAI's decoder and transformers' detect_language.
+            no_speech = first.softmax(-1)[:, self.special.no_speech]
+            detected = first.masked_fill(self.decoder.language_mask, float("-inf")).argmax(-1)
+            no_speech, detected = no_speech.tolist(), detected.tolist()
+            prefixes, limits, min_lengths, admitted = [], [], [], []
+            for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
+                language_id = self.language_ids[options.language] if options.language else detected_id
+                prefix = self._prompt_ids(options.prompt) + [
+                    self.special.start_of_transcript, language_id, self.task_ids[options.task]]
+                limit = self._limit(len(prefix), max_new_tokens or self.max_new_tokens)
+                prefixes.append(prefix)
+                limits.append(limit)
+                min_lengths.append(limit if self.fixed_new_tokens else 0)
+                admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, self.id_to_language.get(language_id),
+                                           no_speech_prob, options.temperature))
+            self.decoder.prefill(slots, prefixes, limits, min_lengths, [options.temperature for _, options in windows])
+        except torch.OutOfMemoryError as error:
+            self.decoder.release(slots)
+            torch.cuda.empty_cache()
+            raise OutOfMemory(str(error)) from error
+        except BaseException:
+            self.decoder.release(slots)
+            raise
+        self.windows.update(zip(slots, admitted))
+        return slots
+
+    def _limit(self, prefix_length: int, max_new_tokens: int | None) -> int:
+        """Most tokens in a slot's sequence, prefix included: transformers' rule (max_new_tokens after the prefix,
+        or the checkpoint's max_length plus the prefix up to half the context) within the 448 positions."""
+        if max_new_tokens:
+            total = prefix_length + max_new_tokens
+        else:
+            total = self.max_length + min(self.positions // 2 - 1, prefix_length)
+        return min(total, self.positions)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, WindowResult]]:
+        """One decode step over every busy slot; the windows that finished, with their (now free) slots."""
+        try:
+            finished = self.decoder.step()
         except torch.OutOfMemoryError as error:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(error)) from error
-
-    def _transcribe(self, windows, options, max_new_tokens):
-        features = self.log_mel(windows).to(self.dtype)
-        encoder_outputs = self.model.get_encoder()(features)
-        no_speech = self._no_speech_probs(encoder_outputs)
-        generate_args = dict(
-            encoder_outputs=encoder_outputs, return_timestamps=True, task=options.task, language=options.language,
-            return_dict_in_generate=True, force_unique_generate_call=True,
-        )
-        if options.temperature > 0:
-            generate_args.update(do_sample=True, temperature=options.temperature)
-        if options.prompt:
-            generate_args["prompt_ids"] = self._prompt_ids(options.prompt)
-        if max_new_tokens:
-            generate_args["max_new_tokens"] = max_new_tokens
-            if self.fixed_new_tokens:
-                generate_args["min_new_tokens"] = max_new_tokens
-        recorder = ChosenTokenLogprobs()
-        output = self.model.generate(**generate_args, logits_processor=LogitsProcessorList([recorder]))
-        logprobs = recorder.finish(output.sequences)
-        generated = output.sequences[:, -logprobs.shape[1]:].tolist()
-        logprobs = logprobs.tolist()
         results = []
-        for row, tokens in enumerate(generated):
-            language = self._language_of(output.sequences[row].tolist(), options.language)
-            token_logprobs = logprobs[row]
-            duration = len(windows[row]) / SAMPLE_RATE
-            segments = self._segments(tokens, token_logprobs, duration, no_speech[row], options.temperature)
-            results.append(WindowResult(language=language, segments=self._drop_if_silence(segments)))
+        for item in finished:
+            window = self.windows.pop(item.slot)
+            segments = self._segments(item.tokens, item.logprobs, window.duration, window.no_speech_prob,
+                                      window.temperature)
+            if not self.fixed_new_tokens:
+                segments = self._drop_if_silence(segments)
+            results.append((item.slot, WindowResult(window.language, segments, item.tokens)))
         return results
+
+    # Front end and results ----------------------------------------------------------------------------------------
 
     def log_mel(self, windows: list[np.ndarray]) -> torch.Tensor:
         """Whisper's log-mel features, as its feature extractor computes them for audio zero-padded to 30 s, but with
@@ -187,10 +220,10 @@ class WhisperEngine:
         extractor = self.processor.feature_extractor
         frames = extractor.nb_max_frames  # 3000
         longest = max(len(w) for w in windows) + extractor.n_fft
-        batch = torch.zeros(len(windows), min(longest, extractor.n_samples), dtype=torch.float32)
+        batch = np.zeros((len(windows), min(longest, extractor.n_samples)), dtype=np.float32)
         for row, window in enumerate(windows):
-            batch[row, :len(window)] = torch.from_numpy(window[:extractor.n_samples])
-        batch = batch.to(self.device)
+            batch[row, :len(window)] = window[:extractor.n_samples]
+        batch = torch.from_numpy(batch).to(self.device)
         stft = torch.stft(batch, extractor.n_fft, extractor.hop_length, window=self.hann_window, return_complex=True)
         power = (stft[..., :-1].abs() ** 2).contiguous()
         computed = torch.clamp(self.mel_filters.T @ power, min=1e-10).log10()[..., :frames]
@@ -200,31 +233,17 @@ class WhisperEngine:
         peak = log_spec.amax(dim=(1, 2), keepdim=True)
         return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
 
-    def _prompt_ids(self, prompt: str) -> torch.Tensor:
+    def _prompt_ids(self, prompt: str | None) -> list[int]:
         """<|startofprev|> and the prompt's last tokens: at most half the decoder's context, as OpenAI keeps it."""
-        ids = self.processor.get_prompt_ids(prompt, return_tensors="pt")
-        keep = self.model.config.max_target_positions // 2 - 1
-        return torch.cat([ids[:1], ids[1:][-keep:]]).to(self.device)
-
-    def _no_speech_probs(self, encoder_outputs) -> list[float]:
-        """Probability of <|nospeech|> right after <|startoftranscript|>, as OpenAI's decoder reports it."""
-        batch = encoder_outputs.last_hidden_state.shape[0]
-        start = torch.full((batch, 1), self.sot, device=self.device)
-        logits = self.model(encoder_outputs=encoder_outputs, decoder_input_ids=start).logits[:, -1].float()
-        return torch.softmax(logits, dim=-1)[:, self.no_speech_id].tolist()
-
-    def _language_of(self, sequence: list[int], requested: str | None) -> str | None:
-        if requested:
-            return requested
-        after_start = sequence.index(self.sot) + 1 if self.sot in sequence else None
-        return self.id_to_language.get(sequence[after_start]) if after_start is not None and after_start < len(sequence) else None
+        if not prompt:
+            return []
+        ids = self.processor.get_prompt_ids(prompt).tolist()
+        return ids[:1] + ids[1:][-(self.positions // 2 - 1):]
 
     def _segments(self, tokens, token_logprobs, duration, no_speech_prob, temperature) -> list[Segment]:
         """Splits a window's tokens into segments at timestamp tokens, clamped to the window and kept in order."""
         tokenizer = self.processor.tokenizer
-        if self.eot in tokens:
-            cut = tokens.index(self.eot)
-            tokens, token_logprobs = tokens[:cut], token_logprobs[:cut]
+        timestamp_begin, end_of_text = self.special.timestamp_begin, self.special.end_of_text
         segments: list[Segment] = []
         start, text_tokens, text_logprobs = None, [], []
 
@@ -246,13 +265,13 @@ class WhisperEngine:
             start, text_tokens, text_logprobs = None, [], []
 
         for token, logprob in zip(tokens, token_logprobs):
-            if token >= self.timestamp_begin:
-                time_at = (token - self.timestamp_begin) * 0.02
+            if token >= timestamp_begin:
+                time_at = (token - timestamp_begin) * 0.02
                 if text_tokens:
                     close(time_at)
                 else:
                     start = time_at
-            elif token < self.eot:
+            elif token < end_of_text:
                 text_tokens.append(token)
                 text_logprobs.append(logprob)
         if text_tokens:

@@ -20,8 +20,11 @@ class Metrics:
                                   registry=self.registry)
         self.audio_seconds = Counter("whisper_audio_seconds", "Seconds of audio transcribed or translated",
                                      registry=self.registry)
-        self.batch_size = Histogram("whisper_batch_size", "Windows decoded together in one model batch",
+        self.batch_size = Histogram("whisper_batch_size", "Busy decode slots (windows decoding together) per step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.decode_step = Histogram(
+            "whisper_decode_step_seconds", "Time of one decode step over every busy slot, host read-back included",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1), registry=self.registry)
         self.model_load = Gauge("whisper_model_load_seconds", "Time taken to load the model", registry=self.registry)
 
     def on_queue_change(self, windows: int, seconds: float) -> None:

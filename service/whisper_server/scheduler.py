@@ -1,199 +1,188 @@
-"""Batches 30 s windows from concurrent requests onto one model worker and hands each request its results in order."""
+"""Iteration-level batching: windows from every request share the engine's decode slots, joining free slots between
+steps and leaving the moment they finish. Runs in the engine process, on the thread that owns the model."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import math
-import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
-from .audio import Window
-from .engine import DecodeOptions, OutOfMemory, WindowResult
+from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, WindowResult
 
 log = logging.getLogger("whisper_server.scheduler")
 
-RunBatch = Callable[[list[np.ndarray], DecodeOptions], list[WindowResult]]
+# OpenAI's reference thresholds: text that gzip shrinks more than 2.4x is a repetition loop, decoded again at a
+# temperature 0.2 higher, up to 1.0.
+COMPRESSION_RATIO_THRESHOLD = 2.4
+TEMPERATURE_STEP = 0.2
 
 
-class QueueFull(Exception):
-    def __init__(self, retry_after_seconds: int):
-        super().__init__(f"the queue is full; retry in {retry_after_seconds} s")
-        self.retry_after_seconds = retry_after_seconds
+class Engine(Protocol):
+    """What the scheduler needs of the engine (WhisperEngine; a stand-in in the tests)."""
+
+    capacity: int
+
+    def free_slots(self) -> int: ...
+    def busy_slots(self) -> list[int]: ...
+    def admit(self, windows: list[tuple[np.ndarray, DecodeOptions]]) -> list[int]: ...
+    def step(self) -> list[tuple[int, WindowResult]]: ...
+    def release(self, slots: list[int]) -> None: ...
 
 
-@dataclass(eq=False)  # identity: jobs are found and removed in lists by who they are, not by their audio
-class Job:
-    """One request: its windows, the results filled in as batches finish, and the future its handler awaits."""
-
+@dataclass(eq=False)  # identity: requests are found by key and compared by who they are, never by their audio
+class Request:
+    key: int
     options: DecodeOptions
-    windows: list[Window]
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    sequence: int
+    windows: list[np.ndarray]
+    sequence: int  # arrival order: older requests go first among equals
     results: list[WindowResult | None] = field(default_factory=list)
-    next_window: int = 0  # the next window not yet handed to a batch
-    done_windows: int = 0
+    waiting: deque[tuple[int, float]] = field(default_factory=deque)  # (window, temperature) not yet in a slot
+    busy: int = 0  # windows in slots now
+    finished: int = 0
+    last_served: int = -1  # when a window of it last got a slot (-1: not since it arrived or a window was retried)
 
-    def pending_seconds(self) -> float:
-        return sum(w.duration for w in self.windows[self.next_window:])
+
+def is_repetition_loop(result: WindowResult) -> bool:
+    return any(segment.compression_ratio > COMPRESSION_RATIO_THRESHOLD for segment in result.segments)
 
 
 @dataclass
-class SchedulerStats:
-    """Callbacks the server turns into metrics; the scheduler itself knows nothing of Prometheus."""
+class SchedulerEvents:
+    """Where the scheduler reports to (the engine process forwards these to the HTTP process)."""
 
-    on_queue_change: Callable[[int, float], None] = lambda windows, seconds: None
-    on_batch: Callable[[int], None] = lambda size: None
-    # Requests on their way to the queue (uploading, decoding): only for them is a batch worth waiting for.
-    arriving: Callable[[int], int] = lambda queued_requests: 1
-
-
-def run_splitting_on_oom(run_batch: RunBatch, samples: list[np.ndarray], options: DecodeOptions) -> list[WindowResult]:
-    """Runs a batch; if it does not fit in memory, runs its halves, down to single windows."""
-    try:
-        return run_batch(samples, options)
-    except OutOfMemory:
-        if len(samples) == 1:
-            raise
-        half = len(samples) // 2
-        log.warning("out of memory on a batch of %d windows; retrying as %d + %d", len(samples), half, len(samples) - half)
-        return run_splitting_on_oom(run_batch, samples[:half], options) + run_splitting_on_oom(run_batch, samples[half:], options)
+    on_done: Callable[[int, list[WindowResult]], None]
+    on_failed: Callable[[int, Exception], None]
+    on_step: Callable[[int, float], None] = lambda busy, seconds: None
 
 
-class BatchScheduler:
-    def __init__(self, run_batch: RunBatch, max_batch_size: int, batch_wait_seconds: float, queue_size: int,
-                 stats: SchedulerStats | None = None):
-        self.run_batch = run_batch
-        self.max_batch_size = max_batch_size
-        self.batch_wait_seconds = batch_wait_seconds
-        self.queue_size = queue_size
-        self.stats = stats or SchedulerStats()
-        self.jobs: list[Job] = []  # admitted and unfinished, oldest first
-        self.condition = threading.Condition()
+class SlotScheduler:
+    def __init__(self, engine: Engine, events: SchedulerEvents, fallback: bool = True):
+        self.engine = engine
+        self.events = events
+        self.fallback = fallback  # off for fixed-length benchmark decoding
+        self.requests: dict[int, Request] = {}
+        self.owners: dict[int, tuple[Request, int, float]] = {}  # slot -> (request, window, temperature)
         self.sequence = itertools.count()
-        self.seconds_per_batch = 1.0  # moving average, for Retry-After
-        self.stopped = False
-        self.worker = threading.Thread(target=self._work, name="batch-worker", daemon=True)
+        self.picks = itertools.count()
+        self.window_seconds = 1.0  # moving average of how long a window holds a slot, for Retry-After
+        self.admitted_at: dict[int, float] = {}
 
-    def start(self) -> None:
-        self.worker.start()
+    def submit(self, key: int, options: DecodeOptions, windows: list[np.ndarray]) -> None:
+        request = Request(key, options, windows, next(self.sequence), results=[None] * len(windows),
+                          waiting=deque((index, options.temperature) for index in range(len(windows))))
+        self.requests[key] = request
+        if not windows:
+            self._finish(request)
 
-    def stop(self) -> None:
-        with self.condition:
-            self.stopped = True
-            self.condition.notify_all()
-        self.worker.join(timeout=10)
+    def cancel(self, key: int) -> None:
+        """A request whose client went away or timed out: its waiting windows are dropped and its slots freed before
+        the next step."""
+        request = self.requests.pop(key, None)
+        if request is not None:
+            self._release(request)
 
-    def is_full(self) -> bool:
-        with self.condition:
-            return len(self.jobs) >= self.queue_size
+    @property
+    def idle(self) -> bool:
+        return not self.owners and not self.waiting_windows()
 
-    def retry_after_seconds(self) -> int:
-        with self.condition:
-            return self._retry_after_locked()
+    def waiting_windows(self) -> int:
+        return sum(len(request.waiting) for request in self.requests.values())
 
-    async def transcribe(self, windows: list[Window], options: DecodeOptions, admitted: bool = False) -> list[WindowResult]:
-        """Queues a request's windows and waits for all their results, in window order. `admitted` is for a
-        request that already holds a place (a retry of some of its windows): it is never refused."""
-        loop = asyncio.get_running_loop()
-        job = Job(options=options, windows=windows, future=loop.create_future(), loop=loop,
-                  sequence=next(self.sequence), results=[None] * len(windows))
-        with self.condition:
-            if len(self.jobs) >= self.queue_size and not admitted:
-                raise QueueFull(self._retry_after_locked())
-            self.jobs.append(job)
-            self._report_queue_locked()
-            self.condition.notify_all()
+    def waiting_seconds(self) -> float:
+        return sum(len(request.windows[index]) for request in self.requests.values()
+                   for index, _ in request.waiting) / SAMPLE_RATE
+
+    def expected_wait_seconds(self) -> float:
+        """How long the waiting windows will likely take to get through the slots, at the engine's recent rate."""
+        return self.waiting_windows() / self.engine.capacity * self.window_seconds
+
+    def run_once(self) -> None:
+        """Admits waiting windows into free slots, then runs one decode step over every busy slot."""
+        self._admit()
+        if self.owners:
+            self._step()
+
+    def _admit(self) -> None:
+        picks = self._pick(self.engine.free_slots())
+        if not picks:
+            return
+        windows = [(request.windows[index], replace(request.options, temperature=temperature))
+                   for request, index, temperature in picks]
         try:
-            return await job.future
-        finally:
-            self._forget(job)  # a cancelled or timed-out request leaves the queue and its windows are not decoded
+            slots = self.engine.admit(windows)
+        except Exception as error:  # noqa: BLE001 - one failed admission fails its requests, never the engine
+            log.log(logging.WARNING if isinstance(error, OutOfMemory) else logging.ERROR,
+                    "admitting %d windows failed", len(picks), exc_info=not isinstance(error, OutOfMemory))
+            for request in {request.key: request for request, _, _ in picks}.values():
+                self._fail(request, error)
+            return
+        now = time.monotonic()
+        for slot, pick in zip(slots, picks):
+            self.owners[slot] = pick
+            self.admitted_at[slot] = now
 
-    def _retry_after_locked(self) -> int:
-        """Seconds until the windows already waiting have likely been decoded."""
-        batches = self._waiting_windows_locked() / self.max_batch_size
-        return max(1, min(60, math.ceil(batches * self.seconds_per_batch)))
+    def _pick(self, free: int) -> list[tuple[Request, int, float]]:
+        """Fair shares: each free slot goes to the waiting request with the fewest windows in slots, and among
+        those round-robin (the one served longest ago, the oldest among the unserved), so a 2-hour file holds no
+        more slots than the clips that arrive after it. A window retried at a higher temperature goes back to the
+        head of its request, which counts as unserved: it keeps its place ahead of newer requests."""
+        picks = []
+        waiting = [request for request in self.requests.values() if request.waiting]
+        while len(picks) < free and waiting:
+            request = min(waiting, key=lambda r: (r.busy, r.last_served, r.sequence))
+            index, temperature = request.waiting.popleft()
+            request.busy += 1
+            request.last_served = next(self.picks)
+            picks.append((request, index, temperature))
+            if not request.waiting:
+                waiting.remove(request)
+        return picks
 
-    def _forget(self, job: Job) -> None:
-        with self.condition:
-            if job in self.jobs:
-                self.jobs.remove(job)
-                self._report_queue_locked()
-
-    def _report_queue_locked(self) -> None:
-        windows = self._waiting_windows_locked()
-        seconds = sum(job.pending_seconds() for job in self.jobs)
-        self.stats.on_queue_change(windows, seconds)
-
-    def _take_batch_locked(self) -> tuple[DecodeOptions, list[tuple[Job, int]]]:
-        """Windows that share the oldest waiting request's options, one per request in turn, so a long file
-        does not hold back the short requests that arrive after it."""
-        waiting = [job for job in self.jobs if job.next_window < len(job.windows)]
-        options = waiting[0].options
-        compatible = [job for job in waiting if job.options == options]
-        batch: list[tuple[Job, int]] = []
-        while len(batch) < self.max_batch_size and compatible:
-            for job in list(compatible):
-                if len(batch) == self.max_batch_size:
-                    break
-                batch.append((job, job.next_window))
-                job.next_window += 1
-                if job.next_window == len(job.windows):
-                    compatible.remove(job)
-        self._report_queue_locked()
-        return options, batch
-
-    def _waiting_windows_locked(self) -> int:
-        return sum(len(job.windows) - job.next_window for job in self.jobs)
-
-    def _work(self) -> None:
-        while True:
-            with self.condition:
-                while not self.stopped and self._waiting_windows_locked() == 0:
-                    self.condition.wait()
-                if self.stopped:
-                    return
-                # Wait a little for more windows, unless a full batch is already waiting or nobody else is coming.
-                deadline = time.monotonic() + self.batch_wait_seconds
-                while (not self.stopped and self._waiting_windows_locked() < self.max_batch_size
-                       and self.stats.arriving(len(self.jobs)) > 0 and (remaining := deadline - time.monotonic()) > 0):
-                    self.condition.wait(remaining)
-                if self.stopped:
-                    return
-                if self._waiting_windows_locked() == 0:
-                    continue  # the waiting requests were cancelled meanwhile
-                options, batch = self._take_batch_locked()
-            self._run(options, batch)
-
-    def _run(self, options: DecodeOptions, batch: list[tuple[Job, int]]) -> None:
-        self.stats.on_batch(len(batch))
+    def _step(self) -> None:
+        busy = len(self.owners)
         started = time.monotonic()
         try:
-            results = run_splitting_on_oom(self.run_batch, [job.windows[i].samples for job, i in batch], options)
-        except Exception as error:  # one failed batch fails its requests, never the worker
-            log.exception("batch of %d windows failed", len(batch))
-            for job in {id(job): job for job, _ in batch}.values():
-                job.loop.call_soon_threadsafe(_set_exception, job.future, error)
+            finished = self.engine.step()
+        except Exception as error:  # noqa: BLE001 - a failed step fails the requests in it, never the engine
+            log.exception("decode step over %d slots failed", busy)
+            for request in {request.key: request for request, _, _ in self.owners.values()}.values():
+                self._fail(request, error)
             return
-        self.seconds_per_batch = 0.8 * self.seconds_per_batch + 0.2 * (time.monotonic() - started)
-        for (job, index), result in zip(batch, results):
-            job.results[index] = result
-            job.done_windows += 1
-            if job.done_windows == len(job.windows):
-                job.loop.call_soon_threadsafe(_set_result, job.future, job.results)
+        now = time.monotonic()
+        self.events.on_step(busy, now - started)
+        for slot, result in finished:
+            request, index, temperature = self.owners.pop(slot)
+            self.window_seconds = 0.9 * self.window_seconds + 0.1 * (now - self.admitted_at.pop(slot))
+            request.busy -= 1
+            if self.fallback and temperature < 1.0 and is_repetition_loop(result):
+                request.waiting.appendleft((index, round(min(1.0, temperature + TEMPERATURE_STEP), 2)))
+                request.last_served = -1
+                continue
+            request.results[index] = result
+            request.finished += 1
+            if request.finished == len(request.windows):
+                self._finish(request)
 
+    def _finish(self, request: Request) -> None:
+        self.requests.pop(request.key, None)
+        self.events.on_done(request.key, request.results)
 
-def _set_result(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
+    def _fail(self, request: Request, error: Exception) -> None:
+        if self.requests.pop(request.key, None) is not None:
+            self._release(request)
+            self.events.on_failed(request.key, error)
 
-
-def _set_exception(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
+    def _release(self, request: Request) -> None:
+        slots = [slot for slot, (owner, _, _) in self.owners.items() if owner is request]
+        for slot in slots:
+            del self.owners[slot]
+            self.admitted_at.pop(slot, None)
+        self.engine.release(slots)
+        request.waiting.clear()
+        request.busy = 0

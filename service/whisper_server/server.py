@@ -1,33 +1,22 @@
-"""Runs the server: loads and warms the model in the background, serves HTTP, drains on SIGTERM, exits 0."""
+"""Runs the server: starts the engine process (which loads and warms the model) in the background, serves HTTP,
+drains on SIGTERM, exits 0."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-import sys
 import threading
 import time
 
-import transformers
 import uvicorn
 
-from .app import JsonLogFormatter, ServerState, create_app
+from .app import ServerState, create_app
 from .cli import Settings
-from .engine import WhisperEngine
-from .scheduler import BatchScheduler, SchedulerStats
+from .engine_process import EngineProcess
+from .logs import configure_logging
 
 log = logging.getLogger("whisper_server")
-
-
-def configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonLogFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
 
 
 class DrainingServer(uvicorn.Server):
@@ -61,28 +50,25 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def load_model(state: ServerState, server: DrainingServer) -> None:
+def start_engine(state: ServerState, server: DrainingServer) -> None:
     settings = state.settings
+
+    def lost() -> None:  # the engine process died: fail fast so that the pod is restarted
+        state.ready, state.load_failed, server.should_exit = False, True, True
+
+    engine = EngineProcess(settings, state.metrics, on_lost=lost)
+    state.engine = engine
     try:
-        engine = WhisperEngine(settings.model, settings.device, settings.dtype, settings.offline,
-                               settings.max_new_tokens, settings.fixed_new_tokens, settings.cpu_threads)
-        engine.load()
-        state.metrics.model_load.set(engine.load_seconds)
-        engine.warm_up(settings.max_batch_size)
-        scheduler = BatchScheduler(
-            engine.transcribe, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.queue_size,
-            SchedulerStats(on_queue_change=state.metrics.on_queue_change, on_batch=state.metrics.batch_size.observe,
-                           arriving=lambda queued_requests: state.in_flight - queued_requests),
-        )
-        scheduler.start()
-        state.engine, state.scheduler = engine, scheduler
-        state.ready = True
-        log.info("ready", extra={"fields": {"model": settings.model, "device": engine.device, "dtype": str(engine.dtype),
-                                            "load_seconds": round(engine.load_seconds, 3)}})
+        info = engine.start()
     except Exception:
         log.exception("model failed to load")
         state.load_failed = True
         server.should_exit = True
+        return
+    state.metrics.model_load.set(info.load_seconds)
+    state.ready = True
+    log.info("ready", extra={"fields": {"model": settings.model, "device": info.device, "dtype": info.dtype,
+                                        "slots": info.slots, "load_seconds": round(info.load_seconds, 3)}})
 
 
 def run(settings: Settings) -> int:
@@ -91,9 +77,9 @@ def run(settings: Settings) -> int:
     config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=75)
     server = DrainingServer(config, state)
-    # The model loads while the server already answers /healthz, so liveness holds during a long first download.
-    threading.Thread(target=load_model, args=(state, server), name="model-loader", daemon=True).start()
+    # The engine loads while the server already answers /healthz, so liveness holds during a long first download.
+    threading.Thread(target=start_engine, args=(state, server), name="engine-starter", daemon=True).start()
     server.run()
-    if state.scheduler:
-        state.scheduler.stop()
+    if state.engine:
+        state.engine.stop()
     return 1 if state.load_failed else 0

@@ -28,8 +28,9 @@ ARCHITECTURES = {
 # A real Whisper vocabulary has 50257 ordinary tokens before the special ones; large-v3 is padded to that size.
 REAL_ORDINARY_VOCAB = 50257
 TINY_ORDINARY_VOCAB = 600
-# Random weights never choose end-of-text, so this cap is the tiny model's decode length: 16 tokens including the
-# 3-token prompt, about what a real model decodes for a few seconds of speech (a real checkpoint allows 448).
+# Random weights never choose end-of-text, so this cap is the tiny model's decode length: 16 tokens after the 3-token
+# forced prefix (transformers adds the prefix to max_length), about what a real model decodes for a few seconds of
+# speech (a real checkpoint allows 448).
 TINY_MAX_LENGTH = 16
 TIMESTAMP_COUNT = 1501  # <|0.00|> .. <|30.00|> in 20 ms steps
 
@@ -78,7 +79,10 @@ def build_tokenizer(ordinary_size: int) -> WhisperTokenizer:
     return tokenizer
 
 
-def make_test_model(directory: str | Path, architecture: str = "tiny", seed: int = 0) -> Path:
+def make_test_model(directory: str | Path, architecture: str = "tiny", seed: int = 0, max_length: int | None = None,
+                    init_std: float = 0.02) -> Path:
+    """`max_length` overrides the decode length cap (tokens per window, prompt excluded); a larger `init_std` makes
+    the random model's output depend more on its audio (the exactness tests use both)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     shape = ARCHITECTURES[architecture]
@@ -91,7 +95,8 @@ def make_test_model(directory: str | Path, architecture: str = "tiny", seed: int
     config = WhisperConfig(
         vocab_size=len(tokenizer), max_source_positions=1500, max_target_positions=448,
         decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
-        begin_suppress_tokens=[tokenizer.convert_tokens_to_ids("Ġ"), eot], suppress_tokens=[], **shape,
+        begin_suppress_tokens=[tokenizer.convert_tokens_to_ids("Ġ"), eot], suppress_tokens=[], init_std=init_std,
+        **shape,
     )
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config)
@@ -105,7 +110,7 @@ def make_test_model(directory: str | Path, architecture: str = "tiny", seed: int
 
     generation = GenerationConfig(
         decoder_start_token_id=sot, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
-        max_length=TINY_MAX_LENGTH if architecture == "tiny" else 448,
+        max_length=max_length or (TINY_MAX_LENGTH if architecture == "tiny" else 448),
         begin_suppress_tokens=config.begin_suppress_tokens, suppress_tokens=[],
         is_multilingual=True, no_timestamps_token_id=no_timestamps, max_initial_timestamp_index=50,
         prev_sot_token_id=ids["<|startofprev|>"],

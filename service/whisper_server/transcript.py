@@ -1,20 +1,16 @@
-"""Turns a request's audio into windows for the scheduler and its window results back into one transcript."""
+"""Turns a request's audio into windows for the engine and its window results back into one transcript."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .audio import Window, is_silence, split_windows
-from .engine import SAMPLE_RATE, DecodeOptions, Segment, WindowResult
-from .scheduler import BatchScheduler
-
-
-# OpenAI's reference thresholds: text that gzip shrinks more than 2.4x is a repetition loop.
-COMPRESSION_RATIO_THRESHOLD = 2.4
-TEMPERATURE_STEP = 0.2
+from .decoding import SAMPLE_RATE, DecodeOptions, Segment, WindowResult
+from .engine_process import EngineProcess
 
 
 @dataclass
@@ -43,29 +39,16 @@ def assemble(windows: list[Window], results: list[WindowResult], duration: float
     )
 
 
-def is_repetition_loop(result: WindowResult) -> bool:
-    return any(segment.compression_ratio > COMPRESSION_RATIO_THRESHOLD for segment in result.segments)
-
-
-async def decode_with_fallback(scheduler: BatchScheduler, windows: list[Window], options: DecodeOptions) -> list[WindowResult]:
-    """Windows whose text compresses too well (Whisper stuck repeating itself) are decoded again at a higher
-    temperature, 0.2 at a time up to 1.0, as OpenAI's reference decoder does."""
-    results = await scheduler.transcribe(windows, options)
-    temperature = options.temperature
-    while (looping := [i for i, result in enumerate(results) if is_repetition_loop(result)]) and temperature < 1.0:
-        temperature = round(min(1.0, temperature + TEMPERATURE_STEP), 2)
-        retried = await scheduler.transcribe([windows[i] for i in looping], replace(options, temperature=temperature),
-                                             admitted=True)
-        for index, result in zip(looping, retried):
-            results[index] = result
-    return results
-
-
-async def transcribe(scheduler: BatchScheduler, samples: np.ndarray, options: DecodeOptions) -> Transcript:
-    """Silent windows never reach the model: Whisper tends to invent text for them."""
+def cut(samples: np.ndarray) -> tuple[list[Window], list[bool]]:
     windows = split_windows(samples)
-    silent = [is_silence(window.samples) for window in windows]
+    return windows, [is_silence(window.samples) for window in windows]
+
+
+async def transcribe(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions) -> Transcript:
+    """Silent windows never reach the model: Whisper tends to invent text for them. Cutting and the silence check
+    run off the event loop (a 2-hour file is 115 M samples)."""
+    windows, silent = await asyncio.to_thread(cut, samples)
     spoken = [window for window, quiet in zip(windows, silent) if not quiet]
-    decoded = iter(await decode_with_fallback(scheduler, spoken, options) if spoken else [])
+    decoded = iter(await engine.transcribe(spoken, options) if spoken else [])
     results = [WindowResult(language=options.language) if quiet else next(decoded) for quiet in silent]
     return assemble(windows, results, len(samples) / SAMPLE_RATE)

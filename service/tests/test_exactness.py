@@ -1,0 +1,135 @@
+"""The slot decoder against transformers' own Whisper generation: greedy decoding with timestamps must give the same
+tokens as `WhisperForConditionalGeneration.generate(..., return_timestamps=True, force_unique_generate_call=True)`,
+whichever windows share the decode steps and whenever they join. CPU, float32, one torch thread."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from whisper_server.decoding import SAMPLE_RATE, DecodeOptions
+from whisper_server.engine import WhisperEngine
+from whisper_server.test_model import make_test_model
+
+# Weights 20x larger than the default initialisation make the random model's tokens depend on its audio, so a window
+# decoded against another slot's cross-attention or position would show; 48 tokens per window exercise the
+# timestamp rules (pairs, order, the initial limit) over longer sequences than the server tests' 16.
+INIT_STD = 0.4
+MAX_LENGTH = 48
+PROMPTS = ("hello world", "the quick brown fox jumps over the lazy dog", "peter piper picked a peck of pickled peppers")
+LANGUAGES = ("en", "de", "fr", "ja", None)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> WhisperEngine:
+    torch.set_num_threads(1)  # near-ties in random weights flip with the summation order
+    directory = make_test_model(tmp_path_factory.mktemp("exact") / "model", init_std=INIT_STD, max_length=MAX_LENGTH)
+    engine = WhisperEngine(str(directory), device="cpu", dtype="float32", slots=4)
+    engine.load()
+    engine.warm_up()
+    return engine
+
+
+def clip(seed: int, seconds: float) -> np.ndarray:
+    """A voiced, noisy harmonic signal that differs per seed, so each window has its own encoder output."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    pitch = rng.uniform(90, 300) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.2, 2) * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
+    voiced = sum(np.sin(k * phase) * rng.uniform(0.1, 1) / k for k in range(1, 6))
+    return (0.2 * voiced / np.abs(voiced).max() + rng.normal(0, 0.02, len(t))).astype(np.float32)
+
+
+def reference(engine: WhisperEngine, samples: np.ndarray, options: DecodeOptions) -> list[int]:
+    """transformers' tokens for one window alone, forced prefix stripped and end of text dropped."""
+    arguments = dict(return_timestamps=True, force_unique_generate_call=True, task=options.task,
+                     language=options.language, max_length=engine.max_length)
+    if options.prompt:
+        arguments["prompt_ids"] = torch.tensor(engine._prompt_ids(options.prompt))
+    with torch.inference_mode():
+        sequence = engine.model.generate(engine.log_mel([samples]), **arguments)[0].tolist()
+    start = sequence.index(engine.special.start_of_transcript) + 3  # <|startoftranscript|>, language, task
+    generated = sequence[start:]
+    eot = engine.special.end_of_text
+    return generated[:generated.index(eot)] if eot in generated else generated
+
+
+def decode(engine: WhisperEngine, windows: list[tuple[np.ndarray, DecodeOptions]], joins: list[int]) -> list[list[int]]:
+    """Our tokens per window. Window i is offered at step joins[i] (or as soon after as a slot is free), so windows
+    join while others are part-way through decoding."""
+    results: dict[int, list[int]] = {}
+    owner: dict[int, int] = {}
+    waiting = sorted(range(len(windows)), key=lambda i: joins[i])
+    step = 0
+    while len(results) < len(windows):
+        ready = [i for i in waiting if joins[i] <= step][:engine.free_slots()]
+        if ready:
+            owner.update(zip(engine.admit([windows[i] for i in ready]), ready))
+            waiting = [i for i in waiting if i not in ready]
+        if engine.busy_slots():
+            for slot, result in engine.step():
+                results[owner.pop(slot)] = result.tokens
+        step += 1
+    return [results[i] for i in range(len(windows))]
+
+
+FIXED = [  # (seed, seconds, options): lengths, languages given and detected, both tasks, prompts
+    (1, 1.0, DecodeOptions(language="en")),
+    (2, 5.0, DecodeOptions()),
+    (3, 12.5, DecodeOptions(language="de", task="translate")),
+    (4, 30.0, DecodeOptions(task="translate")),
+    (5, 17.0, DecodeOptions(prompt=PROMPTS[1])),
+    (6, 8.0, DecodeOptions(language="fr", prompt=PROMPTS[2])),
+    (7, 29.5, DecodeOptions(language="ja")),
+    (8, 3.0, DecodeOptions(prompt=PROMPTS[0], task="translate")),
+]
+
+
+def test_tokens_equal_transformers_alone_and_batched(engine):
+    windows = [(clip(seed, seconds), options) for seed, seconds, options in FIXED]
+    expected = [reference(engine, samples, options) for samples, options in windows]
+    assert all(len(tokens) >= 8 for tokens in expected), "the references exercise the rules over many tokens"
+    assert len({tuple(tokens) for tokens in expected}) == len(expected), "each window decodes to its own tokens"
+    alone = [decode(engine, [window], [0])[0] for window in windows]
+    assert alone == expected
+    # Four slots, eight windows: the first four start together, the rest join as slots free up, mid-decode.
+    together = decode(engine, windows, joins=[0, 0, 3, 5, 7, 7, 9, 20])
+    assert together == expected
+
+
+def test_the_448_position_limit(engine):
+    """A long prompt and the checkpoint's max_length at 448: decoding stops at the decoder's last position."""
+    long_prompt = " ".join(PROMPTS * 40)
+    window = (clip(11, 20.0), DecodeOptions(language="en", prompt=long_prompt))
+    previous = engine.max_length
+    engine.max_length = 448
+    try:
+        expected = reference(engine, *window)
+        got = decode(engine, [window, (clip(12, 4.0), DecodeOptions())], joins=[0, 0])[0]
+    finally:
+        engine.max_length = previous
+    prefix = len(engine._prompt_ids(long_prompt)) + 3
+    assert prefix + len(expected) == 448, "the reference ran into the limit"
+    assert got == expected
+
+
+def test_random_windows_mostly_equal_transformers(engine):
+    """Random lengths, options and join times. Random weights have near-ties that a different summation order can
+    flip, so a few windows may differ; a rule that drifts makes most of them differ."""
+    rng = random.Random(7)
+    windows = []
+    for seed in range(100, 140):
+        options = DecodeOptions(task=rng.choice(("transcribe", "translate")), language=rng.choice(LANGUAGES),
+                                prompt=rng.choice((None, None) + PROMPTS))
+        if options.task == "translate" and rng.random() < 0.5:
+            options = replace(options, language=None)
+        windows.append((clip(seed, rng.uniform(0.5, 30.0)), options))
+    expected = [reference(engine, samples, options) for samples, options in windows]
+    got = decode(engine, windows, joins=sorted(rng.randrange(0, 200) for _ in windows))
+    equal = sum(a == b for a, b in zip(got, expected))
+    print(f"random windows equal to transformers: {equal}/{len(windows)}")
+    assert equal >= 0.95 * len(windows)

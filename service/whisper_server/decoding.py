@@ -1,0 +1,48 @@
+"""What the HTTP process and the engine process exchange about a window: its decode options and its result.
+Free of torch, so the HTTP process never loads it."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+SAMPLE_RATE = 16_000
+WINDOW_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """What a request asks of the decoder, per window; windows with different options share decode steps."""
+
+    task: str = "transcribe"  # or "translate"
+    language: str | None = None  # ISO-639-1 code; None detects it per window
+    prompt: str | None = None
+    temperature: float = 0.0
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    temperature: float
+
+
+@dataclass
+class WindowResult:
+    language: str | None
+    segments: list[Segment] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # every generated token, timestamps included, end of text not
+
+
+class OutOfMemory(Exception):
+    """The accelerator ran out of memory on this work; the server keeps serving others."""
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0

@@ -1,0 +1,302 @@
+"""The engine runs in its own process, so nothing the HTTP layer does (uploads, audio decoding, the event loop) holds
+up the decode loop, and the HTTP process never loads torch.
+
+Two one-way pipes connect them. HTTP process -> engine: ("submit", key, options, window count) followed by each
+window's float32 samples as raw bytes (no pickling of audio), ("cancel", key), ("stop",). Engine -> HTTP process:
+("ready", EngineInfo) or ("load_failed", message) once, then ("done", key, results), ("failed", key, kind, message)
+and ("stats", EngineStats) every 100 ms or so while busy, which the HTTP process turns into its Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import multiprocessing
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .cli import Settings
+from .decoding import DecodeOptions, OutOfMemory, WindowResult
+from .metrics import Metrics
+from .scheduler import SchedulerEvents, SlotScheduler
+
+if TYPE_CHECKING:
+    from .audio import Window
+
+log = logging.getLogger("whisper_server.engine")
+REPORT_SECONDS = 0.1
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_seconds: int):
+        super().__init__(f"the queue is full; retry in {retry_after_seconds} s")
+        self.retry_after_seconds = retry_after_seconds
+
+
+class EngineUnavailable(Exception):
+    """The engine process is gone (it crashed or was killed); the server exits so that it is restarted."""
+
+
+class EngineError(Exception):
+    """The engine failed on this request for a reason other than memory (a bug): a 500, the server keeps serving."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    device: str
+    dtype: str
+    slots: int
+    load_seconds: float
+    languages: frozenset[str]
+
+
+@dataclass
+class EngineStats:
+    waiting_windows: int = 0
+    waiting_seconds: float = 0.0
+    expected_wait_seconds: float = 0.0
+    steps: list[tuple[int, float]] = field(default_factory=list)  # (busy slots, seconds) per step since the last
+
+
+# The engine process ------------------------------------------------------------------------------------------------
+
+def engine_main(settings: Settings, requests, events) -> None:
+    """Entry point of the engine process: loads and warms the model, then runs the step loop until told to stop or
+    until the HTTP process goes away."""
+    import transformers
+
+    from .engine import WhisperEngine
+    from .logs import configure_logging
+
+    configure_logging()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the HTTP process drains
+    engine = WhisperEngine(settings.model, settings.device, settings.dtype, settings.offline, settings.max_new_tokens,
+                           settings.fixed_new_tokens, settings.cpu_threads, slots=settings.max_batch_size)
+    try:
+        engine.load()
+        engine.warm_up()
+    except Exception as error:  # noqa: BLE001 - reported to the HTTP process, which exits non-zero
+        log.exception("model failed to load")
+        events.send(("load_failed", f"{type(error).__name__}: {error}"))
+        return
+    events.send(("ready", EngineInfo(engine.device, str(engine.dtype), engine.capacity, engine.load_seconds,
+                                     frozenset(engine.languages))))
+    log.info("engine ready", extra={"fields": {"slots": engine.capacity, "device": engine.device,
+                                               "cuda_graphs": len(engine.decoder.graphs)}})
+    EngineLoop(engine, requests, events, fallback=not settings.fixed_new_tokens).run()
+
+
+class EngineLoop:
+    """The engine process's main thread: takes the messages a receiver thread queued, admits and steps."""
+
+    def __init__(self, engine, requests, events, fallback: bool):
+        self.requests, self.events = requests, events
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.scheduler = SlotScheduler(engine, SchedulerEvents(on_done=self._done, on_failed=self._failed,
+                                                               on_step=self._stepped), fallback=fallback)
+        self.steps: list[tuple[int, float]] = []
+        self.reported: tuple | None = None
+        self.reported_at = 0.0
+        threading.Thread(target=self._receive, name="engine-receiver", daemon=True).start()
+
+    def _receive(self) -> None:
+        """Reads the pipe (blocking, outside the GIL) so the step loop only ever takes ready messages."""
+        try:
+            while True:
+                message = self.requests.recv()
+                if message[0] == "submit":
+                    _, key, options, count = message
+                    windows = [np.frombuffer(self.requests.recv_bytes(), dtype=np.float32) for _ in range(count)]
+                    message = ("submit", key, options, windows)
+                self.inbox.put(message)
+                if message[0] == "stop":
+                    return
+        except (EOFError, OSError):  # the HTTP process is gone
+            self.inbox.put(("stop",))
+
+    def run(self) -> None:
+        while True:
+            try:  # wait for work only when there is none
+                message = self.inbox.get(timeout=REPORT_SECONDS) if self.scheduler.idle else self.inbox.get_nowait()
+                while True:
+                    if message[0] == "stop":
+                        return
+                    if message[0] == "submit":
+                        self.scheduler.submit(*message[1:])
+                    elif message[0] == "cancel":
+                        self.scheduler.cancel(message[1])
+                    message = self.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            self.scheduler.run_once()
+            self._report()
+
+    def _done(self, key: int, results: list[WindowResult]) -> None:
+        self.events.send(("done", key, results))
+
+    def _failed(self, key: int, error: Exception) -> None:
+        kind = "out_of_memory" if isinstance(error, OutOfMemory) else "engine_error"
+        self.events.send(("failed", key, kind, f"{type(error).__name__}: {error}"))
+
+    def _stepped(self, busy: int, seconds: float) -> None:
+        self.steps.append((busy, seconds))
+
+    def _report(self) -> None:
+        scheduler = self.scheduler
+        queue_state = (scheduler.waiting_windows(), round(scheduler.waiting_seconds(), 3))
+        now = time.monotonic()
+        if (self.steps or queue_state != self.reported) and (now - self.reported_at >= REPORT_SECONDS or scheduler.idle):
+            self.events.send(("stats", EngineStats(*queue_state, scheduler.expected_wait_seconds(), self.steps)))
+            self.steps, self.reported, self.reported_at = [], queue_state, now
+
+
+# The HTTP process's side -------------------------------------------------------------------------------------------
+
+class EngineProcess:
+    """The HTTP process's handle on the engine process: submits requests, awaits their results, relays the metrics.
+    A thread sends (large audio never blocks the event loop), a thread receives and resolves the waiting futures."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, on_lost: Callable[[], None] = lambda: None):
+        self.settings, self.metrics, self.on_lost = settings, metrics, on_lost
+        self.info: EngineInfo | None = None
+        self.stats = EngineStats()
+        self.keys = itertools.count()
+        self.pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self.lock = threading.Lock()
+        self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopping = False
+        self.process = None
+
+    def start(self) -> EngineInfo:
+        """Starts the engine process and blocks until its model is loaded and warm; raises RuntimeError if not."""
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked threads, CUDA initialises cleanly
+        requests_reader, self.requests = context.Pipe(duplex=False)
+        self.events, events_writer = context.Pipe(duplex=False)
+        self.process = context.Process(target=engine_main, args=(self.settings, requests_reader, events_writer),
+                                       name="whisper-engine", daemon=True)
+        self.process.start()
+        requests_reader.close()
+        events_writer.close()
+        try:
+            message = self.events.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"the engine process exited while loading (exit code {self.process.exitcode})") from None
+        if message[0] == "load_failed":
+            self.process.join(5)
+            raise RuntimeError(message[1])
+        self.info = message[1]
+        threading.Thread(target=self._send, name="engine-sender", daemon=True).start()
+        threading.Thread(target=self._receive, name="engine-receiver", daemon=True).start()
+        return self.info
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.stopping = True
+        if self.info is None:  # still loading: nothing to finish
+            self.process.terminate()
+        self.outgoing.put((("stop",), []))
+        self.outgoing.put(None)
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+
+    @property
+    def languages(self) -> frozenset[str]:
+        return self.info.languages if self.info else frozenset()
+
+    def is_full(self) -> bool:
+        with self.lock:
+            return len(self.pending) >= self.settings.queue_size
+
+    def retry_after_seconds(self) -> int:
+        return max(1, min(60, math.ceil(self.stats.expected_wait_seconds)))
+
+    async def transcribe(self, windows: list[Window], options: DecodeOptions) -> list[WindowResult]:
+        """Decodes a request's windows, answering with their results in window order. Cancelling the caller (client
+        gone, deadline passed) cancels the request in the engine: its slots are freed before the next step."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        key = next(self.keys)
+        with self.lock:
+            if len(self.pending) >= self.settings.queue_size:
+                raise QueueFull(self.retry_after_seconds())
+            self.pending[key] = (loop, future)
+        samples = [np.ascontiguousarray(window.samples, dtype=np.float32) for window in windows]
+        self.outgoing.put((("submit", key, options, len(samples)), samples))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.outgoing.put((("cancel", key), []))
+            raise
+        finally:
+            with self.lock:
+                self.pending.pop(key, None)
+
+    def _send(self) -> None:
+        while (item := self.outgoing.get()) is not None:
+            header, payloads = item
+            try:
+                self.requests.send(header)
+                for payload in payloads:
+                    self.requests.send_bytes(payload)
+            except OSError:  # the engine is gone; the receiver reports it
+                return
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                message = self.events.recv()
+                if message[0] == "done":
+                    self._resolve(message[1], result=message[2])
+                elif message[0] == "failed":
+                    _, key, kind, text = message
+                    self._resolve(key, error=OutOfMemory(text) if kind == "out_of_memory" else EngineError(text))
+                elif message[0] == "stats":
+                    self._record(message[1])
+        except (EOFError, OSError):
+            pass
+        if not self.stopping:
+            self.process.join(1)
+            log.error("engine process exited", extra={"fields": {"exit_code": self.process.exitcode}})
+            with self.lock:
+                keys = list(self.pending)
+            for key in keys:
+                self._resolve(key, error=EngineUnavailable("the engine process exited"))
+            self.on_lost()
+
+    def _resolve(self, key: int, result=None, error: Exception | None = None) -> None:
+        with self.lock:
+            entry = self.pending.get(key)
+        if entry is not None:
+            loop, future = entry
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _record(self, stats: EngineStats) -> None:
+        self.stats = stats
+        self.metrics.on_queue_change(stats.waiting_windows, stats.waiting_seconds)
+        for busy, seconds in stats.steps:
+            self.metrics.batch_size.observe(busy)
+            self.metrics.decode_step.observe(seconds)
+
+
+def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
