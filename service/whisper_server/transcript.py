@@ -44,10 +44,12 @@ def cut(samples: np.ndarray) -> tuple[list[Window], list[bool]]:
     return windows, [is_silence(window.samples) for window in windows]
 
 
-async def transcribe(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions) -> Transcript:
+async def transcribe(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
+                     audio_work: asyncio.Semaphore) -> Transcript:
     """Silent windows never reach the model: Whisper tends to invent text for them. Cutting and the silence check
-    run off the event loop (a 2-hour file is 115 M samples)."""
-    windows, silent = await asyncio.to_thread(cut, samples)
+    run off the event loop (a 2-hour file is 115 M samples), within the server's limit on audio work at once."""
+    async with audio_work:
+        windows, silent = await asyncio.to_thread(cut, samples)
     spoken = [window for window, quiet in zip(windows, silent) if not quiet]
     decoded = iter(await engine.transcribe(spoken, options) if spoken else [])
     results = [WindowResult(language=options.language) if quiet else next(decoded) for quiet in silent]
