@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -72,6 +73,9 @@ class EngineStats:
 def engine_main(settings: Settings, requests, events) -> None:
     """Entry point of the engine process: loads and warms the model, then runs the step loop until told to stop or
     until the HTTP process goes away."""
+    # torch's OpenMP workers otherwise spin between ops and take every core from the HTTP process beside them (on CPU
+    # a burst's p50 went from 0.4 s to 4 s); read when torch loads, so set before the import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import transformers
 
     from .engine import WhisperEngine
