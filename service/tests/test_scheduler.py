@@ -133,6 +133,27 @@ def test_requests_with_different_options_share_admissions_and_steps():
     assert [harness.done[key][0].language for key in range(4)] == ["en", "de", None, None]
 
 
+def test_windows_arriving_during_decoding_wait_briefly_to_share_one_encoder_pass():
+    now = [0.0]
+    engine = StandInEngine(capacity=8, steps=lambda label: 100 if label >= 100 else 2)
+    harness = Harness(engine)
+    harness.scheduler = SlotScheduler(engine, harness.scheduler.events, admission_wait=0.010, clock=lambda: now[0])
+    harness.submit(0, [100])
+    harness.scheduler.run_once()
+    assert len(engine.admissions) == 1, "an idle engine admits at once"
+    harness.submit(1, [1])
+    now[0] += 0.004
+    harness.submit(2, [2])
+    harness.scheduler.run_once()
+    assert len(engine.admissions) == 1 and len(engine.steps) == 2, "the file steps on while the clips wait"
+    now[0] += 0.007
+    harness.scheduler.run_once()
+    assert [label for label, _ in engine.admissions[1]] == [1, 2], "both clips in one admission after 10 ms"
+    harness.submit(3, [3, 4, 5, 6, 7, 8, 9])
+    harness.scheduler.run_once()
+    assert len(engine.admissions) == 3, "windows enough for every free slot go in at once"
+
+
 def test_one_slot_is_shared_round_robin():
     harness = Harness(StandInEngine(capacity=1))
     harness.submit(0, [100, 101, 102])

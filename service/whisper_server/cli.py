@@ -16,6 +16,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8000
     max_batch_size: int = 16
+    batch_wait_ms: float = 10.0
     max_upload_mb: float = 100.0
     max_audio_seconds: float = 7200.0
     queue_size: int = 64
@@ -34,6 +35,8 @@ HELP = {
     "device": "where the model runs; auto picks cuda when a GPU is visible",
     "dtype": "weights and activations; auto is float16 on cuda, float32 on cpu",
     "max_batch_size": "decode slots: most 30 s windows decoding at once, across requests (sizes the KV cache)",
+    "batch_wait_ms": ("while windows decode, how long newly arrived windows wait for more to share one encoder pass "
+                      "(an idle engine starts a window at once)"),
     "max_upload_mb": "largest request body, enforced while it is received (413 beyond it)",
     "max_audio_seconds": "longest audio accepted after decoding (400 beyond it)",
     "queue_size": "most requests admitted and unfinished; more get 503 with Retry-After",
@@ -90,8 +93,8 @@ def validate(settings: Settings, parser: argparse.ArgumentParser) -> None:
             parser.error(f"{env_name(name)}={getattr(settings, name)!r} is not one of {', '.join(allowed)}")
     if settings.fixed_new_tokens and not settings.max_new_tokens:
         parser.error("--fixed-new-tokens needs --max-new-tokens")
-    if settings.drain_seconds < 0:
-        parser.error("--drain-seconds must not be negative")
+    if settings.batch_wait_ms < 0 or settings.drain_seconds < 0:
+        parser.error("--batch-wait-ms and --drain-seconds must not be negative")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,17 +98,19 @@ def engine_main(settings: Settings, requests, events) -> None:
                                      frozenset(engine.languages))))
     log.info("engine ready", extra={"fields": {"slots": engine.capacity, "device": engine.device,
                                                "cuda_graphs": len(engine.decoder.graphs)}})
-    EngineLoop(engine, requests, events, fallback=not settings.fixed_new_tokens).run()
+    EngineLoop(engine, requests, events, fallback=not settings.fixed_new_tokens,
+               admission_wait=settings.batch_wait_ms / 1000).run()
 
 
 class EngineLoop:
     """The engine process's main thread: takes the messages a receiver thread queued, admits and steps."""
 
-    def __init__(self, engine, requests, events, fallback: bool):
+    def __init__(self, engine, requests, events, fallback: bool, admission_wait: float):
         self.requests, self.events = requests, events
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.scheduler = SlotScheduler(engine, SchedulerEvents(on_done=self._done, on_failed=self._failed,
-                                                               on_step=self._stepped), fallback=fallback)
+                                                               on_step=self._stepped),
+                                       fallback=fallback, admission_wait=admission_wait)
         self.steps: list[tuple[int, float]] = []
         self.reported: tuple | None = None
         self.reported_at = 0.0

@@ -62,10 +62,16 @@ class SchedulerEvents:
 
 
 class SlotScheduler:
-    def __init__(self, engine: Engine, events: SchedulerEvents, fallback: bool = True):
+    def __init__(self, engine: Engine, events: SchedulerEvents, fallback: bool = True, admission_wait: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.events = events
         self.fallback = fallback  # off for fixed-length benchmark decoding
+        # While windows decode, each admission (an encoder pass) holds up their next step: windows that arrive then
+        # wait up to this long for others to join them in one pass. An idle engine admits at once.
+        self.admission_wait = admission_wait
+        self.clock = clock
+        self.waiting_since: float | None = None  # when the oldest window now waiting for a slot started waiting
         self.requests: dict[int, Request] = {}
         self.owners: dict[int, tuple[Request, int, float]] = {}  # slot -> (request, window, temperature)
         self.sequence = itertools.count()
@@ -79,6 +85,8 @@ class SlotScheduler:
         self.requests[key] = request
         if not windows:
             self._finish(request)
+        elif self.waiting_since is None:
+            self.waiting_since = self.clock()
 
     def cancel(self, key: int) -> None:
         """A request whose client went away or timed out: its waiting windows are dropped and its slots freed before
@@ -109,9 +117,17 @@ class SlotScheduler:
             self._step()
 
     def _admit(self) -> None:
-        picks = self._pick(self.engine.free_slots())
+        free = self.engine.free_slots()
+        waiting = self.waiting_windows()
+        if not waiting:
+            self.waiting_since = None
+            return
+        if self.owners and waiting < free and self.clock() - (self.waiting_since or 0.0) < self.admission_wait:
+            return  # the running windows step on meanwhile
+        picks = self._pick(free)
         if not picks:
             return
+        self.waiting_since = self.clock() if waiting > len(picks) else None
         windows = [(request.windows[index], replace(request.options, temperature=temperature))
                    for request, index, temperature in picks]
         try:
@@ -163,6 +179,7 @@ class SlotScheduler:
             if self.fallback and temperature < 1.0 and is_repetition_loop(result):
                 request.waiting.appendleft((index, round(min(1.0, temperature + TEMPERATURE_STEP), 2)))
                 request.last_served = -1
+                self.waiting_since = self.waiting_since or now
                 continue
             request.results[index] = result
             request.finished += 1
