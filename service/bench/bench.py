@@ -1,9 +1,32 @@
-"""Load generator for whisper-server: RTFx (audio seconds per wall second) and p50/p95 latency at several
-concurrency levels, with cross-request batching on and with --max-batch-size 1, in the same run.
+r"""Benchmark: whisper-server with cross-request batching, the same server with --max-batch-size 1, and the naive
+alternative (the `transformers` automatic-speech-recognition pipeline at batch 16 and 32), in one run on the same
+checkpoint and the same clip. For each configuration and concurrency it prints, as JSON lines while running and as a
+markdown table at the end: RTFx (audio seconds transcribed per wall second), p50/p95 latency, failures and (GPU) peak
+GPU memory, then the server-to-pipeline ratio (best server RTFx at concurrency 32, or the highest level below it,
+against the pipeline's best) and, on GPU, the targets of issue 9.
 
-CPU (tiny random-weight model, 1 s clips):   python service/bench/bench.py
-GPU (large-v3 shapes, random FP16 weights):   python service/bench/bench.py --gpu
-Results go to service/bench/results-<mode>.json and .md.
+Equal work: every window decodes exactly --new-tokens tokens, the servers through `--fixed-new-tokens
+--max-new-tokens N` (which also keeps a random-weight model out of the temperature fallback and the silence drop),
+the pipeline through generate's min_new_tokens = max_new_tokens = N in one generate call per batch
+(force_unique_generate_call: otherwise it seeks and decodes again after the last timestamp), with timestamps and a
+given language in both. Requests carry --temperature explicitly and ask for verbose_json, whose per-segment
+temperature shows whether the server decoded a window again; such requests are counted, never hidden. The pipeline
+is handed decoded 16 kHz arrays in-process (no HTTP, no audio decoding), which favours the baseline. "Concurrency"
+is, for the servers, clients each sending one request at a time; for the pipeline, clips handed to it in one call.
+A level stops starting requests after --level-seconds (RTFx counts what finished), so a slow engine cannot overrun.
+
+CPU (tiny random-weight model, 1 s clips, 13 tokens per window; about a minute on 2 cores):
+    python service/bench/bench.py                      # writes service/bench/results-cpu.json and .md
+
+GPU (random-weight large-v3, FP16, 30 s clips, 64 tokens per window; concurrency 1, 8, 32, 64): about 5 minutes
+with making the model when the engine meets its targets, 9 if every level runs into its 25 s cap. On the GPU machine
+of ../shared/gpu/README.md, from the repository root, `.whl` carried (one 10-minute call):
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+    mkdir -p /tmp/site/bin && printf '#!/bin/sh\nexec python3 -c "import sys; from whisper_server.cli import main; sys.exit(main())" "$@"\n' > /tmp/site/bin/whisper-server && \
+    chmod +x /tmp/site/bin/whisper-server && export PYTHONPATH=/tmp/site:$PWD/service PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 && \
+    (test -f /tmp/lv3/model.safetensors || whisper-server make-test-model /tmp/lv3 --architecture large-v3) && \
+    python3 service/bench/bench.py --gpu --model /tmp/lv3 --output $OUT/results-gpu
+then copy results-gpu.json and .md from the returned files into service/bench/.
 """
 
 from __future__ import annotations
@@ -11,6 +34,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -23,7 +47,9 @@ import tempfile
 import threading
 import time
 import wave
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -31,20 +57,27 @@ import numpy as np
 
 HERE = Path(__file__).parent
 SAMPLE_RATE = 16_000
+LANGUAGE = "en"
+# Issue 9's targets for one H100, random-weight large-v3, 30 s clips, 64 tokens per window.
+TARGET_RTFX_AT_32, TARGET_PIPELINE_MULTIPLE, TARGET_SINGLE_CLIP_P50_MS, TARGET_P95_OVER_P50_AT_32 = 1000, 3, 300, 3
 
 
-def speech_like_clip(seconds: float) -> bytes:
-    """A voiced, syllable-rate-modulated harmonic signal as WAV bytes: never silence, so every window is decoded."""
+def speech_like_samples(seconds: float) -> np.ndarray:
+    """A voiced, syllable-rate-modulated harmonic signal, 16-bit quantized: never silence, so every window is decoded."""
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     pitch = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
     phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
     voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
-    samples = 0.2 * voiced * envelope / np.max(np.abs(voiced))
+    pcm = (0.2 * voiced * envelope / np.max(np.abs(voiced)) * 32767).astype("<i2")
+    return pcm.astype(np.float32) / 32768  # exactly what decoding the WAV below gives the server
+
+
+def wav_bytes(samples: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as out:
         out.setnchannels(1), out.setsampwidth(2), out.setframerate(SAMPLE_RATE)
-        out.writeframes((samples * 32767).astype("<i2").tobytes())
+        out.writeframes(np.round(samples * 32768).astype("<i2").tobytes())
     return buffer.getvalue()
 
 
@@ -55,170 +88,421 @@ def free_port() -> int:
 
 
 class Server:
+    """`whisper-server serve` in its own process, logging to a file whose tail is shown if it fails."""
+
     def __init__(self, args: list[str], log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log, "w")
+        self.log_path, self.log = log, open(log, "w")
         self.process = subprocess.Popen(["whisper-server", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
                                         stdout=self.log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 900) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def fail(self, reason: str) -> None:
+        self.log.flush()
+        tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
+        sys.exit(f"{reason}; the end of its log ({self.log_path}):\n{tail}")
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
             if self.process.poll() is not None:
-                sys.exit(f"server exited with {self.process.returncode}; see {self.log.name}")
+                self.fail(f"whisper-server exited with {self.process.returncode}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
+                    return time.monotonic() - started
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        sys.exit(f"server not ready after {timeout} s; see {self.log.name}")
+        self.fail(f"whisper-server not ready after {timeout:g} s")
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=120)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self.log.close()
 
 
 class GpuMemorySampler:
-    """Peak GPU memory in use (nvidia-smi: the caching allocator included), sampled every 100 ms."""
+    """Peak memory in use on the GPU (nvidia-smi every 100 ms: CUDA context and caching allocator included)."""
 
     def __init__(self):
-        self.peak_mib, self.stopped = 0, threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self):
-        while not self.stopped.wait(0.1):
-            output = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                    capture_output=True, text=True).stdout.split()
-            if output:
-                self.peak_mib = max(self.peak_mib, int(output[0]))
-
-    def __enter__(self):
+        device = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+        self.process = subprocess.Popen(["nvidia-smi", "-i", device, "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                         "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.peak_mib = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self.stopped.set()
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            if line.strip().isdigit():
+                self.peak_mib = max(self.peak_mib, int(line))
+
+    def stop(self) -> int:
+        time.sleep(0.15)  # one more sample after the level's last request
+        self.process.terminate()
+        self.process.wait()
         self.thread.join()
+        return self.peak_mib
 
 
-def run_level(url: str, clip: bytes, clip_seconds: float, concurrency: int, requests: int) -> dict:
-    latencies: list[float] = []
-    failures = 0
+@dataclass
+class Level:
+    """What one configuration did at one concurrency."""
+
+    configuration: str
+    concurrency: int
+    clip_seconds: float
+    latencies: list[float] = field(default_factory=list)
+    failures: int = 0
+    retried: int = 0  # requests the server decoded again at a higher temperature (its fallback did extra work)
+    first_error: str | None = None
+    wall: float = 0.0
+
+    def summary(self, **extra) -> dict:
+        ordered = sorted(self.latencies)
+        result = {
+            "configuration": self.configuration, "concurrency": self.concurrency,
+            "requests": len(self.latencies) + self.failures, "failures": self.failures,
+            "audio_seconds": round(len(self.latencies) * self.clip_seconds, 2), "wall_seconds": round(self.wall, 3),
+            "rtfx": round(len(self.latencies) * self.clip_seconds / self.wall, 2) if self.wall else 0.0,
+            "p50_ms": round(statistics.median(ordered) * 1000, 1) if ordered else None,
+            "p95_ms": round(ordered[math.ceil(0.95 * len(ordered)) - 1] * 1000, 1) if ordered else None,  # nearest rank
+            "retried_at_higher_temperature": self.retried, **extra,
+        }
+        if self.first_error:
+            result["first_error"] = self.first_error
+        return result
+
+
+def run_server_level(level: Level, url: str, clip: bytes, requests: int, temperature: float, deadline: float) -> None:
+    """`level.concurrency` clients, each posting the clip one request at a time, until `requests` or the deadline."""
     lock = threading.Lock()
+    remaining = [requests]
 
-    def worker(count: int):
-        nonlocal failures
-        with httpx.Client(base_url=url, timeout=600) as client:
-            for _ in range(count):
+    def take() -> bool:
+        with lock:
+            if remaining[0] == 0 or time.perf_counter() > deadline:
+                return False
+            remaining[0] -= 1
+            return True
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=900) as http:
+            while take():
                 started = time.perf_counter()
-                response = client.post("/v1/audio/transcriptions", files={"file": ("clip.wav", clip, "audio/wav")},
-                                       data={"model": "whisper-1", "language": "en"})
+                error, retried = None, False
+                try:
+                    response = http.post("/v1/audio/transcriptions", files={"file": ("clip.wav", clip, "audio/wav")},
+                                         data={"model": "whisper-1", "language": LANGUAGE, "temperature": str(temperature),
+                                               "response_format": "verbose_json"})
+                    if response.status_code == 200:
+                        retried = any(s["temperature"] > temperature for s in response.json()["segments"])
+                    else:
+                        error = f"HTTP {response.status_code}: {response.text[:200]}"
+                except httpx.HTTPError as failure:
+                    error = f"{type(failure).__name__}: {failure}"
                 elapsed = time.perf_counter() - started
                 with lock:
-                    if response.status_code == 200:
-                        latencies.append(elapsed)
+                    if error:
+                        level.failures += 1
+                        level.first_error = level.first_error or error
                     else:
-                        failures += 1
+                        level.latencies.append(elapsed)
+                        level.retried += retried
 
-    shares = [requests // concurrency + (1 if i < requests % concurrency else 0) for i in range(concurrency)]
     started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(worker, shares))
-    wall = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "concurrency": concurrency, "requests": requests, "failures": failures, "wall_seconds": round(wall, 3),
-        "rtfx": round(len(latencies) * clip_seconds / wall, 2),
-        "p50_ms": round(statistics.median(latencies) * 1000, 1),
-        "p95_ms": round(latencies[max(0, int(len(latencies) * 0.95) - 1)] * 1000, 1),
-    }
+    with ThreadPoolExecutor(level.concurrency) as pool:
+        for future in [pool.submit(client) for _ in range(level.concurrency)]:
+            future.result()
+    level.wall = time.perf_counter() - started
 
 
-def main() -> None:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the servers started below are stopped on the way out
+class PipelineBaseline:
+    """What a user would write instead: transformers' ASR pipeline over the same checkpoint, in this process."""
+
+    def __init__(self, model: str, device: str, new_tokens: int, temperature: float):
+        import torch
+        from transformers import pipeline
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()  # not one "max_new_tokens and max_length are both set" line per call
+        self.torch, self.device = torch, device
+        self.pipe = pipeline("automatic-speech-recognition", model=model, device=device,
+                             dtype=torch.float16 if device == "cuda" else torch.float32)
+        if self.pipe.tokenizer.pad_token is None:  # real Whisper tokenizers pad with <|endoftext|>; batching needs one
+            self.pipe.tokenizer.pad_token = self.pipe.tokenizer.eos_token
+        self.generate_kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "language": LANGUAGE,
+                                "task": "transcribe", "temperature": temperature, "force_unique_generate_call": True}
+        # Decoder forward passes per generate call, i.e. tokens decoded per window: proves the fixed length held.
+        self.decode_steps: list[int] = []
+        self.pipe.model.get_decoder().register_forward_hook(self._count_step)
+        generate = self.pipe.model.generate
+
+        def counted_generate(*args, **kwargs):
+            self.decode_steps.append(0)
+            return generate(*args, **kwargs)
+
+        self.pipe.model.generate = counted_generate
+
+    def _count_step(self, *_) -> None:
+        self.decode_steps[-1] += 1
+
+    def transcribe(self, samples: np.ndarray, clips: int, batch_size: int) -> list[dict]:
+        inputs = [{"raw": samples, "sampling_rate": SAMPLE_RATE} for _ in range(clips)]  # the pipeline pops its dicts
+        return self.pipe(inputs, batch_size=batch_size, return_timestamps=True, generate_kwargs=self.generate_kwargs)
+
+    def run_level(self, level: Level, samples: np.ndarray, batch_size: int, requests: int, deadline: float) -> dict:
+        """Hands the pipeline `level.concurrency` clips per call until `requests` clips or the deadline."""
+        self.decode_steps.clear()
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        remaining = requests
+        while remaining and time.perf_counter() <= deadline:
+            clips = min(level.concurrency, remaining)
+            call_started = time.perf_counter()
+            try:
+                outputs = self.transcribe(samples, clips, batch_size)
+                assert len(outputs) == clips
+                level.latencies += [time.perf_counter() - call_started] * clips
+            except Exception as error:  # noqa: BLE001  a failing baseline is reported, as a failing server is
+                level.failures += clips
+                level.first_error = level.first_error or f"{type(error).__name__}: {error}"
+            remaining -= clips
+        level.wall = time.perf_counter() - started
+        steps = sorted(set(self.decode_steps))
+        extra = {"batch_size": batch_size, "decoded_tokens_per_window": steps[0] if len(steps) == 1 else steps}
+        if self.device == "cuda":
+            extra["torch_max_allocated_mib"] = round(self.torch.cuda.max_memory_allocated() / 2**20)
+        return extra
+
+
+def requests_for(concurrency: int, args: argparse.Namespace) -> int:
+    if args.requests:
+        return args.requests
+    return max(8, 2 * concurrency) if args.gpu else 64
+
+
+def fail_without_cuda() -> None:
+    try:
+        import torch
+    except ImportError:
+        sys.exit("--gpu needs PyTorch with CUDA in this Python (for the pipeline baseline); torch is not installed")
+    if not torch.cuda.is_available():
+        sys.exit(f"--gpu needs a CUDA device, and none is visible (torch {torch.__version__}, CUDA build "
+                 f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). "
+                 "Run without --gpu for the CPU benchmark.")
+    if shutil.which("nvidia-smi") is None:
+        sys.exit("--gpu measures GPU memory with nvidia-smi, which is not on PATH")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", action="store_true", help="large-v3 shapes, random weights, FP16 on CUDA")
+    parser.add_argument("--gpu", action="store_true", help="large-v3 shapes, random FP16 weights, on CUDA")
     parser.add_argument("--model", help="checkpoint directory (default: a random-weight one written for the run)")
-    parser.add_argument("--clip-seconds", type=float, help="length of each request's audio (default 1 on CPU, 30 on GPU)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, help="requests per concurrency level (default 64 on CPU, 128 on GPU)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="the batching configuration's batch size")
-    parser.add_argument("--batch-wait-ms", type=float, default=10)
-    parser.add_argument("--cpu-threads", type=int, default=os.cpu_count(), help="CPU: torch threads in the server (default: one per CPU)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="GPU: tokens decoded per window, fixed")
-    parser.add_argument("--output", type=Path, help="results path without extension (default bench/results-<mode>)")
-    args = parser.parse_args()
+    parser.add_argument("--clip-seconds", type=float, help="each request's audio (default 1 on CPU, 30 on GPU)")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="levels (default 1 4 16 on CPU, 1 8 32 64 on GPU)")
+    parser.add_argument("--requests", type=int, help="requests per level (default 64 on CPU; on GPU 2 x concurrency, at least 8)")
+    parser.add_argument("--level-seconds", type=float, help="a level starts no request after this (default 60 on CPU, 25 on GPU)")
+    parser.add_argument("--max-batch-size", type=int, help="the batching server's --max-batch-size (default 16 on CPU, 32 on GPU)")
+    parser.add_argument("--batch-wait-ms", type=float, help="the servers' --batch-wait-ms (default: the server's)")
+    parser.add_argument("--new-tokens", type=int, help="tokens decoded per window, fixed (default 13 on CPU, 64 on GPU)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sent with every request, used by the pipeline")
+    parser.add_argument("--pipeline-batch-sizes", type=int, nargs="*", default=[16, 32],
+                        help="the transformers pipeline's batch sizes (none: skip the baseline)")
+    parser.add_argument("--cpu-threads", type=int, default=os.cpu_count(), help="CPU: torch threads, server and pipeline")
+    parser.add_argument("--output", type=Path, help="results path without extension (default service/bench/results-<mode>)")
+    args = parser.parse_args(argv)
+    args.clip_seconds = args.clip_seconds or (30.0 if args.gpu else 1.0)
+    args.concurrency = args.concurrency or ([1, 8, 32, 64] if args.gpu else [1, 4, 16])
+    args.level_seconds = args.level_seconds or (25.0 if args.gpu else 60.0)
+    args.max_batch_size = args.max_batch_size or (32 if args.gpu else 16)
+    args.new_tokens = args.new_tokens or (64 if args.gpu else 13)
+    args.output = args.output or HERE / f"results-{'gpu' if args.gpu else 'cpu'}"
+    if min(args.concurrency) < 1 or (args.requests is not None and args.requests < 1):
+        parser.error("--concurrency and --requests must be at least 1")
+    return args
 
-    mode = "gpu" if args.gpu else "cpu"
-    clip_seconds = args.clip_seconds or (30.0 if args.gpu else 1.0)
-    requests = args.requests or (128 if args.gpu else 64)
-    output = args.output or HERE / f"results-{mode}"
+
+def pipeline_plan(batch_sizes: list[int], levels: list[int]) -> list[tuple[int, int]]:
+    """(batch size, concurrency) pairs to run: a level no larger than a smaller batch size is that run again, skipped."""
+    plan, smaller = [], 0
+    for batch_size in sorted(set(batch_sizes)):
+        plan += [(batch_size, c) for c in levels if c > smaller]
+        smaller = batch_size
+    return plan
+
+
+def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the servers started below are stopped on the way out
+    args = parse_args(argv)
+    if args.gpu:
+        fail_without_cuda()
+    device = "cuda" if args.gpu else "cpu"
     workdir = Path(tempfile.mkdtemp(prefix="whisper-bench-"))
+    servers = {"batching": args.max_batch_size, "batch size 1": 1}
+    plan = pipeline_plan(args.pipeline_batch_sizes, args.concurrency)
+    level_count = len(servers) * len(args.concurrency) + len(plan)
+    loads = len(servers) + bool(plan)
+    make_seconds = 0 if args.model else (45 if args.gpu else 2)
+    load_seconds = 30 if args.gpu else 5
+    bound = make_seconds + loads * load_seconds + level_count * args.level_seconds
+    print(f"{level_count} levels ({', '.join(f'{requests_for(c, args)} requests at concurrency {c}' for c in args.concurrency)}), "
+          f"each starting no request after {args.level_seconds:g} s: at most about {bound / 60:.1f} minutes "
+          f"({f'making the model ~{make_seconds} s, ' if make_seconds else ''}{loads} model loads ~{load_seconds} s each, "
+          "the levels) plus each level's last requests; far less when the engine is fast", flush=True)
+
     model = args.model
     if model is None:
         model = str(workdir / ("whisper-large-v3-random" if args.gpu else "whisper-tiny-random"))
         subprocess.run(["whisper-server", "make-test-model", model, "--architecture", "large-v3" if args.gpu else "tiny"],
                        check=True, stdout=subprocess.DEVNULL)
-    device_args = ["--device", "cuda", "--dtype", "float16", "--max-new-tokens", str(args.new_tokens),
-                   "--fixed-new-tokens"] if args.gpu else ["--device", "cpu", "--cpu-threads", str(args.cpu_threads)]
-    clip = speech_like_clip(clip_seconds)
+    samples = speech_like_samples(args.clip_seconds)
+    clip = wav_bytes(samples)
+    server_args = ["--model", model, "--device", device, "--max-new-tokens", str(args.new_tokens), "--fixed-new-tokens",
+                   "--queue-size", str(max(1024, 2 * max(args.concurrency)))]
+    server_args += ["--dtype", "float16"] if args.gpu else ["--cpu-threads", str(args.cpu_threads)]
+    if args.batch_wait_ms is not None:
+        server_args += ["--batch-wait-ms", str(args.batch_wait_ms)]
 
-    configurations = {"batching": args.max_batch_size, "batch size 1": 1}
-    results = []
-    for label, batch_size in configurations.items():
-        server = Server(["--model", model, *device_args, "--max-batch-size", str(batch_size),
-                         "--batch-wait-ms", str(args.batch_wait_ms), "--queue-size", "1024"],
-                        workdir / f"server-{batch_size}.log")
+    results, load_seconds_measured = [], {}
+
+    def record(summary: dict) -> None:
+        results.append(summary)
+        print(json.dumps(summary), flush=True)
+
+    def measured(label: str, concurrency: int, run: Callable[[Level, float], dict | None], **extra) -> None:
+        level = Level(label, concurrency, args.clip_seconds)
+        memory = GpuMemorySampler() if args.gpu else None
+        extra.update(run(level, time.perf_counter() + args.level_seconds) or {})
+        if memory is not None:
+            extra["gpu_memory_peak_mib"] = memory.stop()
+        record(level.summary(**extra))
+
+    for label, batch_size in servers.items():
+        server = Server([*server_args, "--max-batch-size", str(batch_size)], workdir / f"server-{batch_size}.log")
         try:
-            server.wait_ready()
-            run_level(server.url, clip, clip_seconds, 2, 8)  # warm the HTTP path
+            load_seconds_measured[label] = round(server.wait_ready(), 1)
+            run_server_level(Level(label, 2, args.clip_seconds), server.url, clip, 2, args.temperature, math.inf)  # warm-up
             for concurrency in args.concurrency:
-                with GpuMemorySampler() if args.gpu and shutil.which("nvidia-smi") else _no_sampler() as memory:
-                    level = run_level(server.url, clip, clip_seconds, concurrency, requests)
-                level.update(configuration=label, max_batch_size=batch_size)
-                if memory is not None:
-                    level["gpu_memory_peak_mib"] = memory.peak_mib
-                results.append(level)
-                print(json.dumps(level), flush=True)
+                measured(label, concurrency, lambda level, deadline: run_server_level(
+                    level, server.url, clip, requests_for(level.concurrency, args), args.temperature, deadline),
+                    max_batch_size=batch_size)
         finally:
             server.stop()
 
-    load = os.getloadavg()
+    if plan:
+        if not args.gpu:
+            import torch
+
+            torch.set_num_threads(args.cpu_threads)
+        started = time.monotonic()
+        baseline = PipelineBaseline(model, device, args.new_tokens, args.temperature)
+        baseline.transcribe(samples, 2, 2)  # warm-up
+        load_seconds_measured["pipeline"] = round(time.monotonic() - started, 1)
+        for batch_size, concurrency in plan:
+            measured(f"pipeline, batch {batch_size}", concurrency, lambda level, deadline: baseline.run_level(
+                level, samples, batch_size, requests_for(level.concurrency, args), deadline))
+
     report = {
-        "mode": mode, "model": "large-v3 architecture, random FP16 weights" if args.gpu else "tiny random-weight model",
-        "clip_seconds": clip_seconds, "requests_per_level": requests, "new_tokens_per_window": args.new_tokens if args.gpu else "13 (the tiny model's cap)",
-        "cpu_threads": None if args.gpu else args.cpu_threads,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_after": [round(x, 2) for x in load],
-                    "gpu": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                          text=True).stdout.strip() if shutil.which("nvidia-smi") else None},
-        "results": results,
+        "mode": "gpu" if args.gpu else "cpu",
+        "model": "large-v3 architecture, random FP16 weights" if args.gpu else "tiny random-weight model",
+        "clip_seconds": args.clip_seconds, "new_tokens_per_window": args.new_tokens, "temperature": args.temperature,
+        "requests_per_level": {c: requests_for(c, args) for c in args.concurrency}, "level_seconds": args.level_seconds,
+        "server_args": server_args[2:], "cpu_threads": None if args.gpu else args.cpu_threads,
+        "load_and_warm_up_seconds": load_seconds_measured, "machine": machine(),
+        "results": results, "ratio": ratio(results, servers, args.concurrency),
     }
-    output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(report))
+    if args.gpu:
+        report["targets"] = targets(report)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.output.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-class _no_sampler:
-    def __enter__(self):
-        return None
+def machine() -> dict:
+    versions = {}
+    for package in ("torch", "transformers"):
+        try:
+            versions[package] = __import__(package).__version__
+        except ImportError:
+            versions[package] = None
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip() if shutil.which("nvidia-smi") else None
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "gpu": gpu, **versions,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()]}
 
-    def __exit__(self, *exc):
-        return False
+
+def ratio(results: list[dict], servers: dict[str, int], levels: list[int]) -> dict | None:
+    """Best server RTFx at concurrency 32 (or the highest level below it) against the pipeline's best anywhere."""
+    concurrency = max([c for c in levels if c <= 32] or levels)
+    server = max((r for r in results if r["configuration"] in servers and r["concurrency"] == concurrency),
+                 key=lambda r: r["rtfx"], default=None)
+    pipeline = max((r for r in results if r["configuration"] not in servers), key=lambda r: r["rtfx"], default=None)
+    if server is None or pipeline is None or not pipeline["rtfx"]:
+        return None
+    return {"concurrency": concurrency, "server": server["configuration"], "server_rtfx": server["rtfx"],
+            "pipeline": pipeline["configuration"], "pipeline_concurrency": pipeline["concurrency"],
+            "pipeline_rtfx": pipeline["rtfx"], "ratio": round(server["rtfx"] / pipeline["rtfx"], 2)}
+
+
+def targets(report: dict) -> list[dict]:
+    """Issue 9's GPU targets, each with the measured value and whether it is met."""
+    at = {(r["configuration"], r["concurrency"]): r for r in report["results"]}
+    batching_32, single = at.get(("batching", 32)), at.get(("batching", 1))
+    checks = []
+    if batching_32:
+        checks.append(("RTFx at concurrency 32 >= %d" % TARGET_RTFX_AT_32, batching_32["rtfx"],
+                       batching_32["rtfx"] >= TARGET_RTFX_AT_32))
+        if batching_32["p50_ms"]:
+            multiple = round(batching_32["p95_ms"] / batching_32["p50_ms"], 2)
+            checks.append(("p95 / p50 at concurrency 32 <= %d" % TARGET_P95_OVER_P50_AT_32, multiple,
+                           multiple <= TARGET_P95_OVER_P50_AT_32))
+    if report["ratio"]:
+        checks.append(("server / pipeline best >= %d" % TARGET_PIPELINE_MULTIPLE, report["ratio"]["ratio"],
+                       report["ratio"]["ratio"] >= TARGET_PIPELINE_MULTIPLE))
+    if single and single["p50_ms"]:
+        checks.append(("single-clip p50 <= %d ms" % TARGET_SINGLE_CLIP_P50_MS, single["p50_ms"],
+                       single["p50_ms"] <= TARGET_SINGLE_CLIP_P50_MS))
+    return [{"target": name, "measured": value, "met": met} for name, value, met in checks]
 
 
 def markdown(report: dict) -> str:
     gpu = report["mode"] == "gpu"
-    lines = [f"{report['model']}, {report['clip_seconds']:g} s clips, {report['requests_per_level']} requests per level, "
-             f"{report['machine']['gpu'] or str(report['machine']['cpus']) + ' CPUs'}", "",
-             "| configuration | concurrency | RTFx | p50 ms | p95 ms | failures |" + (" GPU peak MiB |" if gpu else ""),
-             "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
+    host = report["machine"]["gpu"] or f"{report['machine']['cpus']} CPUs"
+    lines = [f"{report['model']}, {report['clip_seconds']:g} s clips, {report['new_tokens_per_window']} tokens per window, "
+             f"temperature {report['temperature']:g}, {host}, load average after {report['machine']['load_average_after'][0]}",
+             "",
+             "| configuration | concurrency | requests | RTFx | p50 ms | p95 ms | failures |" + (" GPU peak MiB |" if gpu else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if gpu else "")]
     for r in report["results"]:
-        lines.append(f"| {r['configuration']} | {r['concurrency']} | {r['rtfx']} | {r['p50_ms']} | {r['p95_ms']} | "
-                     f"{r['failures']} |" + (f" {r.get('gpu_memory_peak_mib', '')} |" if gpu else ""))
+        lines.append(f"| {r['configuration']} | {r['concurrency']} | {r['requests']} | {r['rtfx']} | {r['p50_ms']} | "
+                     f"{r['p95_ms']} | {r['failures']} |" + (f" {r.get('gpu_memory_peak_mib', '')} |" if gpu else ""))
+    lines.append("")
+    if report["ratio"]:
+        r = report["ratio"]
+        lines.append(f"Server to pipeline: {r['server']} at concurrency {r['concurrency']} RTFx {r['server_rtfx']} / "
+                     f"{r['pipeline']} at concurrency {r['pipeline_concurrency']} RTFx {r['pipeline_rtfx']} = **{r['ratio']}x**")
+    else:
+        lines.append("Server to pipeline: not measured (no pipeline run)")
+    for target in report.get("targets", []):
+        lines.append(f"- {target['target']}: {target['measured']} ({'met' if target['met'] else 'NOT met'})")
+    retried = sum(r["retried_at_higher_temperature"] for r in report["results"])
+    if retried:
+        lines.append(f"- Warning: {retried} requests were decoded again at a higher temperature (the server's fallback): "
+                     "those figures include that extra work.")
+    for r in report["results"]:
+        if "decoded_tokens_per_window" in r and r["decoded_tokens_per_window"] != report["new_tokens_per_window"]:
+            lines.append(f"- Warning: {r['configuration']} at concurrency {r['concurrency']} decoded "
+                         f"{r['decoded_tokens_per_window']} tokens per window, not {report['new_tokens_per_window']}.")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,95 @@
+"""The benchmark itself: its CPU mode end to end on the tiny model (servers and pipeline baseline), and its GPU mode's
+refusal to start without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "bench" / "bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_benchmark_runs_servers_and_pipeline_on_the_same_work(model_dir, tmp_path):
+    # 20 tokens: more than the tiny checkpoint's own cap (13), so both sides must force the length to reach it.
+    subprocess.run([sys.executable, str(BENCH), "--model", str(model_dir), "--concurrency", "1", "2", "--requests", "4",
+                    "--new-tokens", "20", "--pipeline-batch-sizes", "2", "--cpu-threads", "1",
+                    "--output", str(tmp_path / "results")], check=True, timeout=180)
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["configuration"], r["concurrency"]): r for r in report["results"]}
+    assert set(rows) == {(name, c) for name in ("batching", "batch size 1", "pipeline, batch 2") for c in (1, 2)}
+    for row in rows.values():
+        assert row["requests"] == 4 and row["failures"] == 0 and row["rtfx"] > 0 and 0 < row["p50_ms"] <= row["p95_ms"]
+        assert "retried_at_higher_temperature" in row
+    assert rows[("batching", 2)]["max_batch_size"] == 16 and rows[("batch size 1", 2)]["max_batch_size"] == 1
+    assert {r["decoded_tokens_per_window"] for k, r in rows.items() if k[0].startswith("pipeline")} == {20}
+    assert "--fixed-new-tokens" in report["server_args"] and "20" in report["server_args"]
+    ratio = report["ratio"]
+    assert ratio["concurrency"] == 2 and ratio["ratio"] == pytest.approx(ratio["server_rtfx"] / ratio["pipeline_rtfx"], rel=0.01)
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n| ") == 2 + 6 and "Server to pipeline: " in table
+
+
+def test_gpu_mode_refuses_to_start_without_a_cuda_device(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: --gpu would run the full GPU benchmark")
+    run = subprocess.run([sys.executable, str(BENCH), "--gpu", "--output", str(tmp_path / "results")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "--gpu needs a CUDA device" in run.stderr
+    assert not list(tmp_path.iterdir()), "nothing is started or written"
+
+
+def test_pipeline_levels_that_repeat_a_smaller_batch_run_once():
+    bench = load_bench()
+    assert bench.pipeline_plan([32, 16], [1, 8, 32, 64]) == [(16, 1), (16, 8), (16, 32), (16, 64), (32, 32), (32, 64)]
+
+
+def test_ratio_compares_the_best_server_at_concurrency_32_with_the_best_pipeline_run():
+    bench = load_bench()
+    row = lambda name, c, rtfx: {"configuration": name, "concurrency": c, "rtfx": rtfx}  # noqa: E731
+    results = [row("batching", 32, 900.0), row("batching", 64, 1200.0), row("batch size 1", 32, 100.0),
+               row("pipeline, batch 16", 32, 110.0), row("pipeline, batch 32", 64, 150.0)]
+    ratio = bench.ratio(results, {"batching": 32, "batch size 1": 1}, [1, 8, 32, 64])
+    assert (ratio["server_rtfx"], ratio["pipeline"], ratio["pipeline_concurrency"], ratio["ratio"]) == \
+        (900.0, "pipeline, batch 32", 64, 6.0)
+
+
+def test_gpu_report_checks_issue_9_targets_and_shows_gpu_memory():
+    bench = load_bench()
+    row = lambda name, c, rtfx, p50, p95: {  # noqa: E731
+        "configuration": name, "concurrency": c, "requests": 64, "rtfx": rtfx, "p50_ms": p50, "p95_ms": p95,
+        "failures": 0, "retried_at_higher_temperature": 0, "gpu_memory_peak_mib": 21000}
+    results = [row("batching", 1, 120.0, 250.0, 260.0), row("batching", 32, 1100.0, 800.0, 2600.0),
+               row("batch size 1", 32, 130.0, 7000.0, 7400.0), row("pipeline, batch 32", 32, 150.0, 6400.0, 6400.0)]
+    report = {"mode": "gpu", "model": "large-v3", "clip_seconds": 30.0, "new_tokens_per_window": 64, "temperature": 0.0,
+              "machine": {"gpu": "NVIDIA H100 80GB HBM3, 81559 MiB", "cpus": 16, "load_average_after": [1.0]},
+              "results": results, "ratio": bench.ratio(results, {"batching": 32, "batch size 1": 1}, [1, 8, 32, 64])}
+    report["targets"] = bench.targets(report)
+    assert [(t["measured"], t["met"]) for t in report["targets"]] == [(1100.0, True), (3.25, False), (7.33, True), (250.0, True)]
+    table = bench.markdown(report)
+    assert "| batching | 32 | 64 | 1100.0 | 800.0 | 2600.0 | 0 | 21000 |" in table
+    assert "- p95 / p50 at concurrency 32 <= 3: 3.25 (NOT met)" in table and "= **7.33x**" in table
+
+
+def test_gpu_memory_sampler_keeps_the_peak_of_nvidia_smi(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '1200\\n31000\\n900\\n'\nexec sleep 30\n")  # runs until stopped, as -lms does
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    sampler = load_bench().GpuMemorySampler()
+    assert sampler.stop() == 31000
