@@ -27,7 +27,7 @@ def test_metrics_lists_every_contract_metric(server):
     text = server.client.get("/metrics").text
     for name in ("http_requests_total", "http_request_duration_seconds_bucket", "whisper_requests_in_flight",
                  "whisper_queue_depth", "whisper_queued_audio_seconds", "whisper_audio_seconds_total",
-                 "whisper_batch_size_bucket", "whisper_model_load_seconds"):
+                 "whisper_batch_size_bucket", "whisper_decode_step_seconds_bucket", "whisper_model_load_seconds"):
         assert re.search(rf"^{name}[ {{]", text, re.M), f"{name} missing from /metrics"
     assert server.metric("whisper_model_load_seconds") > 0
 

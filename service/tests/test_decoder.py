@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from whisper_server.decoder import bucket_for, bucket_sizes, capture_step_graphs
-from whisper_server.decoding import SAMPLE_RATE, DecodeOptions
+from whisper_server.decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
 from whisper_server.engine import WhisperEngine
 from whisper_server.test_model import make_test_model
 
@@ -158,3 +158,17 @@ def test_a_slot_freed_mid_decode_stops_at_the_next_step(engine):
     assert engine.decoder.length[:2].tolist() == [lengths[0], lengths[1] + 1], "the released slot did not advance"
     while engine.busy_slots():
         engine.step()
+
+
+def test_slots_that_cannot_fit_are_refused_at_start_with_the_size_that_fits(engine, monkeypatch):
+    """The CUDA-only sizing check, run on CPU with the device's free memory stood in."""
+    per_slot = engine.bytes_per_slot
+    assert per_slot == 2 * 2 * 64 * (448 + 1500) * 4 + 448 * 12, "tiny model: 2 layers, d_model 64, float32"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(9.5 * per_slot), 100 * per_slot))
+    monkeypatch.setattr(engine, "device", "cuda")
+    with pytest.raises(OutOfMemory) as refused:
+        engine._allocate_decoder()
+    message = str(refused.value)
+    assert "8 decode slots (--max-batch-size) need" in message and "--max-batch-size 7 fits" in message
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * per_slot, 100 * per_slot))
+    assert engine._allocate_decoder().slots == 8, "8 slots fit in 80% of 10 slots' worth"

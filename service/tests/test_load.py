@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -182,3 +184,18 @@ def test_a_client_that_hangs_up_leaves_the_queue(start_server, audio, assert_sti
     assert [line["status"] for line in lines if line.get("request_id") == "hangs-up"] == [499]
     assert server.metric("whisper_queue_depth") == 0
     assert_still_ready(server)
+
+
+def test_an_engine_that_dies_fails_its_requests_and_stops_the_server(start_server, slow_model_dir, audio):
+    """The pod must be restarted, not left answering /healthz with no engine behind it."""
+    server = start_server("--max-batch-size", "2", model=slow_model_dir)
+    engine = int(subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "spawn_main"], capture_output=True,
+                                text=True, check=True).stdout.split()[0])
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post_audio, httpx.Client(base_url=server.url, timeout=120), audio["long.mp3"])
+        wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > 0, "the file decodes")
+        os.kill(engine, signal.SIGKILL)
+        response = pending.result()
+    assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
+    assert server.process.wait(timeout=30) == 1
+    assert "engine process exited" in server.log_path.read_text()
