@@ -7,13 +7,15 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
-from whisper_server.decoding import SAMPLE_RATE, DecodeOptions
+from whisper_server.decoding import DecodeOptions
 from whisper_server.engine import WhisperEngine
 from whisper_server.test_model import make_test_model
+from whisper_server.verify import decode_windows as decode
+from whisper_server.verify import reference_tokens as reference
+from whisper_server.verify import synthetic_clip as clip
 
 # Weights 20x larger than the default initialisation make the random model's tokens depend on its audio, so a window
 # decoded against another slot's cross-attention or position would show; 48 tokens per window exercise the
@@ -32,49 +34,6 @@ def engine(tmp_path_factory) -> WhisperEngine:
     engine.load()
     engine.warm_up()
     return engine
-
-
-def clip(seed: int, seconds: float) -> np.ndarray:
-    """A voiced, noisy harmonic signal that differs per seed, so each window has its own encoder output."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    pitch = rng.uniform(90, 300) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.2, 2) * t))
-    phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
-    voiced = sum(np.sin(k * phase) * rng.uniform(0.1, 1) / k for k in range(1, 6))
-    return (0.2 * voiced / np.abs(voiced).max() + rng.normal(0, 0.02, len(t))).astype(np.float32)
-
-
-def reference(engine: WhisperEngine, samples: np.ndarray, options: DecodeOptions) -> list[int]:
-    """transformers' tokens for one window alone, forced prefix stripped and end of text dropped."""
-    arguments = dict(return_timestamps=True, force_unique_generate_call=True, task=options.task,
-                     language=options.language, max_length=engine.max_length)
-    if options.prompt:
-        arguments["prompt_ids"] = torch.tensor(engine._prompt_ids(options.prompt))
-    with torch.inference_mode():
-        sequence = engine.model.generate(engine.log_mel([samples]), **arguments)[0].tolist()
-    start = sequence.index(engine.special.start_of_transcript) + 3  # <|startoftranscript|>, language, task
-    generated = sequence[start:]
-    eot = engine.special.end_of_text
-    return generated[:generated.index(eot)] if eot in generated else generated
-
-
-def decode(engine: WhisperEngine, windows: list[tuple[np.ndarray, DecodeOptions]], joins: list[int]) -> list[list[int]]:
-    """Our tokens per window. Window i is offered at step joins[i] (or as soon after as a slot is free), so windows
-    join while others are part-way through decoding."""
-    results: dict[int, list[int]] = {}
-    owner: dict[int, int] = {}
-    waiting = sorted(range(len(windows)), key=lambda i: joins[i])
-    step = 0
-    while len(results) < len(windows):
-        ready = [i for i in waiting if joins[i] <= step][:engine.free_slots()]
-        if ready:
-            owner.update(zip(engine.admit([windows[i] for i in ready]), ready))
-            waiting = [i for i in waiting if i not in ready]
-        if engine.busy_slots():
-            for slot, result in engine.step():
-                results[owner.pop(slot)] = result.tokens
-        step += 1
-    return [results[i] for i in range(len(windows))]
 
 
 FIXED = [  # (seed, seconds, options): lengths, languages given and detected, both tasks, prompts

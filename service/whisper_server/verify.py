@@ -1,0 +1,59 @@
+"""Token-for-token comparison of the slot engine with transformers' own Whisper generation, for the exactness tests
+and for measuring the share of equal windows on a GPU (service/bench/exactness.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .decoding import SAMPLE_RATE, DecodeOptions
+from .engine import WhisperEngine
+
+
+def synthetic_clip(seed: int, seconds: float) -> np.ndarray:
+    """A voiced, noisy harmonic signal that differs per seed, so each window has its own encoder output."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    pitch = rng.uniform(90, 300) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.2, 2) * t))
+    phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
+    voiced = sum(np.sin(k * phase) * rng.uniform(0.1, 1) / k for k in range(1, 6))
+    return (0.2 * voiced / np.abs(voiced).max() + rng.normal(0, 0.02, len(t))).astype(np.float32)
+
+
+def reference_tokens(engine: WhisperEngine, samples: np.ndarray, options: DecodeOptions) -> list[int]:
+    """transformers' greedy tokens with timestamps for one window alone (generate(..., return_timestamps=True,
+    force_unique_generate_call=True) under the engine's length rule), forced prefix and end of text dropped."""
+    arguments = dict(return_timestamps=True, force_unique_generate_call=True, task=options.task,
+                     language=options.language)
+    if engine.max_new_tokens:
+        arguments["max_new_tokens"] = engine.max_new_tokens
+    else:
+        arguments["max_length"] = engine.max_length
+    if options.prompt:
+        arguments["prompt_ids"] = torch.tensor(engine._prompt_ids(options.prompt), device=engine.device)
+    with torch.inference_mode():
+        sequence = engine.model.generate(engine.log_mel([samples]).to(engine.dtype), **arguments)[0].tolist()
+    start = sequence.index(engine.special.start_of_transcript) + 3  # <|startoftranscript|>, language, task
+    generated = sequence[start:]
+    end_of_text = engine.special.end_of_text
+    return generated[:generated.index(end_of_text)] if end_of_text in generated else generated
+
+
+def decode_windows(engine: WhisperEngine, windows: list[tuple[np.ndarray, DecodeOptions]],
+                   joins: list[int]) -> list[list[int]]:
+    """The engine's tokens per window. Window i is offered at step joins[i] (or as soon after as a slot is free), so
+    windows join while others are part-way through decoding."""
+    results: dict[int, list[int]] = {}
+    owner: dict[int, int] = {}
+    waiting = sorted(range(len(windows)), key=lambda i: joins[i])
+    step = 0
+    while len(results) < len(windows):
+        ready = [i for i in waiting if joins[i] <= step][:engine.free_slots()]
+        if ready:
+            owner.update(zip(engine.admit([windows[i] for i in ready]), ready))
+            waiting = [i for i in waiting if i not in ready]
+        if engine.busy_slots():
+            for slot, result in engine.step():
+                results[owner.pop(slot)] = result.tokens
+        step += 1
+    return [results[i] for i in range(len(windows))]
