@@ -44,7 +44,7 @@ async function startServer(modelDir: string, extraArgs: string[]): Promise<TestS
     const port = await freePort();
     const baseUrl = `http://127.0.0.1:${port}`;
     const server = spawn("whisper-server", ["serve", "--model", modelDir, "--device", "cpu", "--host", "127.0.0.1",
-        "--port", String(port), ...extraArgs], { stdio: ["ignore", "pipe", "pipe"] });
+        "--port", String(port), "--metrics-port", String(await freePort()), ...extraArgs], { stdio: ["ignore", "pipe", "pipe"] });
     let log = "";
     server.stdout!.on("data", (chunk) => { log += chunk; });
     server.stderr!.on("data", (chunk) => { log += chunk; });

@@ -60,7 +60,7 @@ function serverRoutes(): Map<string, string[]> {
 
 /** The settings the server reads from WHISPER_<NAME>: the fields of its Settings dataclass. */
 function serverEnvironmentNames(): Set<string> {
-    const source = fs.readFileSync(path.join(repoRoot, "service", "whisper_server", "cli.py"), "utf8");
+    const source = fs.readFileSync(path.join(repoRoot, "service", "whisper_server", "settings.py"), "utf8");
     const body = source.slice(source.indexOf("class Settings:"), source.indexOf("\n\n\n", source.indexOf("class Settings:")));
     return new Set([...body.matchAll(/^\s{4}(\w+):/gm)].map((field) => `WHISPER_${field[1].toUpperCase()}`));
 }

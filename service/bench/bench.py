@@ -94,7 +94,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path, self.log = log, open(log, "w")
-        self.process = subprocess.Popen(["whisper-server", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+        self.process = subprocess.Popen(["whisper-server", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                                         "--metrics-port", str(free_port()), *args],
                                         stdout=self.log, stderr=subprocess.STDOUT)
 
     def fail(self, reason: str) -> None:

@@ -59,7 +59,7 @@ def free_port() -> int:
 
 
 def metrics(client: httpx.Client) -> dict[str, float]:
-    text = client.get("/metrics").text
+    text = client.get("/metrics").text  # on the metrics port
     wanted = ("whisper_decode_step_seconds_sum", "whisper_decode_step_seconds_count", "whisper_queue_depth",
               "whisper_batch_size_sum")
     return {name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1)) for name in wanted}
@@ -68,8 +68,8 @@ def metrics(client: httpx.Client) -> dict[str, float]:
 class Probe:
     """Polls /healthz every 20 ms and /metrics every 100 ms, from its own process, while a phase runs."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, metrics_url: str):
+        self.url, self.metrics_url = url, metrics_url
         self.health_ms: list[float] = []
         self.samples: list[dict[str, float]] = []
 
@@ -77,7 +77,7 @@ class Probe:
         context = multiprocessing.get_context("spawn")
         self.results, sender = context.Pipe(duplex=False)
         self.stop = context.Event()
-        self.process = context.Process(target=_probe, args=(self.url, self.stop, sender), daemon=True)
+        self.process = context.Process(target=_probe, args=(self.url, self.metrics_url, self.stop, sender), daemon=True)
         self.process.start()
         sender.close()
         return self
@@ -107,12 +107,12 @@ class Probe:
                 "healthz_p99_ms": round(health[int(len(health) * 0.99)], 1), "healthz_max_ms": round(health[-1], 1)}
 
 
-def _probe(url: str, stop, results) -> None:
+def _probe(url: str, metrics_url: str, stop, results) -> None:
     health_ms: list[float] = []
     samples: list[dict[str, float]] = []
 
     def scrape() -> None:
-        with httpx.Client(base_url=url, timeout=30) as client:
+        with httpx.Client(base_url=metrics_url, timeout=30) as client:
             while not stop.wait(0.1):
                 samples.append(metrics(client))
 
@@ -165,11 +165,11 @@ def main() -> None:
                        check=True, stdout=subprocess.DEVNULL)
     device = ["--device", "cuda", "--dtype", "float16"] if args.gpu else ["--device", "cpu", "--cpu-threads",
                                                                          str(args.cpu_threads)]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    port, metrics_port = free_port(), free_port()
+    url, metrics_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
     log = open(workdir / "server.log", "w")
     server = subprocess.Popen(
-        ["whisper-server", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port), *device,
+        ["whisper-server", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), *device,
          "--max-batch-size", str(args.slots), "--max-new-tokens", str(args.new_tokens), "--fixed-new-tokens",
          "--queue-size", str(args.requests + 8), "--max-upload-mb", "1024", "--request-timeout-seconds", "3600"],
         stdout=log, stderr=subprocess.STDOUT)
@@ -189,14 +189,14 @@ def main() -> None:
 
         quiet_windows = args.quiet_windows or 4 * args.slots
         long_file = speech_like_wav(quiet_windows * 29.5, seed=1)
-        with Probe(url) as probe:
+        with Probe(url, metrics_url) as probe:
             status = post(url, long_file)
         results.append(probe.summary("quiet: one long file", args.slots, requests=1,
                                      audio_seconds=round(quiet_windows * 29.5), failures=int(status != 200)))
         print(json.dumps(results[-1]), flush=True)
 
         clips = [speech_like_wav(args.clip_seconds, seed=seed) for seed in range(args.requests)]
-        with Probe(url) as probe:
+        with Probe(url, metrics_url) as probe:
             statuses = asyncio.run(post_all(url, clips))
         results.append(probe.summary(f"burst: {args.requests} concurrent clips", args.slots, requests=args.requests,
                                      audio_seconds=round(args.requests * args.clip_seconds),

@@ -108,7 +108,7 @@ class ServerProcess:
     """`whisper-server serve` in its own process, with its own temp dir so spool files can be checked."""
 
     def __init__(self, model: Path, spool: Path, *args: str, env: dict[str, str] | None = None):
-        self.port = free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         self.spool = spool
         spool.mkdir(parents=True, exist_ok=True)
         self.log_path = spool.parent / f"{spool.name}.log"
@@ -116,11 +116,12 @@ class ServerProcess:
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             ["whisper-server", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-             "--device", "cpu", "--cpu-threads", "1", *args],
+             "--metrics-port", str(self.metrics_port), "--device", "cpu", "--cpu-threads", "1", *args],
             env=environment, stdout=self.log, stderr=subprocess.STDOUT,
         )
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, timeout=120)
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -136,11 +137,14 @@ class ServerProcess:
         raise AssertionError(f"server not ready in {timeout} s:\n{self.log_path.read_text()}")
 
     def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample in /metrics (0 when absent)."""
-        text = self.client.get("/metrics").text
+        """The value of one sample in /metrics, on the metrics port (0 when absent)."""
+        text = self.metrics_text()
         wanted = "".join(f'(?=[^}}]*{key}="{re.escape(value)}")' for key, value in labels.items())
         pattern = rf"^{re.escape(name)}(\{{{wanted}[^}}]*\}})? (\S+)$" if labels else rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$"
         return sum(float(match.group(2)) for match in re.finditer(pattern, text, re.M))
+
+    def metrics_text(self) -> str:
+        return httpx.get(self.metrics_url, timeout=30).text
 
     def stop(self) -> int:
         if self.process.poll() is None:

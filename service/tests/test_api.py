@@ -24,12 +24,20 @@ def test_health_ready_and_models(server):
 
 
 def test_metrics_lists_every_contract_metric(server):
-    text = server.client.get("/metrics").text
+    text = server.metrics_text()
     for name in ("http_requests_total", "http_request_duration_seconds_bucket", "whisper_requests_in_flight",
                  "whisper_queue_depth", "whisper_queued_audio_seconds", "whisper_audio_seconds_total",
                  "whisper_batch_size_bucket", "whisper_decode_step_seconds_bucket", "whisper_model_load_seconds"):
         assert re.search(rf"^{name}[ {{]", text, re.M), f"{name} missing from /metrics"
     assert server.metric("whisper_model_load_seconds") > 0
+
+
+def test_metrics_only_on_their_own_port(server):
+    """The load balancer forwards the API port only: /metrics is not served there."""
+    response = server.client.get("/metrics")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert "http_requests_total" not in response.text
+    assert "http_requests_total" in server.metrics_text()
 
 
 @pytest.mark.parametrize("name", ["speech.wav", "speech.mp3", "speech.ogg", "speech.flac", "speech.m4a", "tone_44k.wav"])
@@ -126,7 +134,7 @@ def test_requests_are_counted_by_route_template(server, audio):
     server.client.get("/no/such/path/12345")
     assert server.metric("http_requests_total", route="/v1/audio/transcriptions", status="200") == before + 1
     assert server.metric("http_requests_total", route="unmatched", status="404") >= 1
-    assert "/no/such/path" not in server.client.get("/metrics").text
+    assert "/no/such/path" not in server.metrics_text()
     assert server.metric("whisper_audio_seconds_total") > 0
 
 

@@ -11,7 +11,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -21,19 +20,19 @@ from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .audio import AudioError, decode_audio
-from .cli import Settings
 from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
 from .engine_process import EngineProcess, EngineUnavailable, QueueFull
 from .errors import ApiError, error_response
 from .formats import MEDIA_TYPES, RESPONSE_FORMATS, render
 from .metrics import Metrics
+from .settings import Settings
 from .transcript import transcribe
 from .upload import receive_form
 
 log = logging.getLogger("whisper_server.http")
 STATIC_DIR = Path(__file__).parent / "static"
 AUDIO_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
-QUIET_ROUTES = ("/healthz", "/readyz", "/metrics")
+QUIET_ROUTES = ("/healthz", "/readyz")
 
 
 @dataclass
@@ -205,11 +204,6 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready", "model": state.model_id})
 
 
-async def metrics(request: Request) -> Response:
-    state: ServerState = request.app.state.server
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
 async def index(request: Request) -> Response:
     page = STATIC_DIR / "index.html"
     if not page.is_file():
@@ -296,7 +290,6 @@ def create_app(state: ServerState) -> ObservedApp:
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
         Route("/", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
     ]

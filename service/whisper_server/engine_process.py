@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cli import Settings
+from .settings import Settings
 from .decoding import DecodeOptions, OutOfMemory, WindowResult
 from .metrics import Metrics
 from .scheduler import SchedulerEvents, SlotScheduler

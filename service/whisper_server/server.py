@@ -10,11 +10,12 @@ import threading
 import time
 
 import uvicorn
+from prometheus_client import start_http_server
 
 from .app import ServerState, create_app
-from .cli import Settings
 from .engine_process import EngineProcess
 from .logs import configure_logging
+from .settings import Settings
 
 log = logging.getLogger("whisper_server")
 
@@ -77,9 +78,13 @@ def run(settings: Settings) -> int:
     config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=75)
     server = DrainingServer(config, state)
+    # Prometheus scrapes its own port (the load balancer forwards only the API port), from a thread of its own, so
+    # scrapes carry on through the model load and the drain.
+    metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=state.metrics.registry)
     # The engine loads while the server already answers /healthz, so liveness holds during a long first download.
     threading.Thread(target=start_engine, args=(state, server), name="engine-starter", daemon=True).start()
     server.run()
     if state.engine:
         state.engine.stop()
+    metrics_server.shutdown()
     return 1 if state.load_failed else 0

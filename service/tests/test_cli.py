@@ -1,0 +1,22 @@
+"""Bad settings stop `whisper-server serve` before anything starts, naming the flag or variable and the value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--metrics-port", "8000"], {}, "--metrics-port must differ from --port (both 8000)"),
+    (["--max-batch-size", "0"], {}, "--max-batch-size must be positive, got 0"),
+    ([], {"WHISPER_METRICS_PORT": "nine"}, "WHISPER_METRICS_PORT='nine' is not a valid int"),
+    (["--device", "tpu"], {}, "argument --device: invalid choice: 'tpu'"),
+])
+def test_bad_settings_exit_2_with_a_message(args, env, message):
+    result = subprocess.run(["whisper-server", "serve", "--port", "8000", *args], capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,59 @@
+"""The server's settings: one frozen object, read from flags and WHISPER_<NAME> variables by the CLI and passed to
+every part that needs it. It imports nothing of the server, so anything may import it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "openai/whisper-large-v3"
+    device: str = "auto"
+    dtype: str = "auto"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    metrics_port: int = 9090
+    max_batch_size: int = 16
+    batch_wait_ms: float = 10.0
+    max_upload_mb: float = 100.0
+    max_audio_seconds: float = 7200.0
+    queue_size: int = 64
+    api_key: str | None = None
+    request_timeout_seconds: float = 600.0
+    drain_seconds: float = 30.0
+    offline: bool = False
+    cpu_threads: int | None = None
+    max_new_tokens: int | None = None
+    fixed_new_tokens: bool = False
+
+
+CHOICES = {"device": ("auto", "cuda", "cpu"), "dtype": ("auto", "float16", "bfloat16", "float32")}
+HELP = {
+    "model": "Hugging Face model id (downloaded once into HF_HOME) or a local checkpoint directory",
+    "device": "where the model runs; auto picks cuda when a GPU is visible",
+    "dtype": "weights and activations; auto is float16 on cuda, float32 on cpu",
+    "port": "the API port: the speech endpoints, /v1/models, the probes and the web page",
+    "metrics_port": "/metrics (Prometheus) on its own port, which the load balancer does not expose",
+    "max_batch_size": "decode slots: most 30 s windows decoding at once, across requests (sizes the KV cache)",
+    "batch_wait_ms": ("while windows decode, how long newly arrived windows wait for more to share one encoder pass "
+                      "(an idle engine starts a window at once)"),
+    "max_upload_mb": "largest request body, enforced while it is received (413 beyond it)",
+    "max_audio_seconds": "longest audio accepted after decoding (400 beyond it)",
+    "queue_size": "most requests admitted and unfinished; more get 503 with Retry-After",
+    "api_key": "when set, /v1/* requires 'Authorization: Bearer <key>'",
+    "request_timeout_seconds": "deadline for decoding and transcribing one request (504 beyond it)",
+    "drain_seconds": "after SIGTERM, how long in-flight requests may take to finish before exit",
+    "offline": "never contact the Hugging Face Hub; the model must be in HF_HOME or a local directory",
+    "cpu_threads": "torch threads on --device cpu (default: torch's choice, one per core); 1 is best on a busy machine",
+    "max_new_tokens": "cap on tokens decoded per 30 s window (default: the checkpoint's generation config)",
+    "fixed_new_tokens": ("benchmarks only: decode exactly --max-new-tokens tokens per window, whatever the weights say, "
+                         "with no temperature fallback and no silence drop"),
+}
+POSITIVE = {"port", "metrics_port", "max_batch_size", "max_upload_mb", "max_audio_seconds", "queue_size",
+            "request_timeout_seconds", "max_new_tokens", "cpu_threads"}
+
+
+
+def env_name(name: str) -> str:
+    return "WHISPER_" + name.upper()
