@@ -117,7 +117,7 @@ if (eks) {
     );
 }
 
-// 11. The Whisper service: model cache volume, GPU Deployment, NLB Service, PDB, ServiceMonitor, HPA.
+// 11. The Whisper service: model cache volume, GPU Deployment, NLB Service, NetworkPolicy, PDB, PodMonitor, HPA.
 const serviceApiKey = apiKeyFor(name, config.workload);
 const whisper = new WhisperService(
     "whisper",
@@ -131,7 +131,7 @@ const whisper = new WhisperService(
         traffic: config.traffic,
         loadBalancerSourceCidrs: eks && [config.network.vpcCidr],
         scaling: config.autoscaling,
-        serviceMonitor: true,
+        scrapedFrom: { namespace: monitoringNamespace },
         after: { loadBalancerController, monitoring: monitoring.release, metricsAdapter },
         provider,
     },

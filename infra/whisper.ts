@@ -1,5 +1,5 @@
 // The Whisper service on the cluster: namespace, model cache volume, API key Secret, the GPU Deployment,
-// the NLB Service, its PodDisruptionBudget, the ServiceMonitor Prometheus scrapes and the HPA.
+// the NLB Service, its NetworkPolicy and PodDisruptionBudget, the PodMonitor Prometheus scrapes and the HPA.
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
@@ -13,6 +13,9 @@ export const deploymentName = "whisper";
 export const serviceName = "whisper";
 export const containerPort = 8000;
 export const httpPortName = "http";
+/** /metrics is served on a port of its own, which the load balancer does not expose: Prometheus scrapes the pods. */
+export const metricsPort = 9090;
+export const metricsPortName = "metrics";
 /** The server image's user and group (service/Dockerfile): the EFS access points and fsGroup use them. */
 export const serverUser = { uid: 10001, gid: 10001 };
 /** Where the cache volume is mounted; HF_HOME lives inside it. */
@@ -67,8 +70,11 @@ export interface WhisperServiceArgs {
      */
     loadBalancerSourceCidrs?: string[];
     scaling: ScalingSettings;
-    /** Declare the ServiceMonitor (the Prometheus Operator's CRDs exist). */
-    serviceMonitor: boolean;
+    /**
+     * The namespace of the Prometheus that scrapes the server: it gets a PodMonitor (the Prometheus Operator's CRDs
+     * exist) and, alone, the metrics port. None: no PodMonitor, and the metrics port admits no one.
+     */
+    scrapedFrom?: { namespace: string };
     /** What must run before the objects that need it: the LB controller's webhook, the CRDs, the metrics adapter. */
     after: { loadBalancerController?: pulumi.Resource; monitoring?: pulumi.Resource; metricsAdapter?: pulumi.Resource };
     provider: k8s.Provider;
@@ -95,6 +101,7 @@ export function serverEnvironment(server: ServerSettings): Record<string, string
         WHISPER_DTYPE: server.dtype,
         WHISPER_HOST: "0.0.0.0",
         WHISPER_PORT: String(containerPort),
+        WHISPER_METRICS_PORT: String(metricsPort),
         WHISPER_MAX_BATCH_SIZE: String(server.maxBatchSize),
         WHISPER_BATCH_WAIT_MS: String(server.batchWaitMs),
         WHISPER_MAX_UPLOAD_MB: String(server.maxUploadMb),
@@ -211,7 +218,10 @@ export class WhisperService extends pulumi.ComponentResource {
                                     name: "server",
                                     image: args.image,
                                     args: ["serve"],
-                                    ports: [{ name: httpPortName, containerPort, protocol: "TCP" }],
+                                    ports: [
+                                        { name: httpPortName, containerPort, protocol: "TCP" },
+                                        { name: metricsPortName, containerPort: metricsPort, protocol: "TCP" },
+                                    ],
                                     env,
                                     resources: {
                                         requests: { cpu: args.resources.cpu, memory: args.resources.memory, "nvidia.com/gpu": "1" },
@@ -263,7 +273,8 @@ export class WhisperService extends pulumi.ComponentResource {
             { ...k8sOpts, dependsOn: args.after.loadBalancerController ? [args.after.loadBalancerController] : [] },
         );
 
-        // Only the API port is reachable, and only from where the load balancer sends; enforced by the VPC CNI.
+        // The API port from where the load balancer sends, the metrics port from Prometheus' namespace, nothing else;
+        // enforced by the VPC CNI.
         new k8s.networking.v1.NetworkPolicy(
             `${name}-network-policy`,
             {
@@ -276,6 +287,15 @@ export class WhisperService extends pulumi.ComponentResource {
                             from: args.loadBalancerSourceCidrs?.map((cidr) => ({ ipBlock: { cidr } })),
                             ports: [{ port: httpPortName, protocol: "TCP" }],
                         },
+                        // No rule, not an empty `from` (which would admit every source), when nothing scrapes.
+                        ...(args.scrapedFrom
+                            ? [
+                                  {
+                                      from: [{ namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": args.scrapedFrom.namespace } } }],
+                                      ports: [{ port: metricsPortName, protocol: "TCP" }],
+                                  },
+                              ]
+                            : []),
                     ],
                 },
             },
@@ -289,16 +309,16 @@ export class WhisperService extends pulumi.ComponentResource {
             k8sOpts,
         );
 
-        if (args.serviceMonitor) {
+        if (args.scrapedFrom) {
             new k8s.apiextensions.CustomResource(
-                `${name}-service-monitor`,
+                `${name}-pod-monitor`,
                 {
                     apiVersion: "monitoring.coreos.com/v1",
-                    kind: "ServiceMonitor",
+                    kind: "PodMonitor",
                     metadata: metadata("whisper"),
                     spec: {
                         selector: { matchLabels: labels },
-                        endpoints: [{ port: httpPortName, path: probePaths.metrics, interval: "15s" }],
+                        podMetricsEndpoints: [{ port: metricsPortName, path: probePaths.metrics, interval: "15s" }],
                     },
                 },
                 { ...k8sOpts, dependsOn: args.after.monitoring ? [args.after.monitoring] : [] },

@@ -26,7 +26,7 @@ const kinds = {
     secret: "kubernetes:core/v1:Secret",
     pdb: "kubernetes:policy/v1:PodDisruptionBudget",
     hpa: "kubernetes:autoscaling/v2:HorizontalPodAutoscaler",
-    serviceMonitor: "kubernetes:monitoring.coreos.com/v1:ServiceMonitor",
+    podMonitor: "kubernetes:monitoring.coreos.com/v1:PodMonitor",
     networkPolicy: "kubernetes:networking.k8s.io/v1:NetworkPolicy",
     prometheusRule: "kubernetes:monitoring.coreos.com/v1:PrometheusRule",
     storageClass: "kubernetes:storage.k8s.io/v1:StorageClass",
@@ -267,17 +267,39 @@ describe("workload", function () {
                 assert.ok(findResources(evaluation().resources, "random:index/randomPassword:RandomPassword").length >= 2, "key and Grafana password are generated");
             });
 
-            it("lets Prometheus scrape the service through a port the Service has", function () {
-                const monitor = byKind(evaluation(), kinds.serviceMonitor);
+            it("serves /metrics on a port of its own, which Prometheus scrapes from the pods and the load balancer never exposes", function () {
+                const ports = container(evaluation()).ports;
+                assert.deepEqual(ports.map((port: any) => [port.name, port.containerPort, port.protocol]), [["http", 8000, "TCP"], ["metrics", 9090, "TCP"]]);
+                assert.equal(env(evaluation()).WHISPER_PORT, "8000");
+                assert.equal(env(evaluation()).WHISPER_METRICS_PORT, "9090");
+                // The load balancer's port map: the API port only, by name and by number.
                 const service = byKind(evaluation(), kinds.service).inputs;
-                assert.equal(monitor.inputs.metadata.namespace, service.metadata.namespace);
-                assert.ok(matches(monitor.inputs.spec.selector.matchLabels, service.metadata.labels), "the ServiceMonitor selects the Service");
-                for (const endpoint of monitor.inputs.spec.endpoints) {
-                    assert.ok(service.spec.ports.some((port: any) => port.name === endpoint.port), `the Service has port ${endpoint.port}`);
-                    assert.ok(serverRoutes().has(endpoint.path), `${endpoint.path} is served`);
+                for (const port of service.spec.ports) {
+                    assert.notEqual(port.targetPort, "metrics");
+                    assert.notEqual(port.targetPort, 9090);
+                    assert.notEqual(port.port, 9090);
+                    assert.notEqual(port.name, "metrics");
                 }
-                assert.ok(dependsOn(evaluation(), monitor, release(evaluation(), "kube-prometheus-stack")), "the ServiceMonitor waits for the CRDs");
+                assert.deepEqual(service.spec.ports.map((port: any) => port.targetPort), ["http"]);
+                // Prometheus scrapes the pods directly: a PodMonitor on the metrics port, no Service in between.
+                const monitor = byKind(evaluation(), kinds.podMonitor).inputs;
+                const deployment = byKind(evaluation(), kinds.deployment).inputs;
+                assert.equal(monitor.metadata.namespace, deployment.metadata.namespace);
+                assert.ok(matches(monitor.spec.selector.matchLabels, deployment.spec.template.metadata.labels), "the PodMonitor selects the server's pods");
+                assert.deepEqual(monitor.spec.podMetricsEndpoints.map((endpoint: any) => [endpoint.port, endpoint.path]), [["metrics", "/metrics"]]);
+                assert.equal(findResources(evaluation().resources, "kubernetes:monitoring.coreos.com/v1:ServiceMonitor").length, 0);
+                assert.ok(dependsOn(evaluation(), byKind(evaluation(), kinds.podMonitor), release(evaluation(), "kube-prometheus-stack")), "the PodMonitor waits for the CRDs");
                 assert.ok(dependsOn(evaluation(), byKind(evaluation(), kinds.prometheusRule), release(evaluation(), "kube-prometheus-stack")));
+            });
+
+            it("admits the metrics port from the monitoring namespace only", function () {
+                const policy = byKind(evaluation(), kinds.networkPolicy).inputs;
+                const metrics = policy.spec.ingress.filter((rule: any) => rule.ports.some((port: any) => port.port === "metrics"));
+                assert.deepEqual(metrics, [
+                    { from: [{ namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": "monitoring" } } }], ports: [{ port: "metrics", protocol: "TCP" }] },
+                ]);
+                const prometheus = release(evaluation(), "kube-prometheus-stack");
+                assert.equal(prometheus.inputs.namespace, "monitoring", "Prometheus runs in the namespace the rule admits");
             });
 
             it("scales on a metric the adapter serves, with min, max and target from the stack and a slow scale-down", function () {
@@ -499,7 +521,7 @@ describe("workload", function () {
             assert.match(JSON.stringify(provider.inputs.kubeconfig), /kind: Config/);
             const pvc = byKind(evaluation, kinds.pvc).inputs.spec;
             assert.deepEqual([pvc.storageClassName, pvc.accessModes], ["shared-nfs", ["ReadWriteMany"]]);
-            assert.ok(byKind(evaluation, kinds.deployment) && byKind(evaluation, kinds.hpa) && byKind(evaluation, kinds.serviceMonitor));
+            assert.ok(byKind(evaluation, kinds.deployment) && byKind(evaluation, kinds.hpa) && byKind(evaluation, kinds.podMonitor));
             // The VPC's range is unknown here: the API port is open to any source, as the cluster's load balancer sends it.
             const api = byKind(evaluation, kinds.networkPolicy).inputs.spec.ingress.find((rule: any) => rule.ports.some((port: any) => port.port === "http"));
             assert.equal(api.from, undefined);
