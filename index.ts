@@ -5,6 +5,7 @@ import * as pulumi from "@pulumi/pulumi";
 import { installClusterAutoscaler, installPrometheusAdapter } from "./infra/autoscaling";
 import { podResourcesPerGpu } from "./infra/catalog";
 import { createCluster } from "./infra/cluster";
+import { systemNodeSelector } from "./infra/conventions";
 import { loadConfig } from "./infra/load-config";
 import { installNvidiaDevicePlugin } from "./infra/gpu";
 import { AddonContext } from "./infra/helm";
@@ -14,11 +15,12 @@ import { createEfsModelCache, ModelCacheClass } from "./infra/model-cache";
 import { grafanaService, installMonitoring, monitoringNamespace, prometheusPort, prometheusUrl } from "./infra/monitoring";
 import { createNetwork } from "./infra/network";
 import { createBlockStorage } from "./infra/storage";
-import { apiKeyFor, deploymentName, serverUser, whisperNamespace, WhisperService } from "./infra/whisper";
+import { apiKeyFor, deploymentName, serverUser, terminationGracePeriodSeconds, whisperNamespace, WhisperService } from "./infra/whisper";
 
 // 1. Config, validated before anything is declared.
 const config = loadConfig();
 const name = config.cluster.name;
+const serverSettings = { ...config.service, ...config.workload };
 
 // 2-5. The cluster, created here unless the stack deploys into an existing one (existingClusterKubeconfig).
 function createEksCluster() {
@@ -27,7 +29,7 @@ function createEksCluster() {
 
     // 3. Cluster: EKS, access entries, system and GPU node groups, EKS add-ons, the Kubernetes provider.
     const cluster = createCluster(name, { config: config.cluster, gpu: config.gpu, network, tags: config.tags });
-    const addons: AddonContext = { provider: cluster.provider, dependsOn: cluster.ready };
+    const addons: AddonContext = { provider: cluster.provider, dependsOn: cluster.ready, nodeSelector: systemNodeSelector };
 
     // 4. GPUs: the NVIDIA device plugin advertises nvidia.com/gpu on the GPU nodes.
     installNvidiaDevicePlugin(addons);
@@ -51,7 +53,7 @@ const skippedInExistingCluster = eks
       ];
 for (const part of skippedInExistingCluster) pulumi.log.info(`existing cluster: not deployed: ${part}`);
 const provider = eks?.cluster.provider ?? new k8s.Provider(`${name}-existing`, { kubeconfig: config.existingClusterKubeconfig, enableServerSideApply: true });
-const addons: AddonContext = eks?.addons ?? { provider, dependsOn: [] };
+const addons: AddonContext = eks?.addons ?? { provider, dependsOn: [], nodeSelector: config.existingClusterNodeSelector };
 
 // 6. Image: the server built from ./service and pushed to ECR (or a prebuilt image), pinned by digest.
 const image = createServiceImage(name, config.image, config.tags);
@@ -98,11 +100,11 @@ const monitoring = installMonitoring(
             errorRatio: config.monitoring.alertErrorRatio,
         },
     },
-    { provider, dependsOn: [...addons.dependsOn, ...(eks ? [eks.blockStorage.storageClass] : [])] },
+    { ...addons, dependsOn: [...addons.dependsOn, ...(eks ? [eks.blockStorage.storageClass] : [])] },
 );
 
 // 10. Autoscaling: the service's metrics for the HPA, and GPU nodes for the HPA's pods.
-const metricsAdapter = installPrometheusAdapter({ namespace: monitoringNamespace, prometheusUrl, prometheusPort }, { provider, dependsOn: [monitoring.release] });
+const metricsAdapter = installPrometheusAdapter({ namespace: monitoringNamespace, prometheusUrl, prometheusPort }, { ...addons, dependsOn: [monitoring.release] });
 if (eks) {
     installClusterAutoscaler(
         name,
@@ -111,6 +113,7 @@ if (eks) {
             kubernetesVersion: eks.cluster.kubernetesVersion,
             region: config.region,
             scaleDownUnneededMinutes: config.autoscaling.clusterAutoscalerScaleDownMinutes,
+            podTerminationGracePeriodSeconds: terminationGracePeriodSeconds(serverSettings),
             tags: config.tags,
         },
         addons,
@@ -125,7 +128,7 @@ const whisper = new WhisperService(
         stack: config.stack,
         image: image.reference,
         resources: podResourcesPerGpu(config.gpu.nodeGroups.flatMap((group) => group.instanceTypes)),
-        server: { ...config.service, ...config.workload },
+        server: serverSettings,
         apiKey: serviceApiKey,
         modelCache: { ...modelCache, sizeGiB: config.workload.modelCacheSizeGiB },
         traffic: config.traffic,

@@ -3,6 +3,12 @@
 
 export interface GpuInstanceType {
     gpuModel: string;
+    /**
+     * The node label `k8s.amazonaws.com/accelerator`'s value for this GPU: Cluster Autoscaler's AWS provider treats a
+     * node with the label as a GPU node still starting its driver, not as a node without GPUs (which would make it
+     * start more). Names as in the provider's list of GPU types (cloudprovider/aws/aws_cloud_provider.go).
+     */
+    accelerator: string;
     gpuCount: number;
     /** Memory of one GPU, GiB. */
     gpuMemoryGiB: number;
@@ -13,12 +19,13 @@ export interface GpuInstanceType {
     memoryGiB: number;
 }
 
-const t4 = { gpuModel: "NVIDIA T4", gpuMemoryGiB: 16, computeCapability: 7.5 };
-const a10g = { gpuModel: "NVIDIA A10G", gpuMemoryGiB: 24, computeCapability: 8.6 };
-const l4 = { gpuModel: "NVIDIA L4", gpuMemoryGiB: 24, computeCapability: 8.9 };
-const l40s = { gpuModel: "NVIDIA L40S", gpuMemoryGiB: 48, computeCapability: 8.9 };
-const a100 = { gpuModel: "NVIDIA A100", gpuMemoryGiB: 40, computeCapability: 8.0 };
-const h100 = { gpuModel: "NVIDIA H100", gpuMemoryGiB: 80, computeCapability: 9.0 };
+const t4 = { gpuModel: "NVIDIA T4", accelerator: "nvidia-tesla-t4", gpuMemoryGiB: 16, computeCapability: 7.5 };
+const a10g = { gpuModel: "NVIDIA A10G", accelerator: "nvidia-a10g", gpuMemoryGiB: 24, computeCapability: 8.6 };
+const l4 = { gpuModel: "NVIDIA L4", accelerator: "nvidia-l4", gpuMemoryGiB: 24, computeCapability: 8.9 };
+const l40s = { gpuModel: "NVIDIA L40S", accelerator: "nvidia-l40s", gpuMemoryGiB: 48, computeCapability: 8.9 };
+const a100 = { gpuModel: "NVIDIA A100", accelerator: "nvidia-tesla-a100", gpuMemoryGiB: 40, computeCapability: 8.0 };
+// The provider's list stops at the L40S; its GPU check reads only whether the label is there.
+const h100 = { gpuModel: "NVIDIA H100", accelerator: "nvidia-h100", gpuMemoryGiB: 80, computeCapability: 9.0 };
 
 /** Figures from the AWS EC2 accelerated-computing instance specifications. */
 export const gpuInstanceTypes: Readonly<Record<string, GpuInstanceType>> = {

@@ -6,8 +6,8 @@ import * as eks from "@pulumi/eks";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import { gpuInstanceTypes } from "./catalog";
-import { ClusterConfig, GpuConfig, GpuNodeGroupConfig } from "./config";
-import { gpuNodeLabel, gpuNodeSelector, gpuTaint, NodePool, nodePoolLabelKey, systemNodeSelector } from "./conventions";
+import { ClusterConfig, GpuConfig, GpuNodeGroupConfig, KubernetesVersion } from "./config";
+import { acceleratorLabelKey, gpuNodeSelector, gpuTaint, NodePool, nodePoolLabelKey, systemNodeSelector } from "./conventions";
 import { eksAddon } from "./eks-addon";
 import { Network } from "./network";
 
@@ -39,7 +39,7 @@ export interface Cluster {
     eks: eks.Cluster;
     kubeconfig: pulumi.Output<any>;
     provider: k8s.Provider;
-    kubernetesVersion: string;
+    kubernetesVersion: KubernetesVersion;
     systemNodeGroup: eks.ManagedNodeGroup;
     gpuNodeGroups: GpuNodeGroup[];
     /** Resources that must exist before workloads are scheduled: node groups and the add-ons on them. */
@@ -91,6 +91,11 @@ function accessEntry(kind: string, principalArn: string, policies: Record<string
     return [`${kind}-${roleNameOf(principalArn)}`, { principalArn, type: eks.AccessEntryType.Standard, accessPolicies }];
 }
 
+/** The labels of a GPU group's nodes: the GPU label, the pool, and the accelerator its instance types share. */
+function gpuNodeLabels(group: GpuNodeGroupConfig): Record<string, string> {
+    return { ...gpuNodeSelector, [nodePoolLabelKey]: "gpu", [acceleratorLabelKey]: gpuInstanceTypes[group.instanceTypes[0]].accelerator };
+}
+
 /**
  * Cluster Autoscaler can only scale a group up from zero if the group's ASG describes the nodes it would get:
  * their GPUs, labels and taints. EKS does not put these on managed node groups' ASGs, so they are added here.
@@ -101,8 +106,7 @@ function tagForClusterAutoscaler(name: string, group: GpuNodeGroupConfig, asgNam
     const tags: Record<string, string> = {
         [`${template}/resources/nvidia.com/gpu`]: String(gpuCount),
         [`${template}/resources/ephemeral-storage`]: `${group.diskSizeGiB}G`,
-        [`${template}/label/${gpuNodeLabel.key}`]: gpuNodeLabel.value,
-        [`${template}/label/${nodePoolLabelKey}`]: "gpu",
+        ...Object.fromEntries(Object.entries(gpuNodeLabels(group)).map(([key, value]) => [`${template}/label/${key}`, value])),
         [`${template}/taint/${gpuTaint.key}`]: `${gpuTaint.value}:${gpuTaint.effect}`,
     };
     Object.entries(tags).forEach(
@@ -203,7 +207,7 @@ export function createCluster(
                 scalingConfig: { minSize: group.minSize, desiredSize: group.desiredSize, maxSize: group.maxSize },
                 // Cluster Autoscaler owns the desired size after creation.
                 ignoreScalingChanges: true,
-                labels: { ...gpuNodeSelector, [nodePoolLabelKey]: "gpu" },
+                labels: gpuNodeLabels(group),
                 taints: [{ key: gpuTaint.key, value: gpuTaint.value, effect: "NO_SCHEDULE" }],
             },
             { dependsOn: nodeAddons },

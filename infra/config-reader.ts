@@ -129,6 +129,19 @@ export class ConfigReader {
         return value as string[];
     }
 
+    /** `key=value` items as a map: a Kubernetes nodeSelector (label keys and values as the API allows them). */
+    labelMap(key: string): Record<string, string> {
+        const labelKey = /^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$/;
+        const labelValue = /^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$/;
+        const items = this.stringList(key, 0, (item) => {
+            const [name, value, ...rest] = item.split("=");
+            return value !== undefined && rest.length === 0 && labelKey.test(name) && labelValue.test(value)
+                ? undefined
+                : "must be a node label as key=value, e.g. node-role/monitoring=true";
+        });
+        return Object.fromEntries(items.map((item) => item.split("=")));
+    }
+
     /** min <= desired <= max, read from `<prefix>MinSize`, `<prefix>DesiredSize`, `<prefix>MaxSize`. */
     scaling(prefix: string, limit: number): NodeGroupScaling {
         const minSize = this.integer(`${prefix}MinSize`, { min: 0, max: limit });

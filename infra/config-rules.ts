@@ -82,6 +82,13 @@ function checkWorkload(reader: ConfigReader, config: StackConfig): void {
                 `use loadBalancerScheme "internal", or set allowPlaintextPublicAccess to true to accept it`,
         );
     }
+    if (config.existingClusterKubeconfig === undefined && Object.keys(config.existingClusterNodeSelector).length > 0) {
+        reader.problem(
+            "existingClusterNodeSelector",
+            Object.entries(config.existingClusterNodeSelector).map(([key, value]) => `${key}=${value}`),
+            "applies only with existingClusterKubeconfig: the cluster this stack creates runs its add-ons on its system node group; leave it empty",
+        );
+    }
     if (config.existingClusterKubeconfig !== undefined) {
         if (workload.modelCacheStorageClass === undefined) {
             reader.problem(

@@ -6,6 +6,12 @@ import { Dtype } from "./catalog";
 
 export const projectName = "whisper-eks";
 
+/**
+ * The Kubernetes minor versions a stack may run: those EKS still offers (1.31's extended support ends 2026-11-26)
+ * for which a Cluster Autoscaler release line and chart are known (infra/autoscaling.ts maps each to both).
+ */
+export const kubernetesVersions = ["1.32", "1.33", "1.34", "1.35"] as const;
+export type KubernetesVersion = (typeof kubernetesVersions)[number];
 export type CapacityType = "ON_DEMAND" | "SPOT";
 export const capacityTypes: readonly CapacityType[] = ["ON_DEMAND", "SPOT"];
 export type NatGatewayStrategy = "Single" | "OnePerAz";
@@ -34,7 +40,7 @@ export interface NetworkConfig {
 export interface ClusterConfig {
     /** Cluster name: `<project>-<stack>`. */
     name: string;
-    kubernetesVersion: string;
+    kubernetesVersion: KubernetesVersion;
     /** Roles given cluster-admin (people, the CI deploy role). */
     adminRoleArns: string[];
     /** Roles given read-only access without Secrets (the CI preview role: pull-request code runs with it). */
@@ -126,4 +132,6 @@ export interface StackConfig {
     autoscaling: AutoscalingConfig;
     /** A kubeconfig (secret) of a cluster to deploy into instead of creating VPC and EKS. */
     existingClusterKubeconfig?: pulumi.Output<string>;
+    /** Existing-cluster mode: the nodeSelector of the add-ons deployed there (monitoring, metrics adapter); empty: anywhere. */
+    existingClusterNodeSelector: Record<string, string>;
 }

@@ -9,6 +9,8 @@ export const gpuTaint = { key: "nvidia.com/gpu", value: "true", effect: "NoSched
 export const gpuToleration = { key: gpuTaint.key, operator: "Exists", effect: gpuTaint.effect } as const;
 /** nodeSelector for pods that belong on GPU nodes. */
 export const gpuNodeSelector = { [gpuNodeLabel.key]: gpuNodeLabel.value } as const;
+/** Label Cluster Autoscaler's AWS provider reads to know a node has GPUs before the device plugin advertises them. */
+export const acceleratorLabelKey = "k8s.amazonaws.com/accelerator";
 /** Label of the node pool a node belongs to: `system` or `gpu`. */
 export const nodePoolLabelKey = "whisper-eks/node-pool";
 export type NodePool = "system" | "gpu";

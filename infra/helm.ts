@@ -3,10 +3,12 @@
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 
-/** What every in-cluster add-on gets: the cluster's provider and what must exist before it. */
+/** What every in-cluster add-on gets: the cluster's provider, what must exist before it, and where its pods run. */
 export interface AddonContext {
     provider: k8s.Provider;
     dependsOn: pulumi.Resource[];
+    /** nodeSelector of add-on pods (controllers, monitoring): the system node pool, or an existing cluster's choice. */
+    nodeSelector: Record<string, string>;
 }
 
 export interface HelmChart {

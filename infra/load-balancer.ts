@@ -4,7 +4,6 @@ import * as fs from "fs";
 import * as path from "path";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { systemNodeSelector } from "./conventions";
 import { AddonContext, installChart } from "./helm";
 import { podIdentityForServiceAccount } from "./pod-identity";
 
@@ -48,9 +47,12 @@ export function installLoadBalancerController(name: string, args: LoadBalancerCo
                 // Its webhooks admit every Service and pod: two replicas, kept apart by a PDB through node drains.
                 replicaCount: 2,
                 podDisruptionBudget: { maxUnavailable: 1 },
-                nodeSelector: systemNodeSelector,
+                nodeSelector: context.nodeSelector,
+                // Its Service webhook (failurePolicy Fail) would be live before its pods are ready and reject the Services
+                // of charts installed beside it; our Service names its load balancer class itself, so it needs no mutator.
+                enableServiceMutatorWebhook: false,
             },
         },
-        { provider: context.provider, dependsOn: [...context.dependsOn, association] },
+        { ...context, dependsOn: [...context.dependsOn, association] },
     );
 }

@@ -10,6 +10,7 @@ import {
     GpuConfig,
     GpuNodeGroupConfig,
     ImageConfig,
+    kubernetesVersions,
     loadBalancerSchemes,
     modelCacheStorages,
     MonitoringConfig,
@@ -60,10 +61,7 @@ function readCluster(reader: ConfigReader, stack: string): ClusterConfig {
         roleArnPattern.test(arn) ? undefined : "must be an IAM role ARN, e.g. arn:aws:iam::123456789012:role/platform-admin";
     return {
         name: `${projectName}-${stack}`,
-        kubernetesVersion: reader.string("kubernetesVersion", {
-            pattern: /^1\.(3\d)$/,
-            describe: "must be an EKS Kubernetes version from 1.30 on, written major.minor, e.g. 1.35",
-        }),
+        kubernetesVersion: reader.oneOf("kubernetesVersion", kubernetesVersions),
         adminRoleArns: reader.stringList("clusterAdminRoleArns", 0, roleArn),
         viewerRoleArns: reader.stringList("clusterViewerRoleArns", 0, roleArn),
         publicAccessCidrs: reader.stringList("clusterPublicAccessCidrs", 1, (cidr) => cidrProblem(cidr, 32)),
@@ -74,10 +72,20 @@ function readCluster(reader: ConfigReader, stack: string): ClusterConfig {
 function readGpu(reader: ConfigReader): GpuConfig {
     const instanceTypes = reader.stringList("gpuInstanceTypes", 1, gpuInstanceTypeProblem);
     const known = instanceTypes.filter((name) => gpuInstanceTypes[name]);
+    // Cluster Autoscaler builds one node template per group, and the group's nodes carry one accelerator label:
+    // every type in it must offer the same GPUs.
     const gpuCounts = new Set(known.map((name) => gpuInstanceTypes[name].gpuCount));
     if (gpuCounts.size > 1) {
-        // Cluster Autoscaler builds one node template per group: every type in it must offer the same GPUs.
         reader.problem("gpuInstanceTypes", instanceTypes, "all types in the GPU node group must have the same GPU count");
+    }
+    const gpuModels = new Set(known.map((name) => gpuInstanceTypes[name].gpuModel));
+    if (gpuModels.size > 1) {
+        reader.problem(
+            "gpuInstanceTypes",
+            instanceTypes,
+            `all types in the GPU node group must have the same GPU model (their nodes carry one k8s.amazonaws.com/accelerator label), ` +
+                `got ${[...gpuModels].join(", ")}: for spot capacity list sizes of one family, e.g. g6.xlarge and g6.2xlarge`,
+        );
     }
     const group: GpuNodeGroupConfig = {
         name: "gpu",
@@ -206,6 +214,7 @@ export function loadConfig(): StackConfig {
         monitoring: readMonitoring(reader),
         autoscaling: readAutoscaling(reader),
         existingClusterKubeconfig: reader.optionalSecret("existingClusterKubeconfig"),
+        existingClusterNodeSelector: reader.labelMap("existingClusterNodeSelector"),
     };
     checkStackRules(reader, config);
     reader.throwIfProblems();

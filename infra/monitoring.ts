@@ -3,7 +3,7 @@
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
-import { gpuNodeSelector, gpuToleration, systemNodeSelector } from "./conventions";
+import { gpuNodeSelector, gpuToleration } from "./conventions";
 import { gpuMemoryRatio, whisperDashboard } from "./dashboards/whisper";
 import { AddonContext, installChart } from "./helm";
 
@@ -70,7 +70,7 @@ export function installMonitoring(name: string, args: MonitoringArgs, context: A
         { provider: context.provider },
     );
 
-    const onSystemNodes = { nodeSelector: systemNodeSelector };
+    const onSystemNodes = { nodeSelector: context.nodeSelector };
     const release = installChart(
         "kube-prometheus-stack",
         {
@@ -118,10 +118,10 @@ export function installMonitoring(name: string, args: MonitoringArgs, context: A
                 },
             },
         },
-        { provider: context.provider, dependsOn: [...context.dependsOn, adminSecret] },
+        { ...context, dependsOn: [...context.dependsOn, adminSecret] },
     );
     // Objects of the CRDs the chart installs wait for it.
-    const afterCrds = { provider: context.provider, dependsOn: [release] };
+    const afterCrds = { ...context, dependsOn: [release] };
 
     const dcgmExporter = args.installDcgmExporter
         ? installChart(

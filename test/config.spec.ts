@@ -127,7 +127,12 @@ const badConfigs: BadConfig[] = [
     {
         what: "a malformed Kubernetes version",
         overrides: { kubernetesVersion: "1.28" },
-        expected: ['whisper-eks:kubernetesVersion = "1.28"', "from 1.30 on"],
+        expected: ['whisper-eks:kubernetesVersion = "1.28"', '"1.32", "1.33", "1.34", "1.35"'],
+    },
+    {
+        what: "a Kubernetes version with no known Cluster Autoscaler release yet",
+        overrides: { kubernetesVersion: "1.36" },
+        expected: ['whisper-eks:kubernetesVersion = "1.36"', 'allowed values are "1.32"'],
     },
     {
         what: "a single availability zone",

@@ -258,6 +258,13 @@ describe("workload", function () {
                 assert.ok(dependsOn(evaluation(), byKind(evaluation(), kinds.service), controller), "the Service waits for the controller's webhook");
             });
 
+            it("installs the load balancer controller without its Service webhook, which would refuse other charts' Services until it is ready", function () {
+                const values = release(evaluation(), "aws-load-balancer-controller").inputs.values;
+                assert.equal(values.enableServiceMutatorWebhook, false);
+                // The webhook would have set the class; the Service names it itself.
+                assert.equal(byKind(evaluation(), kinds.service).inputs.spec.loadBalancerClass, "service.k8s.aws/nlb");
+            });
+
             it("requires an API key, kept in a Kubernetes Secret and exported only as a secret", function () {
                 const reference = env(evaluation()).WHISPER_API_KEY.secretKeyRef;
                 const secret = findResources(evaluation().resources, kinds.secret).find((candidate) => candidate.inputs.metadata.name === reference.name);
@@ -406,7 +413,7 @@ describe("workload", function () {
                 const values = release(evaluation(), "cluster-autoscaler").inputs.values;
                 const cluster = byKind(evaluation(), "eks:index:Cluster");
                 assert.equal(values.autoDiscovery.clusterName, cluster.inputs.name);
-                assert.equal(values.image.tag, `v${config(evaluation(), "kubernetesVersion")}.0`);
+                assert.match(values.image.tag, new RegExp(`^v${String(config(evaluation(), "kubernetesVersion")).replace(".", "\\.")}\\.\\d+$`));
                 assert.equal(values.extraArgs.expander, "least-waste");
                 assert.equal(values.extraArgs["scale-down-unneeded-time"], `${config(evaluation(), "clusterAutoscalerScaleDownMinutes")}m`);
                 const associations = findResources(evaluation().resources, "aws:eks/podIdentityAssociation:PodIdentityAssociation");
@@ -537,6 +544,36 @@ describe("workload", function () {
             assert.ok(evaluation.error?.message.includes("existingClusterKubeconfig is set"));
             assert.equal(evaluation.resources.length, 0);
         });
+
+        /** Every nodeSelector in the monitoring stack's and the adapter's values. */
+        const addonSelectors = (evaluation: StackEvaluation) => {
+            const stack = release(evaluation, "kube-prometheus-stack").inputs.values;
+            return [
+                stack.prometheus.prometheusSpec.nodeSelector,
+                stack.prometheusOperator.nodeSelector,
+                stack.prometheusOperator.admissionWebhooks.patch.nodeSelector,
+                stack.alertmanager.alertmanagerSpec.nodeSelector,
+                stack["kube-state-metrics"].nodeSelector,
+                stack.grafana.nodeSelector,
+                release(evaluation, "prometheus-adapter").inputs.values.nodeSelector,
+            ];
+        };
+
+        it("schedules monitoring and the adapter anywhere by default: no existing cluster's nodes carry this stack's pool label", async function () {
+            const evaluation = await evaluateStack("dev", { existingClusterKubeconfig: kubeconfig, modelCacheStorageClass: "shared-nfs" });
+            for (const selector of addonSelectors(evaluation)) assert.deepEqual(selector, {});
+        });
+
+        it("schedules them on the nodes existingClusterNodeSelector names", async function () {
+            const evaluation = await evaluateStack("dev", {
+                existingClusterKubeconfig: kubeconfig,
+                modelCacheStorageClass: "shared-nfs",
+                existingClusterNodeSelector: ["node-role.example.com/infra=true", "topology.kubernetes.io/zone=us-east-1a"],
+            });
+            for (const selector of addonSelectors(evaluation)) {
+                assert.deepEqual(selector, { "node-role.example.com/infra": "true", "topology.kubernetes.io/zone": "us-east-1a" });
+            }
+        });
     });
 
     describe("refused configs", function () {
@@ -576,6 +613,16 @@ describe("workload", function () {
                 expected: ['whisper-eks:tlsCertificateArn = ""', "allowPlaintextPublicAccess"],
             },
             { what: "minReplicas above maxReplicas", overrides: { minReplicas: 3 }, expected: ["whisper-eks:minReplicas = 3", "must not exceed maxReplicas (2)"] },
+            {
+                what: "an add-on nodeSelector for the cluster this stack creates (its add-ons belong on its system nodes)",
+                overrides: { existingClusterNodeSelector: ["pool=infra"] },
+                expected: ['whisper-eks:existingClusterNodeSelector = ["pool=infra"]', "only with existingClusterKubeconfig"],
+            },
+            {
+                what: "an add-on nodeSelector item that is no label",
+                overrides: { existingClusterNodeSelector: ["pool"] },
+                expected: ['whisper-eks:existingClusterNodeSelector[0] = "pool"', "key=value"],
+            },
             {
                 what: "an unknown scaling metric",
                 overrides: { scalingMetric: "cpu" },
