@@ -3,7 +3,7 @@
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import { installClusterAutoscaler, installPrometheusAdapter } from "./infra/autoscaling";
-import { podResourcesPerGpu } from "./infra/catalog";
+import { maxGpuPods, podResourcesPerGpu } from "./infra/catalog";
 import { createCluster } from "./infra/cluster";
 import { systemNodeSelector } from "./infra/conventions";
 import { loadConfig } from "./infra/load-config";
@@ -133,7 +133,7 @@ const whisper = new WhisperService(
         modelCache: { ...modelCache, sizeGiB: config.workload.modelCacheSizeGiB },
         traffic: config.traffic,
         loadBalancerSourceCidrs: eks && [config.network.vpcCidr],
-        scaling: config.autoscaling,
+        scaling: { ...config.autoscaling, maxGpuPods: eks && maxGpuPods(config.gpu.nodeGroups) },
         scrapedFrom: { namespace: monitoringNamespace },
         after: { loadBalancerController, monitoring: monitoring.release, metricsAdapter },
         provider,

@@ -86,6 +86,11 @@ export function requiredGpuMemoryGiB(modelId: string, dtype: Dtype, maxBatchSize
     return weightsGiB + perItemGiB * maxBatchSize + gpuMemoryHeadroomGiB;
 }
 
+/** The most server pods (one per GPU) node groups can hold at their maximum size. */
+export function maxGpuPods(groups: readonly { instanceTypes: readonly string[]; maxSize: number }[]): number {
+    return groups.reduce((sum, group) => sum + group.maxSize * (gpuInstanceTypes[group.instanceTypes[0]]?.gpuCount ?? 1), 0);
+}
+
 /** Smallest compute capability with native bfloat16 (Ampere). */
 export const bfloat16MinComputeCapability = 8.0;
 

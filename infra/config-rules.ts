@@ -1,8 +1,9 @@
 // Rules that span several config keys: what would break a deployment or expose it, refused before anything
 // is declared. Each names the keys involved, their values and the ways out.
-import { bfloat16MinComputeCapability, dtypes, gpuInstanceTypes, requiredGpuMemoryGiB, whisperModels } from "./catalog";
+import { bfloat16MinComputeCapability, dtypes, gpuInstanceTypes, maxGpuPods, requiredGpuMemoryGiB, whisperModels } from "./catalog";
 import { ClusterConfig, GpuConfig, ServiceConfig, StackConfig } from "./config";
 import { ConfigReader } from "./config-reader";
+import { albIdleTimeoutSeconds, idleMarginSeconds, nlbTcpIdleTimeoutSeconds } from "./traffic";
 
 /** Checks every rule across keys; problems are recorded on the reader. */
 export function checkStackRules(reader: ConfigReader, config: StackConfig): void {
@@ -82,6 +83,16 @@ function checkWorkload(reader: ConfigReader, config: StackConfig): void {
                 `use loadBalancerScheme "internal", or set allowPlaintextPublicAccess to true to accept it`,
         );
     }
+    const albLongestRequest = albIdleTimeoutSeconds.max - idleMarginSeconds;
+    if (traffic.certificateArn !== undefined && workload.requestTimeoutSeconds > albLongestRequest) {
+        reader.problem(
+            "requestTimeoutSeconds",
+            workload.requestTimeoutSeconds,
+            `with tlsCertificateArn set the service is behind an Application Load Balancer, whose idle timeout (requestTimeoutSeconds + ` +
+                `${idleMarginSeconds} s) is at most ${albIdleTimeoutSeconds.max} s: set requestTimeoutSeconds to ${albLongestRequest} or less, ` +
+                `or leave tlsCertificateArn empty (plain HTTP through an NLB allows up to ${nlbTcpIdleTimeoutSeconds.max - idleMarginSeconds})`,
+        );
+    }
     if (config.existingClusterKubeconfig === undefined && Object.keys(config.existingClusterNodeSelector).length > 0) {
         reader.problem(
             "existingClusterNodeSelector",
@@ -100,7 +111,7 @@ function checkWorkload(reader: ConfigReader, config: StackConfig): void {
         }
         return;
     }
-    const gpuSlots = gpu.nodeGroups.reduce((sum, group) => sum + group.maxSize * (gpuInstanceTypes[group.instanceTypes[0]]?.gpuCount ?? 1), 0);
+    const gpuSlots = maxGpuPods(gpu.nodeGroups);
     if (autoscaling.maxReplicas > gpuSlots) {
         reader.problem("maxReplicas", autoscaling.maxReplicas, `the GPU node groups hold at most ${gpuSlots} pods (gpuMaxSize × GPUs per node): raise gpuMaxSize or lower maxReplicas`);
     }

@@ -26,6 +26,7 @@ import {
 } from "./config";
 import { cidrProblem, ConfigReader } from "./config-reader";
 import { checkStackRules } from "./config-rules";
+import { idleMarginSeconds, nlbTcpIdleTimeoutSeconds } from "./traffic";
 
 const instanceTypePattern = /^[a-z][a-z0-9-]*\.[a-z0-9]+$/;
 const gpuFamilyPattern = /^(p\d|g\d)[a-z0-9-]*\./;
@@ -123,8 +124,8 @@ function readWorkload(reader: ConfigReader): WorkloadConfig {
         maxUploadMb: reader.integer("maxUploadMb", { min: 1, max: 2048 }),
         maxAudioSeconds: reader.integer("maxAudioSeconds", { min: 30, max: 4 * 3600 }),
         queueSize: reader.integer("queueSize", { min: 1, max: 10000 }),
-        // The NLB's idle timeout (requestTimeoutSeconds + 60) can be at most 6000 s.
-        requestTimeoutSeconds: reader.integer("requestTimeoutSeconds", { min: 30, max: 5940 }),
+        // The load balancer's idle timeout (requestTimeoutSeconds + 60) can be at most 6000 s (NLB; 4000 s for the ALB of TLS).
+        requestTimeoutSeconds: reader.integer("requestTimeoutSeconds", { min: 30, max: nlbTcpIdleTimeoutSeconds.max - idleMarginSeconds }),
         apiKey: reader.optionalSecret("apiKey"),
         requireApiKey: reader.boolean("requireApiKey"),
         modelCacheStorage: reader.oneOf("modelCacheStorage", modelCacheStorages),

@@ -1,12 +1,14 @@
 // The Whisper service on the cluster: namespace, model cache volume, API key Secret, the GPU Deployment,
-// the NLB Service, its NetworkPolicy and PodDisruptionBudget, the PodMonitor Prometheus scrapes and the HPA.
+// the Service (an NLB, or an ALB Ingress with TLS), its NetworkPolicy and PodDisruptionBudget, the PodMonitor
+// Prometheus scrapes and the HPA.
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import { Dtype, PodResources } from "./catalog";
-import { LoadBalancerScheme, ScalingMetric } from "./config";
+import { ScalingMetric } from "./config";
 import { gpuNodeSelector, gpuToleration } from "./conventions";
 import { VolumeAccessMode } from "./model-cache";
+import { albAnnotations, albIngressClass, nlbAnnotations, TrafficSettings } from "./traffic";
 
 export const whisperNamespace = "whisper";
 export const deploymentName = "whisper";
@@ -40,16 +42,11 @@ export interface ServerSettings {
     requestTimeoutSeconds: number;
 }
 
-export interface TrafficSettings {
-    scheme: LoadBalancerScheme;
-    sourceRanges: string[];
-    /** An ACM certificate: the NLB terminates TLS on 443 with it. */
-    certificateArn?: string;
-}
-
 export interface ScalingSettings {
     minReplicas: number;
     maxReplicas: number;
+    /** The most server pods the GPU node groups can hold; unknown in an existing cluster. */
+    maxGpuPods?: number;
     metric: ScalingMetric;
     /** The per-pod average of the metric the HPA keeps. */
     targetAverageValue: number;
@@ -84,10 +81,8 @@ export interface WhisperServiceArgs {
 export const drainSeconds = (server: ServerSettings): number => server.requestTimeoutSeconds;
 /** The preStop pause, the drain, and a margin for the process to exit. */
 export const terminationGracePeriodSeconds = (server: ServerSettings): number => preStopSleepSeconds + drainSeconds(server) + 15;
-/** The longest an NLB deregistration delay and an HPA stabilization window can be (AWS and Kubernetes limits). */
+/** The longest an HPA stabilization window can be (a Kubernetes limit). */
 const oneHourSeconds = 3600;
-/** NLB TCP idle timeout: no byte flows while a long file is transcribed; allowed range 60 to 6000 s. */
-export const idleTimeoutSeconds = (server: ServerSettings): number => Math.min(6000, Math.max(60, server.requestTimeoutSeconds + 60));
 
 export function podLabels(stack: string): Record<string, string> {
     return { "app.kubernetes.io/name": "whisper", "app.kubernetes.io/instance": stack, "app.kubernetes.io/component": "server" };
@@ -113,34 +108,26 @@ export function serverEnvironment(server: ServerSettings): Record<string, string
     };
 }
 
-/** The AWS Load Balancer Controller's annotations for the NLB in front of the service. */
-export function loadBalancerAnnotations(traffic: TrafficSettings, server: ServerSettings): Record<string, string> {
-    const prefix = "service.beta.kubernetes.io/aws-load-balancer";
-    const listener = traffic.certificateArn ? "TLS-443" : "TCP-80";
-    return {
-        [`${prefix}-scheme`]: traffic.scheme,
-        // IP targets: the NLB sends straight to pod IPs, and health checks see each pod's own readiness.
-        [`${prefix}-nlb-target-type`]: "ip",
-        [`${prefix}-healthcheck-protocol`]: "http",
-        [`${prefix}-healthcheck-path`]: probePaths.readiness,
-        [`${prefix}-healthcheck-port`]: "traffic-port",
-        [`${prefix}-healthcheck-interval`]: "10",
-        [`${prefix}-healthcheck-healthy-threshold`]: "2",
-        [`${prefix}-healthcheck-unhealthy-threshold`]: "2",
-        [`${prefix}-attributes`]: "load_balancing.cross_zone.enabled=true",
-        // A deregistered pod keeps its open connections until the server's drain is over.
-        [`${prefix}-target-group-attributes`]: `deregistration_delay.timeout_seconds=${Math.min(oneHourSeconds, drainSeconds(server))}`,
-        [`${prefix}-listener-attributes.${listener}`]: `tcp.idle_timeout.seconds=${idleTimeoutSeconds(server)}`,
-        ...(traffic.certificateArn ? { [`${prefix}-ssl-cert`]: traffic.certificateArn, [`${prefix}-ssl-ports`]: "443" } : {}),
-    };
+/**
+ * How a rollout replaces pods, each of which needs a whole GPU. A surge pod needs a free GPU or a GPU node the
+ * autoscaler can still add: when the HPA's maximum leaves one, surge without losing capacity; when it may fill every
+ * GPU the node groups can hold (or that is unknown), a rollout at full scale must free a GPU first, so one pod may be
+ * down (the PDB allows one). One replica on a ReadWriteOnce volume must let go of it before the next starts.
+ */
+export function rolloutStrategy(accessMode: VolumeAccessMode, scaling: ScalingSettings): k8s.types.input.apps.v1.DeploymentStrategy {
+    if (accessMode === "ReadWriteOnce") return { type: "Recreate" };
+    const roomToSurge = scaling.maxGpuPods !== undefined && scaling.maxReplicas < scaling.maxGpuPods;
+    return { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: roomToSurge ? 0 : 1 } };
 }
 
 export class WhisperService extends pulumi.ComponentResource {
     readonly namespace: k8s.core.v1.Namespace;
     readonly deployment: k8s.apps.v1.Deployment;
     readonly service: k8s.core.v1.Service;
+    /** The ALB's Ingress, when the service is served over TLS. */
+    readonly ingress?: k8s.networking.v1.Ingress;
     readonly hpa: k8s.autoscaling.v2.HorizontalPodAutoscaler;
-    /** The NLB's DNS name, once the controller has made it. */
+    /** The load balancer's DNS name, once the controller has made it. */
     readonly endpoint: pulumi.Output<string>;
 
     constructor(name: string, args: WhisperServiceArgs, opts: pulumi.ComponentResourceOptions = {}) {
@@ -180,11 +167,6 @@ export class WhisperService extends pulumi.ComponentResource {
             ...(apiKeySecret ? [{ name: "WHISPER_API_KEY", valueFrom: { secretKeyRef: { name: apiKeySecretName, key: "api-key" } } }] : []),
         ];
         const probe = (path: string) => ({ httpGet: { path, port: httpPortName } });
-        // One replica holding a ReadWriteOnce volume: the old pod must let go of it before the new one starts.
-        const strategy =
-            args.modelCache.accessMode === "ReadWriteOnce"
-                ? { type: "Recreate" }
-                : { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } };
         const spread = (topologyKey: string) => ({ maxSkew: 1, topologyKey, whenUnsatisfiable: "ScheduleAnyway", labelSelector: { matchLabels: labels } });
 
         this.deployment = new k8s.apps.v1.Deployment(
@@ -192,10 +174,10 @@ export class WhisperService extends pulumi.ComponentResource {
             {
                 metadata: metadata(deploymentName),
                 spec: {
-                    // The HPA owns the replica count; this is only the count at creation.
-                    replicas: scaling.minReplicas,
+                    // No replicas: the HPA owns the count. Declaring it would make every `pulumi up` a server-side
+                    // apply conflict with the HPA's writes (or reset the count); a new Deployment starts at 1.
                     selector: { matchLabels: labels },
-                    strategy,
+                    strategy: rolloutStrategy(args.modelCache.accessMode, scaling),
                     template: {
                         metadata: { labels },
                         spec: {
@@ -256,22 +238,41 @@ export class WhisperService extends pulumi.ComponentResource {
             { ...k8sOpts, customTimeouts: { create: "30m", update: "30m" } },
         );
 
-        const tls = traffic.certificateArn !== undefined;
+        // Plain HTTP: the Service is an NLB. TLS: the Service only names the pods, an ALB Ingress sends to their IPs.
+        const backend = { requestTimeoutSeconds: server.requestTimeoutSeconds, drainSeconds: drainSeconds(server), readinessPath: probePaths.readiness };
+        const afterController = { ...k8sOpts, dependsOn: args.after.loadBalancerController ? [args.after.loadBalancerController] : [] };
+        const certificateArn = traffic.certificateArn;
+        const port = { name: httpPortName, port: 80, targetPort: httpPortName, protocol: "TCP" };
         this.service = new k8s.core.v1.Service(
             `${name}-service`,
-            {
-                metadata: { ...metadata(serviceName), annotations: loadBalancerAnnotations(traffic, server) },
-                spec: {
-                    type: "LoadBalancer",
-                    loadBalancerClass: "service.k8s.aws/nlb",
-                    loadBalancerSourceRanges: traffic.sourceRanges,
-                    selector: labels,
-                    // One port, named for what the pods speak; the NLB terminates TLS on 443 when a certificate is given.
-                    ports: [{ name: httpPortName, port: tls ? 443 : 80, targetPort: httpPortName, protocol: "TCP" }],
-                },
-            },
-            { ...k8sOpts, dependsOn: args.after.loadBalancerController ? [args.after.loadBalancerController] : [] },
+            certificateArn === undefined
+                ? {
+                      metadata: { ...metadata(serviceName), annotations: nlbAnnotations(traffic, backend) },
+                      spec: {
+                          type: "LoadBalancer",
+                          loadBalancerClass: "service.k8s.aws/nlb",
+                          loadBalancerSourceRanges: traffic.sourceRanges,
+                          selector: labels,
+                          ports: [port],
+                      },
+                  }
+                : { metadata: metadata(serviceName), spec: { type: "ClusterIP", selector: labels, ports: [port] } },
+            afterController,
         );
+        this.ingress =
+            certificateArn === undefined
+                ? undefined
+                : new k8s.networking.v1.Ingress(
+                      `${name}-ingress`,
+                      {
+                          metadata: { ...metadata(serviceName), annotations: albAnnotations({ ...traffic, certificateArn }, backend) },
+                          spec: {
+                              ingressClassName: albIngressClass,
+                              defaultBackend: { service: { name: this.service.metadata.name, port: { name: httpPortName } } },
+                          },
+                      },
+                      afterController,
+                  );
 
         // The API port from where the load balancer sends, the metrics port from Prometheus' namespace, nothing else;
         // enforced by the VPC CNI.
@@ -350,7 +351,8 @@ export class WhisperService extends pulumi.ComponentResource {
             { ...k8sOpts, dependsOn: args.after.metricsAdapter ? [args.after.metricsAdapter] : [] },
         );
 
-        this.endpoint = this.service.status.apply((status) => status?.loadBalancer?.ingress?.[0]?.hostname ?? "");
+        const loadBalancerStatus = this.ingress ? this.ingress.status : this.service.status;
+        this.endpoint = loadBalancerStatus.apply((status) => status?.loadBalancer?.ingress?.[0]?.hostname ?? "");
         this.registerOutputs({ endpoint: this.endpoint });
     }
 }

@@ -32,6 +32,7 @@ const kinds = {
     storageClass: "kubernetes:storage.k8s.io/v1:StorageClass",
     configMap: "kubernetes:core/v1:ConfigMap",
     release: "kubernetes:helm.sh/v3:Release",
+    ingress: "kubernetes:networking.k8s.io/v1:Ingress",
 };
 
 const release = (evaluation: StackEvaluation, releaseName: string) =>
@@ -74,6 +75,18 @@ function serverMetricNames(): Set<string> {
         series.forEach((item) => names.add(item));
     }
     return names;
+}
+
+/**
+ * How long the load balancer in front of the service keeps a silent connection: an ALB's idle timeout, an NLB TCP
+ * listener's, or the 350 s AWS fixes for an NLB TLS listener (Elastic Load Balancing guide, "Update the TCP idle timeout").
+ */
+function effectiveIdleTimeoutSeconds(evaluation: StackEvaluation): number {
+    const ingress = findResources(evaluation.resources, kinds.ingress)[0];
+    if (ingress) return Number(/idle_timeout\.timeout_seconds=(\d+)/.exec(ingress.inputs.metadata.annotations["alb.ingress.kubernetes.io/load-balancer-attributes"])![1]);
+    const annotations = byKind(evaluation, kinds.service).inputs.metadata.annotations ?? {};
+    if (annotations["service.beta.kubernetes.io/aws-load-balancer-ssl-cert"]) return 350;
+    return Number(/tcp\.idle_timeout\.seconds=(\d+)/.exec(annotations["service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80"])![1]);
 }
 
 const cpuMillicores = (quantity: string) => (quantity.endsWith("m") ? Number(quantity.slice(0, -1)) : Number(quantity) * 1000);
@@ -153,8 +166,30 @@ describe("workload", function () {
                 assert.equal(Number(env(evaluation()).WHISPER_REQUEST_TIMEOUT_SECONDS), requestTimeout);
                 assert.ok(Number(env(evaluation()).WHISPER_DRAIN_SECONDS) >= requestTimeout, "in-flight requests may finish");
                 assert.ok(spec.terminationGracePeriodSeconds > Number(preStop[1]) + Number(env(evaluation()).WHISPER_DRAIN_SECONDS));
-                const rolling = byKind(evaluation(), kinds.deployment).inputs.spec.strategy;
-                assert.deepEqual(rolling, { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } });
+            });
+
+            it("leaves the replica count to the HPA: the Deployment declares none, so no apply fights the HPA over it", function () {
+                const spec = byKind(evaluation(), kinds.deployment).inputs.spec;
+                assert.ok(!("replicas" in spec), `spec.replicas is ${spec.replicas}`);
+                assert.equal(byKind(evaluation(), kinds.hpa).inputs.spec.scaleTargetRef.name, byKind(evaluation(), kinds.deployment).inputs.metadata.name);
+            });
+
+            it("rolls out at every replica count the HPA allows, full GPU fleet included, within what the PDB allows", function () {
+                const { type, rollingUpdate } = byKind(evaluation(), kinds.deployment).inputs.spec.strategy;
+                assert.equal(type, "RollingUpdate");
+                const { maxSurge, maxUnavailable } = rollingUpdate;
+                const pdb = byKind(evaluation(), kinds.pdb).inputs.spec;
+                const hpa = byKind(evaluation(), kinds.hpa).inputs.spec;
+                const types = config(evaluation(), "gpuInstanceTypes") as string[];
+                // Every pod takes a whole GPU: the fleet holds gpuMaxSize nodes of the group's GPU count.
+                const gpuPods = (config(evaluation(), "gpuMaxSize") as number) * gpuInstanceTypes[types[0]].gpuCount;
+                for (let replicas = hpa.minReplicas; replicas <= hpa.maxReplicas; replicas++) {
+                    const surgeFits = replicas + maxSurge <= gpuPods;
+                    assert.ok(surgeFits || maxUnavailable >= 1, `at ${replicas} of ${gpuPods} GPUs a rollout can place a pod or free a GPU`);
+                    // The Deployment controller deletes old pods without asking the PDB: the strategy keeps to it itself.
+                    assert.ok(maxUnavailable <= pdb.maxUnavailable, `the rollout takes down at most the ${pdb.maxUnavailable} pod the PDB allows`);
+                }
+                if (hpa.maxReplicas < gpuPods) assert.equal(maxUnavailable, 0, "with a GPU to spare, a rollout loses no capacity");
             });
 
             it("runs locked down: non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp, read-only root with a writable /tmp", function () {
@@ -465,17 +500,46 @@ describe("workload", function () {
             assert.equal(findResources(evaluation.resources, "aws:efs/fileSystem:FileSystem").length, 0);
         });
 
-        it("terminates TLS on 443 with the ACM certificate, keeping the port named http", async function () {
+        it("surges without losing capacity when the HPA's maximum leaves a GPU to spare", async function () {
+            const evaluation = await evaluateStack("prod", { maxReplicas: 8 });
+            assert.deepEqual(byKind(evaluation, kinds.deployment).inputs.spec.strategy.rollingUpdate, { maxSurge: 1, maxUnavailable: 0 });
+        });
+
+        it("serves TLS through an ALB whose HTTPS listener outlasts the longest request, to the pods' IPs, from the allowed sources only", async function () {
             const certificateArn = "arn:aws:acm:us-east-1:123456789012:certificate/0a1b2c3d-0a1b-0a1b-0a1b-0a1b2c3d4e5f";
             const evaluation = await evaluateStack("prod", { tlsCertificateArn: certificateArn, loadBalancerScheme: "internal", loadBalancerSourceRanges: ["10.0.0.0/8"] });
+            const requestTimeout = config(evaluation, "requestTimeoutSeconds") as number;
+            const idle = effectiveIdleTimeoutSeconds(evaluation);
+            assert.ok(idle > requestTimeout, `the load balancer keeps a silent connection ${idle} s, the longest request takes ${requestTimeout} s`);
             const service = byKind(evaluation, kinds.service).inputs;
-            const annotations = service.metadata.annotations;
-            assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-ssl-cert"], certificateArn);
-            assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-ssl-ports"], "443");
-            assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-scheme"], "internal");
-            assert.ok(annotations["service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TLS-443"]);
-            assert.deepEqual(service.spec.ports.map((port: any) => [port.name, port.port]), [["http", 443]]);
-            assert.deepEqual(service.spec.loadBalancerSourceRanges, ["10.0.0.0/8"]);
+            assert.equal(service.spec.type, "ClusterIP", "no second load balancer: the Service only names the pods");
+            assert.equal(service.metadata.annotations, undefined);
+            const ingress = byKind(evaluation, kinds.ingress).inputs;
+            const annotations: Record<string, string> = ingress.metadata.annotations;
+            const alb = (key: string) => annotations[`alb.ingress.kubernetes.io/${key}`];
+            assert.equal(ingress.spec.ingressClassName, "alb");
+            assert.deepEqual(ingress.spec.defaultBackend.service, { name: service.metadata.name, port: { name: "http" } });
+            assert.deepEqual(JSON.parse(alb("listen-ports")), [{ HTTPS: 443 }]);
+            assert.equal(alb("certificate-arn"), certificateArn);
+            assert.match(alb("ssl-policy"), /^ELBSecurityPolicy-TLS13-/);
+            assert.equal(alb("scheme"), "internal");
+            assert.equal(alb("target-type"), "ip");
+            assert.equal(alb("inbound-cidrs"), "10.0.0.0/8");
+            assert.equal(alb("healthcheck-path"), "/readyz");
+            assert.ok(serverRoutes().get(alb("healthcheck-path"))?.includes("GET"));
+            const delay = Number(/deregistration_delay\.timeout_seconds=(\d+)/.exec(alb("target-group-attributes"))?.[1]);
+            assert.ok(delay >= Math.min(3600, requestTimeout) && delay <= 3600, `deregistration delay ${delay}`);
+            assert.ok(dependsOn(evaluation, byKind(evaluation, kinds.ingress), release(evaluation, "aws-load-balancer-controller")), "the Ingress waits for the controller's webhook");
+            // The ALB's nodes are in the VPC: the NetworkPolicy's API rule admits them to the port the Ingress targets.
+            const api = byKind(evaluation, kinds.networkPolicy).inputs.spec.ingress.find((rule: any) => rule.ports.some((p: any) => p.port === "http"));
+            assert.deepEqual(api.from, [{ ipBlock: { cidr: config(evaluation, "vpcCidr") } }]);
+            assert.match(String(evaluation.outputs.serviceUrl), /^https:\/\//);
+        });
+
+        it("keeps plain HTTP on an NLB TCP listener, whose idle timeout outlasts the longest request", async function () {
+            const evaluation = await evaluateStack("prod");
+            assert.ok(effectiveIdleTimeoutSeconds(evaluation) > (config(evaluation, "requestTimeoutSeconds") as number));
+            assert.equal(findResources(evaluation.resources, kinds.ingress).length, 0);
         });
 
         it("keeps the NLB deregistration delay and HPA window within their one-hour limits for the longest requests", async function () {
@@ -613,6 +677,12 @@ describe("workload", function () {
                 expected: ['whisper-eks:tlsCertificateArn = ""', "allowPlaintextPublicAccess"],
             },
             { what: "minReplicas above maxReplicas", overrides: { minReplicas: 3 }, expected: ["whisper-eks:minReplicas = 3", "must not exceed maxReplicas (2)"] },
+            {
+                what: "TLS with requests longer than an ALB's idle timeout allows",
+                stack: "prod",
+                overrides: { tlsCertificateArn: "arn:aws:acm:us-east-1:123456789012:certificate/0a1b2c3d-0a1b-0a1b-0a1b-0a1b2c3d4e5f", requestTimeoutSeconds: 3941 },
+                expected: ["whisper-eks:requestTimeoutSeconds = 3941", "tlsCertificateArn", "Application Load Balancer", "at most 4000 s", "3940 or less"],
+            },
             {
                 what: "an add-on nodeSelector for the cluster this stack creates (its add-ons belong on its system nodes)",
                 overrides: { existingClusterNodeSelector: ["pool=infra"] },
