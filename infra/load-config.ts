@@ -37,6 +37,11 @@ const certificateArnPattern = /^arn:aws(-cn|-us-gov)?:acm:[a-z0-9-]+:\d{12}:cert
 export const pinnedImagePattern =
     /^[a-z0-9]+([.-][a-z0-9]+)*(:\d+)?(\/[a-z0-9]+([._-][a-z0-9]+)*)+(:[\w][\w.-]{0,127})?@sha256:[a-f0-9]{64}$/;
 
+/** The longest request: the load balancer's idle timeout (requestTimeoutSeconds + 60) is at most 6000 s (an NLB's). */
+export const requestTimeoutSecondsRange = { min: 30, max: nlbTcpIdleTimeoutSeconds.max - idleMarginSeconds };
+/** The p95 latency alert's threshold: no request outlasts the longest request timeout. */
+export const alertP95LatencySecondsRange = { min: 1, max: requestTimeoutSecondsRange.max };
+
 function gpuInstanceTypeProblem(name: string): string | undefined {
     if (gpuInstanceTypes[name]) return undefined;
     if (!instanceTypePattern.test(name)) return `not an EC2 instance type; supported GPU instance types: ${supportedGpuTypes}`;
@@ -124,8 +129,7 @@ function readWorkload(reader: ConfigReader): WorkloadConfig {
         maxUploadMb: reader.integer("maxUploadMb", { min: 1, max: 2048 }),
         maxAudioSeconds: reader.integer("maxAudioSeconds", { min: 30, max: 4 * 3600 }),
         queueSize: reader.integer("queueSize", { min: 1, max: 10000 }),
-        // The load balancer's idle timeout (requestTimeoutSeconds + 60) can be at most 6000 s (NLB; 4000 s for the ALB of TLS).
-        requestTimeoutSeconds: reader.integer("requestTimeoutSeconds", { min: 30, max: nlbTcpIdleTimeoutSeconds.max - idleMarginSeconds }),
+        requestTimeoutSeconds: reader.integer("requestTimeoutSeconds", requestTimeoutSecondsRange),
         apiKey: reader.optionalSecret("apiKey"),
         requireApiKey: reader.boolean("requireApiKey"),
         modelCacheStorage: reader.oneOf("modelCacheStorage", modelCacheStorages),
@@ -156,7 +160,7 @@ function readMonitoring(reader: ConfigReader): MonitoringConfig {
         prometheusRetentionDays: reader.integer("prometheusRetentionDays", { min: 1, max: 365 }),
         prometheusStorageGiB: reader.integer("prometheusStorageGiB", { min: 10, max: 16384 }),
         grafanaAdminPassword: reader.optionalSecret("grafanaAdminPassword"),
-        alertP95LatencySeconds: reader.integer("alertP95LatencySeconds", { min: 1, max: 6000 }),
+        alertP95LatencySeconds: reader.integer("alertP95LatencySeconds", alertP95LatencySecondsRange),
         alertErrorRatio: errorPercent / 100,
     };
 }

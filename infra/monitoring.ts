@@ -162,6 +162,9 @@ export function installMonitoring(name: string, args: MonitoringArgs, context: A
     return { release, grafanaAdminPassword, dcgmExporter, rules, dashboard };
 }
 
+/** How long a new XID error keeps its alert firing. */
+export const xidWindow = "15m";
+
 /** The alert rules: what an operator of the service is paged for. */
 export function serviceAlertGroups(t: ServiceAlertThresholds): object[] {
     const inNamespace = `namespace="${t.namespace}"`;
@@ -179,8 +182,15 @@ export function serviceAlertGroups(t: ServiceAlertThresholds): object[] {
             rules: [
                 // PyTorch's caching allocator keeps memory high when idle: this alone is a warning, held for 5 minutes.
                 alert("WhisperGpuMemoryHigh", `${gpuMemoryRatio} > 0.9`, "5m", "warning", "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} has used more than 90% of its memory for 5 minutes."),
-                // The companion signals that turn high memory into a real problem.
-                alert("WhisperGpuXidError", "max by (Hostname, gpu) (DCGM_FI_DEV_XID_ERRORS) > 0", "0m", "critical", "GPU {{ $labels.gpu }} on {{ $labels.Hostname }} reported XID error {{ $value }}: the driver saw a GPU fault."),
+                // The companion signals that turn high memory into a real problem. DCGM_FI_DEV_XID_ERRORS holds the last
+                // XID seen (a gauge, never reset): a new error is a change of it, and the alert ends a window after.
+                alert(
+                    "WhisperGpuXidError",
+                    `max by (Hostname, gpu) (DCGM_FI_DEV_XID_ERRORS > 0 and changes(DCGM_FI_DEV_XID_ERRORS[${xidWindow}]) > 0)`,
+                    "0m",
+                    "critical",
+                    `GPU {{ $labels.gpu }} on {{ $labels.Hostname }} reported XID error {{ $value }} in the last ${xidWindow}: the driver saw a GPU fault.`,
+                ),
                 alert(
                     "WhisperGpuMemoryExhausted",
                     `(max(${gpuMemoryRatio}) > 0.9) and on() (sum(rate(http_requests_total{${api},status=~"5.."}[5m])) > 0)`,

@@ -7,6 +7,7 @@ import * as path from "path";
 import * as pulumi from "@pulumi/pulumi";
 import * as YAML from "yaml";
 import { gpuInstanceTypes, gpuNodeDaemonSetReserve } from "../infra/catalog";
+import { alertP95LatencySecondsRange, requestTimeoutSecondsRange } from "../infra/load-config";
 import { ConfigOverrides, evaluateStack, findResource, findResources, RecordedResource, repoRoot, SecretValue, StackEvaluation, tryEvaluateStack } from "../scripts/offline-stack";
 
 // The mock does not report a resource's dependencies: note them where the request passes the mock monitor.
@@ -87,6 +88,13 @@ function effectiveIdleTimeoutSeconds(evaluation: StackEvaluation): number {
     const annotations = byKind(evaluation, kinds.service).inputs.metadata.annotations ?? {};
     if (annotations["service.beta.kubernetes.io/aws-load-balancer-ssl-cert"]) return 350;
     return Number(/tcp\.idle_timeout\.seconds=(\d+)/.exec(annotations["service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80"])![1]);
+}
+
+/** The finite bucket bounds of a histogram the server declares, read from its prometheus_client declaration. */
+function serverHistogramBuckets(name: string): number[] {
+    const source = fs.readFileSync(path.join(repoRoot, "service", "whisper_server", "metrics.py"), "utf8");
+    const tuple = /buckets=\(([^)]*)\)/.exec(source.slice(source.indexOf(`"${name}"`)))?.[1] ?? assert.fail(`${name} declares its buckets`);
+    return tuple.split(",").map((bound) => Number(bound.trim()));
 }
 
 const cpuMillicores = (quantity: string) => (quantity.endsWith("m") ? Number(quantity.slice(0, -1)) : Number(quantity) * 1000);
@@ -414,11 +422,24 @@ describe("workload", function () {
                 assert.match(gpuMemory.expr, /DCGM_FI_DEV_FB_USED/);
                 assert.match(gpuMemory.expr, /> 0\.9$/);
                 assert.equal(gpuMemory.for, "5m");
-                assert.match(named("WhisperGpuXidError").expr, /DCGM_FI_DEV_XID_ERRORS/);
+                // The gauge holds the last XID for ever: the alert must look for a change within a window, not at the value.
+                const xid = named("WhisperGpuXidError");
+                assert.match(xid.expr, /changes\(DCGM_FI_DEV_XID_ERRORS\[\d+m\]\) > 0/);
+                assert.doesNotMatch(xid.expr.replace(/changes\(DCGM_FI_DEV_XID_ERRORS\[\d+m\]\) > 0/, ""), /^[^a]*DCGM_FI_DEV_XID_ERRORS\) > 0$/);
+                assert.match(xid.expr, /DCGM_FI_DEV_XID_ERRORS > 0 and /, "an exporter restart (back to 0) is no error");
                 assert.match(named("WhisperHighErrorRatio").expr, /status=~"5\.\."/);
                 assert.match(named("WhisperHighLatencyP95").expr, /histogram_quantile\(0\.95, .*http_request_duration_seconds_bucket/);
                 assert.match(named("WhisperQueueSaturated").expr, new RegExp(`whisper_requests_in_flight.*/ ${config(evaluation(), "queueSize")} `));
                 assert.match(named("WhisperPodsNotReady").expr, /kube_deployment_status_replicas_ready/);
+            });
+
+            it("can fire the p95 latency alert: its threshold lies inside the latency histogram's buckets", function () {
+                const buckets = serverHistogramBuckets("http_request_duration_seconds");
+                const threshold = config(evaluation(), "alertP95LatencySeconds") as number;
+                const rule = byKind(evaluation(), kinds.prometheusRule).inputs.spec.groups.flatMap((group: any) => group.rules).find((candidate: any) => candidate.alert === "WhisperHighLatencyP95");
+                assert.match(rule.expr, new RegExp(`> ${threshold}$`));
+                // histogram_quantile never answers above the largest finite bucket: a threshold at or past it never fires.
+                assert.ok(threshold < Math.max(...buckets), `threshold ${threshold} below the largest bucket ${Math.max(...buckets)}`);
             });
 
             it("queries only metrics the server exports, in alerts, dashboard and adapter rules", function () {
@@ -472,6 +493,12 @@ describe("workload", function () {
             });
         });
     }
+
+    it("gives the latency histogram buckets past every p95 threshold and request timeout config accepts", function () {
+        const largest = Math.max(...serverHistogramBuckets("http_request_duration_seconds"));
+        assert.ok(alertP95LatencySecondsRange.max < largest, `alertP95LatencySeconds up to ${alertP95LatencySecondsRange.max} < ${largest}`);
+        assert.ok(requestTimeoutSecondsRange.max < largest, `the longest request (${requestTimeoutSecondsRange.max} s) is measured below ${largest}`);
+    });
 
     it("sizes dev and prod as their stack files say", function () {
         const hpa = (stack: string) => byKind(stacks[stack], kinds.hpa).inputs.spec;

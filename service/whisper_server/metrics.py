@@ -12,7 +12,7 @@ class Metrics:
                                 ["method", "route", "status"], registry=self.registry)
         self.request_duration = Histogram(
             "http_request_duration_seconds", "Time from request start to response end", ["method", "route"],
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=self.registry)
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200), registry=self.registry)
         self.in_flight = Gauge("whisper_requests_in_flight", "Transcription and translation requests being handled",
                                registry=self.registry)
         self.queue_depth = Gauge("whisper_queue_depth", "30 s windows waiting for the model", registry=self.registry)
