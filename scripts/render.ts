@@ -1,11 +1,13 @@
 // `npm run render -- <stack> <dir>`: evaluates the program offline for a stack and writes, under <dir>/<stack>/, what `pulumi up` would
 // apply to the cluster, for review: every Kubernetes object as YAML (secrets redacted), each Helm release's chart,
-// repository, version and values; then validates every object against the Kubernetes schema (kubernetes-models,
-// CRDs with @kubernetes-models/prometheus-operator). Exits non-zero when an object is invalid.
+// repository, version and values; then validates every object strictly at the stack's Kubernetes version
+// (kubernetes-validate; custom resources with @kubernetes-models/prometheus-operator). Exits non-zero when one is invalid.
+import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
 import * as YAML from "yaml";
-import { ConfigOverrides, evaluateStack, RecordedResource } from "./offline-stack";
+import { ConfigOverrides, evaluateStack, RecordedResource, repoRoot } from "./offline-stack";
+import { setUpTools, toolPath } from "./tools";
 
 export const redacted = "<redacted>";
 
@@ -76,41 +78,61 @@ export function renderFiles(resources: readonly RecordedResource[]): RenderedFil
 // which TypeScript's CommonJS output would otherwise turn into require().
 const importModule = new Function("specifier", "return import(specifier)") as (specifier: string) => Promise<Record<string, any>>;
 
-/** The kubernetes-models module with the classes of an apiVersion (the core group is `v1`). */
-function modelModule(apiVersion: string): string {
-    if (apiVersion.startsWith("monitoring.coreos.com/")) return `@kubernetes-models/prometheus-operator/${apiVersion}`;
-    return `kubernetes-models/${apiVersion}`;
-}
+/** API groups of custom resources (CRDs kubernetes-validate does not know) and the kubernetes-models package of each. */
+const customResourceModels: Record<string, string> = { "monitoring.coreos.com": "@kubernetes-models/prometheus-operator" };
 
-/** Validates one object against its schema; returns the problems (none when valid). */
-export async function validateObject(object: Record<string, any>): Promise<string[]> {
-    const label = `${object.kind} ${object.metadata?.namespace ? `${object.metadata.namespace}/` : ""}${object.metadata?.name}`;
-    let module: Record<string, any>;
-    try {
-        module = await importModule(modelModule(object.apiVersion));
-    } catch {
-        return [`${label}: no schema for apiVersion ${object.apiVersion}`];
-    }
-    const Model = module[object.kind];
-    if (typeof Model !== "function") return [`${label}: no schema for kind ${object.kind} in ${object.apiVersion}`];
+const apiGroup = (apiVersion: string): string => (apiVersion.includes("/") ? apiVersion.split("/")[0] : "");
+const describe = (object: Record<string, any>): string =>
+    `${object.kind} ${object.metadata?.namespace ? `${object.metadata.namespace}/` : ""}${object.metadata?.name}`;
+
+/** Validates a custom resource against its model; returns the problems (none when valid). */
+async function validateCustomResource(object: Record<string, any>): Promise<string[]> {
+    const module = await importModule(`${customResourceModels[apiGroup(object.apiVersion)]}/${object.apiVersion}`).catch(() => undefined);
+    const Model = module?.[object.kind];
+    if (typeof Model !== "function") return [`${describe(object)}: no schema for kind ${object.kind} in ${object.apiVersion}`];
     try {
         new Model(object).validate();
         return [];
     } catch (error) {
-        return [`${label}: ${(error as Error).message}`];
+        return [`${describe(object)}: ${(error as Error).message}`];
     }
 }
 
-/** Validates every rendered Kubernetes object; returns all problems. */
-export async function validateFiles(files: readonly RenderedFile[]): Promise<string[]> {
-    const problems: string[] = [];
-    for (const file of files.filter((candidate) => candidate.path.startsWith(`kubernetes${path.sep}`))) {
-        problems.push(...(await validateObject(file.content)));
-    }
-    return problems;
+/** Validates Kubernetes' own objects strictly (unknown fields rejected) at a Kubernetes version, in one kubernetes-validate run. */
+function validateStrictly(objects: readonly Record<string, any>[], kubernetesVersion: string): string[] {
+    if (objects.length === 0) return [];
+    setUpTools();
+    const result = spawnSync(toolPath("python"), [path.join(repoRoot, "scripts", "validate_kubernetes.py")], {
+        input: JSON.stringify({ version: kubernetesVersion, objects }),
+        encoding: "utf8",
+        maxBuffer: 64 * 1024 * 1024,
+    });
+    if (result.status !== 0) throw new Error(`kubernetes-validate failed (${result.status}):\n${result.stderr}`);
+    const problems: (string | null)[] = JSON.parse(result.stdout);
+    return problems.flatMap((problem, index) => (problem === null ? [] : [`${describe(objects[index])}: ${problem}`]));
 }
 
-export async function render(stack: string, directory: string, overrides: ConfigOverrides = {}): Promise<{ files: RenderedFile[]; problems: string[] }> {
+/**
+ * Validates Kubernetes objects: Kubernetes' own APIs strictly at the cluster's version (kubernetes-validate), custom
+ * resources against their models. Returns every problem, each naming its object.
+ */
+export async function validateObjects(objects: readonly Record<string, any>[], kubernetesVersion: string): Promise<string[]> {
+    const custom = objects.filter((object) => apiGroup(object.apiVersion) in customResourceModels);
+    const builtin = objects.filter((object) => !custom.includes(object));
+    const customProblems = await Promise.all(custom.map(validateCustomResource));
+    return [...validateStrictly(builtin, kubernetesVersion), ...customProblems.flat()];
+}
+
+/** Validates every rendered Kubernetes object at the cluster's version; returns all problems. */
+export async function validateFiles(files: readonly RenderedFile[], kubernetesVersion: string): Promise<string[]> {
+    return validateObjects(files.filter((file) => file.path.startsWith(`kubernetes${path.sep}`)).map((file) => file.content), kubernetesVersion);
+}
+
+export async function render(
+    stack: string,
+    directory: string,
+    overrides: ConfigOverrides = {},
+): Promise<{ files: RenderedFile[]; problems: string[]; kubernetesVersion: string }> {
     const evaluation = await evaluateStack(stack, overrides);
     const files = renderFiles(evaluation.resources);
     // One folder per stack, emptied first: dev and prod can share <dir>, and nothing stale survives a re-render.
@@ -121,7 +143,7 @@ export async function render(stack: string, directory: string, overrides: Config
         fs.mkdirSync(path.dirname(target), { recursive: true });
         fs.writeFileSync(target, YAML.stringify(file.content, { lineWidth: 0 }));
     }
-    return { files, problems: await validateFiles(files) };
+    return { files, problems: await validateFiles(files, String(evaluation.config["whisper-eks:kubernetesVersion"])), kubernetesVersion: String(evaluation.config["whisper-eks:kubernetesVersion"]) };
 }
 
 async function main(): Promise<void> {
@@ -130,14 +152,14 @@ async function main(): Promise<void> {
         console.error("usage: npm run render -- <stack> <dir>");
         process.exit(2);
     }
-    const { files, problems } = await render(stack, directory);
+    const { files, problems, kubernetesVersion } = await render(stack, directory);
     const releases = files.filter((file) => file.path.startsWith("helm")).length;
     console.log(`${stack}: wrote ${files.length - releases} Kubernetes objects and ${releases} Helm releases to ${path.join(directory, stack)}`);
     if (problems.length > 0) {
         console.error(`${problems.length} object(s) do not validate:\n${problems.map((problem) => `  - ${problem}`).join("\n")}`);
         process.exit(1);
     }
-    console.log("every object validates against the Kubernetes schema (kubernetes-models 5.1.0, Kubernetes 1.34; Prometheus Operator CRDs)");
+    console.log(`every object validates strictly against the Kubernetes ${kubernetesVersion} schema (kubernetes-validate) or its CRD's model (Prometheus Operator)`);
 }
 
 if (require.main === module) {

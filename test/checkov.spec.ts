@@ -1,4 +1,4 @@
-// checkov (PyPI, pinned with its closure in checkov/requirements.txt, in its own virtualenv .venv-checkov) over what
+// checkov (PyPI, pinned with its closure in checkov/requirements.txt, in the tools virtualenv .venv-tools) over what
 // the program deploys: every stack's rendered Kubernetes objects, the server's Dockerfile and the GitHub workflows.
 // A finding passes only when checkov/allowlist.yaml lists it with its reason; an entry that matches no finding fails
 // too, so a fixed finding leaves no stale exception behind.
@@ -10,9 +10,8 @@ import * as path from "path";
 import * as YAML from "yaml";
 import { repoRoot } from "../scripts/offline-stack";
 import { render } from "../scripts/render";
+import { setUpTools, toolPath } from "../scripts/tools";
 
-const venv = ".venv-checkov";
-const requirements = "checkov/requirements.txt";
 const allowListPath = path.join(repoRoot, "checkov", "allowlist.yaml");
 const stacks = ["dev", "prod"];
 
@@ -35,16 +34,10 @@ interface Scan {
     parsingErrors: number;
 }
 
-/** Creates the virtualenv once, and again only when the requirements change (scripts/python-env.sh). */
-function setUpCheckov(): void {
-    const result = spawnSync(path.join(repoRoot, "scripts", "python-env.sh"), [venv, requirements], { cwd: repoRoot, encoding: "utf8" });
-    if (result.status !== 0) throw new Error(`setting up checkov in ${venv} failed:\n${result.stdout}${result.stderr}`);
-}
-
 /** Runs checkov with one framework over the targets; paths in findings are made relative by `relative`. */
 function scan(framework: string, targets: string[], relative: (absolutePath: string) => string): Scan {
     const result = spawnSync(
-        path.join(repoRoot, venv, "bin", "checkov"),
+        toolPath("checkov"),
         // --skip-download: no call home to Prisma Cloud (guideline links only); the checks themselves are local.
         ["--skip-download", "--quiet", "--compact", "--output", "json", "--framework", framework, ...targets],
         { cwd: repoRoot, encoding: "utf8", maxBuffer: 256 * 1024 * 1024 },
@@ -91,7 +84,7 @@ describe("checkov over the rendered stacks, the server's Dockerfile and the work
     const findings = () => Object.values(scans).flatMap((result) => result.findings);
 
     before(async function () {
-        setUpCheckov();
+        setUpTools();
         renderDir = fs.mkdtempSync(path.join(os.tmpdir(), "checkov-render-"));
         for (const stack of stacks) {
             const { problems } = await render(stack, renderDir);

@@ -1,13 +1,15 @@
 // `npm run render` for both stacks into a temporary directory: every file is read back as YAML, every Kubernetes
-// object validates against the Kubernetes schema (and the Prometheus Operator CRDs), Helm releases are complete,
-// and no secret value reaches the files.
+// object validates strictly at the stack's Kubernetes version (kubernetes-validate: unknown fields are errors; the
+// Prometheus Operator's custom resources against their models), Helm releases are complete, and no secret value
+// reaches the files.
 import { strict as assert } from "assert";
 import * as fs from "fs";
 import * as os from "os";
 import * as path from "path";
 import * as YAML from "yaml";
-import { redacted, render, validateObject } from "../scripts/render";
-import { SecretValue } from "../scripts/offline-stack";
+import { redacted, render, validateObjects } from "../scripts/render";
+import { conflictingPins } from "../scripts/tools";
+import { SecretValue, stackConfig } from "../scripts/offline-stack";
 
 function readTree(directory: string): Map<string, any> {
     const files = new Map<string, any>();
@@ -23,13 +25,13 @@ function readTree(directory: string): Map<string, any> {
 describe("render", function () {
     const apiKey = "sentinel-api-key-never-in-files";
     const grafanaPassword = "sentinel-grafana-password";
-    const trees: Record<string, { directory: string; files: Map<string, any>; problems: string[] }> = {};
+    const trees: Record<string, { directory: string; files: Map<string, any>; problems: string[]; kubernetesVersion: string }> = {};
 
     before(async function () {
         for (const stack of ["dev", "prod"]) {
             const directory = fs.mkdtempSync(path.join(os.tmpdir(), `render-${stack}-`));
-            const { problems } = await render(stack, directory, { apiKey: new SecretValue(apiKey), grafanaAdminPassword: new SecretValue(grafanaPassword) });
-            trees[stack] = { directory: path.join(directory, stack), files: readTree(path.join(directory, stack)), problems };
+            const { problems, kubernetesVersion } = await render(stack, directory, { apiKey: new SecretValue(apiKey), grafanaAdminPassword: new SecretValue(grafanaPassword) });
+            trees[stack] = { directory: path.join(directory, stack), files: readTree(path.join(directory, stack)), problems, kubernetesVersion };
         }
     });
     after(function () {
@@ -45,11 +47,12 @@ describe("render", function () {
                 }
             });
 
-            it("validates every rendered object against the Kubernetes 1.34 schema and the Prometheus Operator CRDs", async function () {
+            it("validates every rendered object strictly at the stack's own Kubernetes version, and the CRDs' objects against their models", async function () {
+                assert.equal(trees[stack].kubernetesVersion, stackConfig(stack).values["whisper-eks:kubernetesVersion"]);
                 assert.deepEqual(trees[stack].problems, []);
-                const objects = [...trees[stack].files.entries()].filter(([file]) => file.startsWith("kubernetes"));
+                const objects = [...trees[stack].files.entries()].filter(([file]) => file.startsWith("kubernetes")).map(([, object]) => object);
                 assert.ok(objects.length >= 14);
-                for (const [file, object] of objects) assert.deepEqual(await validateObject(object), [], file);
+                assert.deepEqual(await validateObjects(objects, trees[stack].kubernetesVersion), []);
             });
 
             it("writes each Helm release with its chart, repository, exact version and values", function () {
@@ -88,13 +91,30 @@ describe("render", function () {
         }
     });
 
-    it("reports objects that break the schema", async function () {
-        const broken = { apiVersion: "apps/v1", kind: "Deployment", metadata: { name: "broken" }, spec: { replicas: "two", selector: {}, template: {} } };
-        const problems = await validateObject(broken);
-        assert.equal(problems.length, 1);
-        assert.match(problems[0], /Deployment broken: .*replicas/);
+    it("reports objects that break the schema: wrong types, unknown fields (strict), unknown kinds, each naming its object", async function () {
+        const deployment = (spec: Record<string, unknown>) => ({ apiVersion: "apps/v1", kind: "Deployment", metadata: { name: "broken", namespace: "whisper" }, spec });
+        const template = { metadata: { labels: { app: "a" } }, spec: { containers: [{ name: "c", image: "i" }] } };
+        const selector = { matchLabels: { app: "a" } };
+        assert.deepEqual(await validateObjects([deployment({ selector, template })], "1.35"), []);
+        const wrongType = await validateObjects([deployment({ replicas: "two", selector, template })], "1.35");
+        assert.equal(wrongType.length, 1);
+        assert.match(wrongType[0], /^Deployment whisper\/broken: \.spec\.replicas: /);
+        // A misspelt field: non-strict schemas (and the API server, which drops it) would let it pass silently.
+        const unknown = await validateObjects([deployment({ replicaz: 2, selector, template })], "1.35");
+        assert.match(unknown[0], /Deployment whisper\/broken: \.spec: Additional properties are not allowed \('replicaz' was unexpected\)/);
         const rule = { apiVersion: "monitoring.coreos.com/v1", kind: "PrometheusRule", metadata: { name: "rule" }, spec: { groups: [{ rules: [] }] } };
-        assert.match((await validateObject(rule))[0], /PrometheusRule rule: .*name/);
-        assert.match((await validateObject({ apiVersion: "example.com/v1", kind: "Thing", metadata: { name: "x" } }))[0], /no schema/);
+        assert.match((await validateObjects([rule], "1.35"))[0], /PrometheusRule rule: .*name/);
+        assert.match((await validateObjects([{ apiVersion: "example.com/v1", kind: "Thing", metadata: { name: "x" } }], "1.35"))[0], /Thing x: .*schema/i);
+    });
+
+    it("validates at the version asked for: an API that Kubernetes 1.35 serves and 1.32 does not", async function () {
+        // resource.k8s.io/v1 (dynamic resource allocation) is GA from Kubernetes 1.34.
+        const deviceClass = { apiVersion: "resource.k8s.io/v1", kind: "DeviceClass", metadata: { name: "gpu" }, spec: {} };
+        assert.deepEqual(await validateObjects([deviceClass], "1.35"), []);
+        assert.match((await validateObjects([deviceClass], "1.32"))[0], /DeviceClass gpu: .*1\.32/);
+    });
+
+    it("shares one tools virtualenv between checkov and kubernetes-validate: their locks agree on every common package", function () {
+        assert.deepEqual(conflictingPins(), []);
     });
 });
