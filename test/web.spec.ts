@@ -250,7 +250,7 @@ describe("web page (headless Chromium against a real whisper-server)", function 
 
     it("says the server needs an API key and shows the unauthorised error verbatim", async function () {
         await page.locator("#key-field").waitFor();
-        assert.match(await page.locator("#model-line").innerText(), /requires an API key/);
+        await page.locator("#model-line").filter({ hasText: /requires an API key/ }).waitFor();
         idleOutputBox = await outputBox();
         await shot("01-key-required");
 
@@ -379,7 +379,8 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         assert.strictEqual(await page.evaluate(() => (globalThis as any).sessionStorage.getItem("whisper.apiKey")), API_KEY);
         await page.reload();
         assert.strictEqual(await page.locator("#api-key").inputValue(), API_KEY);
-        assert.match(await page.locator("#model-line").innerText(), /^Model: /);
+        // The page asks /v1/models with the remembered key after loading: wait for its answer, not for a fixed time.
+        await page.locator("#model-line").filter({ hasText: /^Model: / }).waitFor();
         await page.locator("#remember-key").uncheck();
         assert.strictEqual(await page.evaluate(() => (globalThis as any).sessionStorage.length), 0);
     });
