@@ -2,7 +2,7 @@
 // This file is the architecture's table of contents: config in, components wired, outputs out.
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { installClusterAutoscaler, installPrometheusAdapter } from "./infra/autoscaling";
+import { installClusterAutoscaler, installKeda } from "./infra/autoscaling";
 import { maxGpuPods, podResourcesPerGpu } from "./infra/catalog";
 import { createCluster } from "./infra/cluster";
 import { systemNodeSelector } from "./infra/conventions";
@@ -103,8 +103,8 @@ const monitoring = installMonitoring(
     { ...addons, dependsOn: [...addons.dependsOn, ...(eks ? [eks.blockStorage.storageClass] : [])] },
 );
 
-// 10. Autoscaling: the service's metrics for the HPA, and GPU nodes for the HPA's pods.
-const metricsAdapter = installPrometheusAdapter({ namespace: monitoringNamespace, prometheusUrl, prometheusPort }, { ...addons, dependsOn: [monitoring.release] });
+// 10. Autoscaling: KEDA scales the service's pods on its metrics (to zero outside active hours), Cluster Autoscaler the GPU nodes.
+const keda = installKeda(addons);
 if (eks) {
     installClusterAutoscaler(
         name,
@@ -120,7 +120,7 @@ if (eks) {
     );
 }
 
-// 11. The Whisper service: model cache volume, GPU Deployment, NLB Service, NetworkPolicy, PDB, PodMonitor, HPA.
+// 11. The Whisper service: model cache volume, GPU Deployment, load balancer, NetworkPolicy, PDB, PodMonitor, ScaledObject.
 const serviceApiKey = apiKeyFor(name, config.workload);
 const whisper = new WhisperService(
     "whisper",
@@ -133,9 +133,9 @@ const whisper = new WhisperService(
         modelCache: { ...modelCache, sizeGiB: config.workload.modelCacheSizeGiB },
         traffic: config.traffic,
         loadBalancerSourceCidrs: eks && [config.network.vpcCidr],
-        scaling: { ...config.autoscaling, maxGpuPods: eks && maxGpuPods(config.gpu.nodeGroups) },
+        scaling: { ...config.autoscaling, maxGpuPods: eks && maxGpuPods(config.gpu.nodeGroups), prometheusAddress: `${prometheusUrl}:${prometheusPort}` },
         scrapedFrom: { namespace: monitoringNamespace },
-        after: { loadBalancerController, monitoring: monitoring.release, metricsAdapter },
+        after: { loadBalancerController, monitoring: monitoring.release, keda },
         provider,
     },
     { dependsOn: addons.dependsOn },

@@ -1,16 +1,11 @@
-// Autoscaling: prometheus-adapter serves the service's load metrics through the custom metrics API for the HPA,
-// and Cluster Autoscaler adds GPU nodes (from zero) when the HPA's new pods cannot be scheduled.
+// Autoscaling: KEDA scales the service's pods on its load metrics in Prometheus (and to zero outside a stack's active
+// hours), and Cluster Autoscaler adds GPU nodes (from zero) when new pods cannot be scheduled.
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { KubernetesVersion } from "./config";
+import { KubernetesVersion, ScalingMetric } from "./config";
 import { AddonContext, installChart } from "./helm";
 import { podIdentityForServiceAccount } from "./pod-identity";
 
-export const prometheusAdapterChart = {
-    chart: "prometheus-adapter",
-    version: "4.11.0",
-    repository: "https://prometheus-community.github.io/helm-charts",
-};
 
 /** One Cluster Autoscaler release line: the chart built for it and the newest patch release of its image. */
 export interface ClusterAutoscalerRelease {
@@ -91,55 +86,41 @@ export function readRules(resources: readonly WatchedResource[]): { apiGroups: s
     return [...byGroup].map(([group, names]) => ({ apiGroups: [group], resources: names, verbs: ["get", "list", "watch"] }));
 }
 
-/** One prometheus-adapter rule (its chart's `rules.custom` items). */
-export interface AdapterRule {
-    seriesQuery: string;
-    resources: { overrides: Record<string, { resource: string }> };
-    name: { matches: string; as: string };
-    metricsQuery: string;
-}
-
-const perPod = { overrides: { namespace: { resource: "namespace" }, pod: { resource: "pod" } } };
+/**
+ * KEDA scales the service: its ScaledObject (infra/whisper.ts) drives an HPA from a Prometheus query, and unlike an
+ * HPA it can take the Deployment to zero pods and back (a cron trigger brings it back on a schedule). Chart 2.20.2
+ * (kedacore/charts release v2.20.2, app v2.20.2), tested by KEDA against Kubernetes 1.33 to 1.35.
+ */
+export const kedaChart = { chart: "keda", version: "2.20.2", repository: "https://kedacore.github.io/charts" };
+export const kedaNamespace = "keda";
 
 /**
- * The adapter's rules: the default rules would serve `http_requests` (they strip `_total`), so we write our own.
- * Only API calls count as requests: probes and metric scrapes would otherwise look like traffic.
+ * Each scaling metric as one PromQL query over the whole service. KEDA's HPA divides it by the pod count (an
+ * AverageValue target), so the target stays per pod. Gauges are averaged over a minute so that the HPA does not chase
+ * single batches; only API calls count as requests (probes and scrapes are not traffic).
  */
-export const adapterRules: readonly AdapterRule[] = [
-    {
-        seriesQuery: 'http_requests_total{namespace!="",pod!=""}',
-        resources: perPod,
-        name: { matches: "^http_requests_total$", as: "http_requests_per_second" },
-        metricsQuery: 'sum(rate(<<.Series>>{<<.LabelMatchers>>,route=~"/v1/audio/.*"}[2m])) by (<<.GroupBy>>)',
-    },
-    ...(["whisper_requests_in_flight", "whisper_queued_audio_seconds"] as const).map((gauge) => ({
-        seriesQuery: `${gauge}{namespace!="",pod!=""}`,
-        resources: perPod,
-        name: { matches: `^${gauge}$`, as: gauge },
-        // A one-minute average: a gauge sampled every scrape would make the HPA chase single batches.
-        metricsQuery: "sum(avg_over_time(<<.Series>>{<<.LabelMatchers>>}[1m])) by (<<.GroupBy>>)",
-    })),
-];
-
-export interface PrometheusAdapterArgs {
-    namespace: string;
-    prometheusUrl: string;
-    prometheusPort: number;
+export function scalingQuery(metric: ScalingMetric, namespace: string): string {
+    const inNamespace = `namespace="${namespace}"`;
+    switch (metric) {
+        case "http_requests_per_second":
+            return `sum(rate(http_requests_total{${inNamespace},route=~"/v1/audio/.*"}[2m]))`;
+        case "whisper_requests_in_flight":
+        case "whisper_queued_audio_seconds":
+            return `sum(avg_over_time(${metric}{${inNamespace}}[1m]))`;
+    }
 }
 
-export function installPrometheusAdapter(args: PrometheusAdapterArgs, context: AddonContext): k8s.helm.v3.Release {
+export function installKeda(context: AddonContext): k8s.helm.v3.Release {
     return installChart(
-        "prometheus-adapter",
+        "keda",
         {
-            releaseName: "prometheus-adapter",
-            ...prometheusAdapterChart,
-            namespace: args.namespace,
+            releaseName: "keda",
+            ...kedaChart,
+            namespace: kedaNamespace,
             values: {
-                prometheus: { url: args.prometheusUrl, port: args.prometheusPort },
                 nodeSelector: context.nodeSelector,
-                // The HPA reads through it: one replica down must not freeze scaling.
-                replicas: 2,
-                rules: { default: false, custom: adapterRules },
+                // The HPA reads through its metrics server: one replica down must not freeze scaling.
+                metricsServer: { replicaCount: 2 },
             },
         },
         context,

@@ -83,6 +83,21 @@ function checkWorkload(reader: ConfigReader, config: StackConfig): void {
                 `use loadBalancerScheme "internal", or set allowPlaintextPublicAccess to true to accept it`,
         );
     }
+    if (autoscaling.minReplicas === 0 && autoscaling.activeHours === undefined) {
+        reader.problem(
+            "minReplicas",
+            0,
+            `with no pod there is no load metric and nothing would ever start one: set activeHoursStart, activeHoursEnd and ` +
+                `activeHoursTimezone (the hours during which at least one pod runs), or set minReplicas to 1 or more`,
+        );
+    }
+    if (autoscaling.minReplicas > 0 && autoscaling.activeHours !== undefined) {
+        reader.problem(
+            "activeHoursStart",
+            autoscaling.activeHours.start,
+            `active hours only matter when the service may scale to zero: set minReplicas to 0, or leave activeHoursStart, activeHoursEnd and activeHoursTimezone empty`,
+        );
+    }
     const albLongestRequest = albIdleTimeoutSeconds.max - idleMarginSeconds;
     if (traffic.certificateArn !== undefined && workload.requestTimeoutSeconds > albLongestRequest) {
         reader.problem(

@@ -21,7 +21,7 @@ export type ModelCacheStorage = "efs" | "ebs";
 export const modelCacheStorages: readonly ModelCacheStorage[] = ["efs", "ebs"];
 export type LoadBalancerScheme = "internet-facing" | "internal";
 export const loadBalancerSchemes: readonly LoadBalancerScheme[] = ["internet-facing", "internal"];
-/** The per-pod metrics an HPA can scale the service on (served by prometheus-adapter). */
+/** The per-pod metrics the service can scale on (KEDA queries them in Prometheus). */
 export type ScalingMetric = "http_requests_per_second" | "whisper_requests_in_flight" | "whisper_queued_audio_seconds";
 export const scalingMetrics: readonly ScalingMetric[] = ["http_requests_per_second", "whisper_requests_in_flight", "whisper_queued_audio_seconds"];
 
@@ -106,12 +106,24 @@ export interface MonitoringConfig {
     alertErrorRatio: number;
 }
 
+/**
+ * When a stack that may scale to zero pods runs at least one: KEDA's cron trigger, from `start` to `end` (cron
+ * expressions, minute hour day-of-month month day-of-week) in an IANA time zone.
+ */
+export interface ActiveHours {
+    timezone: string;
+    start: string;
+    end: string;
+}
+
 export interface AutoscalingConfig {
+    /** 0 lets the service (and its GPU nodes) go to zero outside activeHours. */
     minReplicas: number;
     maxReplicas: number;
     metric: ScalingMetric;
     /** The per-pod target of the chosen metric (from the key for that metric). */
     targetAverageValue: number;
+    activeHours?: ActiveHours;
     clusterAutoscalerScaleDownMinutes: number;
 }
 

@@ -4,6 +4,7 @@
 import * as pulumi from "@pulumi/pulumi";
 import { dtypes, gpuInstanceTypes, whisperModels } from "./catalog";
 import {
+    ActiveHours,
     AutoscalingConfig,
     capacityTypes,
     ClusterConfig,
@@ -165,6 +166,27 @@ function readMonitoring(reader: ConfigReader): MonitoringConfig {
     };
 }
 
+const cronPattern = /^(\S+\s+){4}\S+$/;
+
+/** activeHoursStart, activeHoursEnd and activeHoursTimezone: all empty (none), or all set. */
+function readActiveHours(reader: ConfigReader): ActiveHours | undefined {
+    const describe = "must be empty or a cron expression of 5 fields (minute hour day-of-month month day-of-week), e.g. 0 8 * * 1-5";
+    const start = reader.optionalString("activeHoursStart", { pattern: cronPattern, describe });
+    const end = reader.optionalString("activeHoursEnd", { pattern: cronPattern, describe });
+    const describeZone = "must be empty or an IANA time zone, e.g. America/New_York, Europe/Berlin or UTC";
+    const timezone = reader.optionalString("activeHoursTimezone", { pattern: /^[A-Za-z_]+(\/[A-Za-z0-9_+-]+)*$/, describe: describeZone });
+    if (timezone !== undefined && timezone !== "UTC" && !Intl.supportedValuesOf("timeZone").includes(timezone)) {
+        reader.problem("activeHoursTimezone", timezone, describeZone);
+    }
+    const set = [start, end, timezone].filter((value) => value !== undefined).length;
+    if (set === 0) return undefined;
+    if (set < 3) {
+        reader.problem("activeHoursStart", start ?? "", "activeHoursStart, activeHoursEnd and activeHoursTimezone go together: set all three or none");
+        return undefined;
+    }
+    return { timezone: timezone!, start: start!, end: end! };
+}
+
 /** The key holding the per-pod target of each scaling metric. */
 const scalingTargetKeys: Record<ScalingMetric, string> = {
     http_requests_per_second: "targetRequestsPerSecond",
@@ -173,7 +195,7 @@ const scalingTargetKeys: Record<ScalingMetric, string> = {
 };
 
 function readAutoscaling(reader: ConfigReader): AutoscalingConfig {
-    const minReplicas = reader.integer("minReplicas", { min: 1, max: 1000 });
+    const minReplicas = reader.integer("minReplicas", { min: 0, max: 1000 });
     const maxReplicas = reader.integer("maxReplicas", { min: 1, max: 1000 });
     if (minReplicas > maxReplicas) reader.problem("minReplicas", minReplicas, `must not exceed maxReplicas (${maxReplicas})`);
     const metric = reader.oneOf("scalingMetric", scalingMetrics);
@@ -185,6 +207,7 @@ function readAutoscaling(reader: ConfigReader): AutoscalingConfig {
         maxReplicas,
         metric,
         targetAverageValue: targets[metric],
+        activeHours: readActiveHours(reader),
         clusterAutoscalerScaleDownMinutes: reader.integer("clusterAutoscalerScaleDownMinutes", { min: 1, max: 1440 }),
     };
 }

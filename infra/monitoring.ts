@@ -1,5 +1,5 @@
 // Metrics and alerts: kube-prometheus-stack on the system nodes, the DCGM exporter on the GPU nodes, the
-// service's alert rules and its Grafana dashboard. The Prometheus URL is fixed so prometheus-adapter can find it.
+// service's alert rules and its Grafana dashboard. The Prometheus URL is fixed so KEDA can find it.
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
@@ -223,7 +223,7 @@ export function serviceAlertGroups(t: ServiceAlertThresholds): object[] {
                     `max by (pod) (whisper_requests_in_flight{${inNamespace}}) / ${t.queueSize} > 0.8`,
                     "5m",
                     "warning",
-                    "Pod {{ $labels.pod }} holds more than 80% of the requests it admits: new requests will soon be refused with 503. Check that the HPA and Cluster Autoscaler can add capacity.",
+                    "Pod {{ $labels.pod }} holds more than 80% of the requests it admits: new requests will soon be refused with 503. Check that KEDA and Cluster Autoscaler can add capacity.",
                 ),
                 alert(
                     "WhisperPodsNotReady",

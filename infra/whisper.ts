@@ -1,11 +1,12 @@
 // The Whisper service on the cluster: namespace, model cache volume, API key Secret, the GPU Deployment,
 // the Service (an NLB, or an ALB Ingress with TLS), its NetworkPolicy and PodDisruptionBudget, the PodMonitor
-// Prometheus scrapes and the HPA.
+// Prometheus scrapes and the KEDA ScaledObject that scales it.
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import { Dtype, PodResources } from "./catalog";
-import { ScalingMetric } from "./config";
+import { scalingQuery } from "./autoscaling";
+import { ActiveHours, ScalingMetric } from "./config";
 import { gpuNodeSelector, gpuToleration } from "./conventions";
 import { VolumeAccessMode } from "./model-cache";
 import { albAnnotations, albIngressClass, nlbAnnotations, TrafficSettings } from "./traffic";
@@ -43,13 +44,18 @@ export interface ServerSettings {
 }
 
 export interface ScalingSettings {
+    /** 0: no pod (and no GPU node) outside activeHours. */
     minReplicas: number;
     maxReplicas: number;
     /** The most server pods the GPU node groups can hold; unknown in an existing cluster. */
     maxGpuPods?: number;
     metric: ScalingMetric;
-    /** The per-pod average of the metric the HPA keeps. */
+    /** The per-pod average of the metric the autoscaler keeps. */
     targetAverageValue: number;
+    /** When at least one pod runs although the load metric is zero (or absent, with no pod to report it). */
+    activeHours?: ActiveHours;
+    /** Where KEDA reads the metric: the Prometheus that scrapes the server, `http://host:port`. */
+    prometheusAddress: string;
 }
 
 export interface WhisperServiceArgs {
@@ -72,8 +78,8 @@ export interface WhisperServiceArgs {
      * exist) and, alone, the metrics port. None: no PodMonitor, and the metrics port admits no one.
      */
     scrapedFrom?: { namespace: string };
-    /** What must run before the objects that need it: the LB controller's webhook, the CRDs, the metrics adapter. */
-    after: { loadBalancerController?: pulumi.Resource; monitoring?: pulumi.Resource; metricsAdapter?: pulumi.Resource };
+    /** What must run before the objects that need it: the LB controller's webhook, the CRDs (monitoring, KEDA). */
+    after: { loadBalancerController?: pulumi.Resource; monitoring?: pulumi.Resource; keda?: pulumi.Resource };
     provider: k8s.Provider;
 }
 
@@ -126,7 +132,8 @@ export class WhisperService extends pulumi.ComponentResource {
     readonly service: k8s.core.v1.Service;
     /** The ALB's Ingress, when the service is served over TLS. */
     readonly ingress?: k8s.networking.v1.Ingress;
-    readonly hpa: k8s.autoscaling.v2.HorizontalPodAutoscaler;
+    /** KEDA's ScaledObject: it drives the HPA KEDA makes, and takes the Deployment to zero pods and back. */
+    readonly scaledObject: k8s.apiextensions.CustomResource;
     /** The load balancer's DNS name, once the controller has made it. */
     readonly endpoint: pulumi.Output<string>;
 
@@ -174,7 +181,7 @@ export class WhisperService extends pulumi.ComponentResource {
             {
                 metadata: metadata(deploymentName),
                 spec: {
-                    // No replicas: the HPA owns the count. Declaring it would make every `pulumi up` a server-side
+                    // No replicas: KEDA's HPA owns the count. Declaring it would make every `pulumi up` a server-side
                     // apply conflict with the HPA's writes (or reset the count); a new Deployment starts at 1.
                     selector: { matchLabels: labels },
                     strategy: rolloutStrategy(args.modelCache.accessMode, scaling),
@@ -327,28 +334,47 @@ export class WhisperService extends pulumi.ComponentResource {
         }
 
         // Scale down slowly: a pod removed mid-request has to drain, and the longest request must fit in the window.
+        // The same wait applies to the last pod: KEDA removes it that long after the load and the active hours end.
         const scaleDownWindow = Math.min(oneHourSeconds, Math.max(300, server.requestTimeoutSeconds));
-        this.hpa = new k8s.autoscaling.v2.HorizontalPodAutoscaler(
-            `${name}-hpa`,
+        this.scaledObject = new k8s.apiextensions.CustomResource(
+            `${name}-scaled-object`,
             {
+                apiVersion: "keda.sh/v1alpha1",
+                kind: "ScaledObject",
                 metadata: metadata("whisper"),
                 spec: {
                     scaleTargetRef: { apiVersion: "apps/v1", kind: "Deployment", name: this.deployment.metadata.name },
-                    minReplicas: scaling.minReplicas,
-                    maxReplicas: scaling.maxReplicas,
-                    metrics: [
-                        {
-                            type: "Pods",
-                            pods: { metric: { name: scaling.metric }, target: { type: "AverageValue", averageValue: String(scaling.targetAverageValue) } },
+                    minReplicaCount: scaling.minReplicas,
+                    maxReplicaCount: scaling.maxReplicas,
+                    pollingInterval: 15,
+                    cooldownPeriod: scaleDownWindow,
+                    advanced: {
+                        horizontalPodAutoscalerConfig: {
+                            behavior: {
+                                scaleUp: { stabilizationWindowSeconds: 0, policies: [{ type: "Pods", value: 2, periodSeconds: 60 }] },
+                                scaleDown: { stabilizationWindowSeconds: scaleDownWindow, policies: [{ type: "Pods", value: 1, periodSeconds: 120 }] },
+                            },
                         },
-                    ],
-                    behavior: {
-                        scaleUp: { stabilizationWindowSeconds: 0, policies: [{ type: "Pods", value: 2, periodSeconds: 60 }] },
-                        scaleDown: { stabilizationWindowSeconds: scaleDownWindow, policies: [{ type: "Pods", value: 1, periodSeconds: 120 }] },
                     },
+                    triggers: [
+                        {
+                            // The whole service's value, divided by the pods: the target stays per pod.
+                            type: "prometheus",
+                            metricType: "AverageValue",
+                            metadata: {
+                                serverAddress: scaling.prometheusAddress,
+                                query: scalingQuery(scaling.metric, whisperNamespace),
+                                threshold: String(scaling.targetAverageValue),
+                            },
+                        },
+                        // With no pod there is no load metric: the schedule brings the first pod back.
+                        ...(scaling.activeHours
+                            ? [{ type: "cron", metadata: { ...scaling.activeHours, desiredReplicas: String(Math.max(1, scaling.minReplicas)) } }]
+                            : []),
+                    ],
                 },
             },
-            { ...k8sOpts, dependsOn: args.after.metricsAdapter ? [args.after.metricsAdapter] : [] },
+            { ...k8sOpts, dependsOn: args.after.keda ? [args.after.keda] : [] },
         );
 
         const loadBalancerStatus = this.ingress ? this.ingress.status : this.service.status;

@@ -1,7 +1,7 @@
 // `npm run render -- <stack> <dir>`: evaluates the program offline for a stack and writes, under <dir>/<stack>/, what `pulumi up` would
 // apply to the cluster, for review: every Kubernetes object as YAML (secrets redacted), each Helm release's chart,
 // repository, version and values; then validates every object strictly at the stack's Kubernetes version
-// (kubernetes-validate; custom resources with @kubernetes-models/prometheus-operator). Exits non-zero when one is invalid.
+// (kubernetes-validate; custom resources with their @kubernetes-models packages). Exits non-zero when one is invalid.
 import { spawnSync } from "child_process";
 import * as fs from "fs";
 import * as path from "path";
@@ -79,7 +79,10 @@ export function renderFiles(resources: readonly RecordedResource[]): RenderedFil
 const importModule = new Function("specifier", "return import(specifier)") as (specifier: string) => Promise<Record<string, any>>;
 
 /** API groups of custom resources (CRDs kubernetes-validate does not know) and the kubernetes-models package of each. */
-const customResourceModels: Record<string, string> = { "monitoring.coreos.com": "@kubernetes-models/prometheus-operator" };
+const customResourceModels: Record<string, string> = {
+    "monitoring.coreos.com": "@kubernetes-models/prometheus-operator",
+    "keda.sh": "@kubernetes-models/keda",
+};
 
 const apiGroup = (apiVersion: string): string => (apiVersion.includes("/") ? apiVersion.split("/")[0] : "");
 const describe = (object: Record<string, any>): string =>
@@ -159,7 +162,7 @@ async function main(): Promise<void> {
         console.error(`${problems.length} object(s) do not validate:\n${problems.map((problem) => `  - ${problem}`).join("\n")}`);
         process.exit(1);
     }
-    console.log(`every object validates strictly against the Kubernetes ${kubernetesVersion} schema (kubernetes-validate) or its CRD's model (Prometheus Operator)`);
+    console.log(`every object validates strictly against the Kubernetes ${kubernetesVersion} schema (kubernetes-validate) or its CRD's model (Prometheus Operator, KEDA)`);
 }
 
 if (require.main === module) {

@@ -42,7 +42,7 @@ describe("render", function () {
         describe(`${stack} stack`, function () {
             it("writes every object of the workload, monitoring and storage as YAML", function () {
                 const kinds = [...trees[stack].files.values()].map((object) => object.kind).filter(Boolean);
-                for (const kind of ["Namespace", "PersistentVolumeClaim", "Secret", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor", "HorizontalPodAutoscaler", "PrometheusRule", "ConfigMap", "StorageClass"]) {
+                for (const kind of ["Namespace", "PersistentVolumeClaim", "Secret", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor", "ScaledObject", "PrometheusRule", "ConfigMap", "StorageClass"]) {
                     assert.ok(kinds.includes(kind), `a ${kind} is rendered`);
                 }
             });

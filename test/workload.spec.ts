@@ -27,6 +27,7 @@ const kinds = {
     secret: "kubernetes:core/v1:Secret",
     pdb: "kubernetes:policy/v1:PodDisruptionBudget",
     hpa: "kubernetes:autoscaling/v2:HorizontalPodAutoscaler",
+    scaledObject: "kubernetes:keda.sh/v1alpha1:ScaledObject",
     podMonitor: "kubernetes:monitoring.coreos.com/v1:PodMonitor",
     networkPolicy: "kubernetes:networking.k8s.io/v1:NetworkPolicy",
     prometheusRule: "kubernetes:monitoring.coreos.com/v1:PrometheusRule",
@@ -176,28 +177,29 @@ describe("workload", function () {
                 assert.ok(spec.terminationGracePeriodSeconds > Number(preStop[1]) + Number(env(evaluation()).WHISPER_DRAIN_SECONDS));
             });
 
-            it("leaves the replica count to the HPA: the Deployment declares none, so no apply fights the HPA over it", function () {
+            it("leaves the replica count to the autoscaler: the Deployment declares none, so no apply fights the HPA over it", function () {
                 const spec = byKind(evaluation(), kinds.deployment).inputs.spec;
                 assert.ok(!("replicas" in spec), `spec.replicas is ${spec.replicas}`);
-                assert.equal(byKind(evaluation(), kinds.hpa).inputs.spec.scaleTargetRef.name, byKind(evaluation(), kinds.deployment).inputs.metadata.name);
+                assert.equal(byKind(evaluation(), kinds.scaledObject).inputs.spec.scaleTargetRef.name, byKind(evaluation(), kinds.deployment).inputs.metadata.name);
             });
 
-            it("rolls out at every replica count the HPA allows, full GPU fleet included, within what the PDB allows", function () {
+            it("rolls out at every replica count the autoscaler allows, full GPU fleet included, within what the PDB allows", function () {
                 const { type, rollingUpdate } = byKind(evaluation(), kinds.deployment).inputs.spec.strategy;
                 assert.equal(type, "RollingUpdate");
                 const { maxSurge, maxUnavailable } = rollingUpdate;
                 const pdb = byKind(evaluation(), kinds.pdb).inputs.spec;
-                const hpa = byKind(evaluation(), kinds.hpa).inputs.spec;
+                const scaled = byKind(evaluation(), kinds.scaledObject).inputs.spec;
                 const types = config(evaluation(), "gpuInstanceTypes") as string[];
                 // Every pod takes a whole GPU: the fleet holds gpuMaxSize nodes of the group's GPU count.
                 const gpuPods = (config(evaluation(), "gpuMaxSize") as number) * gpuInstanceTypes[types[0]].gpuCount;
-                for (let replicas = hpa.minReplicas; replicas <= hpa.maxReplicas; replicas++) {
+                // At zero pods there is nothing to roll out.
+                for (let replicas = Math.max(1, scaled.minReplicaCount); replicas <= scaled.maxReplicaCount; replicas++) {
                     const surgeFits = replicas + maxSurge <= gpuPods;
                     assert.ok(surgeFits || maxUnavailable >= 1, `at ${replicas} of ${gpuPods} GPUs a rollout can place a pod or free a GPU`);
                     // The Deployment controller deletes old pods without asking the PDB: the strategy keeps to it itself.
                     assert.ok(maxUnavailable <= pdb.maxUnavailable, `the rollout takes down at most the ${pdb.maxUnavailable} pod the PDB allows`);
                 }
-                if (hpa.maxReplicas < gpuPods) assert.equal(maxUnavailable, 0, "with a GPU to spare, a rollout loses no capacity");
+                if (scaled.maxReplicaCount < gpuPods) assert.equal(maxUnavailable, 0, "with a GPU to spare, a rollout loses no capacity");
             });
 
             it("runs locked down: non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp, read-only root with a writable /tmp", function () {
@@ -352,33 +354,31 @@ describe("workload", function () {
                 assert.equal(prometheus.inputs.namespace, "monitoring", "Prometheus runs in the namespace the rule admits");
             });
 
-            it("scales on a metric the adapter serves, with min, max and target from the stack and a slow scale-down", function () {
-                const hpa = byKind(evaluation(), kinds.hpa).inputs.spec;
+            it("scales with KEDA on the configured metric in the Prometheus that scrapes the pods, per pod, with min, max and a slow scale-down", function () {
+                const scaled = byKind(evaluation(), kinds.scaledObject).inputs;
                 const deployment = byKind(evaluation(), kinds.deployment).inputs;
-                assert.deepEqual([hpa.scaleTargetRef.kind, hpa.scaleTargetRef.name], ["Deployment", deployment.metadata.name]);
-                assert.equal(byKind(evaluation(), kinds.hpa).inputs.metadata.namespace, deployment.metadata.namespace);
-                const rules = release(evaluation(), "prometheus-adapter").inputs.values.rules.custom;
-                for (const rule of rules) {
-                    const series = /^(\w+)\{/.exec(rule.seriesQuery)![1];
-                    assert.ok(new RegExp(rule.name.matches).test(series), `the rule for ${rule.name.as} matches its series ${series}`);
-                    assert.ok(rule.metricsQuery.includes("<<.Series>>") && rule.metricsQuery.includes("<<.GroupBy>>"), "a per-pod query");
-                }
-                const adapterNames = rules.map((rule: any) => rule.name.as);
-                const [metric] = hpa.metrics;
-                assert.equal(metric.type, "Pods");
-                assert.ok(adapterNames.includes(metric.pods.metric.name), `${metric.pods.metric.name} is one of the adapter's metrics ${adapterNames}`);
-                assert.equal(metric.pods.metric.name, config(evaluation(), "scalingMetric"));
-                assert.equal(metric.pods.target.type, "AverageValue");
-                assert.equal(Number(metric.pods.target.averageValue), config(evaluation(), "targetQueuedAudioSeconds"));
-                assert.equal(hpa.minReplicas, config(evaluation(), "minReplicas"));
-                assert.equal(hpa.maxReplicas, config(evaluation(), "maxReplicas"));
-                assert.ok(hpa.behavior.scaleDown.stabilizationWindowSeconds >= (config(evaluation(), "requestTimeoutSeconds") as number));
+                assert.deepEqual([scaled.spec.scaleTargetRef.kind, scaled.spec.scaleTargetRef.name], ["Deployment", deployment.metadata.name]);
+                assert.equal(scaled.metadata.namespace, deployment.metadata.namespace);
+                const prometheusTrigger = scaled.spec.triggers.find((trigger: any) => trigger.type === "prometheus");
+                const stack = release(evaluation(), "kube-prometheus-stack").inputs;
+                assert.equal(prometheusTrigger.metadata.serverAddress, `http://${stack.values.fullnameOverride}-prometheus.${stack.namespace}.svc:9090`);
+                // The whole service's value, which KEDA's HPA divides by the pods: an AverageValue target is per pod.
+                assert.equal(prometheusTrigger.metricType, "AverageValue");
+                assert.match(prometheusTrigger.metadata.query, new RegExp(`^sum\\(.*${config(evaluation(), "scalingMetric")}\\{namespace="${deployment.metadata.namespace}"\\}`));
+                assert.equal(Number(prometheusTrigger.metadata.threshold), config(evaluation(), "targetQueuedAudioSeconds"));
+                assert.equal(scaled.spec.minReplicaCount, config(evaluation(), "minReplicas"));
+                assert.equal(scaled.spec.maxReplicaCount, config(evaluation(), "maxReplicas"));
+                const requestTimeout = config(evaluation(), "requestTimeoutSeconds") as number;
+                assert.ok(scaled.spec.advanced.horizontalPodAutoscalerConfig.behavior.scaleDown.stabilizationWindowSeconds >= requestTimeout);
+                assert.ok(scaled.spec.cooldownPeriod >= Math.min(3600, requestTimeout), "the last pod goes only after the longest request could finish");
+                assert.ok(dependsOn(evaluation(), byKind(evaluation(), kinds.scaledObject), release(evaluation(), "keda")), "the ScaledObject waits for KEDA's CRDs");
+                assert.equal(findResources(evaluation().resources, kinds.hpa).length, 0, "no second HPA on the Deployment: KEDA makes its own");
             });
 
             it("pins every Helm chart to an exact version under an explicit release name", function () {
                 const releases = findResources(evaluation().resources, kinds.release);
                 const names = releases.map((candidate) => candidate.inputs.name);
-                for (const expected of ["aws-load-balancer-controller", "kube-prometheus-stack", "dcgm-exporter", "prometheus-adapter", "cluster-autoscaler"]) {
+                for (const expected of ["aws-load-balancer-controller", "kube-prometheus-stack", "dcgm-exporter", "keda", "cluster-autoscaler"]) {
                     assert.ok(names.includes(expected), `release ${expected}`);
                 }
                 for (const candidate of releases) {
@@ -404,8 +404,6 @@ describe("workload", function () {
                 assert.equal(values.grafana.sidecar.dashboards.enabled, true);
                 assert.equal(values.grafana.adminPassword, undefined, "the password stays out of the Helm values");
                 assert.ok(evaluation().secretOutputs.includes("grafanaAdminPassword"));
-                const adapter = release(evaluation(), "prometheus-adapter").inputs.values.prometheus;
-                assert.equal(adapter.url, `http://${values.fullnameOverride}-prometheus.${release(evaluation(), "kube-prometheus-stack").inputs.namespace}.svc`);
             });
 
             it("runs the DCGM exporter on the GPU nodes only, tolerating their taint, with a ServiceMonitor", function () {
@@ -442,13 +440,13 @@ describe("workload", function () {
                 assert.ok(threshold < Math.max(...buckets), `threshold ${threshold} below the largest bucket ${Math.max(...buckets)}`);
             });
 
-            it("queries only metrics the server exports, in alerts, dashboard and adapter rules", function () {
+            it("queries only metrics the server exports, in alerts, dashboard and scaling triggers", function () {
                 const exported = serverMetricNames();
                 const dashboard = JSON.parse(byKind(evaluation(), kinds.configMap).inputs.data["whisper.json"]);
                 const queries = [
                     ...byKind(evaluation(), kinds.prometheusRule).inputs.spec.groups.flatMap((group: any) => group.rules.map((rule: any) => rule.expr)),
                     ...dashboard.panels.flatMap((panel: any) => panel.targets.map((target: any) => target.expr)),
-                    ...release(evaluation(), "prometheus-adapter").inputs.values.rules.custom.map((rule: any) => rule.seriesQuery),
+                    ...byKind(evaluation(), kinds.scaledObject).inputs.spec.triggers.flatMap((trigger: any) => trigger.metadata.query ?? []),
                 ];
                 const used = new Set(queries.flatMap((query: string) => query.match(/\b(whisper|http)_[a-z_]+\b/g) ?? []));
                 assert.ok(used.size >= 8);
@@ -501,26 +499,46 @@ describe("workload", function () {
     });
 
     it("sizes dev and prod as their stack files say", function () {
-        const hpa = (stack: string) => byKind(stacks[stack], kinds.hpa).inputs.spec;
-        assert.deepEqual([hpa("dev").minReplicas, hpa("dev").maxReplicas], [1, 2]);
-        assert.deepEqual([hpa("prod").minReplicas, hpa("prod").maxReplicas], [2, 10]);
+        const scaled = (stack: string) => byKind(stacks[stack], kinds.scaledObject).inputs.spec;
+        assert.deepEqual([scaled("dev").minReplicaCount, scaled("dev").maxReplicaCount], [0, 2]);
+        assert.deepEqual([scaled("prod").minReplicaCount, scaled("prod").maxReplicaCount], [2, 10]);
         const retention = (stack: string) => release(stacks[stack], "kube-prometheus-stack").inputs.values.prometheus.prometheusSpec.retention;
         assert.notEqual(retention("dev"), retention("prod"));
         assert.notEqual(container(stacks.dev).resources.requests.memory, container(stacks.prod).resources.requests.memory, "pods sized from each stack's GPU types");
     });
 
+    it("takes dev to zero pods, and so zero GPU nodes, outside its active hours, and brings one pod back on schedule", function () {
+        const scaled = byKind(stacks.dev, kinds.scaledObject).inputs.spec;
+        assert.equal(scaled.minReplicaCount, 0);
+        // With no pod there is no load metric: only the schedule can start the first pod.
+        const cron = scaled.triggers.find((trigger: any) => trigger.type === "cron");
+        assert.deepEqual(cron?.metadata, {
+            timezone: config(stacks.dev, "activeHoursTimezone"),
+            start: config(stacks.dev, "activeHoursStart"),
+            end: config(stacks.dev, "activeHoursEnd"),
+            desiredReplicas: "1",
+        });
+        assert.ok(Intl.supportedValuesOf("timeZone").includes(cron.metadata.timezone));
+        // Cluster Autoscaler may then remove the last GPU node.
+        const gpuGroup = findResources(stacks.dev.resources, "eks:index:ManagedNodeGroup").find((group) => group.inputs.amiType === "AL2023_x86_64_NVIDIA")!;
+        assert.equal(gpuGroup.inputs.scalingConfig.minSize, 0);
+        // prod never goes below its minimum and needs no schedule.
+        const prod = byKind(stacks.prod, kinds.scaledObject).inputs.spec;
+        assert.equal(prod.minReplicaCount, 2);
+        assert.equal(prod.triggers.filter((trigger: any) => trigger.type === "cron").length, 0);
+    });
+
     describe("variants", function () {
         it("scales prod on requests per second at 10 per pod when asked (the original design)", async function () {
             const evaluation = await evaluateStack("prod", { scalingMetric: "http_requests_per_second" });
-            const metric = byKind(evaluation, kinds.hpa).inputs.spec.metrics[0].pods;
-            assert.deepEqual([metric.metric.name, metric.target.averageValue], ["http_requests_per_second", "10"]);
-            const rule = release(evaluation, "prometheus-adapter").inputs.values.rules.custom.find((candidate: any) => candidate.name.as === metric.metric.name);
-            assert.match(rule.seriesQuery, /^http_requests_total\{/);
-            assert.match(rule.metricsQuery, /rate\(<<\.Series>>\{<<\.LabelMatchers>>.*\}\[2m\]\)/);
+            const trigger = byKind(evaluation, kinds.scaledObject).inputs.spec.triggers.find((candidate: any) => candidate.type === "prometheus");
+            assert.equal(trigger.metadata.threshold, "10");
+            // API calls only: probes and scrapes are not traffic.
+            assert.equal(trigger.metadata.query, 'sum(rate(http_requests_total{namespace="whisper",route=~"/v1/audio/.*"}[2m]))');
         });
 
         it("uses a single-replica gp3 cache with Recreate rollouts when asked for EBS", async function () {
-            const evaluation = await evaluateStack("dev", { modelCacheStorage: "ebs", minReplicas: 1, maxReplicas: 1 });
+            const evaluation = await evaluateStack("dev", { modelCacheStorage: "ebs", maxReplicas: 1 });
             const pvc = byKind(evaluation, kinds.pvc).inputs.spec;
             assert.deepEqual([pvc.accessModes, pvc.storageClassName], [["ReadWriteOnce"], "gp3"]);
             assert.equal(byKind(evaluation, kinds.deployment).inputs.spec.strategy.type, "Recreate");
@@ -574,7 +592,7 @@ describe("workload", function () {
             const annotations = byKind(evaluation, kinds.service).inputs.metadata.annotations;
             assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-target-group-attributes"], "deregistration_delay.timeout_seconds=3600");
             assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80"], "tcp.idle_timeout.seconds=6000");
-            assert.equal(byKind(evaluation, kinds.hpa).inputs.spec.behavior.scaleDown.stabilizationWindowSeconds, 3600);
+            assert.equal(byKind(evaluation, kinds.scaledObject).inputs.spec.advanced.horizontalPodAutoscalerConfig.behavior.scaleDown.stabilizationWindowSeconds, 3600);
             assert.ok(podSpec(evaluation).terminationGracePeriodSeconds > 5940, "the pod still gets to finish its longest request");
         });
 
@@ -608,18 +626,18 @@ describe("workload", function () {
     describe("existing-cluster mode", function () {
         const kubeconfig = new SecretValue("apiVersion: v1\nkind: Config\nclusters: []\n");
 
-        it("deploys the workload, monitoring and metrics adapter into the given cluster and says what it skipped", async function () {
+        it("deploys the workload, monitoring and KEDA into the given cluster and says what it skipped", async function () {
             const evaluation = await evaluateStack("dev", { existingClusterKubeconfig: kubeconfig, modelCacheStorageClass: "shared-nfs" });
             for (const type of ["awsx:ec2:Vpc", "eks:index:Cluster", "eks:index:ManagedNodeGroup", "aws:efs/fileSystem:FileSystem", "aws:eks/podIdentityAssociation:PodIdentityAssociation"]) {
                 assert.equal(findResources(evaluation.resources, type).length, 0, `no ${type}`);
             }
             const releases = findResources(evaluation.resources, kinds.release).map((candidate) => candidate.inputs.name).sort();
-            assert.deepEqual(releases, ["dcgm-exporter", "kube-prometheus-stack", "prometheus-adapter"]);
+            assert.deepEqual(releases, ["dcgm-exporter", "keda", "kube-prometheus-stack"]);
             const provider = findResource(evaluation.resources, "pulumi:providers:kubernetes");
             assert.match(JSON.stringify(provider.inputs.kubeconfig), /kind: Config/);
             const pvc = byKind(evaluation, kinds.pvc).inputs.spec;
             assert.deepEqual([pvc.storageClassName, pvc.accessModes], ["shared-nfs", ["ReadWriteMany"]]);
-            assert.ok(byKind(evaluation, kinds.deployment) && byKind(evaluation, kinds.hpa) && byKind(evaluation, kinds.podMonitor));
+            assert.ok(byKind(evaluation, kinds.deployment) && byKind(evaluation, kinds.scaledObject) && byKind(evaluation, kinds.podMonitor));
             // The VPC's range is unknown here: the API port is open to any source, as the cluster's load balancer sends it.
             const api = byKind(evaluation, kinds.networkPolicy).inputs.spec.ingress.find((rule: any) => rule.ports.some((port: any) => port.port === "http"));
             assert.equal(api.from, undefined);
@@ -636,7 +654,7 @@ describe("workload", function () {
             assert.equal(evaluation.resources.length, 0);
         });
 
-        /** Every nodeSelector in the monitoring stack's and the adapter's values. */
+        /** Every nodeSelector in the monitoring stack's and KEDA's values. */
         const addonSelectors = (evaluation: StackEvaluation) => {
             const stack = release(evaluation, "kube-prometheus-stack").inputs.values;
             return [
@@ -646,11 +664,11 @@ describe("workload", function () {
                 stack.alertmanager.alertmanagerSpec.nodeSelector,
                 stack["kube-state-metrics"].nodeSelector,
                 stack.grafana.nodeSelector,
-                release(evaluation, "prometheus-adapter").inputs.values.nodeSelector,
+                release(evaluation, "keda").inputs.values.nodeSelector,
             ];
         };
 
-        it("schedules monitoring and the adapter anywhere by default: no existing cluster's nodes carry this stack's pool label", async function () {
+        it("schedules monitoring and KEDA anywhere by default: no existing cluster's nodes carry this stack's pool label", async function () {
             const evaluation = await evaluateStack("dev", { existingClusterKubeconfig: kubeconfig, modelCacheStorageClass: "shared-nfs" });
             for (const selector of addonSelectors(evaluation)) assert.deepEqual(selector, {});
         });
@@ -704,6 +722,28 @@ describe("workload", function () {
                 expected: ['whisper-eks:tlsCertificateArn = ""', "allowPlaintextPublicAccess"],
             },
             { what: "minReplicas above maxReplicas", overrides: { minReplicas: 3 }, expected: ["whisper-eks:minReplicas = 3", "must not exceed maxReplicas (2)"] },
+            {
+                what: "zero replicas with nothing to start the first pod again",
+                stack: "prod",
+                overrides: { minReplicas: 0 },
+                expected: ["whisper-eks:minReplicas = 0", "no load metric", "activeHoursStart, activeHoursEnd and activeHoursTimezone", "minReplicas to 1 or more"],
+            },
+            {
+                what: "active hours for a stack that never scales to zero",
+                overrides: { minReplicas: 1 },
+                expected: ['whisper-eks:activeHoursStart = "0 8 * * 1-5"', "only matter when the service may scale to zero", "minReplicas to 0"],
+            },
+            {
+                what: "active hours without their end and time zone",
+                stack: "prod",
+                overrides: { minReplicas: 0, activeHoursStart: "0 8 * * 1-5" },
+                expected: ['whisper-eks:activeHoursStart = "0 8 * * 1-5"', "go together: set all three or none"],
+            },
+            {
+                what: "active hours that are not cron expressions or a time zone",
+                overrides: { activeHoursStart: "8am", activeHoursTimezone: "Mars/Olympus" },
+                expected: ['whisper-eks:activeHoursStart = "8am"', "cron expression of 5 fields", 'whisper-eks:activeHoursTimezone = "Mars/Olympus"', "IANA time zone"],
+            },
             {
                 what: "TLS with requests longer than an ALB's idle timeout allows",
                 stack: "prod",
