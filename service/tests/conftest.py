@@ -193,3 +193,28 @@ def assert_still_ready():
         assert server.process.poll() is None
         assert list(server.spool.glob("whisper-upload-*")) == [], "spooled uploads must be removed"
     return check
+
+
+def send_upload_head(connection: socket.socket, framing: bytes, api_key: str | None = None) -> None:
+    """Sends a transcription request's head alone, with the given body framing header; the test sends the body."""
+    connection.sendall(
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
+        + (f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b"")
+        + b"Content-Type: multipart/form-data; boundary=b\r\n" + framing + b"\r\n\r\n")
+
+
+def read_response(connection: socket.socket) -> tuple[int, bytes]:
+    """The status and the raw head and body (as far as its Content-Length) of the first answer on a raw connection."""
+    data = connection.recv(65536)
+    assert data.startswith(b"HTTP/1.1 "), data[:100]
+    while b"\r\n\r\n" not in data and (more := connection.recv(65536)):
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    while length and len(body) < int(length.group(1)) and (more := connection.recv(65536)):
+        body += more
+    return int(data.split(b" ", 2)[1]), head + b"\r\n\r\n" + body
+
+
+def read_status(connection: socket.socket) -> int:
+    return read_response(connection)[0]

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from conftest import post_audio
+from conftest import post_audio, read_status, send_upload_head
 
 API_KEY = "test-key-123"
 
@@ -75,18 +75,10 @@ def test_too_long_audio(limited, audio, assert_still_ready):
     assert_still_ready(limited)
 
 
-def send_upload_head(connection, framing: bytes) -> None:
-    """Sends a transcription request's head alone, with the given body framing header; the test sends the body."""
-    connection.sendall(
-        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
-        + f"Authorization: Bearer {API_KEY}\r\n".encode()
-        + b"Content-Type: multipart/form-data; boundary=b\r\n" + framing + b"\r\n\r\n")
-
-
 def test_declared_too_large_body_is_refused_before_reading(limited, assert_still_ready):
     # Only the headers are sent: the answer must come without the server waiting for 5 MB of body.
     with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as connection:
-        send_upload_head(connection, b"Content-Length: 5000000")
+        send_upload_head(connection, b"Content-Length: 5000000", API_KEY)
         assert read_status(connection) == 413
     assert_still_ready(limited)
 
@@ -94,7 +86,7 @@ def test_declared_too_large_body_is_refused_before_reading(limited, assert_still
 def test_streamed_too_large_body_is_cut_off_while_receiving(limited, assert_still_ready):
     """A chunked upload with no declared length: the server answers 413 once 1 MB has arrived and stops reading."""
     with socket.create_connection(("127.0.0.1", limited.port), timeout=10) as connection:
-        send_upload_head(connection, b"Transfer-Encoding: chunked")
+        send_upload_head(connection, b"Transfer-Encoding: chunked", API_KEY)
         head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n\r\n'
         connection.sendall(b"%x\r\n%s\r\n" % (len(head), head))
         chunk = b"\0" * 65536
@@ -115,12 +107,6 @@ def test_streamed_too_large_body_is_cut_off_while_receiving(limited, assert_stil
     time.sleep(0.2)
     assert limited.metric("http_requests_total", route="/v1/audio/transcriptions", status="413") >= 1
     assert_still_ready(limited)
-
-
-def read_status(connection: socket.socket) -> int:
-    data = connection.recv(4096)
-    assert data.startswith(b"HTTP/1.1 "), data[:100]
-    return int(data.split(b" ", 2)[1])
 
 
 def test_api_key(limited, audio):

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -19,6 +20,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from .admission import Admission, Overloaded, Reservation
 from .audio import AudioError, decode_audio
 from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
 from .engine_process import EngineProcess, EngineUnavailable, QueueFull
@@ -46,10 +48,16 @@ class ServerState:
     draining: bool = False
     load_failed: bool = False
     in_flight: int = 0  # audio requests being handled; drain waits for zero
+    admission: Admission = field(init=False)  # from the settings
     # Audio decoding and cutting hold the GIL for much of their time: as many at once as there are cores, so a burst
     # of uploads queues for them instead of starving the event loop (64 threads at once stalled it for 400 ms).
     audio_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(os.cpu_count() or 1))
     started_at: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        settings = self.settings
+        self.admission = Admission(settings.max_concurrent_uploads, int(settings.max_spool_mb * 2**20),
+                                   settings.max_queued_audio_seconds)
 
     @property
     def model_id(self) -> str:
@@ -116,42 +124,58 @@ def decode_options(form, task: str, state: ServerState) -> tuple[DecodeOptions, 
     return DecodeOptions(task=task, language=language, prompt=prompt, temperature=temperature), response_format
 
 
+async def receive_audio(request: Request, state: ServerState, task: str,
+                        audio: Reservation) -> tuple[np.ndarray, DecodeOptions, str]:
+    """Receives the upload into the spool and decodes it, holding an upload slot and its spool bytes meanwhile (a
+    declared body is reserved before a byte of it is read); the decoded seconds go on the request's audio reservation."""
+    settings = state.settings
+    limit_bytes = int(settings.max_upload_mb * 2**20)
+    declared = request.headers.get("content-length", "")
+    with state.admission.upload(min(int(declared), limit_bytes) if declared.isdigit() else None) as spool:
+        form = await receive_form(request, limit_bytes, on_received=spool.grow_to)
+        try:
+            if form.file_path is None:
+                raise ApiError(400, "The 'file' field with the audio is missing.", param="file", code="missing_file")
+            if form.file_bytes == 0:
+                raise ApiError(400, "The uploaded file is empty.", param="file", code="empty_file")
+            options, response_format = decode_options(form, task, state)
+            async with state.audio_work:
+                samples = await run_in_threadpool(decode_audio, form.file_path, settings.max_audio_seconds,
+                                                  lambda total: audio.grow_to(total / SAMPLE_RATE))
+        except AudioError as error:
+            raise ApiError(error.status, error.message, param="file", code=error.code) from error
+        finally:
+            form.discard()
+    return samples, options, response_format
+
+
 async def handle_audio(request: Request, task: str) -> Response:
     state: ServerState = request.app.state.server
     authorize(request, state)
     refuse_unless_serving(state)
     settings = state.settings
-    form = await receive_form(request, int(settings.max_upload_mb * 2**20))
-    try:
-        if form.file_path is None:
-            raise ApiError(400, "The 'file' field with the audio is missing.", param="file", code="missing_file")
-        if form.file_bytes == 0:
-            raise ApiError(400, "The uploaded file is empty.", param="file", code="empty_file")
-        options, response_format = decode_options(form, task, state)
+    with state.admission.audio.reserve() as audio:
         try:
-            async with state.audio_work:
-                samples = await run_in_threadpool(decode_audio, form.file_path, settings.max_audio_seconds)
-        except AudioError as error:
-            raise ApiError(error.status, error.message, param="file", code=error.code) from error
-    finally:
-        form.discard()
-    audio_seconds = len(samples) / SAMPLE_RATE
-    request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
-    try:
-        transcript = await until_disconnected(
-            request, asyncio.wait_for(transcribe(state.engine, samples, options, state.audio_work),
-                                      settings.request_timeout_seconds))
-    except QueueFull as error:
-        raise queue_full(error.retry_after_seconds) from error
-    except TimeoutError as error:
-        raise ApiError(504, f"The request did not finish within {settings.request_timeout_seconds:g} s.",
-                       code="request_timeout") from error
-    except OutOfMemory as error:
-        raise ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
-                       headers={"Retry-After": "5"}) from error
-    except EngineUnavailable as error:
-        raise ApiError(503, "The speech engine stopped; retry on another replica.", code="engine_unavailable",
-                       headers={"Retry-After": "5"}) from error
+            samples, options, response_format = await receive_audio(request, state, task, audio)
+            audio_seconds = len(samples) / SAMPLE_RATE
+            request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
+            transcript = await until_disconnected(
+                request, asyncio.wait_for(transcribe(state.engine, samples, options, state.audio_work),
+                                          settings.request_timeout_seconds))
+        except Overloaded as error:
+            raise ApiError(503, error.message, code=error.code,
+                           headers={"Retry-After": str(state.engine.retry_after_seconds())}) from error
+        except QueueFull as error:
+            raise queue_full(error.retry_after_seconds) from error
+        except TimeoutError as error:
+            raise ApiError(504, f"The request did not finish within {settings.request_timeout_seconds:g} s.",
+                           code="request_timeout") from error
+        except OutOfMemory as error:
+            raise ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
+                           headers={"Retry-After": "5"}) from error
+        except EngineUnavailable as error:
+            raise ApiError(503, "The speech engine stopped; retry on another replica.", code="engine_unavailable",
+                           headers={"Retry-After": "5"}) from error
     state.metrics.audio_seconds.inc(audio_seconds)
     body = render(transcript, response_format, task)
     if isinstance(body, dict):

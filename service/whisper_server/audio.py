@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import av
@@ -37,8 +38,9 @@ class Window:
         return len(self.samples) / SAMPLE_RATE
 
 
-def decode_audio(path: str, max_seconds: float) -> np.ndarray:
-    """Decodes any container/codec ffmpeg knows to 16 kHz mono float32, stopping as soon as it passes max_seconds."""
+def decode_audio(path: str, max_seconds: float, on_samples: Callable[[int], None] = lambda total: None) -> np.ndarray:
+    """Decodes any container/codec ffmpeg knows to 16 kHz mono float32, stopping as soon as it passes max_seconds.
+    `on_samples` hears the count decoded so far after each chunk, and may stop the decoding by raising."""
     try:
         container = av.open(path, metadata_errors="ignore")
     except av.error.InvalidDataError as error:
@@ -61,8 +63,11 @@ def decode_audio(path: str, max_seconds: float) -> np.ndarray:
                     total += len(chunk)
                 if total > max_samples:
                     raise AudioError(400, f"The audio is longer than the maximum of {max_seconds:g} seconds.", "audio_too_long")
+                on_samples(total)
             for resampled in resampler.resample(None):
                 chunks.append(resampled.to_ndarray().reshape(-1))
+                total += len(chunks[-1])
+            on_samples(total)
         except av.error.FFmpegError as error:
             if not chunks:
                 raise AudioError(400, f"The audio could not be decoded: {error.strerror or error}.", "invalid_audio") from error

@@ -48,6 +48,12 @@ def validate(settings: Settings, parser: argparse.ArgumentParser) -> None:
         parser.error("--fixed-new-tokens needs --max-new-tokens")
     if settings.batch_wait_ms < 0 or settings.drain_seconds < 0:
         parser.error("--batch-wait-ms and --drain-seconds must not be negative")
+    # Each bound must admit one request at its largest, or such a request could never be served.
+    if settings.max_spool_mb < settings.max_upload_mb:
+        parser.error(f"--max-spool-mb ({settings.max_spool_mb:g}) must be at least --max-upload-mb ({settings.max_upload_mb:g})")
+    if settings.max_queued_audio_seconds < settings.max_audio_seconds:
+        parser.error(f"--max-queued-audio-seconds ({settings.max_queued_audio_seconds:g}) must be at least "
+                     f"--max-audio-seconds ({settings.max_audio_seconds:g})")
     if settings.metrics_port == settings.port:
         parser.error(f"--metrics-port must differ from --port (both {settings.port})")
 

@@ -19,6 +19,9 @@ class Settings:
     max_upload_mb: float = 100.0
     max_audio_seconds: float = 7200.0
     queue_size: int = 64
+    max_queued_audio_seconds: float = 14400.0
+    max_concurrent_uploads: int = 16
+    max_spool_mb: float = 1024.0
     api_key: str | None = None
     request_timeout_seconds: float = 600.0
     drain_seconds: float = 30.0
@@ -41,6 +44,11 @@ HELP = {
     "max_upload_mb": "largest request body, enforced while it is received (413 beyond it)",
     "max_audio_seconds": "longest audio accepted after decoding (400 beyond it)",
     "queue_size": "most requests admitted and unfinished; more get 503 with Retry-After",
+    "max_queued_audio_seconds": ("most seconds of decoded audio held at once, counted while files decode, across "
+                                 "requests (64 KB each in this process and again in the engine's); more get 503"),
+    "max_concurrent_uploads": "most uploads received at once; more get 503 before their body is read",
+    "max_spool_mb": ("most upload bytes spooled to the temp dir at once (a declared body is reserved before it is "
+                     "read); more get 503"),
     "api_key": "when set, /v1/* requires 'Authorization: Bearer <key>'",
     "request_timeout_seconds": "deadline for decoding and transcribing one request (504 beyond it)",
     "drain_seconds": "after SIGTERM, how long in-flight requests may take to finish before exit",
@@ -51,7 +59,8 @@ HELP = {
                          "with no temperature fallback and no silence drop"),
 }
 POSITIVE = {"port", "metrics_port", "max_batch_size", "max_upload_mb", "max_audio_seconds", "queue_size",
-            "request_timeout_seconds", "max_new_tokens", "cpu_threads"}
+            "max_queued_audio_seconds", "max_concurrent_uploads", "max_spool_mb", "request_timeout_seconds",
+            "max_new_tokens", "cpu_threads"}
 
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
@@ -39,8 +40,10 @@ def too_large(limit_bytes: int) -> ApiError:
                     code="request_too_large", param="file")
 
 
-async def receive_form(request: Request, limit_bytes: int, file_field: str = "file") -> Form:
-    """Never holds more than one network chunk of the file in memory; removes the spool file on any failure."""
+async def receive_form(request: Request, limit_bytes: int, on_received: Callable[[int], None] = lambda total: None,
+                       file_field: str = "file") -> Form:
+    """Never holds more than one network chunk of the file in memory; removes the spool file on any failure.
+    `on_received` hears the body's size so far before each chunk is written, and may refuse it by raising."""
     media_type, options = parse_options_header(request.headers.get("content-type", ""))
     if media_type != b"multipart/form-data":
         raise ApiError(415, "The request must be multipart/form-data with the audio in a 'file' field.",
@@ -117,6 +120,7 @@ async def receive_form(request: Request, limit_bytes: int, file_field: str = "fi
             received += len(chunk)
             if received > limit_bytes:
                 raise too_large(limit_bytes)
+            on_received(received)
             parser.write(chunk)
         parser.finalize()
         if not finished:
