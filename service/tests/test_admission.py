@@ -101,8 +101,8 @@ def test_audio_past_the_held_audio_bound_is_refused_and_the_rest_served(start_se
         refused = post_audio(server.client, audio["speech.wav"])
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "queue_full" and int(refused.headers["retry-after"]) >= 1
+        assert not long_request.done(), "the long file still held its audio when the others were judged"
         assert post_audio(server.client, audio["one_second.wav"]).status_code == 200
-        assert not long_request.done(), "the long file was still decoding while the others were judged"
         assert long_request.result().status_code == 200
     assert post_audio(server.client, audio["speech.wav"]).status_code == 200, "its audio was released"
     assert_still_ready(server)
