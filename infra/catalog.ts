@@ -79,12 +79,25 @@ export const gpuMemoryHeadroomGiB = 2;
  * plus fixed headroom. Deliberately simple and on the safe side; a GPU with less is refused.
  */
 export function requiredGpuMemoryGiB(modelId: string, dtype: Dtype, maxBatchSize: number): number {
-    const model = whisperModels[modelId];
-    const bytes = bytesPerParameter[dtype];
-    const weightsGiB = (model.parametersBillions * 1e9 * bytes) / 2 ** 30;
-    const perItemGiB = model.perItemGiB16Bit * (bytes / 2);
-    return weightsGiB + perItemGiB * maxBatchSize + gpuMemoryHeadroomGiB;
+    const perItemGiB = whisperModels[modelId].perItemGiB16Bit * (bytesPerParameter[dtype] / 2);
+    return weightsGiB(modelId, dtype) + perItemGiB * maxBatchSize + gpuMemoryHeadroomGiB;
 }
+
+/** The model's weights at a dtype, GiB. */
+const weightsGiB = (modelId: string, dtype: Dtype): number => (whisperModels[modelId].parametersBillions * 1e9 * bytesPerParameter[dtype]) / 2 ** 30;
+
+/**
+ * Host memory of the Python processes, GiB, before any audio: the HTTP process and the engine process with torch and
+ * the CUDA libraries it maps (their runtime, cuBLAS and cuDNN host-side state).
+ */
+export const serverRuntimeHostMemoryGiB = 2.5;
+
+/**
+ * Host memory the server needs besides the audio it holds, GiB: its processes, and the model's weights, which
+ * from_pretrained reads into host memory before moving them to the GPU (3 GB for large-v3 in float16). An estimate,
+ * on the safe side: the load's peak counts as if it lasted.
+ */
+export const serverHostMemoryGiB = (modelId: string, dtype: Dtype): number => serverRuntimeHostMemoryGiB + weightsGiB(modelId, dtype);
 
 /** The most server pods (one per GPU) node groups can hold at their maximum size. */
 export function maxGpuPods(groups: readonly { instanceTypes: readonly string[]; maxSize: number }[]): number {

@@ -1,14 +1,25 @@
 // Rules that span several config keys: what would break a deployment or expose it, refused before anything
 // is declared. Each names the keys involved, their values and the ways out.
-import { bfloat16MinComputeCapability, dtypes, gpuInstanceTypes, maxGpuPods, requiredGpuMemoryGiB, whisperModels } from "./catalog";
+import {
+    bfloat16MinComputeCapability,
+    dtypes,
+    gpuInstanceTypes,
+    maxGpuPods,
+    podResourcesPerGpu,
+    requiredGpuMemoryGiB,
+    serverHostMemoryGiB,
+    whisperModels,
+} from "./catalog";
 import { ClusterConfig, GpuConfig, ServiceConfig, StackConfig } from "./config";
 import { ConfigReader } from "./config-reader";
+import { longestAudioSecondsThatFits, serverLimits, tmpReserveMiB } from "./server-limits";
 import { albIdleTimeoutSeconds, idleMarginSeconds, nlbTcpIdleTimeoutSeconds } from "./traffic";
 
 /** Checks every rule across keys; problems are recorded on the reader. */
 export function checkStackRules(reader: ConfigReader, config: StackConfig): void {
     checkClusterAccess(reader, config.cluster);
     checkGpuFitsService(reader, config.gpu, config.service);
+    checkWorstCaseFitsPod(reader, config);
     checkWorkload(reader, config);
 }
 
@@ -51,6 +62,55 @@ function checkGpuFitsService(reader: ConfigReader, gpu: GpuConfig, service: Serv
                 );
             }
         });
+    }
+}
+
+/** Node disk a GPU node keeps beside the pods' /tmp volumes: the server image unpacked (6-7 GB, twice while it is
+ *  pulled), the OS, container logs. */
+export const gpuNodeDiskReserveGiB = 40;
+
+/**
+ * The worst case must fit the pod: one request with the longest audio in its memory (beside the server and the
+ * model), one upload of the largest size in its /tmp volume, and the /tmp volumes of all pods on a node on its disk.
+ */
+function checkWorstCaseFitsPod(reader: ConfigReader, config: StackConfig): void {
+    const { service, workload, gpu } = config;
+    const types = gpu.nodeGroups.flatMap((group) => group.instanceTypes);
+    if (!whisperModels[service.modelId] || types.some((type) => !gpuInstanceTypes[type]) || types.length === 0) return;
+    if ([workload.maxAudioSeconds, workload.maxUploadMb, workload.uploadSpoolGiB].some(Number.isNaN)) return;
+    const memoryLimitMiB = podResourcesPerGpu(types).memoryMiB;
+    const input = { memoryLimitMiB, modelId: service.modelId, dtype: service.dtype, ...workload };
+    const limits = serverLimits(input);
+    const longest = longestAudioSecondsThatFits(input);
+    if (workload.maxAudioSeconds > longest) {
+        reader.problem(
+            "maxAudioSeconds",
+            workload.maxAudioSeconds,
+            `a pod on ${types.join(", ")} has ${memoryLimitMiB} MiB; ${service.modelId} at ${service.dtype} needs about ` +
+                `${serverHostMemoryGiB(service.modelId, service.dtype).toFixed(1)} GiB besides audio, and decoded audio takes 128 KiB a ` +
+                `second (64 KiB in each of the server's two processes), so not even one request that long fits: set maxAudioSeconds to ` +
+                `${longest} or less, or choose GPU instance types with more memory or a smaller model`,
+        );
+    }
+    if (limits.maxSpoolMb < workload.maxUploadMb) {
+        reader.problem(
+            "uploadSpoolGiB",
+            workload.uploadSpoolGiB,
+            `the /tmp volume holds ${limits.maxSpoolMb} MB of uploads (${tmpReserveMiB} MiB stay free), less than one upload of ` +
+                `maxUploadMb (${workload.maxUploadMb}): set uploadSpoolGiB to ${Math.ceil((workload.maxUploadMb + tmpReserveMiB) / 1024)} or more, or lower maxUploadMb`,
+        );
+    }
+    for (const group of gpu.nodeGroups) {
+        const gpusPerNode = gpuInstanceTypes[group.instanceTypes[0]].gpuCount;
+        const room = Math.floor((group.diskSizeGiB - gpuNodeDiskReserveGiB) / gpusPerNode);
+        if (workload.uploadSpoolGiB > room) {
+            reader.problem(
+                "uploadSpoolGiB",
+                workload.uploadSpoolGiB,
+                `${gpusPerNode} pod(s) per GPU node, each with a /tmp volume this size, and ${gpuNodeDiskReserveGiB} GiB for the image ` +
+                    `and the system do not fit gpuDiskSizeGiB (${group.diskSizeGiB}): set uploadSpoolGiB to ${room} or less, or raise gpuDiskSizeGiB`,
+            );
+        }
     }
 }
 

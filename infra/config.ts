@@ -79,6 +79,8 @@ export interface WorkloadConfig {
     maxUploadMb: number;
     maxAudioSeconds: number;
     queueSize: number;
+    /** The /tmp volume uploads are spooled to, GiB: it bounds the uploads a pod receives at once. */
+    uploadSpoolGiB: number;
     requestTimeoutSeconds: number;
     /** Set as secret config; when absent and required, the program generates one. */
     apiKey?: pulumi.Output<string>;

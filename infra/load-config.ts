@@ -128,8 +128,10 @@ function readWorkload(reader: ConfigReader): WorkloadConfig {
     return {
         batchWaitMs: reader.integer("batchWaitMs", { min: 0, max: 1000 }),
         maxUploadMb: reader.integer("maxUploadMb", { min: 1, max: 2048 }),
-        maxAudioSeconds: reader.integer("maxAudioSeconds", { min: 30, max: 4 * 3600 }),
+        // A day of audio at most; what a pod's memory holds is checked in config-rules.ts.
+        maxAudioSeconds: reader.integer("maxAudioSeconds", { min: 30, max: 24 * 3600 }),
         queueSize: reader.integer("queueSize", { min: 1, max: 10000 }),
+        uploadSpoolGiB: reader.integer("uploadSpoolGiB", { min: 1, max: 1024 }),
         requestTimeoutSeconds: reader.integer("requestTimeoutSeconds", requestTimeoutSecondsRange),
         apiKey: reader.optionalSecret("apiKey"),
         requireApiKey: reader.boolean("requireApiKey"),

@@ -9,6 +9,7 @@ import { scalingQuery } from "./autoscaling";
 import { ActiveHours, ScalingMetric } from "./config";
 import { gpuNodeSelector, gpuToleration } from "./conventions";
 import { VolumeAccessMode } from "./model-cache";
+import { serverLimits } from "./server-limits";
 import { albAnnotations, albIngressClass, nlbAnnotations, TrafficSettings } from "./traffic";
 
 export const whisperNamespace = "whisper";
@@ -39,6 +40,8 @@ export interface ServerSettings {
     maxUploadMb: number;
     maxAudioSeconds: number;
     queueSize: number;
+    /** The /tmp volume uploads are spooled to, GiB. */
+    uploadSpoolGiB: number;
     /** The longest a request may run: the server's deadline, and the base of every timeout around it. */
     requestTimeoutSeconds: number;
 }
@@ -95,7 +98,8 @@ export function podLabels(stack: string): Record<string, string> {
 }
 
 /** The server's settings as its WHISPER_<NAME> environment. */
-export function serverEnvironment(server: ServerSettings): Record<string, string> {
+export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number): Record<string, string> {
+    const limits = serverLimits({ ...server, memoryLimitMiB });
     return {
         WHISPER_MODEL: server.modelId,
         WHISPER_DEVICE: "cuda",
@@ -108,6 +112,10 @@ export function serverEnvironment(server: ServerSettings): Record<string, string
         WHISPER_MAX_UPLOAD_MB: String(server.maxUploadMb),
         WHISPER_MAX_AUDIO_SECONDS: String(server.maxAudioSeconds),
         WHISPER_QUEUE_SIZE: String(server.queueSize),
+        // What the pod's memory and /tmp volume hold at worst: past these the server answers 503, not the OOM killer.
+        WHISPER_MAX_QUEUED_AUDIO_SECONDS: String(limits.maxQueuedAudioSeconds),
+        WHISPER_MAX_CONCURRENT_UPLOADS: String(limits.maxConcurrentUploads),
+        WHISPER_MAX_SPOOL_MB: String(limits.maxSpoolMb),
         WHISPER_REQUEST_TIMEOUT_SECONDS: String(server.requestTimeoutSeconds),
         WHISPER_DRAIN_SECONDS: String(drainSeconds(server)),
         HF_HOME: `${modelCacheMountPath}/hf`,
@@ -170,7 +178,7 @@ export class WhisperService extends pulumi.ComponentResource {
                   );
 
         const env: k8s.types.input.core.v1.EnvVar[] = [
-            ...Object.entries(serverEnvironment(server)).map(([envName, value]) => ({ name: envName, value })),
+            ...Object.entries(serverEnvironment(server, args.resources.memoryMiB)).map(([envName, value]) => ({ name: envName, value })),
             ...(apiKeySecret ? [{ name: "WHISPER_API_KEY", valueFrom: { secretKeyRef: { name: apiKeySecretName, key: "api-key" } } }] : []),
         ];
         const probe = (path: string) => ({ httpGet: { path, port: httpPortName } });
@@ -213,7 +221,13 @@ export class WhisperService extends pulumi.ComponentResource {
                                     ],
                                     env,
                                     resources: {
-                                        requests: { cpu: args.resources.cpu, memory: args.resources.memory, "nvidia.com/gpu": "1" },
+                                        // The /tmp volume is node disk: the scheduler counts it.
+                                        requests: {
+                                            cpu: args.resources.cpu,
+                                            memory: args.resources.memory,
+                                            "ephemeral-storage": `${server.uploadSpoolGiB}Gi`,
+                                            "nvidia.com/gpu": "1",
+                                        },
                                         limits: { memory: args.resources.memory, "nvidia.com/gpu": "1" },
                                     },
                                     startupProbe: { ...probe(probePaths.startup), ...startupProbe, timeoutSeconds: 5 },
@@ -235,7 +249,7 @@ export class WhisperService extends pulumi.ComponentResource {
                             volumes: [
                                 { name: "model-cache", persistentVolumeClaim: { claimName: modelCache.metadata.name } },
                                 // Uploads are spooled here; memory-backed would count against the pod's memory limit.
-                                { name: "tmp", emptyDir: { sizeLimit: `${Math.ceil(server.maxUploadMb * 4 / 1024) + 1}Gi` } },
+                                { name: "tmp", emptyDir: { sizeLimit: `${server.uploadSpoolGiB}Gi` } },
                             ],
                         },
                     },

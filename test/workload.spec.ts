@@ -6,7 +6,7 @@ import * as fs from "fs";
 import * as path from "path";
 import * as pulumi from "@pulumi/pulumi";
 import * as YAML from "yaml";
-import { gpuInstanceTypes, gpuNodeDaemonSetReserve } from "../infra/catalog";
+import { Dtype, gpuInstanceTypes, gpuNodeDaemonSetReserve, serverHostMemoryGiB } from "../infra/catalog";
 import { alertP95LatencySecondsRange, requestTimeoutSecondsRange } from "../infra/load-config";
 import { ConfigOverrides, evaluateStack, findResource, findResources, RecordedResource, repoRoot, SecretValue, StackEvaluation, tryEvaluateStack } from "../scripts/offline-stack";
 
@@ -200,6 +200,29 @@ describe("workload", function () {
                     assert.ok(maxUnavailable <= pdb.maxUnavailable, `the rollout takes down at most the ${pdb.maxUnavailable} pod the PDB allows`);
                 }
                 if (scaled.maxReplicaCount < gpuPods) assert.equal(maxUnavailable, 0, "with a GPU to spare, a rollout loses no capacity");
+            });
+
+            it("bounds what a pod holds by what it has: decoded audio by its memory, uploads by its /tmp volume, worst case included", function () {
+                const variables = env(evaluation());
+                const limitMiB = memoryMiB(container(evaluation()).resources.limits.memory);
+                const queuedAudio = Number(variables.WHISPER_MAX_QUEUED_AUDIO_SECONDS);
+                const maxAudio = config(evaluation(), "maxAudioSeconds") as number;
+                // 64 KiB a second in each of the server's two processes, one more copy of a file as it finishes decoding,
+                // and the server's processes and model (the catalog's estimate).
+                const hostMiB = serverHostMemoryGiB(config(evaluation(), "modelId") as string, config(evaluation(), "modelDtype") as Dtype) * 1024;
+                const worstMiB = hostMiB + ((2 * queuedAudio + maxAudio) * 64) / 1024;
+                assert.ok(worstMiB <= limitMiB, `worst case ${Math.round(worstMiB)} MiB within the ${limitMiB} MiB limit`);
+                assert.ok(queuedAudio >= maxAudio, "one request with the longest audio is admitted");
+                // The old bound, requests × longest audio, would not fit: the audio bound is what keeps the pod alive.
+                assert.ok(((config(evaluation(), "queueSize") as number) * maxAudio * 128) / 1024 > limitMiB);
+                const tmp = podSpec(evaluation()).volumes.find((volume: any) => volume.name === "tmp").emptyDir.sizeLimit;
+                assert.equal(tmp, `${config(evaluation(), "uploadSpoolGiB")}Gi`);
+                assert.equal(container(evaluation()).resources.requests["ephemeral-storage"], tmp, "the scheduler counts the /tmp volume");
+                const spoolMb = Number(variables.WHISPER_MAX_SPOOL_MB);
+                const maxUpload = config(evaluation(), "maxUploadMb") as number;
+                assert.ok(spoolMb <= (config(evaluation(), "uploadSpoolGiB") as number) * 1024 && spoolMb >= maxUpload);
+                assert.ok(Number(variables.WHISPER_MAX_CONCURRENT_UPLOADS) * maxUpload <= spoolMb, "every upload at once, each at the largest size, fits /tmp");
+                assert.ok(Number(variables.WHISPER_MAX_CONCURRENT_UPLOADS) >= 1);
             });
 
             it("runs locked down: non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp, read-only root with a writable /tmp", function () {
@@ -722,6 +745,21 @@ describe("workload", function () {
                 expected: ['whisper-eks:tlsCertificateArn = ""', "allowPlaintextPublicAccess"],
             },
             { what: "minReplicas above maxReplicas", overrides: { minReplicas: 3 }, expected: ["whisper-eks:minReplicas = 3", "must not exceed maxReplicas (2)"] },
+            {
+                what: "audio so long that not even one request fits the pod's memory",
+                overrides: { maxAudioSeconds: 36000 },
+                expected: ["whisper-eks:maxAudioSeconds = 36000", "g6.xlarge", "MiB", "128 KiB a second", "not even one request", "or less"],
+            },
+            {
+                what: "a /tmp volume smaller than one upload",
+                overrides: { uploadSpoolGiB: 1, maxUploadMb: 1000 },
+                expected: ["whisper-eks:uploadSpoolGiB = 1", "less than one upload of maxUploadMb (1000)", "uploadSpoolGiB to 2 or more"],
+            },
+            {
+                what: "/tmp volumes that overflow the GPU node's disk",
+                overrides: { uploadSpoolGiB: 61 },
+                expected: ["whisper-eks:uploadSpoolGiB = 61", "gpuDiskSizeGiB (100)", "60 or less"],
+            },
             {
                 what: "zero replicas with nothing to start the first pod again",
                 stack: "prod",

@@ -1,0 +1,58 @@
+// How much work one server pod admits, derived from what the pod has: its memory limit bounds the decoded audio it
+// holds, its /tmp volume the uploads it spools. The server refuses work past each bound with 503 and Retry-After
+// (--max-queued-audio-seconds, --max-spool-mb, --max-concurrent-uploads) instead of being OOM-killed or evicted.
+import { Dtype, serverHostMemoryGiB } from "./catalog";
+
+/** Decoded audio: 16 kHz mono float32. */
+export const decodedAudioKiBPerSecond = 64;
+/** The server holds each second twice: in the HTTP process and again in the engine process. */
+export const heldAudioCopies = 2;
+/** Memory left unbudgeted: allocator fragmentation, page cache of the spool files. */
+export const memoryMarginFraction = 0.1;
+/** /tmp space left beside the spool budget (Python's and PyAV's own temporary files). */
+export const tmpReserveMiB = 256;
+
+export interface ServerLimitsInput {
+    /** The pod's memory limit, MiB. */
+    memoryLimitMiB: number;
+    modelId: string;
+    dtype: Dtype;
+    maxAudioSeconds: number;
+    maxUploadMb: number;
+    /** The /tmp emptyDir's sizeLimit, GiB. */
+    uploadSpoolGiB: number;
+}
+
+export interface ServerLimits {
+    /** Seconds of decoded audio held at once, across requests (WHISPER_MAX_QUEUED_AUDIO_SECONDS). */
+    maxQueuedAudioSeconds: number;
+    /** Upload bytes spooled to /tmp at once, MB of 2^20 bytes (WHISPER_MAX_SPOOL_MB). */
+    maxSpoolMb: number;
+    /** Uploads received at once: as many as fit the spool at the largest upload (WHISPER_MAX_CONCURRENT_UPLOADS). */
+    maxConcurrentUploads: number;
+    /** Memory the audio may use, MiB, after the server's processes, the model and the margin. */
+    audioMemoryMiB: number;
+}
+
+/**
+ * The bounds that make the worst case fit the pod. Audio: what is left of the limit after the margin, the server's
+ * processes and model, and one more copy of the longest file (made briefly as its decoding finishes), at 128 KiB a
+ * second. Spool: the /tmp volume less its reserve. A bound below one request at its largest (maxAudioSeconds,
+ * maxUploadMb) means the pod cannot serve that request at all: config refuses it (infra/config-rules.ts).
+ */
+export function serverLimits(input: ServerLimitsInput): ServerLimits {
+    const hostMiB = serverHostMemoryGiB(input.modelId, input.dtype) * 1024;
+    const transientMiB = (input.maxAudioSeconds * decodedAudioKiBPerSecond) / 1024;
+    const audioMemoryMiB = Math.max(0, input.memoryLimitMiB * (1 - memoryMarginFraction) - hostMiB - transientMiB);
+    const maxQueuedAudioSeconds = Math.floor((audioMemoryMiB * 1024) / (decodedAudioKiBPerSecond * heldAudioCopies));
+    const maxSpoolMb = Math.max(0, input.uploadSpoolGiB * 1024 - tmpReserveMiB);
+    const maxConcurrentUploads = Math.max(1, Math.floor(maxSpoolMb / input.maxUploadMb));
+    return { maxQueuedAudioSeconds, maxSpoolMb, maxConcurrentUploads, audioMemoryMiB };
+}
+
+/** The longest audio one request may have for the pod to hold it: the largest maxAudioSeconds the memory allows. */
+export function longestAudioSecondsThatFits(input: Omit<ServerLimitsInput, "maxAudioSeconds">): number {
+    // Held: 2 copies of the audio admitted, and 1 more of the longest file: (2 + 1) × 64 KiB a second.
+    const budgetMiB = input.memoryLimitMiB * (1 - memoryMarginFraction) - serverHostMemoryGiB(input.modelId, input.dtype) * 1024;
+    return Math.max(0, Math.floor((budgetMiB * 1024) / (decodedAudioKiBPerSecond * (heldAudioCopies + 1))));
+}
