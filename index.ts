@@ -58,7 +58,7 @@ const addons: AddonContext = eks?.addons ?? { provider, dependsOn: [], nodeSelec
 // 6. Image: the server built from ./service and pushed to ECR (or a prebuilt image), pinned by digest.
 const image = createServiceImage(name, config.image, config.tags);
 
-// 7. Traffic: the AWS Load Balancer Controller, which makes the service's NLB.
+// 7. Traffic: the AWS Load Balancer Controller, which makes the service's load balancer (an NLB, or an ALB for TLS).
 const loadBalancerController =
     eks && installLoadBalancerController(name, { clusterName: eks.cluster.name, region: config.region, vpcId: eks.network.vpcId, tags: config.tags }, addons);
 
