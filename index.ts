@@ -1,10 +1,9 @@
 // whisper-eks: a production Whisper speech-to-text service on EKS GPU nodes.
 // This file is the architecture's table of contents: config in, components wired, outputs out.
-import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import { installClusterAutoscaler, installKeda } from "./infra/autoscaling";
 import { maxGpuPods, podResourcesPerGpu } from "./infra/catalog";
-import { createCluster } from "./infra/cluster";
+import { createCluster, existingClusterProvider } from "./infra/cluster";
 import { systemNodeSelector } from "./infra/conventions";
 import { loadConfig } from "./infra/load-config";
 import { installNvidiaDevicePlugin } from "./infra/gpu";
@@ -52,7 +51,7 @@ const skippedInExistingCluster = eks
           "Cluster Autoscaler and its IAM role (node scaling is the cluster's own)",
       ];
 for (const part of skippedInExistingCluster) pulumi.log.info(`existing cluster: not deployed: ${part}`);
-const provider = eks?.cluster.provider ?? new k8s.Provider(`${name}-existing`, { kubeconfig: config.existingClusterKubeconfig, enableServerSideApply: true });
+const provider = eks?.cluster.provider ?? existingClusterProvider(name, config.existingClusterKubeconfig!);
 const addons: AddonContext = eks?.addons ?? { provider, dependsOn: [], nodeSelector: config.existingClusterNodeSelector };
 
 // 6. Image: the server built from ./service and pushed to ECR (or a prebuilt image), pinned by digest.

@@ -234,3 +234,9 @@ export function createCluster(
         ready: [systemNodeGroup, coredns, ...gpuNodeGroups.map((group) => group.nodeGroup)],
     };
 }
+
+/** The Kubernetes provider for a cluster this stack does not create (existingClusterKubeconfig), applying as the
+ *  stack's own cluster does: server-side. */
+export function existingClusterProvider(name: string, kubeconfig: pulumi.Input<string>): k8s.Provider {
+    return new k8s.Provider(`${name}-existing`, { kubeconfig, enableServerSideApply: true });
+}

@@ -97,7 +97,7 @@ def main() -> None:
         if subprocess.run([*pip, "install", "--quiet", "--no-deps", *call]).returncode != 0:
             fail(f"installing {' '.join(call)} into {venv} failed (see pip's message above); the next run retries")
     if subprocess.run([*pip, "check"]).returncode != 0:
-        fail(f"the locked requirements are not a complete closure (see pip check above): add what is missing")
+        fail("the locked requirements are not a complete closure (see pip check above): add what is missing")
     stamp.write_text(wanted + "\n")
 
 

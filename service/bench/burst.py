@@ -16,46 +16,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import multiprocessing
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import wave
 from pathlib import Path
 
 import httpx
-import numpy as np
 
-SAMPLE_RATE = 16_000
-
-
-def speech_like_wav(seconds: float, seed: int = 0) -> bytes:
-    """A voiced, syllable-modulated harmonic signal (never silence) as 16-bit WAV bytes."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    phase = 2 * np.pi * np.cumsum(140 + 30 * np.sin(2 * np.pi * 0.7 * t)) / SAMPLE_RATE
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 8)) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t))
-    samples = 0.2 * voiced / np.abs(voiced).max() + rng.normal(0, 0.01, len(t))
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1), out.setsampwidth(2), out.setframerate(SAMPLE_RATE)
-        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from bench import Server, admission_args, speech_like_samples, wav_bytes
 
 
 def metrics(client: httpx.Client) -> dict[str, float]:
@@ -165,47 +141,33 @@ def main() -> None:
                        check=True, stdout=subprocess.DEVNULL)
     device = ["--device", "cuda", "--dtype", "float16"] if args.gpu else ["--device", "cpu", "--cpu-threads",
                                                                          str(args.cpu_threads)]
-    port, metrics_port = free_port(), free_port()
-    url, metrics_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
-    log = open(workdir / "server.log", "w")
-    server = subprocess.Popen(
-        ["whisper-server", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), *device,
-         "--max-batch-size", str(args.slots), "--max-new-tokens", str(args.new_tokens), "--fixed-new-tokens",
-         "--queue-size", str(args.requests + 8), "--max-upload-mb", "1024", "--request-timeout-seconds", "3600"],
-        stdout=log, stderr=subprocess.STDOUT)
+    quiet_windows = args.quiet_windows or 4 * args.slots
+    clip = wav_bytes(speech_like_samples(args.clip_seconds))
+    server = Server(["--model", model, *device, "--max-batch-size", str(args.slots), "--max-new-tokens",
+                     str(args.new_tokens), "--fixed-new-tokens", "--request-timeout-seconds", "3600",
+                     "--max-upload-mb", "1024", *admission_args(args.requests, clip, args.clip_seconds, quiet_windows * 30)],
+                    workdir / "server.log")
+    url, metrics_url = server.url, server.metrics_url
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"the server did not become ready; see {log.name}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        post(url, speech_like_wav(5))  # warm the HTTP path
+        server.wait_ready(900)
+        post(url, wav_bytes(speech_like_samples(5)))  # warm the HTTP path
         results = []
 
-        quiet_windows = args.quiet_windows or 4 * args.slots
-        long_file = speech_like_wav(quiet_windows * 29.5, seed=1)
+        long_file = wav_bytes(speech_like_samples(quiet_windows * 29.5))
         with Probe(url, metrics_url) as probe:
             status = post(url, long_file)
         results.append(probe.summary("quiet: one long file", args.slots, requests=1,
                                      audio_seconds=round(quiet_windows * 29.5), failures=int(status != 200)))
         print(json.dumps(results[-1]), flush=True)
 
-        clips = [speech_like_wav(args.clip_seconds, seed=seed) for seed in range(args.requests)]
         with Probe(url, metrics_url) as probe:
-            statuses = asyncio.run(post_all(url, clips))
+            statuses = asyncio.run(post_all(url, [clip] * args.requests))
         results.append(probe.summary(f"burst: {args.requests} concurrent clips", args.slots, requests=args.requests,
                                      audio_seconds=round(args.requests * args.clip_seconds),
                                      failures=sum(status != 200 for status in statuses)))
         print(json.dumps(results[-1]), flush=True)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
-        log.close()
+        server.stop()
 
     quiet, burst = results
     print(f"\n{'gpu' if args.gpu else 'cpu'}, {args.slots} slots, {args.new_tokens} tokens per window, "

@@ -6,8 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 from whisper_server.audio import Window
-from whisper_server.decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
-from whisper_server.scheduler import SchedulerEvents, SlotScheduler
+import pytest
+
+from whisper_server.decoding import (SAMPLE_RATE, DecodeOptions, EngineFailure, OutOfMemory, Segment, WindowResult,
+                                     compression_ratio)
+from whisper_server.scheduler import SchedulerEvents, SlotScheduler, is_repetition_loop
 from whisper_server.transcript import assemble
 
 LOOPING = "the the the the the the the the the the the the the the the the the the the the"
@@ -24,10 +27,14 @@ def segment(start: float, end: float, text: str, temperature: float = 0.0) -> Se
 
 class StandInEngine:
     """Slots like the real engine's: a window labelled L decodes in `steps(L)` steps and answers its label as text
-    (or a repetition loop where `loops(L, temperature)`). Records every admission and which labels each step ran."""
+    (or a repetition loop where `loops(L, temperature)`). Admitting a label in `fails`, or stepping while one in
+    `step_fails` is in a slot, raises `error`; `healthy` is what the device answers after that. Records every
+    admission and which labels each step ran."""
 
-    def __init__(self, capacity: int, steps=lambda label: 1, loops=lambda label, temperature: False, fails=()):
+    def __init__(self, capacity: int, steps=lambda label: 1, loops=lambda label, temperature: False, fails=(),
+                 step_fails=(), error: Exception = OutOfMemory("the stand-in ran out of memory"), healthy: bool = True):
         self.capacity, self.steps_for, self.loops, self.fails = capacity, steps, loops, set(fails)
+        self.step_fails, self.error, self.is_healthy = set(step_fails), error, healthy
         self.slots: dict[int, list] = {}  # slot -> [label, options, steps left]
         self.admissions: list[list[tuple[float, DecodeOptions]]] = []
         self.steps: list[list[float]] = []
@@ -36,13 +43,13 @@ class StandInEngine:
     def free_slots(self) -> int:
         return self.capacity - len(self.slots)
 
-    def busy_slots(self) -> list[int]:
-        return sorted(self.slots)
+    def healthy(self) -> bool:
+        return self.is_healthy
 
     def admit(self, windows):
         labels = [(float(samples[0]), options) for samples, options in windows]
         if self.fails & {label for label, _ in labels}:
-            raise OutOfMemory("the stand-in ran out of memory")
+            raise self.error
         self.admissions.append(labels)
         free = sorted(set(range(self.capacity)) - set(self.slots))[:len(windows)]
         for slot, (label, options) in zip(free, labels):  # the lowest free slots, as the real decoder does
@@ -51,6 +58,8 @@ class StandInEngine:
 
     def step(self):
         self.steps.append(sorted(label for label, _, _ in self.slots.values()))
+        if self.step_fails & set(self.steps[-1]):
+            raise self.error
         finished = []
         for slot, entry in sorted(self.slots.items()):
             entry[2] -= 1
@@ -208,6 +217,58 @@ def test_a_failed_admission_fails_only_the_requests_in_it():
     harness.run()
     assert isinstance(harness.failed[0], OutOfMemory) and 0 not in harness.done
     assert harness.texts(1) == ["2"]
+
+
+def test_a_failed_admission_on_a_working_device_fails_only_its_requests():
+    engine = StandInEngine(capacity=1, fails={13}, error=RuntimeError("a bug in admission"))
+    harness = Harness(engine)
+    harness.submit(0, [13])
+    harness.run()
+    harness.submit(1, [2])
+    harness.run()
+    assert isinstance(harness.failed[0], RuntimeError) and harness.texts(1) == ["2"]
+
+
+def test_a_failed_admission_on_a_broken_device_ends_the_engine():
+    engine = StandInEngine(capacity=1, fails={13}, error=RuntimeError("CUDA error: an illegal memory access"),
+                           healthy=False)
+    harness = Harness(engine)
+    harness.submit(0, [13])
+    with pytest.raises(EngineFailure):
+        harness.run()
+    assert isinstance(harness.failed[0], RuntimeError)
+
+
+def test_a_failed_step_fails_every_request_in_it_and_ends_the_engine():
+    """A step serves every busy slot: its failure is no one request's fault, and on a GPU it recurs (sticky CUDA
+    errors), so the engine stops rather than failing every request from then on."""
+    engine = StandInEngine(capacity=2, steps=lambda label: 5, step_fails={13}, error=RuntimeError("step failed"))
+    harness = Harness(engine)
+    harness.submit(0, [13])
+    harness.submit(1, [2])
+    with pytest.raises(EngineFailure, match="step failed"):
+        harness.run()
+    assert set(harness.failed) == {0, 1} and not harness.done
+
+
+def test_out_of_memory_in_a_step_fails_its_requests_and_the_engine_goes_on():
+    engine = StandInEngine(capacity=2, steps=lambda label: 5, step_fails={13})
+    harness = Harness(engine)
+    harness.submit(0, [13])
+    harness.run()
+    harness.submit(1, [2])
+    harness.run()
+    assert isinstance(harness.failed[0], OutOfMemory) and harness.texts(1) == ["2"]
+
+
+def test_a_loop_is_judged_on_the_window_s_whole_text():
+    """A short phrase repeated between timestamps: each segment compresses little, the window's text a lot."""
+    repeated = [segment(i, i + 1, "we will be right back") for i in range(12)]
+    assert all(s.compression_ratio < 2.4 for s in repeated)
+    assert is_repetition_loop(WindowResult("en", repeated))
+    varied = [segment(i, i + 1, text) for i, text in enumerate(
+        ["the quick brown fox", "jumps over the lazy dog", "and then it runs away", "into the dark forest"])]
+    assert not is_repetition_loop(WindowResult("en", varied))
 
 
 def test_assemble_offsets_windows_and_keeps_time_moving_forward():

@@ -2,7 +2,7 @@
 
 Three budgets, each refusing work past it (the HTTP layer answers 503 with Retry-After) instead of letting memory or
 the /tmp volume run out:
-- uploads being received at once;
+- uploads being received at once (a slot from the first byte of the body to the last);
 - bytes of uploads spooled to the temp dir, reserved from the declared Content-Length before the body is read and
   grown while an undeclared body arrives;
 - seconds of decoded audio held (16 kHz float32: 64 KB a second, in the HTTP process and again in the engine
@@ -13,8 +13,6 @@ Reservations are taken and grown from the event loop and from audio-decoding thr
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 class Overloaded(Exception):
@@ -73,10 +71,3 @@ class Admission:
         self.uploads = Budget(max_uploads, "Too many uploads are being received; retry later.", "uploads_full", lock)
         self.spool = Budget(max_spool_bytes, "The server's upload space is full; retry later.", "uploads_full", lock)
         self.audio = Budget(max_audio_seconds, "The server holds as much audio as it may; retry later.", "queue_full", lock)
-
-    @contextmanager
-    def upload(self, declared_bytes: int | None) -> Iterator[Reservation]:
-        """An upload slot and, yielded, the spool bytes its body declares (none when undeclared: they grow as it
-        arrives); both are returned when the upload has been decoded and its spool file removed."""
-        with self.uploads.reserve(1), self.spool.reserve(declared_bytes or 0) as spool:
-            yield spool

@@ -126,13 +126,15 @@ def decode_options(form, task: str, state: ServerState) -> tuple[DecodeOptions, 
 
 async def receive_audio(request: Request, state: ServerState, task: str,
                         audio: Reservation) -> tuple[np.ndarray, DecodeOptions, str]:
-    """Receives the upload into the spool and decodes it, holding an upload slot and its spool bytes meanwhile (a
-    declared body is reserved before a byte of it is read); the decoded seconds go on the request's audio reservation."""
+    """Receives the upload into the spool, holding an upload slot while it arrives and its spool bytes until it is
+    decoded (a declared body is reserved before a byte of it is read); the decoded seconds go on the request's audio
+    reservation."""
     settings = state.settings
     limit_bytes = int(settings.max_upload_mb * 2**20)
     declared = request.headers.get("content-length", "")
-    with state.admission.upload(min(int(declared), limit_bytes) if declared.isdigit() else None) as spool:
-        form = await receive_form(request, limit_bytes, on_received=spool.grow_to)
+    with state.admission.spool.reserve(min(int(declared), limit_bytes) if declared.isdigit() else 0) as spool:
+        with state.admission.uploads.reserve(1):
+            form = await receive_form(request, limit_bytes, on_received=spool.grow_to)
         try:
             if form.file_path is None:
                 raise ApiError(400, "The 'file' field with the audio is missing.", param="file", code="missing_file")

@@ -43,6 +43,12 @@ class OutOfMemory(Exception):
     """The accelerator ran out of memory on this work; the server keeps serving others."""
 
 
+class EngineFailure(Exception):
+    """The engine cannot go on: a decode step failed (it serves every busy slot, so no one request is to blame) or
+    the device stopped working (CUDA errors such as an illegal address are sticky). The engine process exits, the
+    server answers 503 and exits too, and the pod is restarted, instead of failing every request from then on."""
+
+
 def compression_ratio(text: str) -> float:
     data = text.encode("utf-8")
     return len(data) / len(zlib.compress(data)) if data else 0.0

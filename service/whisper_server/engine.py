@@ -143,6 +143,18 @@ class WhisperEngine:
     def busy_slots(self) -> list[int]:
         return sorted(self.windows)
 
+    def healthy(self) -> bool:
+        """Whether the device still works after an error: CUDA errors such as an illegal address are sticky, and
+        every later call fails with them. The CPU has no such state."""
+        if self.device != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize()
+            torch.zeros(1, device=self.device).add_(1).item()
+            return True
+        except Exception:  # noqa: BLE001 - any error here means the context is gone
+            return False
+
     def release(self, slots: list[int]) -> None:
         """Stops decoding these slots' windows (their requests were cancelled or failed)."""
         self.decoder.release(slots)

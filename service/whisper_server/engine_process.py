@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .settings import Settings
-from .decoding import DecodeOptions, OutOfMemory, WindowResult
+from .decoding import DecodeOptions, EngineFailure, OutOfMemory, WindowResult
 from .metrics import Metrics
 from .scheduler import SchedulerEvents, SlotScheduler
 
@@ -98,8 +99,12 @@ def engine_main(settings: Settings, requests, events) -> None:
                                      frozenset(engine.languages))))
     log.info("engine ready", extra={"fields": {"slots": engine.capacity, "device": engine.device,
                                                "cuda_graphs": len(engine.decoder.graphs)}})
-    EngineLoop(engine, requests, events, fallback=not settings.fixed_new_tokens,
-               admission_wait=settings.batch_wait_ms / 1000).run()
+    try:
+        EngineLoop(engine, requests, events, fallback=not settings.fixed_new_tokens,
+                   admission_wait=settings.batch_wait_ms / 1000).run()
+    except EngineFailure:
+        log.exception("the engine cannot go on; exiting so that the server exits and the pod is restarted")
+        sys.exit(1)
 
 
 class EngineLoop:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, WindowResult
+from .decoding import SAMPLE_RATE, DecodeOptions, EngineFailure, OutOfMemory, WindowResult, compression_ratio
 
 log = logging.getLogger("whisper_server.scheduler")
 
@@ -29,7 +29,7 @@ class Engine(Protocol):
     capacity: int
 
     def free_slots(self) -> int: ...
-    def busy_slots(self) -> list[int]: ...
+    def healthy(self) -> bool: ...
     def admit(self, windows: list[tuple[np.ndarray, DecodeOptions]]) -> list[int]: ...
     def step(self) -> list[tuple[int, WindowResult]]: ...
     def release(self, slots: list[int]) -> None: ...
@@ -49,7 +49,9 @@ class Request:
 
 
 def is_repetition_loop(result: WindowResult) -> bool:
-    return any(segment.compression_ratio > COMPRESSION_RATIO_THRESHOLD for segment in result.segments)
+    """Judged on the window's whole text, as OpenAI's decoder does: a short segment repeated between timestamps
+    compresses little on its own."""
+    return compression_ratio(" ".join(segment.text for segment in result.segments)) > COMPRESSION_RATIO_THRESHOLD
 
 
 @dataclass
@@ -132,11 +134,13 @@ class SlotScheduler:
                    for request, index, temperature in picks]
         try:
             slots = self.engine.admit(windows)
-        except Exception as error:  # noqa: BLE001 - one failed admission fails its requests, never the engine
+        except Exception as error:  # noqa: BLE001 - a failed admission fails its requests; the engine goes on if it can
             log.log(logging.WARNING if isinstance(error, OutOfMemory) else logging.ERROR,
                     "admitting %d windows failed", len(picks), exc_info=not isinstance(error, OutOfMemory))
             for request in {request.key: request for request, _, _ in picks}.values():
                 self._fail(request, error)
+            if not isinstance(error, OutOfMemory) and not self.engine.healthy():
+                raise EngineFailure("the device stopped working after a failed admission") from error
             return
         now = time.monotonic()
         for slot, pick in zip(slots, picks):
@@ -165,10 +169,12 @@ class SlotScheduler:
         started = time.monotonic()
         try:
             finished = self.engine.step()
-        except Exception as error:  # noqa: BLE001 - a failed step fails the requests in it, never the engine
+        except Exception as error:  # noqa: BLE001 - a failed step fails the requests in it
             log.exception("decode step over %d slots failed", busy)
             for request in {request.key: request for request, _, _ in self.owners.values()}.values():
                 self._fail(request, error)
+            if not isinstance(error, OutOfMemory):
+                raise EngineFailure(f"a decode step failed: {type(error).__name__}: {error}") from error
             return
         now = time.monotonic()
         self.events.on_step(busy, now - started)

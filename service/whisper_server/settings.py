@@ -20,7 +20,7 @@ class Settings:
     max_audio_seconds: float = 7200.0
     queue_size: int = 64
     max_queued_audio_seconds: float = 14400.0
-    max_concurrent_uploads: int = 16
+    max_concurrent_uploads: int = 64
     max_spool_mb: float = 1024.0
     api_key: str | None = None
     request_timeout_seconds: float = 600.0
