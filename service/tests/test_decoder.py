@@ -172,3 +172,15 @@ def test_slots_that_cannot_fit_are_refused_at_start_with_the_size_that_fits(engi
     assert "8 decode slots (--max-batch-size) need" in message and "--max-batch-size 7 fits" in message
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * per_slot, 100 * per_slot))
     assert engine._allocate_decoder().slots == 8, "8 slots fit in 80% of 10 slots' worth"
+
+
+def test_a_failed_capture_names_the_way_to_run_eagerly_and_can_be_turned_off(engine, monkeypatch):
+    def broken_capture():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine.decoder, "capture", broken_capture)
+    with pytest.raises(RuntimeError, match="--cuda-graphs false runs the same step eagerly"):
+        engine.warm_up()
+    monkeypatch.setattr(engine, "cuda_graphs", False)
+    engine.warm_up()  # no capture: the step runs eagerly, and the engine is warm and idle
+    assert engine.decoder.busy == 0

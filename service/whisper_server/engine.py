@@ -49,7 +49,7 @@ class SlotWindow:
 class WhisperEngine:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", offline: bool = False,
                  max_new_tokens: int | None = None, fixed_new_tokens: bool = False, cpu_threads: int | None = None,
-                 slots: int = 16):
+                 slots: int = 16, cuda_graphs: bool = True):
         self.model_name = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -59,6 +59,7 @@ class WhisperEngine:
         self.fixed_new_tokens = fixed_new_tokens
         self.cpu_threads = cpu_threads
         self.capacity = slots
+        self.cuda_graphs = cuda_graphs
         self.load_seconds: float | None = None
         self.windows: dict[int, SlotWindow] = {}
 
@@ -127,13 +128,23 @@ class WhisperEngine:
         fails here, before the server reports ready."""
         noise = np.random.default_rng(0).normal(0, 0.05, SAMPLE_RATE).astype(np.float32)
         try:
-            self.decoder.capture()
+            if self.cuda_graphs:
+                self._capture()
             for count in (self.capacity, 1):
                 self.admit([(noise, DecodeOptions(language="en"))] * count, max_new_tokens=4)
                 while self.decoder.busy:
                     self.step()
         except (torch.OutOfMemoryError, OutOfMemory) as error:
             raise OutOfMemory(self._sizing_advice()) from error
+
+    def _capture(self) -> None:
+        try:
+            self.decoder.capture()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            raise RuntimeError(f"capturing the decode step as CUDA graphs failed ({type(error).__name__}: {error}); "
+                               "--cuda-graphs false runs the same step eagerly, slower") from error
 
     # Slots --------------------------------------------------------------------------------------------------------
 

@@ -87,7 +87,8 @@ def engine_main(settings: Settings, requests, events) -> None:
     transformers.logging.disable_progress_bar()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the HTTP process drains
     engine = WhisperEngine(settings.model, settings.device, settings.dtype, settings.offline, settings.max_new_tokens,
-                           settings.fixed_new_tokens, settings.cpu_threads, slots=settings.max_batch_size)
+                           settings.fixed_new_tokens, settings.cpu_threads, slots=settings.max_batch_size,
+                           cuda_graphs=settings.cuda_graphs)
     try:
         engine.load()
         engine.warm_up()

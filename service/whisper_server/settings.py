@@ -29,6 +29,7 @@ class Settings:
     cpu_threads: int | None = None
     max_new_tokens: int | None = None
     fixed_new_tokens: bool = False
+    cuda_graphs: bool = True
 
 
 CHOICES = {"device": ("auto", "cuda", "cpu"), "dtype": ("auto", "float16", "bfloat16", "float32")}
@@ -57,6 +58,8 @@ HELP = {
     "max_new_tokens": "cap on tokens decoded per 30 s window (default: the checkpoint's generation config)",
     "fixed_new_tokens": ("benchmarks only: decode exactly --max-new-tokens tokens per window, whatever the weights say, "
                          "with no temperature fallback and no silence drop"),
+    "cuda_graphs": ("on cuda, capture the decode step once per slot-count bucket as a CUDA graph and replay it; "
+                    "false runs the same step eagerly (slower; for diagnosis)"),
 }
 POSITIVE = {"port", "metrics_port", "max_batch_size", "max_upload_mb", "max_audio_seconds", "queue_size",
             "max_queued_audio_seconds", "max_concurrent_uploads", "max_spool_mb", "request_timeout_seconds",
