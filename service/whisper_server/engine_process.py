@@ -165,10 +165,11 @@ class EngineLoop:
         self.steps.append((busy, seconds))
 
     def _report(self) -> None:
-        scheduler = self.scheduler
+        scheduler, now = self.scheduler, time.monotonic()
+        if now - self.reported_at < REPORT_SECONDS and not scheduler.idle:
+            return  # the queue is summed at most every 100 ms, not on every step
         queue_state = (scheduler.waiting_windows(), round(scheduler.waiting_seconds(), 3))
-        now = time.monotonic()
-        if (self.steps or queue_state != self.reported) and (now - self.reported_at >= REPORT_SECONDS or scheduler.idle):
+        if self.steps or queue_state != self.reported:
             self.events.send(("stats", EngineStats(*queue_state, scheduler.expected_wait_seconds(), self.steps)))
             self.steps, self.reported, self.reported_at = [], queue_state, now
 
