@@ -36,7 +36,8 @@ def ffmpeg(*args: str) -> None:
 
 @pytest.fixture(scope="session")
 def audio(tmp_path_factory) -> dict[str, Path]:
-    """Speech from espeak-ng in WAV and compressed formats, long speech (> 30 s), silence, a tone, and bad files."""
+    """Speech from espeak-ng in WAV and compressed formats and at 44.1 kHz, long speech (> 30 s), silence, a tone,
+    and bad files."""
     for tool in ("espeak-ng", "ffmpeg"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is required for the service tests (apt-get install espeak-ng ffmpeg)")
@@ -59,6 +60,8 @@ def audio(tmp_path_factory) -> dict[str, Path]:
     speech = read_wav(files["speech.wav"])
     quiet = np.random.default_rng(1).normal(0, 1e-4, 32 * SAMPLE_RATE)
     files["silence_then_speech.wav"] = write_wav(folder / "silence_then_speech.wav", np.concatenate([quiet, speech]))
+    files["speech_44k.wav"] = folder / "speech_44k.wav"
+    ffmpeg("-i", str(files["speech.wav"]), "-ar", "44100", str(files["speech_44k.wav"]))
     t = np.arange(3 * 44_100) / 44_100
     files["tone_44k.wav"] = write_wav(folder / "tone_44k.wav", 0.3 * np.sin(2 * np.pi * 440 * t), rate=44_100)
     files["image.png"] = folder / "image.png"
@@ -89,10 +92,14 @@ def model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# With the slow model: each window decodes exactly 445 tokens (the 448 positions less the prefix), once.
+FIXED_LENGTH = ("--max-new-tokens", "445", "--fixed-new-tokens", "true")
+
+
 @pytest.fixture(scope="session")
 def slow_model_dir(tmp_path_factory) -> Path:
-    """The tiny model allowed a real checkpoint's 448 positions: each window decodes 445 tokens, hundreds of steps,
-    so tests can act while windows are part-way through decoding."""
+    """The tiny model allowed a real checkpoint's 448 positions: served with FIXED_LENGTH each window decodes for
+    hundreds of steps, so tests can act while windows are part-way through decoding."""
     from whisper_server.test_model import make_test_model
 
     return make_test_model(tmp_path_factory.mktemp("model") / "whisper-tiny-slow", max_length=448)

@@ -12,7 +12,7 @@ from contextlib import ExitStack
 import httpx
 import pytest
 
-from conftest import post_audio, read_response, send_upload_head
+from conftest import FIXED_LENGTH, post_audio, read_response, send_upload_head
 
 FILE_PART_HEAD = b'--b\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n\r\n'
 
@@ -91,7 +91,7 @@ def test_audio_past_the_held_audio_bound_is_refused_and_the_rest_served(start_se
     """75 s of audio decoding slowly holds 75 of the 80 s the server may hold: the speech clip (about 8 s) is
     refused with Retry-After, a 1 s clip still fits, and the long file is answered in full."""
     server = start_server("--max-queued-audio-seconds", "80", "--max-audio-seconds", "80", "--max-batch-size", "2",
-                          model=slow_model_dir)
+                          *FIXED_LENGTH, model=slow_model_dir)
     with ThreadPoolExecutor(1) as pool:
         long_request = pool.submit(post_audio, httpx.Client(base_url=server.url, timeout=300), audio["long.mp3"])
         deadline = time.monotonic() + 60

@@ -40,7 +40,7 @@ def test_metrics_only_on_their_own_port(server):
     assert "http_requests_total" in server.metrics_text()
 
 
-@pytest.mark.parametrize("name", ["speech.wav", "speech.mp3", "speech.ogg", "speech.flac", "speech.m4a", "tone_44k.wav"])
+@pytest.mark.parametrize("name", ["speech.wav", "speech.mp3", "speech.ogg", "speech.flac", "speech.m4a", "speech_44k.wav"])
 def test_transcribes_each_audio_format(server, audio, name):
     response = post_audio(server.client, audio[name], model="whisper-1", response_format="verbose_json")
     assert response.status_code == 200, response.text
@@ -117,6 +117,8 @@ def test_silence_is_not_transcribed(server, audio):
     silent = post_audio(server.client, audio["silence.wav"], response_format="verbose_json").json()
     assert silent["text"] == "" and silent["segments"] == []
     assert silent["duration"] == pytest.approx(10, abs=0.05)
+    tone = post_audio(server.client, audio["tone_44k.wav"], response_format="verbose_json").json()
+    assert tone["text"] == "" and tone["segments"] == [], "a tone is not speech: it never reaches the model"
     mixed = post_audio(server.client, audio["silence_then_speech.wav"], response_format="verbose_json").json()
     assert mixed["segments"], "the speech after the silence is transcribed"
     assert min(s["start"] for s in mixed["segments"]) >= 25, "nothing is made up for the silent first window"

@@ -61,16 +61,17 @@ def test_tokens_equal_transformers_alone_and_batched(engine):
 
 
 def test_the_448_position_limit(engine):
-    """A long prompt and the checkpoint's max_length at 448: decoding stops at the decoder's last position."""
+    """A long prompt and a real checkpoint's 224-token sample length: decoding stops at the decoder's last
+    position."""
     long_prompt = " ".join(PROMPTS * 40)
     window = (clip(11, 20.0), DecodeOptions(language="en", prompt=long_prompt))
-    previous = engine.max_length
-    engine.max_length = 448
+    previous = engine.sample_length
+    engine.sample_length = 224
     try:
         expected = reference(engine, *window)
         got = decode(engine, [window, (clip(12, 4.0), DecodeOptions())], joins=[0, 0])[0]
     finally:
-        engine.max_length = previous
+        engine.sample_length = previous
     prefix = len(engine._prompt_ids(long_prompt)) + 3
     assert prefix + len(expected) == 448, "the reference ran into the limit"
     assert got == expected

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from conftest import post_audio
+from conftest import FIXED_LENGTH, post_audio
 
 
 def post_many(server, path, count: int, **fields) -> list[httpx.Response]:
@@ -72,7 +72,7 @@ def wait_for_steps(server, before: float) -> float:
 def test_a_clip_is_answered_while_a_long_file_decodes(start_server, slow_model_dir, audio):
     """Iteration-level batching: the clip's window joins the steps the file's windows are running, and is answered
     while they go on; it does not wait for them to finish."""
-    server = start_server("--max-batch-size", "4", model=slow_model_dir)
+    server = start_server("--max-batch-size", "4", *FIXED_LENGTH, model=slow_model_dir)
     with ThreadPoolExecutor(1) as pool:
         long_file = pool.submit(post_audio, httpx.Client(base_url=server.url, timeout=300), audio["two_windows.mp3"])
         wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > 0, "the file decodes")
@@ -87,7 +87,7 @@ def test_a_clip_is_answered_while_a_long_file_decodes(start_server, slow_model_d
 
 
 def test_a_cancelled_request_frees_its_slots_at_once(start_server, slow_model_dir, audio, assert_still_ready):
-    server = start_server("--max-batch-size", "2", model=slow_model_dir)
+    server = start_server("--max-batch-size", "2", *FIXED_LENGTH, model=slow_model_dir)
     body = audio["long.mp3"].read_bytes()
     multipart = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="long.mp3"\r\n\r\n' + body
                  + b"\r\n--b--\r\n")
@@ -188,7 +188,7 @@ def test_a_client_that_hangs_up_leaves_the_queue(start_server, audio, assert_sti
 
 def test_an_engine_that_dies_fails_its_requests_and_stops_the_server(start_server, slow_model_dir, audio):
     """The pod must be restarted, not left answering /healthz with no engine behind it."""
-    server = start_server("--max-batch-size", "2", model=slow_model_dir)
+    server = start_server("--max-batch-size", "2", *FIXED_LENGTH, model=slow_model_dir)
     engine = int(subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "spawn_main"], capture_output=True,
                                 text=True, check=True).stdout.split()[0])
     with ThreadPoolExecutor(1) as pool:

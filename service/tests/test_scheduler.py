@@ -3,22 +3,23 @@ reassembly of window results into a transcript."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from whisper_server.audio import Window
 import pytest
 
-from whisper_server.decoding import (SAMPLE_RATE, DecodeOptions, EngineFailure, OutOfMemory, Segment, WindowResult,
-                                     compression_ratio)
-from whisper_server.scheduler import SchedulerEvents, SlotScheduler, is_repetition_loop
+from whisper_server.decoding import (SAMPLE_RATE, DecodeOptions, EngineFailure, OutOfMemory, Segment, Window,
+                                     WindowResult, compression_ratio)
+from whisper_server.scheduler import SchedulerEvents, SlotScheduler, is_silence, needs_fallback
 from whisper_server.transcript import assemble
 
 LOOPING = "the the the the the the the the the the the the the the the the the the the the"
 
 
-def labelled(label: float, seconds: float = 1.0) -> np.ndarray:
+def labelled(label: float, seconds: float = 1.0, offset: float = 0.0) -> Window:
     """A window whose samples carry a label, so results can be traced back to their window."""
-    return np.full(int(seconds * SAMPLE_RATE), label, np.float32)
+    return Window(offset, np.full(int(seconds * SAMPLE_RATE), label, np.float32))
 
 
 def segment(start: float, end: float, text: str, temperature: float = 0.0) -> Segment:
@@ -27,13 +28,16 @@ def segment(start: float, end: float, text: str, temperature: float = 0.0) -> Se
 
 class StandInEngine:
     """Slots like the real engine's: a window labelled L decodes in `steps(L)` steps and answers its label as text
-    (or a repetition loop where `loops(L, temperature)`). Admitting a label in `fails`, or stepping while one in
-    `step_fails` is in a slot, raises `error`; `healthy` is what the device answers after that. Records every
-    admission and which labels each step ran."""
+    (or a repetition loop where `loops(L, temperature)`), in the language given or else "xx", as a decode that
+    `resume(L, seconds)` says goes on at that many seconds into the window (None: done). Admitting a label in
+    `fails`, or stepping while one in `step_fails` is in a slot, raises `error`; `healthy` is what the device answers
+    after that. Records every admission and which labels each step ran."""
 
     def __init__(self, capacity: int, steps=lambda label: 1, loops=lambda label, temperature: False, fails=(),
-                 step_fails=(), error: Exception = OutOfMemory("the stand-in ran out of memory"), healthy: bool = True):
+                 step_fails=(), error: Exception = OutOfMemory("the stand-in ran out of memory"), healthy: bool = True,
+                 resume=lambda label, seconds: None):
         self.capacity, self.steps_for, self.loops, self.fails = capacity, steps, loops, set(fails)
+        self.resume = resume
         self.step_fails, self.error, self.is_healthy = set(step_fails), error, healthy
         self.slots: dict[int, list] = {}  # slot -> [label, options, steps left]
         self.admissions: list[list[tuple[float, DecodeOptions]]] = []
@@ -52,21 +56,27 @@ class StandInEngine:
             raise self.error
         self.admissions.append(labels)
         free = sorted(set(range(self.capacity)) - set(self.slots))[:len(windows)]
-        for slot, (label, options) in zip(free, labels):  # the lowest free slots, as the real decoder does
-            self.slots[slot] = [label, options, self.steps_for(label)]
+        for slot, (label, options), (samples, _) in zip(free, labels, windows):  # the lowest free slots, as the
+            self.slots[slot] = [label, options, self.steps_for(label), len(samples) / SAMPLE_RATE]  # decoder does
         return free
 
+    def window_language(self, slot: int) -> str | None:
+        return self.slots[slot][1].language or "xx"
+
     def step(self):
-        self.steps.append(sorted(label for label, _, _ in self.slots.values()))
+        self.steps.append(sorted(label for label, _, _, _ in self.slots.values()))
         if self.step_fails & set(self.steps[-1]):
             raise self.error
         finished = []
         for slot, entry in sorted(self.slots.items()):
             entry[2] -= 1
             if entry[2] == 0:
-                label, options, _ = self.slots.pop(slot)
+                label, options, _, seconds = self.slots.pop(slot)
                 text = LOOPING if self.loops(label, options.temperature) else f"{label:g}"
-                finished.append((slot, WindowResult(options.language, [segment(0, 1, text, options.temperature)])))
+                finished.append((slot, WindowResult(
+                    options.language or "xx", [segment(0, 1, text, options.temperature)], avg_logprob=-0.2,
+                    compression_ratio=compression_ratio(text), temperature=options.temperature, duration=seconds,
+                    resume_at=self.resume(label, seconds))))
         return finished
 
     def release(self, slots):
@@ -78,20 +88,22 @@ class StandInEngine:
 class Harness:
     """Drives a SlotScheduler step by step, as the engine process's loop does, recording what each request got."""
 
-    def __init__(self, engine: StandInEngine, fallback: bool = True):
+    def __init__(self, engine: StandInEngine, fixed_length: bool = False):
         self.engine = engine
         self.done: dict[int, list[WindowResult]] = {}
         self.failed: dict[int, Exception] = {}
         self.finished_at: dict[int, int] = {}
         self.scheduler = SlotScheduler(engine, SchedulerEvents(on_done=self._done, on_failed=self.failed.__setitem__),
-                                       fallback=fallback)
+                                       fixed_length=fixed_length)
 
     def _done(self, key, results):
         self.done[key] = results
         self.finished_at[key] = len(self.engine.steps)
 
-    def submit(self, key: int, labels: list[float], options: DecodeOptions = DecodeOptions()) -> None:
-        self.scheduler.submit(key, options, [labelled(label) for label in labels])
+    def submit(self, key: int, labels: list[float], options: DecodeOptions = DecodeOptions(language="en"),
+               seconds: float = 1.0) -> None:
+        self.scheduler.submit(key, options, [labelled(label, seconds, index * seconds)
+                                             for index, label in enumerate(labels)])
 
     def run(self, steps: int | None = None) -> None:
         """Runs until idle, or for a number of steps."""
@@ -139,7 +151,7 @@ def test_requests_with_different_options_share_admissions_and_steps():
     harness.run()
     assert [options for _, options in harness.engine.admissions[0]] == options, "one admission, every option kept"
     assert harness.engine.steps == [[0, 1, 2, 3]] * 3
-    assert [harness.done[key][0].language for key in range(4)] == ["en", "de", None, None]
+    assert [harness.done[key][0].language for key in range(4)] == ["en", "de", "xx", "xx"]
 
 
 def test_windows_arriving_during_decoding_wait_briefly_to_share_one_encoder_pass():
@@ -188,7 +200,7 @@ def test_a_looping_window_is_retried_hotter_and_keeps_its_request_s_place():
 
 def test_fixed_length_decoding_has_no_fallback():
     engine = StandInEngine(capacity=2, loops=lambda label, temperature: True)
-    harness = Harness(engine, fallback=False)
+    harness = Harness(engine, fixed_length=True)
     harness.submit(0, [1])
     harness.run()
     assert len(engine.admissions) == 1 and harness.done[0][0].segments[0].text == LOOPING
@@ -261,23 +273,66 @@ def test_out_of_memory_in_a_step_fails_its_requests_and_the_engine_goes_on():
     assert isinstance(harness.failed[0], OutOfMemory) and harness.texts(1) == ["2"]
 
 
-def test_a_loop_is_judged_on_the_window_s_whole_text():
-    """A short phrase repeated between timestamps: each segment compresses little, the window's text a lot."""
-    repeated = [segment(i, i + 1, "we will be right back") for i in range(12)]
-    assert all(s.compression_ratio < 2.4 for s in repeated)
-    assert is_repetition_loop(WindowResult("en", repeated))
-    varied = [segment(i, i + 1, text) for i, text in enumerate(
-        ["the quick brown fox", "jumps over the lazy dog", "and then it runs away", "into the dark forest"])]
-    assert not is_repetition_loop(WindowResult("en", varied))
+def result(avg_logprob: float, no_speech_prob: float = 0.01, text: str = "some words") -> WindowResult:
+    return WindowResult("en", [segment(0, 1, text)], avg_logprob=avg_logprob, no_speech_prob=no_speech_prob,
+                        compression_ratio=compression_ratio(text))
 
 
-def test_assemble_offsets_windows_and_keeps_time_moving_forward():
-    windows = [Window(0.0, np.zeros(28 * SAMPLE_RATE)), Window(28.0, np.zeros(30 * SAMPLE_RATE)),
-               Window(58.0, np.zeros(5 * SAMPLE_RATE))]
-    results = [WindowResult("en", [segment(0, 10, "a"), segment(10, 28.5, "b")]),
-               WindowResult("en", [segment(0, 2, "c"), segment(5, 30, "d")]),
-               WindowResult(None, [])]
-    transcript = assemble(windows, results, 63.0)
+def test_openai_s_fallback_and_no_speech_rules():
+    assert needs_fallback(result(-1.2)), "an unsure decode is retried hotter"
+    assert needs_fallback(result(-0.3, text=LOOPING)), "so is a repetition loop"
+    assert not needs_fallback(result(-0.3))
+    assert is_silence(result(-1.2, no_speech_prob=0.7)) and not needs_fallback(result(-1.2, no_speech_prob=0.7))
+    assert not is_silence(result(-0.9, no_speech_prob=0.9)), "a confident decode is speech, whatever no_speech says"
+    assert not is_silence(result(-3.0, no_speech_prob=0.5))
+
+
+def test_silence_is_dropped_without_a_fallback():
+    class Silent(StandInEngine):
+        def step(self):
+            return [(slot, replace(found, no_speech_prob=0.9, avg_logprob=-1.5)) for slot, found in super().step()]
+
+    engine = Silent(capacity=2)
+    harness = Harness(engine)
+    harness.submit(0, [1, 2])
+    harness.run()
+    assert len(engine.admissions) == 1, "no retry at a higher temperature"
+    assert [found.segments for found in harness.done[0]] == [[], []]
+
+
+def test_a_decode_that_stops_short_continues_from_its_last_timestamp_beside_other_windows():
+    """Window 1 (of 10 s) stops at 6 s, its continuation at 8.5 s; their rest goes back into the queue at the head of
+    the request, decodes beside the other windows, and the results come back in audio order."""
+    resume = {(1, 10.0): 6.0, (1, 4.0): 2.5}
+    engine = StandInEngine(capacity=2, steps=lambda label: 3, resume=lambda label, seconds: resume.get((label, round(seconds, 2))))
+    harness = Harness(engine)
+    harness.submit(0, [1, 2, 3], seconds=10.0)
+    harness.submit(1, [7])
+    harness.run()
+    offsets = [found.offset for found in harness.done[0]]
+    assert offsets == [0.0, 6.0, 8.5, 10.0, 20.0]
+    assert [found.duration for found in harness.done[0]] == [10.0, 4.0, 1.5, 10.0, 10.0]
+    assert [found.segments[0].text for found in harness.done[0]] == ["1", "1", "1", "2", "3"]
+    assert [[label for label, _ in admission] for admission in engine.admissions] == [[1, 7], [1, 2], [1, 3]], \
+        "each continuation goes ahead of the request's next window, beside it"
+    assert harness.texts(1) == ["7"]
+
+
+def test_the_language_is_detected_once_on_the_first_window():
+    engine = StandInEngine(capacity=4)
+    harness = Harness(engine)
+    harness.submit(0, [1, 2, 3, 4], DecodeOptions())
+    harness.run()
+    assert [[(label, options.language) for label, options in admission] for admission in engine.admissions] == [
+        [(1, None)], [(2, "xx"), (3, "xx"), (4, "xx")]]
+    assert {found.language for found in harness.done[0]} == {"xx"}
+
+
+def test_assemble_offsets_windows_and_keeps_time_moving_forward_inside_the_audio():
+    results = [WindowResult("en", [segment(0, 10, "a"), segment(10, 28.5, "b")], offset=0.0),
+               WindowResult("en", [segment(0, 2, "c"), segment(5, 30, "d")], offset=28.0),
+               WindowResult("en", [segment(0, 4, "e")], offset=60.0)]
+    transcript = assemble(results, 63.0)
     assert [(s.start, s.end, s.text) for s in transcript.segments] == [
-        (0, 10, "a"), (10, 28.5, "b"), (28.5, 30, "c"), (33, 58, "d")]
-    assert transcript.text == "a b c d" and transcript.language == "en" and transcript.duration == 63.0
+        (0, 10, "a"), (10, 28.5, "b"), (28.5, 30, "c"), (33, 58, "d"), (60, 63, "e")]
+    assert transcript.text == "a b c d e" and transcript.language == "en" and transcript.duration == 63.0

@@ -1,41 +1,19 @@
-"""Audio decoding (PyAV: ffmpeg's libraries inside the wheel, no ffmpeg binary or subprocess) and windowing."""
+"""Audio decoding (PyAV: ffmpeg's libraries inside the wheel, no ffmpeg binary or subprocess)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import av
 import numpy as np
 
-from .decoding import SAMPLE_RATE, WINDOW_SECONDS
-
-# A window is silence when almost none of its 30 ms frames rise above this level (dB relative to full scale).
-SILENCE_DBFS = -45.0
-SPEECH_FRAME_FRACTION = 0.02
-# Long audio is cut at the quietest 100 ms in the last 2 s before each 30 s boundary, not mid-word: every window but
-# the last is at least 28 s, so N seconds of audio take at most ceil(N / 28) windows.
-CUT_SEARCH_SECONDS = 2.0
-CUT_FRAME_SECONDS, CUT_HOP_SECONDS = 0.1, 0.01
-# Levels differing by less than this, or both below the silence floor, are equally quiet: the latest such frame is
-# the cut, so windows stay close to 30 s instead of stopping at the first of many near-equal pauses or noise dips.
-CUT_TOLERANCE_DB = 1.0
+from .decoding import SAMPLE_RATE
 
 
 class AudioError(Exception):
     def __init__(self, status: int, message: str, code: str):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
-
-
-@dataclass(eq=False)  # compared by identity: field equality would compare sample arrays
-class Window:
-    offset: float  # seconds from the start of the audio
-    samples: np.ndarray
-
-    @property
-    def duration(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
 
 
 def decode_audio(path: str, max_seconds: float, on_samples: Callable[[int], None] = lambda total: None) -> np.ndarray:
@@ -78,41 +56,3 @@ def decode_audio(path: str, max_seconds: float, on_samples: Callable[[int], None
     if len(samples) < SAMPLE_RATE // 100:
         raise AudioError(400, "The file contains no audio samples (empty or truncated).", "empty_audio")
     return samples
-
-
-def frame_rms(samples: np.ndarray, frame: int) -> np.ndarray:
-    usable = len(samples) // frame * frame
-    if usable == 0:
-        return np.sqrt(np.mean(samples**2, keepdims=True)) if len(samples) else np.zeros(1)
-    return np.sqrt(np.mean(samples[:usable].reshape(-1, frame) ** 2, axis=1))
-
-
-def is_silence(samples: np.ndarray) -> bool:
-    loud = frame_rms(samples, int(0.03 * SAMPLE_RATE)) > 10 ** (SILENCE_DBFS / 20)
-    return loud.mean() < SPEECH_FRAME_FRACTION
-
-
-def quietest_point(samples: np.ndarray, earliest: int, latest: int) -> int:
-    """The sample index in [earliest, latest] at the centre of the quietest 100 ms, the latest of equally quiet ones."""
-    frame, hop = int(CUT_FRAME_SECONDS * SAMPLE_RATE), int(CUT_HOP_SECONDS * SAMPLE_RATE)
-    half = frame // 2
-    span = samples[earliest - half:latest + half].astype(np.float64)
-    energy = np.concatenate(([0.0], np.cumsum(span**2)))
-    starts = np.arange(0, len(span) - frame + 1, hop)
-    level_db = 10 * np.log10(np.maximum((energy[starts + frame] - energy[starts]) / frame, 1e-20))
-    quiet = level_db <= max(level_db.min() + CUT_TOLERANCE_DB, SILENCE_DBFS)
-    return earliest + int(starts[np.flatnonzero(quiet)[-1]])
-
-
-def split_windows(samples: np.ndarray) -> list[Window]:
-    """Cuts audio into windows of at most 30 s; each but the last ends at the quietest 100 ms of its last 2 s."""
-    window, search = int(WINDOW_SECONDS * SAMPLE_RATE), int(CUT_SEARCH_SECONDS * SAMPLE_RATE)
-    half_frame = int(CUT_FRAME_SECONDS * SAMPLE_RATE) // 2
-    windows, start = [], 0
-    while len(samples) - start > window:
-        # The frame centred on the cut must lie within the audio; only the last window can be shorter than 28 s.
-        cut = quietest_point(samples, start + window - search, min(start + window, len(samples) - half_frame))
-        windows.append(Window(start / SAMPLE_RATE, samples[start:cut]))
-        start = cut
-    windows.append(Window(start / SAMPLE_RATE, samples[start:]))
-    return windows

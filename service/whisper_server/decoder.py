@@ -39,11 +39,13 @@ class SpecialTokens:
 
 @dataclass
 class Finished:
-    """A window that finished in the last step: its generated tokens (end of text excluded) and their log-probs."""
+    """A window that finished in the last step: its generated tokens (end of text excluded), their log-probs, and
+    the sum of every sampled token's log-prob, end of text included (OpenAI's avg_logprob counts it)."""
 
     slot: int
     tokens: list[int]
     logprobs: list[float]
+    sum_logprob: float
 
 
 def bucket_sizes(slots: int) -> list[int]:
@@ -190,18 +192,21 @@ class SlotDecoder:
         return self.model.proj_out(hidden[:, -1]).float()
 
     def prefill(self, slots: list[int], prefixes: list[list[int]], limits: list[int], min_lengths: list[int],
-                temperatures: list[float]) -> None:
-        """Writes the KV of each window's forced prefix except its last token (the first step feeds that one) and
-        sets the slot's state; the slots are decoding from the next step on."""
+                temperatures: list[float]) -> torch.Tensor:
+        """Writes the KV of each window's forced prefix (the first step feeds its last token again) and sets the
+        slot's state; the slots are decoding from the next step on. Returns the logits at each window's
+        <|startoftranscript|>, after its prompt (float32, [windows, vocab]): no_speech_prob is read there."""
         index = torch.tensor(slots, device=self.device)
         rows = torch.full((len(slots), self.positions), self.special.end_of_text, dtype=torch.long)
         for row, prefix in enumerate(prefixes):
             rows[row, :len(prefix)] = torch.tensor(prefix)
         rows = rows.to(self.device)
-        width = max(len(prefix) for prefix in prefixes) - 1
+        width = max(len(prefix) for prefix in prefixes)
         # Rows with shorter prefixes write padding KV past their own prefix: the step overwrites or masks it.
         positions = torch.arange(width, device=self.device).expand(len(slots), width)
-        self._decode(rows[:, :width], positions, index, index, self._causal_mask(positions))
+        hidden = self._decode(rows[:, :width], positions, index, index, self._causal_mask(positions))
+        at_start = torch.tensor([prefix.index(self.special.start_of_transcript) for prefix in prefixes],
+                                device=self.device)
         lengths = torch.tensor([len(prefix) for prefix in prefixes], device=self.device)
         self.tokens[index] = rows
         self.length[index] = lengths
@@ -212,6 +217,7 @@ class SlotDecoder:
         self.last_timestamp[index] = -1
         self.done[index] = False
         self.active[index] = True
+        return self.model.proj_out(hidden[torch.arange(len(slots), device=self.device), at_start]).float()
 
     # The step -----------------------------------------------------------------------------------------------------
 
@@ -237,7 +243,8 @@ class SlotDecoder:
         results = []
         for row, slot in enumerate(finished):
             end = lengths[row] - (tokens[row][lengths[row] - 1] == self.special.end_of_text)
-            results.append(Finished(slot, tokens[row][begins[row]:end], logprobs[row][begins[row]:end]))
+            results.append(Finished(slot, tokens[row][begins[row]:end], logprobs[row][begins[row]:end],
+                                    sum(logprobs[row][begins[row]:lengths[row]])))
         self.release(finished)
         return results
 

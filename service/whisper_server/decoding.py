@@ -6,8 +6,21 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
+
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30.0
+TIME_PRECISION = 0.02  # seconds per timestamp token
+
+
+@dataclass(eq=False)  # compared by identity: field equality would compare sample arrays
+class Window:
+    offset: float  # seconds from the start of the audio
+    samples: np.ndarray
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -15,7 +28,7 @@ class DecodeOptions:
     """What a request asks of the decoder, per window; windows with different options share decode steps."""
 
     task: str = "transcribe"  # or "translate"
-    language: str | None = None  # ISO-639-1 code; None detects it per window
+    language: str | None = None  # ISO-639-1 code; None detects it once per request, on its first window
     prompt: str | None = None
     temperature: float = 0.0
 
@@ -34,9 +47,20 @@ class Segment:
 
 @dataclass
 class WindowResult:
+    """One decode of one window. The decode-level figures are OpenAI's: avg_logprob is the sum of every sampled
+    token's log-probability (end of text included) over their count plus one, the compression ratio is the whole
+    text's, no_speech_prob is read at <|startoftranscript|> after any prompt."""
+
     language: str | None
-    segments: list[Segment] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)  # the finished ones, times within the window
     tokens: list[int] = field(default_factory=list)  # every generated token, timestamps included, end of text not
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float = 0.0
+    duration: float = 0.0  # seconds of audio in the window
+    resume_at: float | None = None  # seconds into the window where decoding goes on (OpenAI's seek); None: done
+    offset: float = 0.0  # where the window starts in the audio (seconds); set by the scheduler
 
 
 class OutOfMemory(Exception):

@@ -12,11 +12,9 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from .decoder import SlotDecoder, SpecialTokens
-from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
+from .decoding import SAMPLE_RATE, TIME_PRECISION, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
+from .segmentation import decoded_until
 
-# Whisper's own rule for dropping a window as silence: likely no speech and a low-confidence decode.
-NO_SPEECH_THRESHOLD = 0.6
-LOGPROB_THRESHOLD = -1.0
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Memory left beside the KV caches for the encoder's activations and the step graphs, as a share of free memory.
 ACTIVATION_RESERVE = 0.2
@@ -87,7 +85,9 @@ class WhisperEngine:
         self.languages = set(self.language_ids)
         self.task_ids = dict(generation.task_to_id)
         self.positions = config.max_target_positions
-        self.max_length = min(generation.max_length or self.positions, self.positions)
+        # OpenAI's sample length: at most half the decoder's context (224 tokens) after the prefix, or fewer where the
+        # checkpoint's max_length says so (the random test models).
+        self.sample_length = min(generation.max_length or self.positions, self.positions // 2)
         extractor = self.processor.feature_extractor
         self.hann_window = torch.hann_window(extractor.n_fft, device=self.device)
         self.mel_filters = torch.from_numpy(extractor.mel_filters).to(self.device, torch.float32)
@@ -180,13 +180,11 @@ class WhisperEngine:
         try:
             features = self.log_mel([samples for samples, _ in windows]).to(self.dtype)
             first = self.decoder.attach(slots, self.model.get_encoder()(features).last_hidden_state)
-            # no_speech_prob and the detected language come from the logits after <|startoftranscript|> alone, as in
-            # OpenAI's decoder and transformers' detect_language.
-            no_speech = first.softmax(-1)[:, self.special.no_speech]
-            detected = first.masked_fill(self.decoder.language_mask, float("-inf")).argmax(-1)
-            no_speech, detected = no_speech.tolist(), detected.tolist()
+            # The language is detected from the logits after <|startoftranscript|> alone, as in OpenAI's and
+            # transformers' detect_language.
+            detected = first.masked_fill(self.decoder.language_mask, float("-inf")).argmax(-1).tolist()
             prefixes, limits, min_lengths, admitted = [], [], [], []
-            for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
+            for (samples, options), detected_id in zip(windows, detected):
                 language_id = self.language_ids[options.language] if options.language else detected_id
                 prefix = self._prompt_ids(options.prompt) + [
                     self.special.start_of_transcript, language_id, self.task_ids[options.task]]
@@ -195,8 +193,12 @@ class WhisperEngine:
                 limits.append(limit)
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
                 admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, self.id_to_language.get(language_id),
-                                           no_speech_prob, options.temperature))
-            self.decoder.prefill(slots, prefixes, limits, min_lengths, [options.temperature for _, options in windows])
+                                           0.0, options.temperature))
+            # no_speech_prob is read at <|startoftranscript|> after the prompt, as OpenAI's decoder reads it.
+            at_start = self.decoder.prefill(slots, prefixes, limits, min_lengths,
+                                            [options.temperature for _, options in windows])
+            for window, no_speech_prob in zip(admitted, at_start.softmax(-1)[:, self.special.no_speech].tolist()):
+                window.no_speech_prob = no_speech_prob
         except torch.OutOfMemoryError as error:
             self.decoder.release(slots)
             torch.cuda.empty_cache()
@@ -207,14 +209,14 @@ class WhisperEngine:
         self.windows.update(zip(slots, admitted))
         return slots
 
+    def window_language(self, slot: int) -> str | None:
+        """The language a busy slot's window decodes in (given, or detected at its admission)."""
+        return self.windows[slot].language
+
     def _limit(self, prefix_length: int, max_new_tokens: int | None) -> int:
-        """Most tokens in a slot's sequence, prefix included: transformers' rule (max_new_tokens after the prefix,
-        or the checkpoint's max_length plus the prefix up to half the context) within the 448 positions."""
-        if max_new_tokens:
-            total = prefix_length + max_new_tokens
-        else:
-            total = self.max_length + min(self.positions // 2 - 1, prefix_length)
-        return min(total, self.positions)
+        """Most tokens in a slot's sequence, prefix included: max_new_tokens (or the sample length) after the prefix,
+        within the 448 positions, where OpenAI's decoder stops too."""
+        return min(prefix_length + (max_new_tokens or self.sample_length), self.positions)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, WindowResult]]:
@@ -224,15 +226,20 @@ class WhisperEngine:
         except torch.OutOfMemoryError as error:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(error)) from error
-        results = []
-        for item in finished:
-            window = self.windows.pop(item.slot)
-            segments = self._segments(item.tokens, item.logprobs, window.duration, window.no_speech_prob,
-                                      window.temperature)
-            if not self.fixed_new_tokens:
-                segments = self._drop_if_silence(segments)
-            results.append((item.slot, WindowResult(window.language, segments, item.tokens)))
-        return results
+        return [(item.slot, self._result(item.tokens, item.sum_logprob, self.windows.pop(item.slot)))
+                for item in finished]
+
+    def _result(self, tokens: list[int], sum_logprob: float, window: SlotWindow) -> WindowResult:
+        """A finished decode: OpenAI's decode-level figures, and its finished segments with where it goes on."""
+        text = self.processor.tokenizer.decode([t for t in tokens if t < self.special.end_of_text]).strip()
+        result = WindowResult(
+            window.language, tokens=tokens, avg_logprob=sum_logprob / (len(tokens) + 1),
+            compression_ratio=compression_ratio(text), no_speech_prob=window.no_speech_prob,
+            temperature=window.temperature, duration=window.duration)
+        kept, result.resume_at = ((len(tokens), None) if self.fixed_new_tokens
+                                  else decoded_until(tokens, self.special.timestamp_begin, window.duration))
+        result.segments = self._segments(tokens[:kept], result)
+        return result
 
     # Front end and results ----------------------------------------------------------------------------------------
 
@@ -263,49 +270,40 @@ class WhisperEngine:
         ids = self.processor.get_prompt_ids(prompt).tolist()
         return ids[:1] + ids[1:][-(self.positions // 2 - 1):]
 
-    def _segments(self, tokens, token_logprobs, duration, no_speech_prob, temperature) -> list[Segment]:
-        """Splits a window's tokens into segments at timestamp tokens, clamped to the window and kept in order."""
+    def _segments(self, tokens: list[int], result: WindowResult) -> list[Segment]:
+        """Splits a decode's tokens into segments at timestamp tokens, clamped to the window and kept in order; each
+        carries its decode's figures, as OpenAI's segments do."""
         tokenizer = self.processor.tokenizer
-        timestamp_begin, end_of_text = self.special.timestamp_begin, self.special.end_of_text
+        timestamp_begin, end_of_text, duration = self.special.timestamp_begin, self.special.end_of_text, result.duration
         segments: list[Segment] = []
-        start, text_tokens, text_logprobs = None, [], []
+        start, text_tokens = None, []
 
         def close(end: float) -> None:
-            nonlocal start, text_tokens, text_logprobs
+            nonlocal start, text_tokens
             text = tokenizer.decode(text_tokens, skip_special_tokens=True).strip()
             previous_end = segments[-1].end if segments else 0.0
             begin = min(max(start or 0.0, previous_end), duration)
             if text and segments and begin >= duration:  # timestamps past the window's end: same segment
                 last = segments[-1]
                 last.text, last.tokens = f"{last.text} {text}", last.tokens + text_tokens
-                last.compression_ratio = compression_ratio(last.text)
             elif text:
                 segments.append(Segment(
                     start=round(begin, 2), end=round(min(max(end, begin), duration), 2), text=text,
-                    tokens=list(text_tokens), avg_logprob=float(np.mean(text_logprobs)),
-                    compression_ratio=compression_ratio(text), no_speech_prob=no_speech_prob, temperature=temperature,
+                    tokens=list(text_tokens), avg_logprob=result.avg_logprob,
+                    compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
+                    temperature=result.temperature,
                 ))
-            start, text_tokens, text_logprobs = None, [], []
+            start, text_tokens = None, []
 
-        for token, logprob in zip(tokens, token_logprobs):
+        for token in tokens:
             if token >= timestamp_begin:
-                time_at = (token - timestamp_begin) * 0.02
+                time_at = (token - timestamp_begin) * TIME_PRECISION
                 if text_tokens:
                     close(time_at)
                 else:
                     start = time_at
             elif token < end_of_text:
                 text_tokens.append(token)
-                text_logprobs.append(logprob)
         if text_tokens:
             close(duration)
-        return segments
-
-    @staticmethod
-    def _drop_if_silence(segments: list[Segment]) -> list[Segment]:
-        if not segments:
-            return segments
-        avg_logprob = float(np.mean([s.avg_logprob for s in segments]))
-        if segments[0].no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD:
-            return []
         return segments

@@ -1,7 +1,7 @@
 """The engine runs in its own process, so nothing the HTTP layer does (uploads, audio decoding, the event loop) holds
 up the decode loop, and the HTTP process never loads torch.
 
-Two one-way pipes connect them. HTTP process -> engine: ("submit", key, options, window count) followed by each
+Two one-way pipes connect them. HTTP process -> engine: ("submit", key, options, window offsets) followed by each
 window's float32 samples as raw bytes (no pickling of audio), ("cancel", key), ("stop",). Engine -> HTTP process:
 ("ready", EngineInfo) or ("load_failed", message) once, then ("done", key, results), ("failed", key, kind, message)
 and ("stats", EngineStats) every 100 ms or so while busy, which the HTTP process turns into its Prometheus metrics.
@@ -22,17 +22,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .settings import Settings
-from .decoding import DecodeOptions, EngineFailure, OutOfMemory, WindowResult
+from .decoding import DecodeOptions, EngineFailure, OutOfMemory, Window, WindowResult
 from .metrics import Metrics
 from .scheduler import SchedulerEvents, SlotScheduler
-
-if TYPE_CHECKING:
-    from .audio import Window
 
 log = logging.getLogger("whisper_server.engine")
 REPORT_SECONDS = 0.1
@@ -101,7 +97,7 @@ def engine_main(settings: Settings, requests, events) -> None:
     log.info("engine ready", extra={"fields": {"slots": engine.capacity, "device": engine.device,
                                                "cuda_graphs": len(engine.decoder.graphs)}})
     try:
-        EngineLoop(engine, requests, events, fallback=not settings.fixed_new_tokens,
+        EngineLoop(engine, requests, events, fixed_length=settings.fixed_new_tokens,
                    admission_wait=settings.batch_wait_ms / 1000).run()
     except EngineFailure:
         log.exception("the engine cannot go on; exiting so that the server exits and the pod is restarted")
@@ -111,12 +107,12 @@ def engine_main(settings: Settings, requests, events) -> None:
 class EngineLoop:
     """The engine process's main thread: takes the messages a receiver thread queued, admits and steps."""
 
-    def __init__(self, engine, requests, events, fallback: bool, admission_wait: float):
+    def __init__(self, engine, requests, events, fixed_length: bool, admission_wait: float):
         self.requests, self.events = requests, events
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.scheduler = SlotScheduler(engine, SchedulerEvents(on_done=self._done, on_failed=self._failed,
                                                                on_step=self._stepped),
-                                       fallback=fallback, admission_wait=admission_wait)
+                                       fixed_length=fixed_length, admission_wait=admission_wait)
         self.steps: list[tuple[int, float]] = []
         self.reported: tuple | None = None
         self.reported_at = 0.0
@@ -128,8 +124,9 @@ class EngineLoop:
             while True:
                 message = self.requests.recv()
                 if message[0] == "submit":
-                    _, key, options, count = message
-                    windows = [np.frombuffer(self.requests.recv_bytes(), dtype=np.float32) for _ in range(count)]
+                    _, key, options, offsets = message
+                    windows = [Window(offset, np.frombuffer(self.requests.recv_bytes(), dtype=np.float32))
+                               for offset in offsets]
                     message = ("submit", key, options, windows)
                 self.inbox.put(message)
                 if message[0] == "stop":
@@ -239,8 +236,9 @@ class EngineProcess:
         return max(1, min(60, math.ceil(self.stats.expected_wait_seconds)))
 
     async def transcribe(self, windows: list[Window], options: DecodeOptions) -> list[WindowResult]:
-        """Decodes a request's windows, answering with their results in window order. Cancelling the caller (client
-        gone, deadline passed) cancels the request in the engine: its slots are freed before the next step."""
+        """Decodes a request's windows, answering with their decodes' results in audio order (a window whose decode
+        stopped short is followed by its continuations). Cancelling the caller (client gone, deadline passed)
+        cancels the request in the engine: its slots are freed before the next step."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         key = next(self.keys)
@@ -249,7 +247,7 @@ class EngineProcess:
                 raise QueueFull(self.retry_after_seconds())
             self.pending[key] = (loop, future)
         samples = [np.ascontiguousarray(window.samples, dtype=np.float32) for window in windows]
-        self.outgoing.put((("submit", key, options, len(samples)), samples))
+        self.outgoing.put((("submit", key, options, [window.offset for window in windows]), samples))
         try:
             return await future
         except asyncio.CancelledError:

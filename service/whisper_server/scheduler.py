@@ -1,5 +1,7 @@
 """Iteration-level batching: windows from every request share the engine's decode slots, joining free slots between
-steps and leaving the moment they finish. Runs in the engine process, on the thread that owns the model."""
+steps and leaving the moment they finish. OpenAI's long-form rules act here, per window: the temperature fallback,
+the no-speech skip, the seek (a window whose decode stops short goes back into the queue from its last complete
+timestamp) and one language per request. Runs in the engine process, on the thread that owns the model."""
 
 from __future__ import annotations
 
@@ -13,13 +15,16 @@ from typing import Protocol
 
 import numpy as np
 
-from .decoding import SAMPLE_RATE, DecodeOptions, EngineFailure, OutOfMemory, WindowResult, compression_ratio
+from .decoding import SAMPLE_RATE, DecodeOptions, EngineFailure, OutOfMemory, Window, WindowResult
 
 log = logging.getLogger("whisper_server.scheduler")
 
-# OpenAI's reference thresholds: text that gzip shrinks more than 2.4x is a repetition loop, decoded again at a
-# temperature 0.2 higher, up to 1.0.
+# OpenAI's reference thresholds: a decode whose text gzip shrinks more than 2.4x (a repetition loop) or whose average
+# log-probability is below -1 is decoded again at a temperature 0.2 higher, up to 1.0; a window whose no-speech
+# probability is above 0.6 and whose decode is that unsure is silence.
 COMPRESSION_RATIO_THRESHOLD = 2.4
+LOGPROB_THRESHOLD = -1.0
+NO_SPEECH_THRESHOLD = 0.6
 TEMPERATURE_STEP = 0.2
 
 
@@ -31,6 +36,7 @@ class Engine(Protocol):
     def free_slots(self) -> int: ...
     def healthy(self) -> bool: ...
     def admit(self, windows: list[tuple[np.ndarray, DecodeOptions]]) -> list[int]: ...
+    def window_language(self, slot: int) -> str | None: ...
     def step(self) -> list[tuple[int, WindowResult]]: ...
     def release(self, slots: list[int]) -> None: ...
 
@@ -38,20 +44,26 @@ class Engine(Protocol):
 @dataclass(eq=False)  # identity: requests are found by key and compared by who they are, never by their audio
 class Request:
     key: int
-    options: DecodeOptions
-    windows: list[np.ndarray]
+    options: DecodeOptions  # its language is set once the first window admitted has detected it
+    windows: list[Window]  # the request's windows, then the continuations its decodes asked for
     sequence: int  # arrival order: older requests go first among equals
     results: list[WindowResult | None] = field(default_factory=list)
     waiting: deque[tuple[int, float]] = field(default_factory=deque)  # (window, temperature) not yet in a slot
     busy: int = 0  # windows in slots now
     finished: int = 0
     last_served: int = -1  # when a window of it last got a slot (-1: not since it arrived or a window was retried)
+    detecting: bool = False  # a window is being admitted to detect the request's language; the others wait for it
 
 
-def is_repetition_loop(result: WindowResult) -> bool:
-    """Judged on the window's whole text, as OpenAI's decoder does: a short segment repeated between timestamps
-    compresses little on its own."""
-    return compression_ratio(" ".join(segment.text for segment in result.segments)) > COMPRESSION_RATIO_THRESHOLD
+def is_silence(result: WindowResult) -> bool:
+    """OpenAI's no-speech rule: the model expects no speech and its decode is unsure."""
+    return result.no_speech_prob > NO_SPEECH_THRESHOLD and not result.avg_logprob > LOGPROB_THRESHOLD
+
+
+def needs_fallback(result: WindowResult) -> bool:
+    """OpenAI's fallback rule: a repetition loop or an unsure decode, unless the window is silence."""
+    failed = result.compression_ratio > COMPRESSION_RATIO_THRESHOLD or result.avg_logprob < LOGPROB_THRESHOLD
+    return failed and not is_silence(result)
 
 
 @dataclass
@@ -64,11 +76,12 @@ class SchedulerEvents:
 
 
 class SlotScheduler:
-    def __init__(self, engine: Engine, events: SchedulerEvents, fallback: bool = True, admission_wait: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, engine: Engine, events: SchedulerEvents, fixed_length: bool = False,
+                 admission_wait: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self.engine = engine
         self.events = events
-        self.fallback = fallback  # off for fixed-length benchmark decoding
+        # Fixed-length benchmark decoding: each window decoded once and kept as it is (no fallback, skip or seek).
+        self.fixed_length = fixed_length
         # While windows decode, each admission (an encoder pass) holds up their next step: windows that arrive then
         # wait up to this long for others to join them in one pass. An idle engine admits at once.
         self.admission_wait = admission_wait
@@ -81,7 +94,7 @@ class SlotScheduler:
         self.window_seconds = 1.0  # moving average of how long a window holds a slot, for Retry-After
         self.admitted_at: dict[int, float] = {}
 
-    def submit(self, key: int, options: DecodeOptions, windows: list[np.ndarray]) -> None:
+    def submit(self, key: int, options: DecodeOptions, windows: list[Window]) -> None:
         request = Request(key, options, windows, next(self.sequence), results=[None] * len(windows),
                           waiting=deque((index, options.temperature) for index in range(len(windows))))
         self.requests[key] = request
@@ -105,7 +118,7 @@ class SlotScheduler:
         return sum(len(request.waiting) for request in self.requests.values())
 
     def waiting_seconds(self) -> float:
-        return sum(len(request.windows[index]) for request in self.requests.values()
+        return sum(len(request.windows[index].samples) for request in self.requests.values()
                    for index, _ in request.waiting) / SAMPLE_RATE
 
     def expected_wait_seconds(self) -> float:
@@ -130,7 +143,7 @@ class SlotScheduler:
         if not picks:
             return
         self.waiting_since = self.clock() if waiting > len(picks) else None
-        windows = [(request.windows[index], replace(request.options, temperature=temperature))
+        windows = [(request.windows[index].samples, replace(request.options, temperature=temperature))
                    for request, index, temperature in picks]
         try:
             slots = self.engine.admit(windows)
@@ -146,21 +159,27 @@ class SlotScheduler:
         for slot, pick in zip(slots, picks):
             self.owners[slot] = pick
             self.admitted_at[slot] = now
+            request = pick[0]
+            if request.detecting:  # OpenAI detects the language once, on the first window; the rest decode in it
+                request.options = replace(request.options, language=self.engine.window_language(slot))
+                request.detecting = False
 
     def _pick(self, free: int) -> list[tuple[Request, int, float]]:
         """Fair shares: each free slot goes to the waiting request with the fewest windows in slots, and among
         those round-robin (the one served longest ago, the oldest among the unserved), so a 2-hour file holds no
         more slots than the clips that arrive after it. A window retried at a higher temperature goes back to the
-        head of its request, which counts as unserved: it keeps its place ahead of newer requests."""
+        head of its request, which counts as unserved: it keeps its place ahead of newer requests. A request whose
+        language is still to be detected gives one window to this admission."""
         picks = []
-        waiting = [request for request in self.requests.values() if request.waiting]
+        waiting = [request for request in self.requests.values() if request.waiting and not request.detecting]
         while len(picks) < free and waiting:
             request = min(waiting, key=lambda r: (r.busy, r.last_served, r.sequence))
             index, temperature = request.waiting.popleft()
             request.busy += 1
             request.last_served = next(self.picks)
             picks.append((request, index, temperature))
-            if not request.waiting:
+            request.detecting = request.options.language is None
+            if not request.waiting or request.detecting:
                 waiting.remove(request)
         return picks
 
@@ -182,19 +201,36 @@ class SlotScheduler:
             request, index, temperature = self.owners.pop(slot)
             self.window_seconds = 0.9 * self.window_seconds + 0.1 * (now - self.admitted_at.pop(slot))
             request.busy -= 1
-            if self.fallback and temperature < 1.0 and is_repetition_loop(result):
-                request.waiting.appendleft((index, round(min(1.0, temperature + TEMPERATURE_STEP), 2)))
-                request.last_served = -1
-                self.waiting_since = self.waiting_since or now
-                continue
+            window = request.windows[index]
+            result.offset = window.offset
+            if not self.fixed_length:
+                if temperature < 1.0 and needs_fallback(result):
+                    request.waiting.appendleft((index, round(min(1.0, temperature + TEMPERATURE_STEP), 2)))
+                    request.last_served = -1
+                    self.waiting_since = self.waiting_since or now
+                    continue
+                if is_silence(result):
+                    result.segments, result.resume_at = [], None
+                elif result.resume_at is not None:
+                    self._continue(request, window, result.resume_at)
+                    self.waiting_since = self.waiting_since or now
             request.results[index] = result
             request.finished += 1
             if request.finished == len(request.windows):
                 self._finish(request)
 
+    @staticmethod
+    def _continue(request: Request, window: Window, resume_at: float) -> None:
+        """The rest of a window, from its decode's last complete timestamp to its end, goes back into the queue at
+        the head of its request, as a window of its own (OpenAI's seek, with the window's end kept)."""
+        cut = round(resume_at * SAMPLE_RATE)
+        request.windows.append(Window(window.offset + cut / SAMPLE_RATE, window.samples[cut:]))
+        request.results.append(None)
+        request.waiting.appendleft((len(request.windows) - 1, request.options.temperature))
+
     def _finish(self, request: Request) -> None:
         self.requests.pop(request.key, None)
-        self.events.on_done(request.key, request.results)
+        self.events.on_done(request.key, sorted(request.results, key=lambda result: result.offset))
 
     def _fail(self, request: Request, error: Exception) -> None:
         if self.requests.pop(request.key, None) is not None:

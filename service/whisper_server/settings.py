@@ -55,9 +55,10 @@ HELP = {
     "drain_seconds": "after SIGTERM, how long in-flight requests may take to finish before exit",
     "offline": "never contact the Hugging Face Hub; the model must be in HF_HOME or a local directory",
     "cpu_threads": "torch threads on --device cpu (default: torch's choice, one per core); 1 is best on a busy machine",
-    "max_new_tokens": "cap on tokens decoded per 30 s window (default: the checkpoint's generation config)",
+    "max_new_tokens": ("cap on tokens decoded per window (default: OpenAI's sample length, 224, or the checkpoint's "
+                       "max_length where smaller)"),
     "fixed_new_tokens": ("benchmarks only: decode exactly --max-new-tokens tokens per window, whatever the weights say, "
-                         "with no temperature fallback and no silence drop"),
+                         "with no temperature fallback, no silence drop and no seek"),
     "cuda_graphs": ("on cuda, capture the decode step once per slot-count bucket as a CUDA graph and replay it; "
                     "false runs the same step eagerly (slower; for diagnosis)"),
 }

@@ -23,12 +23,10 @@ def synthetic_clip(seed: int, seconds: float) -> np.ndarray:
 def reference_tokens(engine: WhisperEngine, samples: np.ndarray, options: DecodeOptions) -> list[int]:
     """transformers' greedy tokens with timestamps for one window alone (generate(..., return_timestamps=True,
     force_unique_generate_call=True) under the engine's length rule), forced prefix and end of text dropped."""
+    prefix_length = len(engine._prompt_ids(options.prompt)) + 3  # <|startoftranscript|>, language, task
     arguments = dict(return_timestamps=True, force_unique_generate_call=True, task=options.task,
-                     language=options.language)
-    if engine.max_new_tokens:
-        arguments["max_new_tokens"] = engine.max_new_tokens
-    else:
-        arguments["max_length"] = engine.max_length
+                     language=options.language,
+                     max_new_tokens=engine._limit(prefix_length, engine.max_new_tokens) - prefix_length)
     if options.prompt:
         arguments["prompt_ids"] = torch.tensor(engine._prompt_ids(options.prompt), device=engine.device)
     with torch.inference_mode():

@@ -1,0 +1,153 @@
+"""Segmentation: where a request's audio is cut into windows for the decoder, and where a window's decode says the
+decoding goes on.
+
+Speech is found by Silero VAD, the model the silero-vad package ships (its sequence ONNX export: one call per block
+of 32 ms frames, bit-exact with the streaming model), run by onnxruntime in the HTTP process. The package's own Python
+imports torch, so only its model file is used: the HTTP process stays free of torch, and nothing is downloaded.
+
+Windows hold speech only (the audio between them is what the VAD calls silence and is never decoded), are at most
+30 s, and end in pauses: the longest pause of a window's last seconds, so a cut falls between sentences where it can.
+A window whose decode stops short of its end goes on from its last complete timestamp (`decoded_until`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .decoding import SAMPLE_RATE, TIME_PRECISION, WINDOW_SECONDS, Window
+
+MODEL_FILE = "silero_vad_16k_sequence.onnx"
+FRAME = 512  # samples per VAD frame (32 ms), the model's own
+CONTEXT = 64  # samples of the previous frame that each frame carries, as the streaming model keeps them
+BLOCK_FRAMES = 512  # frames per onnxruntime call (16 s of audio)
+# Silero's own thresholds: speech starts at this probability and pauses below the lower one.
+SPEECH_THRESHOLD = 0.5
+PAUSE_THRESHOLD = 0.35
+MIN_PAUSE_FRAMES = 3  # about 0.1 s (silero's min_silence_duration_ms): shorter dips stay inside the speech
+MIN_SPEECH_FRAMES = 3  # speech shorter than about 0.1 s is a click, not a word
+PAD_SECONDS = 0.4  # audio kept around speech (faster-whisper's speech_pad_ms), at most half the pause to the next
+# A window that must be cut ends in the longest pause of its last 10 s, the latest of equally long ones.
+CUT_SEARCH_SECONDS = 10.0
+# A decode that stops less than this short of its window's end keeps its unfinished text instead of decoding the rest.
+MIN_REMAINDER_SECONDS = 0.2
+
+
+class VoiceActivity:
+    """The Silero VAD model in an onnxruntime session, shared by the HTTP process's audio threads (run() is
+    thread-safe); one core per call."""
+
+    _shared: VoiceActivity | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, path: Path):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(path), sess_options=options,
+                                                    providers=["CPUExecutionProvider"])
+
+    @classmethod
+    def shared(cls) -> VoiceActivity:
+        with cls._lock:
+            if cls._shared is None:
+                cls._shared = cls(model_path())
+            return cls._shared
+
+    def speech_probabilities(self, samples: np.ndarray) -> np.ndarray:
+        """The probability of speech in each 32 ms frame (the last one zero-padded)."""
+        count = -(-len(samples) // FRAME)
+        frames = np.zeros((count, FRAME), np.float32)
+        frames.reshape(-1)[:len(samples)] = samples
+        context = np.zeros((count, CONTEXT), np.float32)
+        context[1:] = frames[:-1, -CONTEXT:]
+        inputs = np.concatenate([context, frames], axis=1)
+        hidden = cell = np.zeros((1, 1, 128), np.float32)
+        probabilities = []
+        for first in range(0, count, BLOCK_FRAMES):
+            block, hidden, cell = self.session.run(
+                ["speech_probs", "hn", "cn"], {"input": inputs[first:first + BLOCK_FRAMES], "h": hidden, "c": cell})
+            probabilities.append(block.reshape(-1))
+        return np.concatenate(probabilities) if probabilities else np.zeros(0, np.float32)
+
+
+def model_path() -> Path:
+    """The ONNX model inside the installed silero-vad package, found without importing the package (which imports
+    torch)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the silero-vad package is not installed (it ships the voice-activity model)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / MODEL_FILE
+    if not path.is_file():
+        raise RuntimeError(f"the silero-vad package has no {MODEL_FILE} ({path})")
+    return path
+
+
+def speech_regions(probabilities: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) frame ranges of speech: from a frame at the speech threshold to the first pause of at least
+    MIN_PAUSE_FRAMES below the pause threshold, as silero's own state machine decides (without its padding)."""
+    regions, start, pause = [], None, None
+    for index, probability in enumerate(probabilities.tolist()):
+        if probability >= SPEECH_THRESHOLD:
+            start = index if start is None else start
+            pause = None
+        elif start is not None and probability < PAUSE_THRESHOLD:
+            pause = index if pause is None else pause
+            if index + 1 - pause >= MIN_PAUSE_FRAMES:
+                regions.append((start, pause))
+                start = pause = None
+    if start is not None:
+        regions.append((start, pause if pause is not None else len(probabilities)))
+    return [(start, end) for start, end in regions if end - start >= MIN_SPEECH_FRAMES]
+
+
+def plan_windows(probabilities: np.ndarray, total: int) -> list[tuple[int, int]]:
+    """[start, end) sample ranges of the windows for `total` samples of audio with these frame probabilities."""
+    regions = [(start * FRAME, min(end * FRAME, total)) for start, end in speech_regions(probabilities)]
+    if not regions:
+        return []
+    pad, longest = int(PAD_SECONDS * SAMPLE_RATE), int(WINDOW_SECONDS * SAMPLE_RATE)
+    windows, start, first = [], max(0, regions[0][0] - pad), 0  # the next window's start and first region
+    while True:
+        limit = start + longest
+        if regions[-1][1] <= limit:
+            windows.append((start, min(total, regions[-1][1] + pad, limit)))
+            return windows
+        # Pauses after speech that ends within the window: the longest of the last 10 s, else the last before them.
+        pauses = [index for index in range(first, len(regions) - 1) if regions[index][1] <= limit]
+        if not pauses:  # speech that never pauses for 30 s: cut at its least speech-like frame
+            cut = quietest_frame_cut(probabilities, start, limit)
+            windows.append((start, cut))
+            start = cut
+            continue
+        late = [index for index in pauses if regions[index][1] >= limit - int(CUT_SEARCH_SECONDS * SAMPLE_RATE)]
+        chosen = max(late, key=lambda i: (regions[i + 1][0] - regions[i][1], i)) if late else pauses[-1]
+        speech_end, speech_start = regions[chosen][1], regions[chosen + 1][0]
+        middle = (speech_end + speech_start) // 2
+        windows.append((start, min(speech_end + pad, middle, limit)))
+        start, first = max(speech_start - pad, middle), chosen + 1
+
+
+def split_windows(samples: np.ndarray, vad: VoiceActivity | None = None) -> list[Window]:
+    """The windows of a request's audio: speech only, each at most 30 s, cut in pauses."""
+    probabilities = (vad or VoiceActivity.shared()).speech_probabilities(samples)
+    return [Window(start / SAMPLE_RATE, samples[start:end]) for start, end in plan_windows(probabilities, len(samples))]
+
+
+def decoded_until(tokens: list[int], timestamp_begin: int, duration: float) -> tuple[int, float | None]:
+    """OpenAI's seek rule on one decode of a window: how many of its tokens make its finished segments, and where in
+    the window (seconds) the decoding goes on, None when the window is done. Text after the last complete timestamp
+    pair is unfinished, and the window is decoded again from that pair's closing timestamp; a decode that ends in a
+    single timestamp, or has no pair, has said all the window holds."""
+    is_timestamp = [token >= timestamp_begin for token in tokens]
+    pairs = [index for index in range(1, len(tokens)) if is_timestamp[index - 1] and is_timestamp[index]]
+    if not pairs or is_timestamp[-2:] == [False, True]:
+        return len(tokens), None
+    kept = pairs[-1]
+    resume_at = (tokens[kept - 1] - timestamp_begin) * TIME_PRECISION
+    if resume_at <= 0 or duration - resume_at < MIN_REMAINDER_SECONDS:
+        return len(tokens), None
+    return kept, round(resume_at, 2)
