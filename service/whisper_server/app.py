@@ -162,7 +162,8 @@ async def handle_audio(request: Request, task: str) -> Response:
             audio_seconds = len(samples) / SAMPLE_RATE
             request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
             transcript = await until_disconnected(
-                request, asyncio.wait_for(transcribe(state.engine, samples, options, state.audio_work),
+                request, asyncio.wait_for(transcribe(state.engine, samples, options, state.audio_work,
+                                                     detect_speech=not settings.fixed_new_tokens),
                                           settings.request_timeout_seconds))
         except Overloaded as error:
             raise ApiError(503, error.message, code=error.code,

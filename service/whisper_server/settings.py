@@ -58,7 +58,8 @@ HELP = {
     "max_new_tokens": ("cap on tokens decoded per window (default: OpenAI's sample length, 224, or the checkpoint's "
                        "max_length where smaller)"),
     "fixed_new_tokens": ("benchmarks only: decode exactly --max-new-tokens tokens per window, whatever the weights say, "
-                         "with no temperature fallback, no silence drop and no seek"),
+                         "every 30 s of audio a window (no voice-activity detection), with no temperature fallback, "
+                         "no silence drop and no seek"),
     "cuda_graphs": ("on cuda, capture the decode step once per slot-count bucket as a CUDA graph and replay it; "
                     "false runs the same step eagerly (slower; for diagnosis)"),
 }

@@ -40,11 +40,11 @@ def assemble(results: list[WindowResult], duration: float, language: str | None 
 
 
 async def transcribe(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
-                     audio_work: asyncio.Semaphore) -> Transcript:
+                     audio_work: asyncio.Semaphore, detect_speech: bool = True) -> Transcript:
     """Only speech reaches the model: the voice-activity detector's silence is never decoded (Whisper tends to
     invent text for it). Cutting runs off the event loop (a 2-hour file is 115 M samples), within the server's
     limit on audio work at once."""
     async with audio_work:
-        windows = await asyncio.to_thread(split_windows, samples)
+        windows = await asyncio.to_thread(split_windows, samples, detect_speech)
     results = await engine.transcribe(windows, options) if windows else []
     return assemble(results, len(samples) / SAMPLE_RATE, options.language)
