@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from conftest import post_audio
 
@@ -86,15 +87,21 @@ def test_a_clip_is_answered_while_a_long_file_decodes(start_server, slow_model_d
     assert server.metric("whisper_batch_size_bucket", le="4.0") > server.metric("whisper_batch_size_bucket", le="2.0")
 
 
-def test_a_cancelled_request_frees_its_slots_at_once(start_server, slow_model_dir, audio, assert_still_ready):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cancelled_request_frees_its_slots_at_once(start_server, slow_model_dir, audio, assert_still_ready, stream):
+    """A client that hangs up, whether waiting for its answer or reading its stream (the 200 already sent)."""
     server = start_server("--max-batch-size", "2", model=slow_model_dir)
     body = audio["long.mp3"].read_bytes()
-    multipart = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="long.mp3"\r\n\r\n' + body
+    multipart = ((b'--b\r\nContent-Disposition: form-data; name="stream"\r\n\r\ntrue\r\n' if stream else b"")
+                 + b'--b\r\nContent-Disposition: form-data; name="file"; filename="long.mp3"\r\n\r\n' + body
                  + b"\r\n--b--\r\n")
     with socket.create_connection(("127.0.0.1", server.port)) as connection:
         connection.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
                            b"Content-Type: multipart/form-data; boundary=b\r\n"
                            + f"Content-Length: {len(multipart)}\r\n\r\n".encode() + multipart)
+        if stream:
+            head = connection.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head
         wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > 0, "the long file decodes")
         steps_at_hangup = server.metric("whisper_decode_step_seconds_count")
     steps = wait_for_steps(server, 0)

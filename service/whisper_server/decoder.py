@@ -169,6 +169,12 @@ class SlotDecoder:
         busy = set(range(self.slots)) - set(self.free)
         self.extent = max(busy) + 1 if busy else 0
 
+    def cross_attention_kv(self, layer_index: int, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's cross-attention K and V of the windows in `slots` ([windows, heads, frames, head_dim]); they
+        stay valid after a slot finishes until a window is admitted into it (the word alignment reads them)."""
+        index = torch.tensor(slots, device=self.device)
+        return self.cross_keys[layer_index, index], self.cross_values[layer_index, index]
+
     @property
     def busy(self) -> int:
         return self.slots - len(self.free)

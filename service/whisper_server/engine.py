@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from .alignment import alignment_matrices, alignment_sequence, default_alignment_heads
 from .decoder import SlotDecoder, SpecialTokens
 from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
 
@@ -44,6 +46,8 @@ class SlotWindow:
     language: str | None
     no_speech_prob: float
     temperature: float
+    start_of_transcript: list[int]  # the forced prefix after any prompt: what the alignment pass starts from
+    word_timestamps: bool
 
 
 class WhisperEngine:
@@ -82,6 +86,9 @@ class WhisperEngine:
             suppress=tuple(generation.suppress_tokens or ()), begin_suppress=tuple(generation.begin_suppress_tokens or ()),
             max_initial_timestamp_index=getattr(generation, "max_initial_timestamp_index", None),
         )
+        heads = getattr(generation, "alignment_heads", None)
+        self.alignment_heads = ([tuple(pair) for pair in heads] if heads else
+                                default_alignment_heads(config.decoder_layers, config.decoder_attention_heads))
         self.language_ids = {token[2:-2]: token_id for token, token_id in generation.lang_to_id.items()}
         self.id_to_language = {token_id: code for code, token_id in self.language_ids.items()}
         self.languages = set(self.language_ids)
@@ -146,6 +153,13 @@ class WhisperEngine:
             raise RuntimeError(f"capturing the decode step as CUDA graphs failed ({type(error).__name__}: {error}); "
                                "--cuda-graphs false runs the same step eagerly, slower") from error
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of every text token (ids below end of text): Whisper's byte-level BPE spells each byte as one
+        character of GPT-2's byte alphabet."""
+        byte_of = {character: byte for byte, character in bytes_to_unicode().items()}
+        pieces = self.processor.tokenizer.convert_ids_to_tokens(list(range(self.special.end_of_text)))
+        return [bytes(byte_of[character] for character in piece) for piece in pieces]
+
     # Slots --------------------------------------------------------------------------------------------------------
 
     def free_slots(self) -> int:
@@ -188,14 +202,15 @@ class WhisperEngine:
             prefixes, limits, min_lengths, admitted = [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
                 language_id = self.language_ids[options.language] if options.language else detected_id
-                prefix = self._prompt_ids(options.prompt) + [
-                    self.special.start_of_transcript, language_id, self.task_ids[options.task]]
+                start = [self.special.start_of_transcript, language_id, self.task_ids[options.task]]
+                prefix = self._prompt_ids(options.prompt) + start
                 limit = self._limit(len(prefix), max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
                 limits.append(limit)
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
                 admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, self.id_to_language.get(language_id),
-                                           no_speech_prob, options.temperature))
+                                           no_speech_prob, options.temperature,
+                                           start, options.word_timestamps))
             self.decoder.prefill(slots, prefixes, limits, min_lengths, [options.temperature for _, options in windows])
         except torch.OutOfMemoryError as error:
             self.decoder.release(slots)
@@ -224,15 +239,40 @@ class WhisperEngine:
         except torch.OutOfMemoryError as error:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(error)) from error
-        results = []
+        results, aligning = [], []
         for item in finished:
             window = self.windows.pop(item.slot)
             segments = self._segments(item.tokens, item.logprobs, window.duration, window.no_speech_prob,
                                       window.temperature)
             if not self.fixed_new_tokens:
                 segments = self._drop_if_silence(segments)
-            results.append((item.slot, WindowResult(window.language, segments, item.tokens)))
+            result = WindowResult(window.language, segments, item.tokens)
+            results.append((item.slot, result))
+            if window.word_timestamps and segments:
+                aligning.append((item.slot, window, result))
+        if aligning:
+            self._align(aligning)
         return results
+
+    def _align(self, windows: list[tuple[int, SlotWindow, WindowResult]]) -> None:
+        """One batched pass over the windows that finished together and asked for words, while their slots still
+        hold their cross-attention K/V (nothing is admitted between a step and this): each result gets its
+        alignment matrix, which the HTTP process turns into words."""
+        slots = [slot for slot, _, _ in windows]
+        texts = [[token for segment in result.segments for token in segment.tokens] for _, _, result in windows]
+        sequences = [alignment_sequence(window.start_of_transcript, self.special.no_timestamps, text,
+                                        self.special.end_of_text) for (_, window, _), text in zip(windows, texts)]
+        frames = [min(round(window.duration * SAMPLE_RATE) // self.processor.feature_extractor.hop_length // 2,
+                      self.model.config.max_source_positions) for _, window, _ in windows]
+        try:
+            matrices = alignment_matrices(self.model, lambda layer: self.decoder.cross_attention_kv(layer, slots),
+                                          self.alignment_heads, sequences,
+                                          [len(window.start_of_transcript) for _, window, _ in windows], frames)
+        except torch.OutOfMemoryError as error:
+            torch.cuda.empty_cache()
+            raise OutOfMemory(str(error)) from error
+        for (_, _, result), matrix in zip(windows, matrices):
+            result.alignment = matrix
 
     # Front end and results ----------------------------------------------------------------------------------------
 
