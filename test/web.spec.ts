@@ -21,6 +21,7 @@ const CHROMIUM_ARGS = [
 ];
 const API_KEY = "web-test-key";
 const MAX_UPLOAD_MB = 1;
+const READY_SECONDS = 300;
 const ARTIFACTS = path.join(__dirname, "..", "test-artifacts", "web");
 const AUDIO_ROUTES = /\/v1\/audio\/(transcriptions|translations)$/;
 
@@ -51,7 +52,8 @@ async function startServer(modelDir: string, extraArgs: string[]): Promise<TestS
     let log = "";
     server.stdout!.on("data", (chunk) => { log += chunk; });
     server.stderr!.on("data", (chunk) => { log += chunk; });
-    const deadline = Date.now() + 90_000;
+    // Loading and warming the model takes seconds alone, minutes on a CI machine busy with other suites.
+    const deadline = Date.now() + READY_SECONDS * 1000;
     while (Date.now() < deadline) {
         if (server.exitCode !== null) throw new Error(`whisper-server exited with ${server.exitCode}:\n${log}`);
         try {
@@ -62,7 +64,7 @@ async function startServer(modelDir: string, extraArgs: string[]): Promise<TestS
         await new Promise((r) => setTimeout(r, 250));
     }
     await stopServer(server);
-    throw new Error(`whisper-server was not ready within 90 s:\n${log}`);
+    throw new Error(`whisper-server was not ready within ${READY_SECONDS} s:\n${log}`);
 }
 
 async function stopServer(server: ChildProcess | undefined): Promise<void> {
@@ -101,7 +103,7 @@ function shortTime(seconds: number): string {
 }
 
 describe("web page (headless Chromium against a real whisper-server)", function () {
-    this.timeout(180_000);
+    this.timeout((READY_SECONDS + 120) * 1000);
 
     let workDir = "";
     let speechWav = "";
@@ -422,36 +424,35 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         await chooseFile(speechWav);
         await assertShowsSegments(page, await submit());
         const words = page.locator("#segments .word");
-        assert.ok((await words.count()) >= 3, "the transcript's words are marked up");
-        const third = words.nth(2);
-        const start = Number(await third.getAttribute("data-start"));
-        await third.click();
-        assert.ok(Math.abs(await page.locator("#player").evaluate((el) => (el as any).currentTime) - start) < 0.01,
+        assert.ok((await words.count()) >= 2, "the transcript's words are marked up");
+        const player = page.locator("#player");
+        const currentTime = () => player.evaluate((el) => (el as any).currentTime as number);
+        const current = () => page.evaluate(() => {
+            const view = globalThis as any;
+            return [...view.document.querySelectorAll("#segments .word")].findIndex((el: any) => el.classList.contains("current"));
+        });
+
+        const second = words.nth(1);
+        await second.click();
+        assert.ok(Math.abs(await currentTime() - Number(await second.getAttribute("data-start"))) < 0.01,
             "a click seeks the audio to the word");
-        await page.locator("#segments .word.current").filter({ hasText: await third.innerText() }).waitFor();
-        assert.strictEqual(await page.locator("#segments .word.current").count(), 1);
+        await page.waitForFunction(() => (globalThis as any).document.querySelectorAll("#segments .word.current").length === 1);
+        assert.strictEqual(await current(), 1, "the clicked word is highlighted");
         await shot("09-word-highlighted");
 
-        // While it plays, the highlighted word is the one whose time the player is in.
-        await page.locator("#player").evaluate((el) => { const player = el as any; player.muted = true; player.currentTime = 0; return player.play(); });
-        const seen = new Set<string>();
-        const deadline = Date.now() + 20_000;
-        while (Date.now() < deadline && !(await page.locator("#player").evaluate((el) => (el as any).ended))) {
-            const sample = await page.evaluate(() => {
-                const view = globalThis as any;
-                const player = view.document.getElementById("player");
-                const current = view.document.querySelector("#segments .word.current");
-                return { t: player.currentTime, start: current && Number(current.dataset.start),
-                    end: current && Number(current.dataset.end), index: current && [...view.document.querySelectorAll("#segments .word")].indexOf(current) };
-            });
-            if (sample.index !== null) {
-                seen.add(String(sample.index));
-                assert.ok(sample.start! <= sample.t + 0.1 && sample.t <= Math.max(sample.end!, sample.start! + 0.05) + 0.1,
-                    `the highlighted word (${sample.start}-${sample.end} s) is being spoken at ${sample.t} s`);
-            }
-            await new Promise((r) => setTimeout(r, 50));
-        }
-        assert.ok(seen.size >= 2, `the highlight follows playback (${seen.size} words highlighted)`);
+        // From the first word, playing moves the highlight on to the second as the audio reaches it.
+        await words.nth(0).click();
+        assert.strictEqual(await current(), 0);
+        await player.evaluate((el) => { const audio = el as any; audio.muted = true; return audio.play(); });
+        await page.waitForFunction(() => {
+            const view = globalThis as any;
+            const audio = view.document.getElementById("player");
+            const words = [...view.document.querySelectorAll("#segments .word")];
+            return !audio.paused && words[1].classList.contains("current");
+        }, undefined, { timeout: 30_000 });
+        assert.ok(await currentTime() >= Number(await second.getAttribute("data-start")) - 0.01,
+            "the second word lights up once the audio reaches it");
+        await player.evaluate((el) => (el as any).pause());
     });
 
     it("shows the first words of a long file while the rest is still being transcribed", async function () {

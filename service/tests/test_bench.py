@@ -29,7 +29,7 @@ def test_cpu_benchmark_runs_servers_and_pipeline_on_the_same_work(model_dir, tmp
     # 20 tokens: more than the tiny checkpoint's own cap (13), so both sides must force the length to reach it.
     subprocess.run([sys.executable, str(BENCH), "--model", str(model_dir), "--concurrency", "1", "70", "--requests", "70",
                     "--new-tokens", "20", "--pipeline-batch-sizes", "35", "--cpu-threads", "1",
-                    "--output", str(tmp_path / "results")], check=True, timeout=300)
+                    "--output", str(tmp_path / "results")], check=True, timeout=600)
     report = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["configuration"], r["concurrency"]): r for r in report["results"]}
     assert set(rows) == {(name, c) for name in ("batching", "batching, words", "batch size 1", "pipeline, batch 35")

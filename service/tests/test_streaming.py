@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from conftest import post_audio
+from whisper_server.formats import clock
 
 
 def sdk(server) -> openai.OpenAI:
@@ -87,3 +88,13 @@ def test_an_error_after_the_stream_started_ends_it_with_an_error_event(start_ser
         with open(audio["long.mp3"], "rb") as handle:
             list(sdk(server).audio.transcriptions.create(model="whisper-1", file=handle, stream=True))
     assert "did not finish" in str(error.value)
+
+
+def test_subtitles_with_word_timestamps_take_the_word_aligned_segment_times(server, audio):
+    """The README's choice for subtitles: cues stay segments; asked for words, their times are the segments' word-
+    aligned times (verbose_json with words), not the decoder's timestamps."""
+    words = {"timestamp_granularities[]": "word"}
+    aligned = post_audio(server.client, audio["speech.wav"], response_format="verbose_json", **words).json()["segments"]
+    srt = post_audio(server.client, audio["speech.wav"], response_format="srt", **words).text
+    cues = [block.split("\n")[1] for block in srt.strip("\n").split("\n\n")]
+    assert cues == [f"{clock(s['start'], ',')} --> {clock(s['end'], ',')}" for s in aligned]

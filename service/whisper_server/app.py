@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -209,8 +210,10 @@ async def handle_audio(request: Request, task: str) -> Response:
             audio_seconds = len(samples) / SAMPLE_RATE
             request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
             if asked.stream:  # the stream holds the audio's reservation until it ends
-                return StreamingResponse(stream_events(state, samples, asked, held.pop_all(), arrived),
-                                         media_type="text/event-stream",
+                stream = held.pop_all()
+                # Also released after the response: a client gone before the first event never starts the stream.
+                return StreamingResponse(stream_events(state, samples, asked, stream, arrived),
+                                         media_type="text/event-stream", background=BackgroundTask(stream.close),
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             transcript = await until_disconnected(request, asyncio.wait_for(
                 transcribe(state.engine, samples, asked.options, state.audio_work, state.engine.token_bytes),

@@ -155,15 +155,20 @@
     for (const button of ui.downloads) button.disabled = !enabled;
   }
 
-  // A segment's text with its words as clickable spans: each word is looked up in the text after the one before,
-  // so the text reads exactly as the server wrote it even where a word cannot be found.
-  function segmentText(cue, words) {
+  // A segment's text with its words as clickable spans, taken from `words` from index `next` on: each word is looked
+  // up in the text after the one before, so the text reads exactly as the server wrote it. A word not in this
+  // segment's rest is the next segment's if that one has it, else it is passed over. Returns the next word's index.
+  function segmentText(cue, nextCue, words, next) {
     const text = document.createElement('span');
     text.className = 'segment-text';
     let cursor = 0;
-    for (const word of words) {
-      const at = cue.text.indexOf(word.word, cursor);
-      if (at < 0 || !word.word) continue;
+    for (; next < words.length; next += 1) {
+      const word = words[next];
+      const at = word.word ? cue.text.indexOf(word.word, cursor) : -1;
+      if (at < 0) {
+        if (nextCue && nextCue.text.includes(word.word)) break;
+        continue;
+      }
       text.append(cue.text.slice(cursor, at));
       const span = document.createElement('span');
       span.className = 'word';
@@ -175,7 +180,7 @@
       cursor = at + word.word.length;
     }
     text.append(cue.text.slice(cursor));
-    return text;
+    return { text, next };
   }
 
   function renderResult() {
@@ -186,18 +191,15 @@
       showPlaceholder(state.streaming ? 'Waiting for the first words…' : 'The server found no speech in this audio.');
     } else if (format === 'segments') {
       const all = cues();
-      const words = state.result.words;
       let next = 0;
       ui.segments.replaceChildren(...all.map((cue, i) => {
-        // A segment's words: those starting before the next segment does.
-        const until = i + 1 < all.length ? all[i + 1].start : Infinity;
-        const mine = [];
-        while (next < words.length && (words[next].start < until || i === all.length - 1)) mine.push(words[next++]);
         const item = document.createElement('li');
         const time = document.createElement('time');
         time.dateTime = `PT${cue.start.toFixed(2)}S`;
         time.textContent = `${segmentTime(cue.start)} – ${segmentTime(cue.end)}`;
-        item.append(time, segmentText(cue, mine));
+        const marked = segmentText(cue, all[i + 1], state.result.words, next);
+        next = marked.next;
+        item.append(time, marked.text);
         return item;
       }));
       showOnly(ui.segments);
