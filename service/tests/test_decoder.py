@@ -17,7 +17,7 @@ from whisper_server.decoder import (DECODER_CROSS_ATTENTION, DECODER_SELF_ATTENT
                                     Piece, admission_pieces, admission_sizes, attention_context, bucket_for,
                                     bucket_sizes, capture_graphs, prefill_widths)
 from whisper_server.decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
-from whisper_server.engine import WhisperEngine
+from whisper_server.engine import AdmissionStream, WhisperEngine
 from whisper_server.test_model import make_test_model
 
 
@@ -339,3 +339,55 @@ def test_a_long_window_in_slot_31_with_2_busy_runs_the_2_bucket(tmp_path):
         results.update((slot, result.tokens) for slot, result in engine.step())
     assert set(replays) == {2}, "two busy slots step in the 2-slot bucket, not the 32 of slot 31"
     assert results == alone
+
+
+def test_joining_windows_are_encoded_on_the_admission_stream_and_the_main_stream_waits_on_the_device(
+        engine, monkeypatch):
+    """CUDA streams stood in on CPU: the encoder runs inside the admission stream after what the main stream queued,
+    its event is recorded there, and attaching makes the main stream wait for that event (no host wait) and keeps
+    the encoder states' memory for the main stream before the first cross-K/V write."""
+    events: list = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append((self.name, "waits for", other.name))
+
+        def wait_event(self, event):
+            events.append((self.name, "waits for", "encoded"))
+
+    class Event:
+        def record(self, stream):
+            events.append(("encoded", "recorded on", stream.name))
+
+        def query(self):
+            return True
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        events.append(("enter", stream.name))
+        yield
+        events.append(("leave", stream.name))
+
+    main = Stream("main")
+    for name, value in dict(Stream=lambda device=None: Stream("admission"), current_stream=lambda device=None: main,
+                            stream=on_stream, Event=Event).items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: events.append(("kept for", stream.name)))
+    monkeypatch.setattr(engine, "admission_stream", AdmissionStream("cuda"))
+    attach = engine.decoder.attach
+    monkeypatch.setattr(engine.decoder, "attach", lambda *args: events.append("attach") or attach(*args))
+    hook = engine.model.get_encoder().register_forward_hook(lambda *_: events.append("encoder"))
+    try:
+        admission = engine.encode([(noise(9), DecodeOptions(language="en"))] * 2)
+        assert events == [("admission", "waits for", "main"), ("enter", "admission"), "encoder",
+                          ("encoded", "recorded on", "admission"), ("leave", "admission")]
+        events.clear()
+        assert engine.encoded(admission)
+        slots = engine.attach(admission)
+        assert events == [("main", "waits for", "encoded"), ("kept for", "main"), "attach"]
+    finally:
+        hook.remove()
+    engine.release(slots)
