@@ -309,13 +309,11 @@ class SlotDecoder:
         if not holes:
             return
         movers = [row for row in range(busy, self.slots) if self.slot_at[row] is not None]
-        source = torch.tensor(movers, device=self.device)
-        target = torch.tensor(holes, device=self.device)
-        for state, dim in self._row_state():
-            state.index_copy_(dim, target, state.index_select(dim, source))
-        self.active[source] = False
-        self.done[source] = False
         for hole, mover in zip(holes, movers):
+            for state, dim in self._row_state():  # row to row through views: no temporary copy of the caches
+                state.narrow(dim, hole, 1).copy_(state.narrow(dim, mover, 1))
+            self.active[mover] = False
+            self.done[mover] = False
             slot = self.slot_at[mover]
             self.slot_at[hole], self.slot_at[mover], self.row_of[slot] = slot, None, hole
 
