@@ -296,7 +296,8 @@ export class WhisperService extends pulumi.ComponentResource {
                   );
 
         // The API port from where the load balancer sends, the metrics port from Prometheus' namespace, nothing else;
-        // enforced by the VPC CNI.
+        // enforced by the VPC CNI. Numeric ports: its policy agent skipped named ports in rules with a CIDR peer
+        // before v1.0.8, which would have shut the load balancer out.
         new k8s.networking.v1.NetworkPolicy(
             `${name}-network-policy`,
             {
@@ -307,14 +308,14 @@ export class WhisperService extends pulumi.ComponentResource {
                     ingress: [
                         {
                             from: args.loadBalancerSourceCidrs?.map((cidr) => ({ ipBlock: { cidr } })),
-                            ports: [{ port: httpPortName, protocol: "TCP" }],
+                            ports: [{ port: containerPort, protocol: "TCP" }],
                         },
                         // No rule, not an empty `from` (which would admit every source), when nothing scrapes.
                         ...(args.scrapedFrom
                             ? [
                                   {
                                       from: [{ namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": args.scrapedFrom.namespace } } }],
-                                      ports: [{ port: metricsPortName, protocol: "TCP" }],
+                                      ports: [{ port: metricsPort, protocol: "TCP" }],
                                   },
                               ]
                             : []),
