@@ -300,7 +300,7 @@ def test_admissions_of_every_size_run_only_in_shapes_the_warm_up_ran(engine, mon
         monkeypatch.setattr(owner, name, recorded)
 
     spy(engine, "_encode", lambda features: (features.shape[0],))
-    spy(decoder, "attach", lambda piece, states: (piece.size,))
+    spy(decoder, "attach", lambda piece, states, prefixes=None: (piece.size,))
     spy(decoder, "_prefill_pass", lambda piece, tokens: (piece.size, tokens.shape[1]))
     with torch.inference_mode():
         decoder.warm_up_admissions(engine._encode_silence)
@@ -391,3 +391,18 @@ def test_joining_windows_are_encoded_on_the_admission_stream_and_the_main_stream
     finally:
         hook.remove()
     engine.release(slots)
+
+
+def test_a_window_whose_prefix_is_known_joins_in_one_decoder_pass(engine, monkeypatch):
+    """Language given and no prompt: the prefill pass also gives the logits after <|startoftranscript|> (for
+    no_speech_prob), so the admission runs the decoder once; a window that needs its language detected first, or
+    has a prompt before <|startoftranscript|>, takes two passes."""
+    passes = []
+    decode_layers = engine.decoder._decode
+    monkeypatch.setattr(engine.decoder, "_decode", lambda *args: passes.append(1) or decode_layers(*args))
+    for options, expected in ((DecodeOptions(language="en"), 1), (DecodeOptions(language="de", task="translate"), 1),
+                              (DecodeOptions(), 2), (DecodeOptions(language="en", prompt="hello"), 2)):
+        passes.clear()
+        slots = engine.admit([(noise(10), options), (noise(11), DecodeOptions(language="fr"))])
+        assert len(passes) == expected, options
+        engine.release(slots)

@@ -323,31 +323,35 @@ class SlotDecoder:
         """How an admission into these (just allocated) slots runs: batches of the admission sizes over their rows."""
         return admission_pieces(self.row_of[slots[0]], len(slots), self.admission_sizes, self.slots)
 
-    def attach(self, piece: Piece, encoder_states: torch.Tensor) -> torch.Tensor:
+    def attach(self, piece: Piece, encoder_states: torch.Tensor, prefixes: list[list[int]] | None = None
+               ) -> torch.Tensor:
         """Writes the piece's cross-attention K/V (from `encoder_states`, [piece.size, frames, d_model]) into its rows
         in place, and returns the logits after <|startoftranscript|> alone (float32, [piece.count, vocab]): language
-        detection and no_speech_prob read them."""
+        detection and no_speech_prob read them. Given `prefixes` known already (each starting with
+        <|startoftranscript|>), their prefill pass is run here and gives those logits too (position 0 sees only
+        itself): one decoder pass for the admission instead of two, and prefill() is told `prefilled`."""
         rows = slice(piece.start, piece.start + piece.size)
         for layer_index, layer in enumerate(self.layers):
             attention = layer.encoder_attn
             self.cross_keys[layer_index, rows] = self._heads(attention.k_proj(encoder_states))
             self.cross_values[layer_index, rows] = self._heads(attention.v_proj(encoder_states))
+        if prefixes is not None:
+            tokens = self._prefix_rows(piece, prefixes)
+            hidden = self._prefill_pass(piece, tokens[:, :self._prefill_width(prefixes, minimum=1)])
+            return self.model.proj_out(hidden[:piece.count, 0]).float()
         start = torch.full((piece.size, 1), self.special.start_of_transcript, device=self.device)
         positions = torch.zeros(piece.size, 1, dtype=torch.long, device=self.device)
         hidden = self._decode(start, positions, rows)
         return self.model.proj_out(hidden[:piece.count, -1]).float()
 
     def prefill(self, piece: Piece, prefixes: list[list[int]], limits: list[int], min_lengths: list[int],
-                temperatures: list[float]) -> None:
-        """Writes the KV of each window's forced prefix except its last token (the first step feeds that one) and
-        sets its row's state; the windows decode from the next step on. Runs at the width bucket of the longest."""
-        rows = torch.full((piece.size, self.positions), self.special.end_of_text, dtype=torch.long)
-        for row, prefix in enumerate(prefixes):
-            rows[row, :len(prefix)] = torch.tensor(prefix)
-        rows = rows.to(self.device)
-        width = max(len(prefix) for prefix in prefixes) - 1
-        if width:
-            self._prefill_pass(piece, rows[:, :bucket_for(width, self.widths)])
+                temperatures: list[float], prefilled: bool = False) -> None:
+        """Writes the KV of each window's forced prefix except its last token (the first step feeds that one), unless
+        attach() did (`prefilled`), and sets its row's state; the windows decode from the next step on."""
+        rows = self._prefix_rows(piece, prefixes)
+        width = self._prefill_width(prefixes)
+        if width and not prefilled:
+            self._prefill_pass(piece, rows[:, :width])
         real = slice(piece.start, piece.start + piece.count)
         lengths = torch.tensor([len(prefix) for prefix in prefixes], device=self.device)
         self.tokens[real] = rows[:piece.count]
@@ -360,12 +364,24 @@ class SlotDecoder:
         self.done[real] = False
         self.active[real] = True
 
-    def _prefill_pass(self, piece: Piece, tokens: torch.Tensor) -> None:
+    def _prefix_rows(self, piece: Piece, prefixes: list[list[int]]) -> torch.Tensor:
+        """[piece.size, 448] on the device: each window's prefix, then end of text (rows past piece.count: padding)."""
+        rows = torch.full((piece.size, self.positions), self.special.end_of_text, dtype=torch.long)
+        for row, prefix in enumerate(prefixes):
+            rows[row, :len(prefix)] = torch.tensor(prefix)
+        return rows.to(self.device)
+
+    def _prefill_width(self, prefixes: list[list[int]], minimum: int = 0) -> int:
+        """The width bucket of the longest prefix but its last token (0: nothing to prefill)."""
+        width = max(minimum, max(len(prefix) for prefix in prefixes) - 1)
+        return bucket_for(width, self.widths) if width else 0
+
+    def _prefill_pass(self, piece: Piece, tokens: torch.Tensor) -> torch.Tensor:
         """The decoder over `tokens` ([piece.size, width]) at positions [0, width), writing their KV into the rows.
         Rows with shorter prefixes write padding KV past their own prefix: the step overwrites or masks it."""
         width = tokens.shape[1]
         positions = torch.arange(width, device=self.device).expand(piece.size, width)
-        self._decode(tokens, positions, slice(piece.start, piece.start + piece.size))
+        return self._decode(tokens, positions, slice(piece.start, piece.start + piece.size))
 
     def warm_up_admissions(self, encode: Callable[[int], torch.Tensor]) -> None:
         """Runs the admission passes once in every shape serving meets (each admission size, and each prefill width

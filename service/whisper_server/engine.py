@@ -284,17 +284,20 @@ class WhisperEngine:
         try:
             self.admission_stream.join(admission.encoded, admission.states)
             # no_speech_prob and the detected language come from the logits after <|startoftranscript|> alone, as in
-            # OpenAI's decoder and transformers' detect_language.
-            first = torch.cat([self.decoder.attach(piece, states)
-                               for piece, states in zip(admission.pieces, admission.states)])
+            # OpenAI's decoder and transformers' detect_language. A piece whose prefixes are known already (language
+            # given, no prompt) gets them from its prefill pass.
+            parts = [slice(piece.start - admission.pieces[0].start,
+                           piece.start - admission.pieces[0].start + piece.count) for piece in admission.pieces]
+            known = [self._known_prefixes([options for _, options in windows[part]]) for part in parts]
+            first = torch.cat([self.decoder.attach(piece, states, prefixes)
+                               for piece, states, prefixes in zip(admission.pieces, admission.states, known)])
             no_speech = first.softmax(-1)[:, self.special.no_speech]
             detected = first.masked_fill(self.decoder.language_mask, float("-inf")).argmax(-1)
             no_speech, detected = no_speech.tolist(), detected.tolist()
             prefixes, limits, min_lengths, admitted = [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
                 language_id = self.language_ids[options.language] if options.language else detected_id
-                prefix = self._prompt_ids(options.prompt) + [
-                    self.special.start_of_transcript, language_id, self.task_ids[options.task]]
+                prefix = self._prefix(options, language_id)
                 limit = self._limit(len(prefix), admission.max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
                 limits.append(limit)
@@ -302,11 +305,9 @@ class WhisperEngine:
                 admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, self.id_to_language.get(language_id),
                                            no_speech_prob, options.temperature))
             temperatures = [options.temperature for _, options in windows]
-            start = 0
-            for piece in admission.pieces:
-                part = slice(start, start + piece.count)
-                self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part], temperatures[part])
-                start += piece.count
+            for piece, part, prefilled in zip(admission.pieces, parts, known):
+                self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part], temperatures[part],
+                                     prefilled=prefilled is not None)
             self.decoder.joined(slots)
         except torch.OutOfMemoryError as error:
             self.decoder.release(slots)
@@ -317,6 +318,18 @@ class WhisperEngine:
             raise
         self.windows.update(zip(slots, admitted))
         return slots
+
+    def _prefix(self, options: DecodeOptions, language_id: int) -> list[int]:
+        """The forced prefix: the prompt (if any), <|startoftranscript|>, the language and the task."""
+        return self._prompt_ids(options.prompt) + [
+            self.special.start_of_transcript, language_id, self.task_ids[options.task]]
+
+    def _known_prefixes(self, options: list[DecodeOptions]) -> list[list[int]] | None:
+        """The windows' prefixes when they need nothing from the model first (each names its language) and start
+        with <|startoftranscript|> (no prompt); else None."""
+        if not all(option.language and not option.prompt for option in options):
+            return None
+        return [self._prefix(option, self.language_ids[option.language]) for option in options]
 
     def _limit(self, prefix_length: int, max_new_tokens: int | None) -> int:
         """Most tokens in a slot's sequence, prefix included: transformers' rule (max_new_tokens after the prefix,
