@@ -36,3 +36,41 @@ def test_the_cpu_dry_run_measures_every_level_and_writes_both_summaries(model_di
     assert "| server | 32 |" in table and "| pipeline, batch 32 | 32 |" in table
     assert "decoder self-attention: FLASH_ATTENTION" in table and "3/3 (100%)" in table
     assert "RTFx at concurrency 64 >= 2000" in table, "the issue's targets are listed"
+
+
+def load_gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failed_capture_is_reported_and_the_rest_is_measured_without_graphs(tmp_path, monkeypatch):
+    """The GPU path's plan, with each level's process stood in: the engine level with graphs exits 3 having
+    recorded the capture error, so the engine and the server run again with the step eager, then the pipeline."""
+    gpu_check = load_gpu_check()
+    args = gpu_check.parse_args(["--output", str(tmp_path)])
+    check = gpu_check.Check(args, [])
+    ran = []
+
+    def run(level):
+        ran.append(level)
+        if level == "engine":
+            check.levels[level] = {"capture": {"works": False, "error": "RuntimeError: operation not permitted when "
+                                                                        "stream is capturing"}}
+            check.status[level] = {"status": "failed (exit 3)"}
+            return 3
+        check.levels[level] = {"ready_seconds": 1.0, "attention_backends": {"decoder self-attention": ["MATH"]}}
+        check.status[level] = {"status": "ok"}
+        return 0
+
+    monkeypatch.setattr(check, "run", run)
+    summary = check.main()
+    assert ran == ["model", "engine", "engine:eager", "server:eager", "pipeline"]
+    assert summary["capture"] == {"works": False, "graphs": None,
+                                  "error": "RuntimeError: operation not permitted when stream is capturing"}
+    assert summary["attention_backends"] == {"decoder self-attention": ["MATH"]}, "measured by the eager engine"
+    table = (tmp_path / "summary.md").read_text()
+    assert "- CUDA-graph capture works: **no**: RuntimeError: operation not permitted" in table
