@@ -57,8 +57,10 @@ export const loadBalancerTimeouts = timeoutsOf(loadBalancerReadySeconds);
  * updated). Not pulumi-kubernetes' default: its Service await (provider/pkg/await/service.go) also waits for
  * Endpoints that target a pod, for DefaultServiceTimeoutMins = 10 on every create and update (awaitServiceUpdate
  * runs the same await), and the pods are created only after the Service (the readiness gate below), so it would
- * wait for pods that wait for it. A `pulumi.com/waitFor` annotation replaces the default await
- * (provider/pkg/metadata/annotations.go, ReadyCondition; it takes precedence since v4.18.4); customTimeouts bound it.
+ * wait for pods that wait for it. Its default Ingress await (provider/pkg/await/ingress.go, DefaultIngressTimeoutMins
+ * = 10, on create and update) waits for the status and for Endpoints of each rule's Service, none here (a
+ * defaultBackend only). A `pulumi.com/waitFor` annotation replaces the default await (provider/pkg/metadata/
+ * annotations.go, ReadyCondition; it takes precedence since v4.18.4); customTimeouts bound it.
  */
 export const awaitLoadBalancerHostname = { "pulumi.com/waitFor": "jsonpath={.status.loadBalancer.ingress[0].hostname}" };
 /** The ALB's Service is a ClusterIP Service that only names the pods: it is ready once it has its cluster IP. */
