@@ -9,8 +9,10 @@ export const gpuTaint = { key: "nvidia.com/gpu", value: "true", effect: "NoSched
 export const gpuToleration = { key: gpuTaint.key, operator: "Exists", effect: gpuTaint.effect } as const;
 /** nodeSelector for pods that belong on GPU nodes. */
 export const gpuNodeSelector = { [gpuNodeLabel.key]: gpuNodeLabel.value } as const;
-/** Label Cluster Autoscaler's AWS provider reads to know a node has GPUs before the device plugin advertises them. */
+/** Label naming a GPU node's GPU model (catalog.ts `accelerator`), set by the GPU NodePool. */
 export const acceleratorLabelKey = "k8s.amazonaws.com/accelerator";
+/** Tag by which Karpenter finds the subnets and security group of its nodes; its value is the cluster name. */
+export const karpenterDiscoveryTagKey = "karpenter.sh/discovery";
 /** Label of the node pool a node belongs to: `system` or `gpu`. */
 export const nodePoolLabelKey = "whisper-eks/node-pool";
 export type NodePool = "system" | "gpu";
