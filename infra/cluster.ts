@@ -6,7 +6,7 @@ import * as aws from "@pulumi/aws";
 import * as eks from "@pulumi/eks";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { ClusterConfig, KubernetesVersion } from "./config";
+import { ClusterConfig, KubernetesVersion, systemNodeAmiType } from "./config";
 import { karpenterDiscoveryTagKey, nodePoolLabelKey, systemNodeSelector } from "./conventions";
 import { eksAddon } from "./eks-addon";
 import { Network } from "./network";
@@ -145,7 +145,7 @@ export function createCluster(
             subnetIds: network.privateSubnetIds,
             tags: { ...tags, [nodePoolLabelKey]: "system" },
             launchTemplate: nodeLaunchTemplate(`${name}-system-launch-template`, systemNodeDiskSizeGiB, tags),
-            amiType: "AL2023_x86_64_STANDARD",
+            amiType: systemNodeAmiType,
             instanceTypes: config.systemNodes.instanceTypes,
             capacityType: "ON_DEMAND",
             scalingConfig: {

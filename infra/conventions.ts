@@ -1,4 +1,4 @@
-// The cluster's scheduling conventions, shared by the node groups that carry them and the workloads that rely
+// The cluster's scheduling conventions, shared by the nodes that carry them and the workloads that rely
 // on them: which label marks a GPU node, the taint that keeps other pods off it, and where add-ons run.
 
 /** Label every GPU node carries; the NVIDIA device plugin's chart schedules on it. */

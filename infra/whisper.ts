@@ -50,7 +50,7 @@ export interface ScalingSettings {
     /** 0: no pod (and no GPU node) outside activeHours. */
     minReplicas: number;
     maxReplicas: number;
-    /** The most server pods the GPU node groups can hold; unknown in an existing cluster. */
+    /** The most server pods the GPU NodePool can hold; unknown in an existing cluster. */
     maxGpuPods?: number;
     metric: ScalingMetric;
     /** The per-pod average of the metric the autoscaler keeps. */
@@ -125,7 +125,7 @@ export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number
 /**
  * How a rollout replaces pods, each of which needs a whole GPU. A surge pod needs a free GPU or a GPU node the
  * autoscaler can still add: when the HPA's maximum leaves one, surge without losing capacity; when it may fill every
- * GPU the node groups can hold (or that is unknown), a rollout at full scale must free a GPU first, so one pod may be
+ * GPU the GPU NodePool can hold (or that is unknown), a rollout at full scale must free a GPU first, so one pod may be
  * down (the PDB allows one). One replica on a ReadWriteOnce volume must let go of it before the next starts.
  */
 export function rolloutStrategy(accessMode: VolumeAccessMode, scaling: ScalingSettings): k8s.types.input.apps.v1.DeploymentStrategy {
@@ -296,7 +296,8 @@ export class WhisperService extends pulumi.ComponentResource {
                   );
 
         // The API port from where the load balancer sends, the metrics port from Prometheus' namespace, nothing else;
-        // enforced by the VPC CNI.
+        // enforced by the VPC CNI. Numeric ports: its policy agent skipped named ports in rules with a CIDR peer
+        // before v1.0.8, which would have shut the load balancer out.
         new k8s.networking.v1.NetworkPolicy(
             `${name}-network-policy`,
             {
@@ -307,14 +308,14 @@ export class WhisperService extends pulumi.ComponentResource {
                     ingress: [
                         {
                             from: args.loadBalancerSourceCidrs?.map((cidr) => ({ ipBlock: { cidr } })),
-                            ports: [{ port: httpPortName, protocol: "TCP" }],
+                            ports: [{ port: containerPort, protocol: "TCP" }],
                         },
                         // No rule, not an empty `from` (which would admit every source), when nothing scrapes.
                         ...(args.scrapedFrom
                             ? [
                                   {
                                       from: [{ namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": args.scrapedFrom.namespace } } }],
-                                      ports: [{ port: metricsPortName, protocol: "TCP" }],
+                                      ports: [{ port: metricsPort, protocol: "TCP" }],
                                   },
                               ]
                             : []),

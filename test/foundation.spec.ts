@@ -1,5 +1,5 @@
 // What each real stack (Pulumi.dev.yaml, Pulumi.prod.yaml) declares for the foundation: network, cluster,
-// node groups, add-ons, device plugin, storage, image and outputs, evaluated offline under mocks.
+// the system node group, add-ons, device plugin, storage, image and outputs, evaluated offline under mocks.
 import { strict as assert } from "assert";
 import { gpuInstanceTypes } from "../infra/catalog";
 import { pinnedImagePattern } from "../infra/load-config";

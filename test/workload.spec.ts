@@ -48,6 +48,14 @@ const env = (evaluation: StackEvaluation): Record<string, any> =>
 const config = (evaluation: StackEvaluation, key: string) => evaluation.config[`whisper-eks:${key}`];
 const dependsOn = (evaluation: StackEvaluation, dependent: RecordedResource, dependency: RecordedResource) =>
     (dependencies.get(`${evaluation.stack}::${dependent.type}::${dependent.name}`) ?? []).includes(dependency.urn ?? "none");
+/** The number of the server container's port of that name. */
+const containerPortNumber = (evaluation: StackEvaluation, name: string): number =>
+    (container(evaluation).ports.find((port: any) => port.name === name) ?? assert.fail(`the container has no port ${name}`)).containerPort;
+/** The NetworkPolicy rule that admits the server container's port of that name. */
+const policyRuleFor = (evaluation: StackEvaluation, name: string) =>
+    byKind(evaluation, kinds.networkPolicy).inputs.spec.ingress.filter((rule: any) =>
+        rule.ports.some((port: any) => port.port === containerPortNumber(evaluation, name)),
+    );
 const matches = (selector: Record<string, string>, labels: Record<string, string>) =>
     Object.entries(selector).every(([key, value]) => labels[key] === value);
 
@@ -248,11 +256,14 @@ describe("workload", function () {
                 // IP targets without client IP preservation: the pods see the NLB's private addresses, inside the VPC.
                 const annotations = byKind(evaluation(), kinds.service).inputs.metadata.annotations;
                 assert.ok(!JSON.stringify(annotations).includes("preserve_client_ip.enabled=true"), "client IPs are not preserved");
-                const api = policy.spec.ingress.find((rule: any) => rule.ports.some((port: any) => port.port === "http"));
-                assert.deepEqual(api, { from: [{ ipBlock: { cidr: config(evaluation(), "vpcCidr") } }], ports: [{ port: "http", protocol: "TCP" }] });
+                assert.deepEqual(policyRuleFor(evaluation(), "http"), [
+                    { from: [{ ipBlock: { cidr: config(evaluation(), "vpcCidr") } }], ports: [{ port: 8000, protocol: "TCP" }] },
+                ]);
                 const openPorts = policy.spec.ingress.flatMap((rule: any) => rule.ports.map((port: any) => port.port));
-                const containerPorts = container(evaluation()).ports.map((port: any) => port.name);
+                const containerPorts = container(evaluation()).ports.map((port: any) => port.containerPort);
                 assert.deepEqual([...openPorts].sort(), [...containerPorts].sort(), "a rule for each port the pod serves, none for others");
+                // The VPC CNI's policy agent skipped named ports in rules with a CIDR peer before v1.0.8: numbers only.
+                assert.ok(openPorts.every(Number.isInteger), `numeric ports: ${JSON.stringify(openPorts)}`);
             });
 
             it("runs as the image's own user, which owns the model cache", function () {
@@ -366,10 +377,8 @@ describe("workload", function () {
             });
 
             it("admits the metrics port from the monitoring namespace only", function () {
-                const policy = byKind(evaluation(), kinds.networkPolicy).inputs;
-                const metrics = policy.spec.ingress.filter((rule: any) => rule.ports.some((port: any) => port.port === "metrics"));
-                assert.deepEqual(metrics, [
-                    { from: [{ namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": "monitoring" } } }], ports: [{ port: "metrics", protocol: "TCP" }] },
+                assert.deepEqual(policyRuleFor(evaluation(), "metrics"), [
+                    { from: [{ namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": "monitoring" } } }], ports: [{ port: 9090, protocol: "TCP" }] },
                 ]);
                 const prometheus = release(evaluation(), "kube-prometheus-stack");
                 assert.equal(prometheus.inputs.namespace, "monitoring", "Prometheus runs in the namespace the rule admits");
@@ -394,6 +403,23 @@ describe("workload", function () {
                 assert.ok(scaled.spec.cooldownPeriod >= Math.min(3600, requestTimeout), "the last pod goes only after the longest request could finish");
                 assert.ok(dependsOn(evaluation(), byKind(evaluation(), kinds.scaledObject), release(evaluation(), "keda")), "the ScaledObject waits for KEDA's CRDs");
                 assert.equal(findResources(evaluation().resources, kinds.hpa).length, 0, "no second HPA on the Deployment: KEDA makes its own");
+            });
+
+            it("keeps KEDA scaling through the loss of a pod: standby operator and metrics server, PDBs, on different nodes", function () {
+                // One of each is active at a time (leader election; one metrics server serves the external metrics API):
+                // the second replica is a standby, worth something only if a drain or a node loss cannot take both.
+                const values = release(evaluation(), "keda").inputs.values;
+                for (const [component, app, budget] of [
+                    ["operator", "keda-operator", "operator"],
+                    ["metricsServer", "keda-operator-metrics-apiserver", "metricServer"],
+                ]) {
+                    assert.equal(values[component].replicaCount, 2, `${component}: a standby`);
+                    assert.deepEqual(values.podDisruptionBudget[budget], { minAvailable: 1 }, `${component}: a drain keeps one`);
+                    const [term] = values[component].affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution;
+                    assert.deepEqual(term.podAffinityTerm, { labelSelector: { matchLabels: { app } }, topologyKey: "kubernetes.io/hostname" });
+                }
+                // Preferred, not required: dev runs one system node, where a required rule would leave a replica Pending.
+                assert.ok(!JSON.stringify(values).includes("requiredDuringScheduling"));
             });
 
             it("pins every Helm chart to an exact version under an explicit release name", function () {
@@ -573,7 +599,7 @@ describe("workload", function () {
             assert.ok(delay >= Math.min(3600, requestTimeout) && delay <= 3600, `deregistration delay ${delay}`);
             assert.ok(dependsOn(evaluation, byKind(evaluation, kinds.ingress), release(evaluation, "aws-load-balancer-controller")), "the Ingress waits for the controller's webhook");
             // The ALB's nodes are in the VPC: the NetworkPolicy's API rule admits them to the port the Ingress targets.
-            const api = byKind(evaluation, kinds.networkPolicy).inputs.spec.ingress.find((rule: any) => rule.ports.some((p: any) => p.port === "http"));
+            const [api] = policyRuleFor(evaluation, "http");
             assert.deepEqual(api.from, [{ ipBlock: { cidr: config(evaluation, "vpcCidr") } }]);
             assert.match(String(evaluation.outputs.serviceUrl), /^https:\/\//);
         });
@@ -648,7 +674,7 @@ describe("workload", function () {
             assert.deepEqual([pvc.storageClassName, pvc.accessModes], ["shared-nfs", ["ReadWriteMany"]]);
             assert.ok(byKind(evaluation, kinds.deployment) && byKind(evaluation, kinds.scaledObject) && byKind(evaluation, kinds.podMonitor));
             // The VPC's range is unknown here: the API port is open to any source, as the cluster's load balancer sends it.
-            const api = byKind(evaluation, kinds.networkPolicy).inputs.spec.ingress.find((rule: any) => rule.ports.some((port: any) => port.port === "http"));
+            const [api] = policyRuleFor(evaluation, "http");
             assert.equal(api.from, undefined);
             const skipped = evaluation.outputs.notDeployedInExistingCluster as string[];
             assert.ok(skipped.some((part) => part.includes("Karpenter")) && skipped.some((part) => part.includes("AWS Load Balancer Controller")));
