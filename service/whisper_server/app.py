@@ -46,6 +46,8 @@ class ServerState:
     engine: EngineProcess | None = None
     ready: bool = False
     draining: bool = False
+    # Set when the drain's deadline passes: what is still running is answered 503 (retry elsewhere), not cut off.
+    drain_expired: asyncio.Event = field(default_factory=asyncio.Event)
     load_failed: bool = False
     in_flight: int = 0  # audio requests being handled; drain waits for zero
     admission: Admission = field(init=False)  # from the settings
@@ -163,7 +165,7 @@ async def handle_audio(request: Request, task: str) -> Response:
             request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
             transcript = await until_disconnected(
                 request, asyncio.wait_for(transcribe(state.engine, samples, options, state.audio_work),
-                                          settings.request_timeout_seconds))
+                                          settings.request_timeout_seconds), state.drain_expired)
         except Overloaded as error:
             raise ApiError(503, error.message, code=error.code,
                            headers={"Retry-After": str(state.engine.retry_after_seconds())}) from error
@@ -185,19 +187,25 @@ async def handle_audio(request: Request, task: str) -> Response:
     return PlainTextResponse(body, media_type=MEDIA_TYPES[response_format])
 
 
-async def until_disconnected(request: Request, work):
-    """Runs the work unless the client hangs up first; then the work is cancelled and its windows leave the engine."""
+async def until_disconnected(request: Request, work, drain_expired: asyncio.Event):
+    """Runs the work unless the client hangs up first or the drain's deadline passes; either way the work is cancelled
+    and its windows leave the engine, and a client still there is told to retry elsewhere (503) before the server exits."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     work_task, watch_task = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    expiry_task = asyncio.ensure_future(drain_expired.wait())
     try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work_task, watch_task, expiry_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch_task.cancel()
+        expiry_task.cancel()
     if not work_task.done():
         work_task.cancel()
+        if drain_expired.is_set():
+            raise ApiError(503, "The server shut down before this request could finish; retry it on another replica.",
+                           code="draining", headers={"Retry-After": "1", "Connection": "close"})
         raise ClientDisconnect()
     return work_task.result()
 
