@@ -51,6 +51,8 @@ class ServerState:
     engine: EngineProcess | None = None
     ready: bool = False
     draining: bool = False
+    # Set when the drain's deadline passes: what is still running is answered 503 (retry elsewhere), not cut off.
+    drain_expired: asyncio.Event = field(default_factory=asyncio.Event)
     load_failed: bool = False
     in_flight: int = 0  # audio requests being handled; drain waits for zero
     admission: Admission = field(init=False)  # from the settings
@@ -217,7 +219,7 @@ async def handle_audio(request: Request, task: str) -> Response:
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             transcript = await until_disconnected(request, asyncio.wait_for(
                 transcribe(state.engine, samples, asked.options, state.audio_work, state.engine.token_bytes),
-                settings.request_timeout_seconds))
+                settings.request_timeout_seconds), state.drain_expired)
         except Exception as error:
             answer = as_api_error(error, state)
             if answer is None or answer is error:
@@ -257,7 +259,7 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
             async with asyncio.timeout(state.settings.request_timeout_seconds):
                 async with aclosing(transcribe_pieces(state.engine, samples, options, state.audio_work,
                                                       builder)) as pieces:
-                    async for piece in pieces:
+                    while (piece := await until_drain_expires(anext(pieces, None), state.drain_expired)) is not None:
                         if not piece.delta:
                             continue
                         if first:
@@ -285,19 +287,45 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
             yield server_sent_event({"type": "error", **error_body(answer)})
 
 
-async def until_disconnected(request: Request, work):
-    """Runs the work unless the client hangs up first; then the work is cancelled and its windows leave the engine."""
+def drain_expired_error() -> ApiError:
+    return ApiError(503, "The server shut down before this request could finish; retry it on another replica.",
+                    code="draining", headers={"Retry-After": "1", "Connection": "close"})
+
+
+async def until_drain_expires(work, drain_expired: asyncio.Event):
+    """The work's result, unless the drain's deadline passes first: then the work is cancelled (a stream's next
+    piece: its windows leave the engine) and the stream ends with the draining error."""
+    work_task, expiry_task = asyncio.ensure_future(work), asyncio.ensure_future(drain_expired.wait())
+    try:
+        await asyncio.wait({work_task, expiry_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        expiry_task.cancel()
+        if not work_task.done():
+            work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)  # settled before the stream is closed
+    if work_task.cancelled():
+        raise drain_expired_error()
+    return work_task.result()
+
+
+async def until_disconnected(request: Request, work, drain_expired: asyncio.Event):
+    """Runs the work unless the client hangs up first or the drain's deadline passes; either way the work is cancelled
+    and its windows leave the engine, and a client still there is told to retry elsewhere (503) before the server exits."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     work_task, watch_task = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    expiry_task = asyncio.ensure_future(drain_expired.wait())
     try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work_task, watch_task, expiry_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch_task.cancel()
+        expiry_task.cancel()
     if not work_task.done():
         work_task.cancel()
+        if drain_expired.is_set():
+            raise drain_expired_error()
         raise ClientDisconnect()
     return work_task.result()
 
