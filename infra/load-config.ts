@@ -6,10 +6,10 @@ import { dtypes, gpuInstanceTypes, whisperModels } from "./catalog";
 import {
     ActiveHours,
     AutoscalingConfig,
+    CapacityType,
     capacityTypes,
     ClusterConfig,
     GpuConfig,
-    GpuNodeGroupConfig,
     ImageConfig,
     kubernetesVersions,
     loadBalancerSchemes,
@@ -22,6 +22,7 @@ import {
     scalingMetrics,
     ServiceConfig,
     StackConfig,
+    systemNodeAmiType,
     TrafficConfig,
     WorkloadConfig,
 } from "./config";
@@ -43,6 +44,18 @@ export const requestTimeoutSecondsRange = { min: 30, max: nlbTcpIdleTimeoutSecon
 /** The p95 latency alert's threshold: no request outlasts the longest request timeout. */
 export const alertP95LatencySecondsRange = { min: 1, max: requestTimeoutSecondsRange.max };
 
+/**
+ * The VPC's prefix: AWS allows /16 (65,536 addresses) to /28; the subnets the program cuts per AZ (a public and a
+ * private one in each of up to 4 AZs) need /20 or more, and pod IPs (the VPC CNI gives each pod a VPC address) more still.
+ */
+export const vpcPrefix = { min: 16, max: 20, why: "AWS allows /16 to /28; the public and private subnets of up to 4 AZs need /20 or more" };
+
+/**
+ * Graviton (arm64) instance families: `a1`, and a generation digit followed by `g` (t4g, m7g, c7gn, r8g, x2gd, im4gn,
+ * is4gen...). The system node group runs an x86_64 AMI.
+ */
+const armFamilyPattern = /^(a1|[a-z]+\d+g[a-z]*)\./;
+
 function gpuInstanceTypeProblem(name: string): string | undefined {
     if (gpuInstanceTypes[name]) return undefined;
     if (!instanceTypePattern.test(name)) return `not an EC2 instance type; supported GPU instance types: ${supportedGpuTypes}`;
@@ -52,7 +65,7 @@ function gpuInstanceTypeProblem(name: string): string | undefined {
 
 function readNetwork(reader: ConfigReader): NetworkConfig {
     return {
-        vpcCidr: reader.cidr("vpcCidr", 20),
+        vpcCidr: reader.cidr("vpcCidr", vpcPrefix),
         availabilityZoneCount: reader.integer("availabilityZoneCount", { min: 2, max: 4 }),
         natGatewayStrategy: reader.oneOf("natGatewayStrategy", natGatewayStrategies),
     };
@@ -62,6 +75,9 @@ function readCluster(reader: ConfigReader, stack: string): ClusterConfig {
     const systemInstanceTypes = reader.stringList("systemNodeInstanceTypes", 1, (name) => {
         if (!instanceTypePattern.test(name)) return "must be an EC2 instance type, e.g. m7i.xlarge";
         if (gpuInstanceTypes[name] || gpuFamilyPattern.test(name)) return "must not be a GPU instance type: GPU nodes belong in gpuInstanceTypes";
+        if (armFamilyPattern.test(name)) {
+            return `is a Graviton (arm64) type, but the system node group runs the x86_64 AMI (${systemNodeAmiType}): choose an x86_64 type, e.g. m7i.xlarge or m7a.xlarge`;
+        }
         return undefined;
     });
     const roleArn = (arn: string) =>
@@ -71,37 +87,47 @@ function readCluster(reader: ConfigReader, stack: string): ClusterConfig {
         kubernetesVersion: reader.oneOf("kubernetesVersion", kubernetesVersions),
         adminRoleArns: reader.stringList("clusterAdminRoleArns", 0, roleArn),
         viewerRoleArns: reader.stringList("clusterViewerRoleArns", 0, roleArn),
-        publicAccessCidrs: reader.stringList("clusterPublicAccessCidrs", 1, (cidr) => cidrProblem(cidr, 32)),
+        publicAccessCidrs: reader.stringList("clusterPublicAccessCidrs", 1, (cidr) => cidrProblem(cidr)),
         systemNodes: { instanceTypes: systemInstanceTypes, ...reader.scaling("systemNode", 20) },
     };
 }
 
+/** `al2023@v20260903`: an AMI release of the accelerated AL2023 family (Karpenter picks its NVIDIA variant for GPU types). */
+export const pinnedAmiAliasPattern = /^al2023@v\d{8}$/;
+
 function readGpu(reader: ConfigReader): GpuConfig {
     const instanceTypes = reader.stringList("gpuInstanceTypes", 1, gpuInstanceTypeProblem);
     const known = instanceTypes.filter((name) => gpuInstanceTypes[name]);
-    // Cluster Autoscaler builds one node template per group, and the group's nodes carry one accelerator label:
-    // every type in it must offer the same GPUs.
+    // The NodePool's nodes carry one accelerator label and its GPU limit counts nodes by one GPU count: every type
+    // in it must offer the same GPUs.
     const gpuCounts = new Set(known.map((name) => gpuInstanceTypes[name].gpuCount));
     if (gpuCounts.size > 1) {
-        reader.problem("gpuInstanceTypes", instanceTypes, "all types in the GPU node group must have the same GPU count");
+        reader.problem("gpuInstanceTypes", instanceTypes, "all types in the GPU NodePool must have the same GPU count");
     }
     const gpuModels = new Set(known.map((name) => gpuInstanceTypes[name].gpuModel));
     if (gpuModels.size > 1) {
         reader.problem(
             "gpuInstanceTypes",
             instanceTypes,
-            `all types in the GPU node group must have the same GPU model (their nodes carry one k8s.amazonaws.com/accelerator label), ` +
+            `all types in the GPU NodePool must have the same GPU model (its nodes carry one k8s.amazonaws.com/accelerator label), ` +
                 `got ${[...gpuModels].join(", ")}: for spot capacity list sizes of one family, e.g. g6.xlarge and g6.2xlarge`,
         );
     }
-    const group: GpuNodeGroupConfig = {
-        name: "gpu",
+    return {
         instanceTypes,
-        capacityType: reader.oneOf("gpuCapacityType", capacityTypes),
+        capacityTypes: reader.stringList("gpuCapacityTypes", 1, (item) =>
+            (capacityTypes as readonly string[]).includes(item) ? undefined : `allowed values are ${capacityTypes.map((type) => `"${type}"`).join(", ")}`,
+        ) as CapacityType[],
+        maxNodes: reader.integer("gpuMaxSize", { min: 1, max: 100 }),
         diskSizeGiB: reader.integer("gpuDiskSizeGiB", { min: 100, max: 16384 }),
-        ...reader.scaling("gpu", 100),
+        amiAlias: reader.string("gpuAmiAlias", {
+            pattern: pinnedAmiAliasPattern,
+            describe:
+                "must be an AL2023 AMI alias pinned to a release, e.g. al2023@v20260903 (awslabs/amazon-eks-ami releases); " +
+                "@latest would replace every GPU node whenever AWS publishes an AMI",
+        }),
+        consolidateAfterMinutes: reader.integer("gpuConsolidateAfterMinutes", { min: 1, max: 1440 }),
     };
-    return { nodeGroups: [group] };
 }
 
 function readImage(reader: ConfigReader): ImageConfig {
@@ -147,7 +173,7 @@ function readWorkload(reader: ConfigReader): WorkloadConfig {
 function readTraffic(reader: ConfigReader): TrafficConfig {
     return {
         scheme: reader.oneOf("loadBalancerScheme", loadBalancerSchemes),
-        sourceRanges: reader.stringList("loadBalancerSourceRanges", 1, (cidr) => cidrProblem(cidr, 32)),
+        sourceRanges: reader.stringList("loadBalancerSourceRanges", 1, (cidr) => cidrProblem(cidr)),
         certificateArn: reader.optionalString("tlsCertificateArn", {
             pattern: certificateArnPattern,
             describe: "must be empty (plain HTTP on port 80) or an ACM certificate ARN, e.g. arn:aws:acm:us-east-1:123456789012:certificate/<uuid>",
@@ -210,7 +236,6 @@ function readAutoscaling(reader: ConfigReader): AutoscalingConfig {
         metric,
         targetAverageValue: targets[metric],
         activeHours: readActiveHours(reader),
-        clusterAutoscalerScaleDownMinutes: reader.integer("clusterAutoscalerScaleDownMinutes", { min: 1, max: 1440 }),
     };
 }
 

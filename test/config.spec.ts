@@ -64,19 +64,25 @@ const badConfigs: BadConfig[] = [
         ],
     },
     {
-        what: "GPU types with different GPU counts in one group",
+        what: "GPU types with different GPU counts in one NodePool",
         overrides: { gpuInstanceTypes: ["g5.xlarge", "g5.12xlarge"] },
         expected: ["whisper-eks:gpuInstanceTypes = ", "same GPU count"],
     },
     {
-        what: "min > max",
-        overrides: { gpuMinSize: 5, gpuDesiredSize: 5, gpuMaxSize: 2 },
-        expected: ["whisper-eks:gpuMinSize = 5", "must not exceed gpuMaxSize (2)"],
+        what: "an AMI alias that follows @latest",
+        overrides: { gpuAmiAlias: "al2023@latest" },
+        expected: ['whisper-eks:gpuAmiAlias = "al2023@latest"', "pinned to a release", "@latest would replace every GPU node"],
     },
     {
-        what: "desired outside min..max",
-        overrides: { gpuMinSize: 1, gpuDesiredSize: 4, gpuMaxSize: 2 },
-        expected: ["whisper-eks:gpuDesiredSize = 4", "between gpuMinSize (1) and gpuMaxSize (2)"],
+        what: "an empty GPU node removed before a pod could drain",
+        stack: "prod",
+        overrides: { gpuConsolidateAfterMinutes: 5 },
+        expected: ["whisper-eks:gpuConsolidateAfterMinutes = 5", "shorter than a server pod's drain", "set it to 11 or more"],
+    },
+    {
+        what: "a GPU NodePool with no capacity type",
+        overrides: { gpuCapacityTypes: [] },
+        expected: ["whisper-eks:gpuCapacityTypes = []", "at least 1 item"],
     },
     {
         what: "a system node group with min > max",
@@ -91,8 +97,8 @@ const badConfigs: BadConfig[] = [
     },
     {
         what: "an unknown capacity type",
-        overrides: { gpuCapacityType: "on-demand" },
-        expected: ['whisper-eks:gpuCapacityType = "on-demand"', '"ON_DEMAND", "SPOT"'],
+        overrides: { gpuCapacityTypes: ["ON_DEMAND"] },
+        expected: ['whisper-eks:gpuCapacityTypes[0] = "ON_DEMAND"', '"spot", "on-demand"'],
     },
     {
         what: "a malformed admin role ARN",
@@ -130,7 +136,7 @@ const badConfigs: BadConfig[] = [
         expected: ['whisper-eks:kubernetesVersion = "1.28"', '"1.32", "1.33", "1.34", "1.35"'],
     },
     {
-        what: "a Kubernetes version with no known Cluster Autoscaler release yet",
+        what: "a Kubernetes version past those the stack supports",
         overrides: { kubernetesVersion: "1.36" },
         expected: ['whisper-eks:kubernetesVersion = "1.36"', 'allowed values are "1.32"'],
     },
@@ -145,9 +151,44 @@ const badConfigs: BadConfig[] = [
         expected: ['whisper-eks:natGatewayStrategy = "None"', '"Single", "OnePerAz"'],
     },
     {
-        what: "a malformed VPC CIDR",
-        overrides: { vpcCidr: "10.0.0.0/28" },
-        expected: ['whisper-eks:vpcCidr = "10.0.0.0/28"', "/20 or shorter"],
+        what: "a VPC CIDR too small for the subnets",
+        overrides: { vpcCidr: "10.0.0.0/24" },
+        expected: ['whisper-eks:vpcCidr = "10.0.0.0/24"', "from /16 to /20", "AWS allows /16 to /28"],
+    },
+    {
+        what: "a VPC CIDR larger than AWS allows",
+        overrides: { vpcCidr: "10.0.0.0/12" },
+        expected: ['whisper-eks:vpcCidr = "10.0.0.0/12"', "from /16 to /20"],
+    },
+    {
+        what: "a VPC CIDR with host bits set",
+        overrides: { vpcCidr: "10.0.0.1/16" },
+        expected: ['whisper-eks:vpcCidr = "10.0.0.1/16"', "host bits set", "10.0.0.0/16"],
+    },
+    {
+        what: "an API access CIDR with host bits set",
+        overrides: { clusterPublicAccessCidrs: ["203.0.113.7/24"] },
+        expected: ['whisper-eks:clusterPublicAccessCidrs[0] = "203.0.113.7/24"', "host bits set", "203.0.113.0/24"],
+    },
+    {
+        what: "a load balancer source range with host bits set",
+        overrides: { loadBalancerSourceRanges: ["192.168.1.10/16"] },
+        expected: ['whisper-eks:loadBalancerSourceRanges[0] = "192.168.1.10/16"', "host bits set", "192.168.0.0/16"],
+    },
+    {
+        what: "a load balancer source range with a prefix past /32",
+        overrides: { loadBalancerSourceRanges: ["192.168.1.10/33"] },
+        expected: ['whisper-eks:loadBalancerSourceRanges[0] = "192.168.1.10/33"', "IPv4 CIDR block"],
+    },
+    {
+        what: "a Graviton type for the x86_64 system nodes",
+        overrides: { systemNodeInstanceTypes: ["m7i.xlarge", "m7g.xlarge"] },
+        expected: ['whisper-eks:systemNodeInstanceTypes[1] = "m7g.xlarge"', "Graviton (arm64)", "AL2023_x86_64_STANDARD", "m7i.xlarge"],
+    },
+    {
+        what: "a burstable Graviton type for the system nodes",
+        overrides: { systemNodeInstanceTypes: ["t4g.large"] },
+        expected: ['whisper-eks:systemNodeInstanceTypes[0] = "t4g.large"', "Graviton (arm64)"],
     },
     {
         what: "a malformed API access CIDR",
@@ -191,10 +232,20 @@ describe("config: bad stack configurations", () => {
     }
 
     it("reports every problem at once", async () => {
-        const { error } = await tryEvaluateStack("dev", { gpuMinSize: 5, gpuCapacityType: "cheap", gpuDiskSizeGiB: 20 });
+        const { error } = await tryEvaluateStack("dev", { gpuAmiAlias: "al2023@latest", gpuCapacityTypes: ["cheap"], gpuDiskSizeGiB: 20 });
         assert.ok(error);
         assert.match(error.message, /\(3 problems\)/);
-        for (const key of ["gpuMinSize", "gpuCapacityType", "gpuDiskSizeGiB"]) assert.ok(error.message.includes(`whisper-eks:${key} = `), key);
+        for (const key of ["gpuAmiAlias", "gpuCapacityTypes[0]", "gpuDiskSizeGiB"]) assert.ok(error.message.includes(`whisper-eks:${key} = `), key);
+    });
+
+    it("accepts what AWS accepts: network addresses of any prefix where allowed, a /20 VPC, x86_64 system node types", async () => {
+        const { error } = await tryEvaluateStack("dev", {
+            vpcCidr: "172.16.32.0/20",
+            clusterPublicAccessCidrs: ["0.0.0.0/0", "203.0.113.7/32"],
+            loadBalancerSourceRanges: ["10.0.0.0/8", "198.51.100.128/25"],
+            systemNodeInstanceTypes: ["m7i.xlarge", "m7a.xlarge", "c7i.2xlarge", "m5zn.large", "r7iz.large"],
+        });
+        assert.equal(error, undefined, error?.message);
     });
 
     it("accepts a prebuilt image pinned by digest, building nothing and keeping the repository", async () => {

@@ -31,7 +31,8 @@ class StandInEngine:
     (or a repetition loop where `loops(L, temperature)`), in the language given or else "xx", as a decode that
     `resume(L, seconds)` says goes on at that many seconds into the window (None: done). Admitting a label in
     `fails`, or stepping while one in `step_fails` is in a slot, raises `error`; `healthy` is what the device answers
-    after that. Records every admission and which labels each step ran."""
+    after that. An encoder pass is done `encoding_steps` decode steps after it started. Records every admission,
+    when each joined, and which labels each step ran."""
 
     def __init__(self, capacity: int, steps=lambda label: 1, loops=lambda label, temperature: False, fails=(),
                  step_fails=(), error: Exception = OutOfMemory("the stand-in ran out of memory"), healthy: bool = True,
@@ -43,6 +44,8 @@ class StandInEngine:
         self.admissions: list[list[tuple[float, DecodeOptions]]] = []
         self.steps: list[list[float]] = []
         self.released: list[int] = []
+        self.encoding_steps = 0  # decode steps an encoder pass takes to finish beside them
+        self.attached: list[int] = []  # the step count at each attach
 
     def free_slots(self) -> int:
         return self.capacity - len(self.slots)
@@ -50,25 +53,35 @@ class StandInEngine:
     def healthy(self) -> bool:
         return self.is_healthy
 
-    def admit(self, windows):
+    def encode(self, windows):
         labels = [(float(samples[0]), options) for samples, options in windows]
         if self.fails & {label for label, _ in labels}:
             raise self.error
         self.admissions.append(labels)
         free = sorted(set(range(self.capacity)) - set(self.slots))[:len(windows)]
-        for slot, (label, options), (samples, _) in zip(free, labels, windows):  # the lowest free slots, as the
-            self.slots[slot] = [label, options, self.steps_for(label), len(samples) / SAMPLE_RATE]  # decoder does
-        return free
+        for slot in free:  # taken now, decoding once attached
+            self.slots[slot] = None
+        return {"slots": free, "labels": labels, "seconds": [len(samples) / SAMPLE_RATE for samples, _ in windows],
+                "encoded_at": len(self.steps) + self.encoding_steps}
+
+    def encoded(self, admission):
+        return len(self.steps) >= admission["encoded_at"]
+
+    def attach(self, admission):
+        for slot, (label, options), seconds in zip(admission["slots"], admission["labels"], admission["seconds"]):
+            self.slots[slot] = [label, options, self.steps_for(label), seconds]
+        self.attached.append(len(self.steps))
+        return admission["slots"]
 
     def window_language(self, slot: int) -> str | None:
         return self.slots[slot][1].language or "xx"
 
     def step(self):
-        self.steps.append(sorted(label for label, _, _, _ in self.slots.values()))
+        self.steps.append(sorted(entry[0] for entry in self.slots.values() if entry))
         if self.step_fails & set(self.steps[-1]):
             raise self.error
         finished = []
-        for slot, entry in sorted(self.slots.items()):
+        for slot, entry in sorted((slot, entry) for slot, entry in self.slots.items() if entry):
             entry[2] -= 1
             if entry[2] == 0:
                 label, options, _, seconds = self.slots.pop(slot)
@@ -91,13 +104,23 @@ class Harness:
     def __init__(self, engine: StandInEngine, fixed_length: bool = False):
         self.engine = engine
         self.done: dict[int, list[WindowResult]] = {}
+        self.arriving: dict[int, dict[int, WindowResult]] = {}
+        self.window_order: dict[int, list[int]] = {}  # the order a request's windows came back in
         self.failed: dict[int, Exception] = {}
         self.finished_at: dict[int, int] = {}
-        self.scheduler = SlotScheduler(engine, SchedulerEvents(on_done=self._done, on_failed=self.failed.__setitem__),
+        self.scheduler = SlotScheduler(engine, SchedulerEvents(on_window=self._window, on_done=self._done,
+                                                               on_failed=self.failed.__setitem__),
                                        fixed_length=fixed_length)
 
-    def _done(self, key, results):
-        self.done[key] = results
+    def _window(self, key, index, result):
+        assert key not in self.done, "no window after the request's end"
+        assert index not in self.arriving.setdefault(key, {}), "each window is reported once"
+        self.arriving[key][index] = result
+        self.window_order.setdefault(key, []).append(index)
+
+    def _done(self, key):
+        results = self.arriving.pop(key, {})
+        self.done[key] = sorted(results.values(), key=lambda result: result.offset)  # audio order
         self.finished_at[key] = len(self.engine.steps)
 
     def submit(self, key: int, labels: list[float], options: DecodeOptions = DecodeOptions(language="en"),
@@ -173,6 +196,38 @@ def test_windows_arriving_during_decoding_wait_briefly_to_share_one_encoder_pass
     harness.submit(3, [3, 4, 5, 6, 7, 8, 9])
     harness.scheduler.run_once()
     assert len(engine.admissions) == 3, "windows enough for every free slot go in at once"
+
+
+def test_windows_are_encoded_while_the_busy_slots_step_on_and_join_when_encoded():
+    engine = StandInEngine(capacity=4, steps=lambda label: 10 if label >= 100 else 2)
+    engine.encoding_steps = 3  # the encoder of a joining batch takes three decode steps' time
+    harness = Harness(engine)
+    harness.submit(0, [100])
+    harness.scheduler.run_once()
+    assert engine.attached == [0], "an idle engine does not wait: the window joins at once"
+    harness.submit(1, [1, 2])
+    harness.run(steps=3)
+    assert len(engine.admissions) == 2 and engine.attached == [0], "the clips are encoding"
+    assert engine.steps[1:] == [[100]] * 3, "the file kept decoding meanwhile"
+    harness.run(steps=1)
+    assert engine.attached == [0, 4] and engine.steps[4] == [1, 2, 100], "joined once encoded, at the next step"
+    harness.run()
+    assert harness.texts(1) == ["1", "2"] and harness.texts(0) == ["100"]
+
+
+def test_a_request_cancelled_while_its_windows_encode_gets_no_slot():
+    engine = StandInEngine(capacity=4, steps=lambda label: 10 if label >= 100 else 2)
+    engine.encoding_steps = 2
+    harness = Harness(engine)
+    harness.submit(0, [100])
+    harness.scheduler.run_once()
+    harness.submit(1, [1])
+    harness.scheduler.run_once()
+    harness.scheduler.cancel(1)
+    assert harness.scheduler.joining is not None, "its encoder pass is still running"
+    harness.run()
+    assert engine.released == [1] and 1 not in harness.done, "its slot was freed as it joined"
+    assert harness.texts(0) == ["100"] and all(step == [100] for step in engine.steps[2:])
 
 
 def test_one_slot_is_shared_round_robin():
@@ -336,3 +391,17 @@ def test_assemble_offsets_windows_and_keeps_time_moving_forward_inside_the_audio
     assert [(s.start, s.end, s.text) for s in transcript.segments] == [
         (0, 10, "a"), (10, 28.5, "b"), (28.5, 30, "c"), (33, 58, "d"), (60, 63, "e")]
     assert transcript.text == "a b c d e" and transcript.language == "en" and transcript.duration == 63.0
+
+
+def test_each_window_is_reported_when_final_not_when_its_request_ends():
+    """Streaming sends a window's text as soon as it is final: the scheduler reports each window as it finishes,
+    after the fallback decision (a looping window only once, from its retry), and the request's end after the last."""
+    harness = Harness(StandInEngine(capacity=4, steps=lambda label: 6 if label == 1 else 1,
+                                    loops=lambda label, temperature: label == 3 and temperature == 0))
+    harness.submit(0, [1, 2, 3])
+    harness.run(steps=4)  # the quick window and the retried one are done; the slow one needs 6 steps
+    assert harness.window_order[0] == [1, 2] and 0 not in harness.done, "finished windows come before the slow one"
+    assert harness.arriving[0][2].segments[0].temperature == 0.2, "the looping window is reported from its retry"
+    harness.run()
+    assert harness.window_order[0] == [1, 2, 0]
+    assert harness.texts(0) == ["1", "2", "3"]

@@ -31,6 +31,7 @@ class DecodeOptions:
     language: str | None = None  # ISO-639-1 code; None detects it once per request, on its first window
     prompt: str | None = None
     temperature: float = 0.0
+    word_timestamps: bool = False  # the engine aligns the window's final tokens to its audio (alignment.py)
 
 
 @dataclass
@@ -61,6 +62,9 @@ class WindowResult:
     duration: float = 0.0  # seconds of audio in the window
     resume_at: float | None = None  # seconds into the window where decoding goes on (OpenAI's seek); None: done
     offset: float = 0.0  # where the window starts in the audio (seconds); set by the scheduler
+    continuation: int | None = None  # the index of the window that decodes the rest (after resume_at)
+    # With word_timestamps: [text tokens + 1, frames] float16, what alignment.align_words turns into words.
+    alignment: np.ndarray | None = None
 
 
 class OutOfMemory(Exception):

@@ -35,7 +35,9 @@ class Engine(Protocol):
 
     def free_slots(self) -> int: ...
     def healthy(self) -> bool: ...
-    def admit(self, windows: list[tuple[np.ndarray, DecodeOptions]]) -> list[int]: ...
+    def encode(self, windows: list[tuple[np.ndarray, DecodeOptions]]) -> object: ...
+    def encoded(self, admission: object) -> bool: ...
+    def attach(self, admission: object) -> list[int]: ...
     def window_language(self, slot: int) -> str | None: ...
     def step(self) -> list[tuple[int, WindowResult]]: ...
     def release(self, slots: list[int]) -> None: ...
@@ -47,7 +49,6 @@ class Request:
     options: DecodeOptions  # its language is set once the first window admitted has detected it
     windows: list[Window]  # the request's windows, then the continuations its decodes asked for
     sequence: int  # arrival order: older requests go first among equals
-    results: list[WindowResult | None] = field(default_factory=list)
     waiting: deque[tuple[int, float]] = field(default_factory=deque)  # (window, temperature) not yet in a slot
     busy: int = 0  # windows in slots now
     finished: int = 0
@@ -68,9 +69,11 @@ def needs_fallback(result: WindowResult) -> bool:
 
 @dataclass
 class SchedulerEvents:
-    """Where the scheduler reports to (the engine process forwards these to the HTTP process)."""
+    """Where the scheduler reports to (the engine process forwards these to the HTTP process): each window's result
+    as soon as it is final (after any fallback decision), in the order windows finish, then the request's end."""
 
-    on_done: Callable[[int, list[WindowResult]], None]
+    on_window: Callable[[int, int, WindowResult], None]
+    on_done: Callable[[int], None]
     on_failed: Callable[[int, Exception], None]
     on_step: Callable[[int, float], None] = lambda busy, seconds: None
 
@@ -93,9 +96,12 @@ class SlotScheduler:
         self.picks = itertools.count()
         self.window_seconds = 1.0  # moving average of how long a window holds a slot, for Retry-After
         self.admitted_at: dict[int, float] = {}
+        # The admission whose windows are being encoded (on the engine's admission stream, while the busy slots step
+        # on), with its picks; they join their slots once the encoder is done. One at a time.
+        self.joining: tuple[object, list[tuple[Request, int, float]]] | None = None
 
     def submit(self, key: int, options: DecodeOptions, windows: list[Window]) -> None:
-        request = Request(key, options, windows, next(self.sequence), results=[None] * len(windows),
+        request = Request(key, options, windows, next(self.sequence),
                           waiting=deque((index, options.temperature) for index in range(len(windows))))
         self.requests[key] = request
         if not windows:
@@ -112,7 +118,7 @@ class SlotScheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.owners and not self.waiting_windows()
+        return not self.owners and self.joining is None and not self.waiting_windows()
 
     def waiting_windows(self) -> int:
         return sum(len(request.waiting) for request in self.requests.values())
@@ -126,8 +132,12 @@ class SlotScheduler:
         return self.waiting_windows() / self.engine.capacity * self.window_seconds
 
     def run_once(self) -> None:
-        """Admits waiting windows into free slots, then runs one decode step over every busy slot."""
-        self._admit()
+        """Lets encoded windows join their slots, starts encoding the next waiting ones, then runs one decode step
+        over every busy slot."""
+        if self.joining is not None and (not self.owners or self.engine.encoded(self.joining[0])):
+            self._attach()
+        if self.joining is None:
+            self._admit()
         if self.owners:
             self._step()
 
@@ -146,23 +156,40 @@ class SlotScheduler:
         windows = [(request.windows[index].samples, replace(request.options, temperature=temperature))
                    for request, index, temperature in picks]
         try:
-            slots = self.engine.admit(windows)
+            self.joining = (self.engine.encode(windows), picks)
         except Exception as error:  # noqa: BLE001 - a failed admission fails its requests; the engine goes on if it can
-            log.log(logging.WARNING if isinstance(error, OutOfMemory) else logging.ERROR,
-                    "admitting %d windows failed", len(picks), exc_info=not isinstance(error, OutOfMemory))
-            for request in {request.key: request for request, _, _ in picks}.values():
-                self._fail(request, error)
-            if not isinstance(error, OutOfMemory) and not self.engine.healthy():
-                raise EngineFailure("the device stopped working after a failed admission") from error
+            self._admission_failed(picks, error)
+            return
+        if not self.owners:  # nothing decoding to overlap the encoder with: join at once
+            self._attach()
+
+    def _attach(self) -> None:
+        admission, picks = self.joining
+        self.joining = None
+        try:
+            slots = self.engine.attach(admission)
+        except Exception as error:  # noqa: BLE001 - as a failed encoder pass
+            self._admission_failed(picks, error)
             return
         now = time.monotonic()
         for slot, pick in zip(slots, picks):
+            if self.requests.get(pick[0].key) is not pick[0]:  # cancelled or failed while its window was encoding
+                self.engine.release([slot])
+                continue
             self.owners[slot] = pick
             self.admitted_at[slot] = now
             request = pick[0]
             if request.detecting:  # OpenAI detects the language once, on the first window; the rest decode in it
                 request.options = replace(request.options, language=self.engine.window_language(slot))
                 request.detecting = False
+
+    def _admission_failed(self, picks: list[tuple[Request, int, float]], error: Exception) -> None:
+        log.log(logging.WARNING if isinstance(error, OutOfMemory) else logging.ERROR,
+                "admitting %d windows failed", len(picks), exc_info=not isinstance(error, OutOfMemory))
+        for request in {request.key: request for request, _, _ in picks}.values():
+            self._fail(request, error)
+        if not isinstance(error, OutOfMemory) and not self.engine.healthy():
+            raise EngineFailure("the device stopped working after a failed admission") from error
 
     def _pick(self, free: int) -> list[tuple[Request, int, float]]:
         """Fair shares: each free slot goes to the waiting request with the fewest windows in slots, and among
@@ -212,25 +239,25 @@ class SlotScheduler:
                 if is_silence(result):
                     result.segments, result.resume_at = [], None
                 elif result.resume_at is not None:
-                    self._continue(request, window, result.resume_at)
+                    result.continuation = self._continue(request, window, result.resume_at)
                     self.waiting_since = self.waiting_since or now
-            request.results[index] = result
+            self.events.on_window(request.key, index, result)
             request.finished += 1
             if request.finished == len(request.windows):
                 self._finish(request)
 
     @staticmethod
-    def _continue(request: Request, window: Window, resume_at: float) -> None:
+    def _continue(request: Request, window: Window, resume_at: float) -> int:
         """The rest of a window, from its decode's last complete timestamp to its end, goes back into the queue at
-        the head of its request, as a window of its own (OpenAI's seek, with the window's end kept)."""
+        the head of its request, as a window of its own (OpenAI's seek, with the window's end kept); its index."""
         cut = round(resume_at * SAMPLE_RATE)
         request.windows.append(Window(window.offset + cut / SAMPLE_RATE, window.samples[cut:]))
-        request.results.append(None)
         request.waiting.appendleft((len(request.windows) - 1, request.options.temperature))
+        return len(request.windows) - 1
 
     def _finish(self, request: Request) -> None:
         self.requests.pop(request.key, None)
-        self.events.on_done(request.key, sorted(request.results, key=lambda result: result.offset))
+        self.events.on_done(request.key)
 
     def _fail(self, request: Request, error: Exception) -> None:
         if self.requests.pop(request.key, None) is not None:

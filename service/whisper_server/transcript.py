@@ -1,12 +1,18 @@
-"""Turns a request's audio into windows for the engine and its window results back into one transcript."""
+"""Turns a request's audio into windows for the engine and its window results back into one transcript, in audio
+order as the results come: each window's stretch of the transcript (a Piece) is final as soon as it and every window
+before it are decoded, which is what streaming sends."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, replace
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .alignment import Word, align_words, place_words
 from .decoding import SAMPLE_RATE, DecodeOptions, Segment, WindowResult
 from .engine_process import EngineProcess
 from .segmentation import split_windows
@@ -18,33 +24,116 @@ class Transcript:
     language: str | None
     duration: float
     segments: list[Segment]
+    words: list[Word] | None = None  # with word timestamps
+    output_tokens: int = 0  # tokens the model generated for the final results
 
 
-def assemble(results: list[WindowResult], duration: float, language: str | None = None) -> Transcript:
-    """Shifts each decode's segments by its window's offset (the results come in audio order, continuations
-    included) and keeps times non-decreasing and inside the audio."""
-    segments: list[Segment] = []
+@dataclass
+class Piece:
+    """One window's part of the transcript, absolute times: `delta` is what it adds to the text so far."""
+
+    delta: str
+    segments: list[Segment]
+    words: list[Word] = field(default_factory=list)
+
+
+class TranscriptBuilder:
+    """Takes window results in audio order. Shifts each window's segments (and words) by the window's offset and
+    keeps times non-decreasing across windows; with `token_bytes` (word timestamps) it turns each window's alignment
+    into words and reconciles them with the segments."""
+
+    def __init__(self, duration: float, token_bytes: Sequence[bytes] | None = None, language: str | None = None):
+        self.duration, self.token_bytes, self.language = duration, token_bytes, language
+        self.segments: list[Segment] = []
+        self.words: list[Word] = []
+        self.languages: Counter[str] = Counter()
+        self.last_speech = 0.0  # where speech last ended: the reference's rule for the first word after a pause
+        self.output_tokens = 0
+
+    def add(self, result: WindowResult) -> Piece:
+        if result.language:
+            self.languages[result.language] += 1
+        self.output_tokens += len(result.tokens)
+        shifted = [replace(segment, start=result.offset + segment.start, end=result.offset + segment.end)
+                   for segment in result.segments]
+        if self.token_bytes is not None and result.alignment is not None:
+            text_tokens = [token for segment in shifted for token in segment.tokens]
+            words = [replace(word, start=result.offset + word.start, end=result.offset + word.end)
+                     for word in align_words(result.alignment, text_tokens, self.token_bytes, result.language)]
+            placed = place_words(shifted, words, self.last_speech)
+        else:
+            placed = [(segment, []) for segment in shifted]
+        piece = Piece(delta="", segments=[])
+        for segment, words in placed:
+            floor = self.segments[-1].end if self.segments else 0.0
+            start = min(max(round(segment.start, 2), floor), self.duration)  # in order, inside the audio
+            segment = replace(segment, start=start, end=min(max(round(segment.end, 2), start), self.duration))
+            for word in words:  # inside its segment, after the word before
+                word.start = min(max(word.start, segment.start, self.words[-1].end if self.words else 0.0), segment.end)
+                word.end = min(max(word.end, word.start), segment.end)
+                self.words.append(word)
+                piece.words.append(word)
+            self.last_speech = words[-1].end if words else self.last_speech
+            piece.delta += (" " if self.segments else "") + segment.text
+            self.segments.append(segment)
+            piece.segments.append(segment)
+        return piece
+
+    def transcript(self) -> Transcript:
+        return Transcript(
+            text=" ".join(segment.text for segment in self.segments),
+            language=self.language or (self.languages.most_common(1)[0][0] if self.languages else None),
+            duration=round(self.duration, 3),
+            segments=self.segments,
+            words=self.words if self.token_bytes is not None else None,
+            output_tokens=self.output_tokens,
+        )
+
+
+def assemble(results: list[WindowResult], duration: float) -> Transcript:
+    builder = TranscriptBuilder(duration)
     for result in results:
-        for segment in result.segments:
-            floor = segments[-1].end if segments else 0.0
-            start = min(max(round(result.offset + segment.start, 2), floor), duration)
-            end = min(max(round(result.offset + segment.end, 2), start), duration)
-            segments.append(replace(segment, start=start, end=end))
-    detected = next((result.language for result in results if result.language), None)
-    return Transcript(
-        text=" ".join(segment.text for segment in segments),
-        language=language or detected,
-        duration=round(duration, 3),
-        segments=segments,
-    )
+        builder.add(result)
+    return builder.transcript()
+
+
+async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
+                            audio_work: asyncio.Semaphore, builder: TranscriptBuilder,
+                            detect_speech: bool = True) -> AsyncIterator[Piece]:
+    """The transcript piece by piece in audio order, each as soon as its window and all before it are final (a
+    window whose decode stopped short is followed by the decode of its rest). Only speech reaches the model: the
+    voice-activity detector's silence is never decoded (Whisper tends to invent text for it). Cutting runs off the
+    event loop (a 2-hour file is 115 M samples), within the server's limit on audio work at once; so do the words of
+    a window (DTW)."""
+    async with audio_work:
+        windows = await asyncio.to_thread(split_windows, samples, detect_speech)
+    finished: dict[int, WindowResult] = {}
+    following = deque(range(len(windows)))  # the windows not yet given out, in audio order
+
+    async def ready() -> AsyncIterator[Piece]:
+        while following and following[0] in finished:
+            result = finished.pop(following.popleft())
+            if result.continuation is not None:
+                following.appendleft(result.continuation)
+            if result.alignment is None:
+                yield builder.add(result)
+            else:
+                yield await asyncio.to_thread(builder.add, result)
+
+    if windows:
+        async with aclosing(engine.transcribe(windows, options)) as results:
+            async for index, result in results:
+                finished[index] = result
+                async for piece in ready():
+                    yield piece
 
 
 async def transcribe(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
-                     audio_work: asyncio.Semaphore, detect_speech: bool = True) -> Transcript:
-    """Only speech reaches the model: the voice-activity detector's silence is never decoded (Whisper tends to
-    invent text for it). Cutting runs off the event loop (a 2-hour file is 115 M samples), within the server's
-    limit on audio work at once."""
-    async with audio_work:
-        windows = await asyncio.to_thread(split_windows, samples, detect_speech)
-    results = await engine.transcribe(windows, options) if windows else []
-    return assemble(results, len(samples) / SAMPLE_RATE, options.language)
+                     audio_work: asyncio.Semaphore, token_bytes: Sequence[bytes] | None = None,
+                     detect_speech: bool = True) -> Transcript:
+    builder = TranscriptBuilder(len(samples) / SAMPLE_RATE, token_bytes if options.word_timestamps else None,
+                                options.language)
+    async with aclosing(transcribe_pieces(engine, samples, options, audio_work, builder, detect_speech)) as pieces:
+        async for _ in pieces:
+            pass
+    return builder.transcript()
