@@ -50,7 +50,7 @@ class Segment:
 class WindowResult:
     """One decode of one window. The decode-level figures are OpenAI's: avg_logprob is the sum of every sampled
     token's log-probability (end of text included) over their count plus one, the compression ratio is the whole
-    text's, no_speech_prob is read at <|startoftranscript|> after any prompt."""
+    text's; no_speech_prob is read after <|startoftranscript|> alone (OpenAI reads it after the prompt)."""
 
     language: str | None
     segments: list[Segment] = field(default_factory=list)  # the finished ones, times within the window

@@ -309,7 +309,7 @@ class WhisperEngine:
             detected = first.masked_fill(self.decoder.language_mask, float("-inf")).argmax(-1)
             no_speech, detected = no_speech.tolist(), detected.tolist()
             prefixes, limits, min_lengths, admitted = [], [], [], []
-            for (samples, options), detected_id in zip(windows, detected):
+            for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
                 language_id = self.language_ids[options.language] if options.language else detected_id
                 start = self._start_of_transcript(options, language_id)
                 prefix = self._prompt_ids(options.prompt) + start  # as _prefix() makes it
