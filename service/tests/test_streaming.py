@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import post_audio
+from conftest import FIXED_LENGTH, post_audio
 from whisper_server.formats import clock
 
 
@@ -78,9 +78,10 @@ def test_first_delta_is_timed(server, audio):
     assert server.metric("whisper_stream_first_delta_seconds_count") == before + 1
 
 
-def test_an_error_after_the_stream_started_ends_it_with_an_error_event(start_server, audio):
+def test_an_error_after_the_stream_started_ends_it_with_an_error_event(start_server, slow_model_dir, audio):
     """A deadline that passes mid-stream: the status line (200) is sent, so the error is the stream's last event."""
-    server = start_server("--request-timeout-seconds", "1", "--max-batch-size", "1", model=None)
+    server = start_server("--request-timeout-seconds", "1", "--max-batch-size", "1", *FIXED_LENGTH,
+                          model=slow_model_dir)
     slow = post_audio(server.client, audio["long.mp3"], stream="true")
     events = sse_events(slow)
     assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "request_timeout"
