@@ -159,7 +159,7 @@ class ServerProcess:
         self.client = httpx.Client(base_url=self.url, timeout=120)
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -12,7 +12,7 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from .decoder import SlotDecoder, SpecialTokens
-from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
+from .decoding import SAMPLE_RATE, Capabilities, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
 
 # Whisper's own rule for dropping a window as silence: likely no speech and a low-confidence decode.
 NO_SPEECH_THRESHOLD = 0.6
@@ -20,6 +20,20 @@ LOGPROB_THRESHOLD = -1.0
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Memory left beside the KV caches for the encoder's activations and the step graphs, as a share of free memory.
 ACTIVATION_RESERVE = 0.2
+
+
+def read_capabilities(generation) -> tuple[Capabilities, dict[str, int], dict[str, int]]:
+    """The checkpoint's capabilities, its language token ids by code and its task token ids. English-only generation
+    configs (is_multilingual false) have neither language nor task ids, and need none."""
+    lang_to_id = getattr(generation, "lang_to_id", None) or {}
+    if not getattr(generation, "is_multilingual", bool(lang_to_id)):
+        return Capabilities(False, ("en",), ("transcribe",)), {}, {}
+    task_to_id = dict(getattr(generation, "task_to_id", None) or {})
+    if not lang_to_id or not {"transcribe", "translate"} <= set(task_to_id):
+        raise ValueError("the checkpoint's generation config is multilingual (is_multilingual true) but lacks "
+                         "lang_to_id or task_to_id: the forced language and task tokens cannot be chosen")
+    language_ids = {token[2:-2]: token_id for token, token_id in lang_to_id.items()}
+    return Capabilities(True, tuple(sorted(language_ids)), ("transcribe", "translate")), language_ids, task_to_id
 
 
 def resolve_device(device: str) -> str:
@@ -72,20 +86,18 @@ class WhisperEngine:
             self.model_name, dtype=self.dtype, attn_implementation="sdpa", local_files_only=self.offline,
         ).to(self.device).eval()
         tokenizer, generation, config = self.processor.tokenizer, self.model.generation_config, self.model.config
+        self.capabilities, self.language_ids, self.task_ids = read_capabilities(generation)
         no_speech = tokenizer.convert_tokens_to_ids("<|nospeech|>")
         if no_speech == tokenizer.unk_token_id:  # checkpoints before large-v3 call it <|nocaptions|>
             no_speech = tokenizer.convert_tokens_to_ids("<|nocaptions|>")
         self.special = SpecialTokens(
             end_of_text=generation.eos_token_id, start_of_transcript=generation.decoder_start_token_id,
             no_timestamps=generation.no_timestamps_token_id,
-            no_speech=no_speech, languages=tuple(generation.lang_to_id.values()),
+            no_speech=no_speech, languages=tuple(self.language_ids.values()),
             suppress=tuple(generation.suppress_tokens or ()), begin_suppress=tuple(generation.begin_suppress_tokens or ()),
             max_initial_timestamp_index=getattr(generation, "max_initial_timestamp_index", None),
         )
-        self.language_ids = {token[2:-2]: token_id for token, token_id in generation.lang_to_id.items()}
         self.id_to_language = {token_id: code for code, token_id in self.language_ids.items()}
-        self.languages = set(self.language_ids)
-        self.task_ids = dict(generation.task_to_id)
         self.positions = config.max_target_positions
         self.max_length = min(generation.max_length or self.positions, self.positions)
         extractor = self.processor.feature_extractor
@@ -187,15 +199,13 @@ class WhisperEngine:
             no_speech, detected = no_speech.tolist(), detected.tolist()
             prefixes, limits, min_lengths, admitted = [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
-                language_id = self.language_ids[options.language] if options.language else detected_id
-                prefix = self._prompt_ids(options.prompt) + [
-                    self.special.start_of_transcript, language_id, self.task_ids[options.task]]
+                forced, language = self._forced_tokens(options, detected_id)
+                prefix = self._prompt_ids(options.prompt) + forced
                 limit = self._limit(len(prefix), max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
                 limits.append(limit)
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
-                admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, self.id_to_language.get(language_id),
-                                           no_speech_prob, options.temperature))
+                admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, language, no_speech_prob, options.temperature))
             self.decoder.prefill(slots, prefixes, limits, min_lengths, [options.temperature for _, options in windows])
         except torch.OutOfMemoryError as error:
             self.decoder.release(slots)
@@ -255,6 +265,16 @@ class WhisperEngine:
         log_spec[..., :computed.shape[2]] = computed
         peak = log_spec.amax(dim=(1, 2), keepdim=True)
         return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+    def _forced_tokens(self, options: DecodeOptions, detected_id: int) -> tuple[list[int], str]:
+        """The forced tokens and the window's language: <|startoftranscript|>, then on a multilingual checkpoint the
+        language (given or detected) and the task. English-only checkpoints take <|startoftranscript|> alone (a
+        language or task token after it makes them end at once, with no text)."""
+        if not self.capabilities.multilingual:
+            return [self.special.start_of_transcript], "en"
+        language_id = self.language_ids[options.language] if options.language else detected_id
+        return ([self.special.start_of_transcript, language_id, self.task_ids[options.task]],
+                self.id_to_language[language_id])
 
     def _prompt_ids(self, prompt: str | None) -> list[int]:
         """<|startofprev|> and the prompt's last tokens: at most half the decoder's context, as OpenAI keeps it."""

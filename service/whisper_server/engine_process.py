@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .settings import Settings
-from .decoding import DecodeOptions, EngineFailure, OutOfMemory, WindowResult
+from .decoding import Capabilities, DecodeOptions, EngineFailure, OutOfMemory, WindowResult
 from .metrics import Metrics
 from .scheduler import SchedulerEvents, SlotScheduler
 
@@ -58,7 +58,7 @@ class EngineInfo:
     dtype: str
     slots: int
     load_seconds: float
-    languages: frozenset[str]
+    capabilities: Capabilities
 
 
 @dataclass
@@ -97,9 +97,10 @@ def engine_main(settings: Settings, requests, events) -> None:
         events.send(("load_failed", f"{type(error).__name__}: {error}"))
         return
     events.send(("ready", EngineInfo(engine.device, str(engine.dtype), engine.capacity, engine.load_seconds,
-                                     frozenset(engine.languages))))
+                                     engine.capabilities)))
     log.info("engine ready", extra={"fields": {"slots": engine.capacity, "device": engine.device,
-                                               "cuda_graphs": len(engine.decoder.graphs)}})
+                                               "cuda_graphs": len(engine.decoder.graphs),
+                                               **engine.capabilities.describe()}})
     try:
         EngineLoop(engine, requests, events, fallback=not settings.fixed_new_tokens,
                    admission_wait=settings.batch_wait_ms / 1000).run()
@@ -228,8 +229,9 @@ class EngineProcess:
             self.process.join(5)
 
     @property
-    def languages(self) -> frozenset[str]:
-        return self.info.languages if self.info else frozenset()
+    def capabilities(self) -> Capabilities | None:
+        """The checkpoint's, once the engine is ready."""
+        return self.info.capabilities if self.info else None
 
     def is_full(self) -> bool:
         with self.lock:
