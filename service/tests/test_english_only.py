@@ -43,8 +43,10 @@ def test_tokens_equal_transformers_generate_on_real_speech(engine, speech):
 
 def test_english_only_prefix_is_start_of_transcript_alone(engine):
     assert engine.capabilities.describe() == ENGLISH_ONLY
-    forced, language = engine._forced_tokens(DecodeOptions(language="en"), detected_id=0)
-    assert forced == [engine.processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")] and language == "en"
+    start = engine.processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    for options in (DecodeOptions(language="en"), DecodeOptions()):
+        assert engine._prefix(options, detected_id=None) == ([start], "en")
+    assert engine._known_prefixes([DecodeOptions()]) == [[start]], "no detection pass needed"
 
 
 def corpus_wer(references: list[str], hypotheses: list[str]) -> float:

@@ -100,6 +100,7 @@ def engine_main(settings: Settings, requests, events) -> None:
                                      engine.capabilities)))
     log.info("engine ready", extra={"fields": {"slots": engine.capacity, "device": engine.device,
                                                "cuda_graphs": len(engine.decoder.graphs),
+                                               "attention_backends": engine.attention_backends,
                                                **engine.capabilities.describe()}})
     try:
         EngineLoop(engine, requests, events, fallback=not settings.fixed_new_tokens,
