@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+import math
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -24,11 +29,11 @@ from .admission import Admission, Overloaded, Reservation
 from .audio import AudioError, decode_audio
 from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
 from .engine_process import EngineProcess, EngineUnavailable, QueueFull
-from .errors import ApiError, error_response
-from .formats import MEDIA_TYPES, RESPONSE_FORMATS, render
+from .errors import ApiError, error_body, error_response
+from .formats import MEDIA_TYPES, RESPONSE_FORMATS, STREAMING_FORMATS, render, segment_json, word_json
 from .metrics import Metrics
 from .settings import Settings
-from .transcript import transcribe
+from .transcript import Transcript, TranscriptBuilder, transcribe, transcribe_pieces
 from .upload import receive_form
 
 log = logging.getLogger("whisper_server.http")
@@ -46,6 +51,8 @@ class ServerState:
     engine: EngineProcess | None = None
     ready: bool = False
     draining: bool = False
+    # Set when the drain's deadline passes: what is still running is answered 503 (retry elsewhere), not cut off.
+    drain_expired: asyncio.Event = field(default_factory=asyncio.Event)
     load_failed: bool = False
     in_flight: int = 0  # audio requests being handled; drain waits for zero
     admission: Admission = field(init=False)  # from the settings
@@ -92,7 +99,17 @@ def queue_full(retry_after: int) -> ApiError:
                     headers={"Retry-After": str(retry_after)})
 
 
-def decode_options(form, task: str, state: ServerState) -> tuple[DecodeOptions, str]:
+@dataclass(frozen=True)
+class Asked:
+    """What a request asks for beyond the audio."""
+
+    options: DecodeOptions
+    response_format: str
+    stream: bool
+    segments_in_stream: bool  # stream=true with timestamp_granularities[]=segment: each delta carries its segments
+
+
+def decode_options(form, task: str, state: ServerState) -> Asked:
     model = form.get("model")
     if model is not None and model not in state.model_aliases():
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{state.model_id}'.",
@@ -110,10 +127,19 @@ def decode_options(form, task: str, state: ServerState) -> tuple[DecodeOptions, 
         raise ApiError(400, f"temperature must be a number from 0 to 1; got '{temperature_text}'.",
                        param="temperature", code="invalid_value")
     granularities = form.fields.get("timestamp_granularities[]", []) + form.fields.get("timestamp_granularities", [])
-    unsupported = sorted(set(granularities) - {"segment"})
+    unsupported = sorted(set(granularities) - {"segment", "word"})
     if unsupported:
-        raise ApiError(400, f"timestamp_granularities supports 'segment' only; got {', '.join(unsupported)}.",
+        raise ApiError(400, f"timestamp_granularities supports 'segment' and 'word'; got {', '.join(unsupported)}.",
                        param="timestamp_granularities[]", code="invalid_value")
+    stream_text = (form.get("stream") or "false").strip().lower()
+    if stream_text not in ("true", "false"):
+        raise ApiError(400, f"stream must be true or false; got '{form.get('stream')}'.", param="stream",
+                       code="invalid_value")
+    stream = stream_text == "true"
+    if stream and response_format not in STREAMING_FORMATS:
+        raise ApiError(400, f"response_format '{response_format}' cannot be streamed: stream=true sends the text as "
+                       f"server-sent events, with response_format {' or '.join(STREAMING_FORMATS)}.",
+                       param="response_format", code="unsupported_value")
     language = (form.get("language") or "").strip().lower() or None
     capabilities = state.engine.capabilities
     if task not in capabilities.tasks:
@@ -129,11 +155,13 @@ def decode_options(form, task: str, state: ServerState) -> tuple[DecodeOptions, 
         raise ApiError(400, f"language must be an ISO-639-1 code the model knows (such as en, de, fr); got '{language}'.",
                        param="language", code="invalid_language")
     prompt = (form.get("prompt") or "").strip() or None
-    return DecodeOptions(task=task, language=language, prompt=prompt, temperature=temperature), response_format
+    options = DecodeOptions(task=task, language=language, prompt=prompt, temperature=temperature,
+                            word_timestamps="word" in granularities)
+    return Asked(options, response_format, stream, segments_in_stream=stream and "segment" in granularities)
 
 
 async def receive_audio(request: Request, state: ServerState, task: str,
-                        audio: Reservation) -> tuple[np.ndarray, DecodeOptions, str]:
+                        audio: Reservation) -> tuple[np.ndarray, Asked]:
     """Receives the upload into the spool, holding an upload slot while it arrives and its spool bytes until it is
     decoded (a declared body is reserved before a byte of it is read); the decoded seconds go on the request's audio
     reservation."""
@@ -148,7 +176,7 @@ async def receive_audio(request: Request, state: ServerState, task: str,
                 raise ApiError(400, "The 'file' field with the audio is missing.", param="file", code="missing_file")
             if form.file_bytes == 0:
                 raise ApiError(400, "The uploaded file is empty.", param="file", code="empty_file")
-            options, response_format = decode_options(form, task, state)
+            asked = decode_options(form, task, state)
             async with state.audio_work:
                 samples = await run_in_threadpool(decode_audio, form.file_path, settings.max_audio_seconds,
                                                   lambda total: audio.grow_to(total / SAMPLE_RATE))
@@ -156,56 +184,156 @@ async def receive_audio(request: Request, state: ServerState, task: str,
             raise ApiError(error.status, error.message, param="file", code=error.code) from error
         finally:
             form.discard()
-    return samples, options, response_format
+    return samples, asked
+
+
+def as_api_error(error: Exception, state: ServerState) -> ApiError | None:
+    """The answer to a failure of the work on a request, as an HTTP error or a stream's error event."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, Overloaded):
+        return ApiError(503, error.message, code=error.code,
+                        headers={"Retry-After": str(state.engine.retry_after_seconds())})
+    if isinstance(error, QueueFull):
+        return queue_full(error.retry_after_seconds)
+    if isinstance(error, TimeoutError):
+        return ApiError(504, f"The request did not finish within {state.settings.request_timeout_seconds:g} s.",
+                        code="request_timeout")
+    if isinstance(error, OutOfMemory):
+        return ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
+                        headers={"Retry-After": "5"})
+    if isinstance(error, EngineUnavailable):
+        return ApiError(503, "The speech engine stopped; retry on another replica.", code="engine_unavailable",
+                        headers={"Retry-After": "5"})
+    return None
 
 
 async def handle_audio(request: Request, task: str) -> Response:
     state: ServerState = request.app.state.server
     authorize(request, state)
     refuse_unless_serving(state)
-    settings = state.settings
-    with state.admission.audio.reserve() as audio:
+    settings, arrived = state.settings, time.monotonic()
+    with ExitStack() as held:
+        audio = held.enter_context(state.admission.audio.reserve())
         try:
-            samples, options, response_format = await receive_audio(request, state, task, audio)
+            samples, asked = await receive_audio(request, state, task, audio)
             audio_seconds = len(samples) / SAMPLE_RATE
             request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
-            transcript = await until_disconnected(
-                request, asyncio.wait_for(transcribe(state.engine, samples, options, state.audio_work),
-                                          settings.request_timeout_seconds))
-        except Overloaded as error:
-            raise ApiError(503, error.message, code=error.code,
-                           headers={"Retry-After": str(state.engine.retry_after_seconds())}) from error
-        except QueueFull as error:
-            raise queue_full(error.retry_after_seconds) from error
-        except TimeoutError as error:
-            raise ApiError(504, f"The request did not finish within {settings.request_timeout_seconds:g} s.",
-                           code="request_timeout") from error
-        except OutOfMemory as error:
-            raise ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
-                           headers={"Retry-After": "5"}) from error
-        except EngineUnavailable as error:
-            raise ApiError(503, "The speech engine stopped; retry on another replica.", code="engine_unavailable",
-                           headers={"Retry-After": "5"}) from error
+            if asked.stream:  # the stream holds the audio's reservation until it ends
+                stream = held.pop_all()
+                # Also released after the response: a client gone before the first event never starts the stream.
+                return StreamingResponse(stream_events(state, samples, asked, stream, arrived),
+                                         media_type="text/event-stream", background=BackgroundTask(stream.close),
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            transcript = await until_disconnected(request, asyncio.wait_for(
+                transcribe(state.engine, samples, asked.options, state.audio_work, state.engine.token_bytes),
+                settings.request_timeout_seconds), state.drain_expired)
+        except Exception as error:
+            answer = as_api_error(error, state)
+            if answer is None or answer is error:
+                raise
+            raise answer from error
     state.metrics.audio_seconds.inc(audio_seconds)
-    body = render(transcript, response_format, task)
+    body = render(transcript, asked.response_format, task)
     if isinstance(body, dict):
         return JSONResponse(body)
-    return PlainTextResponse(body, media_type=MEDIA_TYPES[response_format])
+    return PlainTextResponse(body, media_type=MEDIA_TYPES[asked.response_format])
 
 
-async def until_disconnected(request: Request, work):
-    """Runs the work unless the client hangs up first; then the work is cancelled and its windows leave the engine."""
+def server_sent_event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def token_usage(transcript: Transcript) -> dict:
+    """The done event's usage, in the SDK's token shape: the audio counted as the encoder's frames (50 a second),
+    the output as the tokens the model generated."""
+    audio_tokens = math.ceil(transcript.duration * 50)
+    return {"type": "tokens", "input_tokens": audio_tokens, "output_tokens": transcript.output_tokens,
+            "total_tokens": audio_tokens + transcript.output_tokens, "input_token_details": {"audio_tokens": audio_tokens}}
+
+
+async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, held: ExitStack,
+                        arrived: float) -> AsyncIterator[str]:
+    """OpenAI's transcription stream: a transcript.text.delta per window as soon as it and every window before it
+    are final, then transcript.text.done with the whole text (and the language, in the SDK's `languages`). The
+    granularities asked for ride on each delta as extra fields, `segments` and `words`, for the text it adds.
+    A failure after the stream has started ends it with an error event. A client that hangs up cancels this
+    generator, which leaves the engine at its next step."""
+    options = asked.options
+    builder = TranscriptBuilder(len(samples) / SAMPLE_RATE, state.engine.token_bytes if options.word_timestamps else None)
+    first = True
+    with held:
+        try:
+            async with asyncio.timeout(state.settings.request_timeout_seconds):
+                async with aclosing(transcribe_pieces(state.engine, samples, options, state.audio_work,
+                                                      builder)) as pieces:
+                    while (piece := await until_drain_expires(anext(pieces, None), state.drain_expired)) is not None:
+                        if not piece.delta:
+                            continue
+                        if first:
+                            state.metrics.first_delta.observe(time.monotonic() - arrived)
+                            first = False
+                        event = {"type": "transcript.text.delta", "delta": piece.delta}
+                        if asked.segments_in_stream:
+                            first_id = len(builder.segments) - len(piece.segments)
+                            event["segments"] = [{"id": first_id + offset, **segment_json(segment)}
+                                                 for offset, segment in enumerate(piece.segments)]
+                        if options.word_timestamps:
+                            event["words"] = [word_json(word) for word in piece.words]
+                        yield server_sent_event(event)
+            transcript = builder.transcript()
+            state.metrics.audio_seconds.inc(transcript.duration)
+            done = {"type": "transcript.text.done", "text": transcript.text, "usage": token_usage(transcript)}
+            if transcript.language:
+                done["languages"] = [{"code": transcript.language}]
+            yield server_sent_event(done)
+        except Exception as error:  # noqa: BLE001 - the status line is sent: the stream ends with the error instead
+            answer = as_api_error(error, state)
+            if answer is None:
+                log.exception("stream failed")
+                answer = ApiError(500, "Internal server error.", code="internal_error")
+            yield server_sent_event({"type": "error", **error_body(answer)})
+
+
+def drain_expired_error() -> ApiError:
+    return ApiError(503, "The server shut down before this request could finish; retry it on another replica.",
+                    code="draining", headers={"Retry-After": "1", "Connection": "close"})
+
+
+async def until_drain_expires(work, drain_expired: asyncio.Event):
+    """The work's result, unless the drain's deadline passes first: then the work is cancelled (a stream's next
+    piece: its windows leave the engine) and the stream ends with the draining error."""
+    work_task, expiry_task = asyncio.ensure_future(work), asyncio.ensure_future(drain_expired.wait())
+    try:
+        await asyncio.wait({work_task, expiry_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        expiry_task.cancel()
+        if not work_task.done():
+            work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)  # settled before the stream is closed
+    if work_task.cancelled():
+        raise drain_expired_error()
+    return work_task.result()
+
+
+async def until_disconnected(request: Request, work, drain_expired: asyncio.Event):
+    """Runs the work unless the client hangs up first or the drain's deadline passes; either way the work is cancelled
+    and its windows leave the engine, and a client still there is told to retry elsewhere (503) before the server exits."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     work_task, watch_task = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    expiry_task = asyncio.ensure_future(drain_expired.wait())
     try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work_task, watch_task, expiry_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch_task.cancel()
+        expiry_task.cancel()
     if not work_task.done():
         work_task.cancel()
+        if drain_expired.is_set():
+            raise drain_expired_error()
         raise ClientDisconnect()
     return work_task.result()
 

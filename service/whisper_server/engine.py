@@ -13,7 +13,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from .alignment import alignment_matrices, alignment_sequence, default_alignment_heads
 from .decoder import ENCODER_SELF_ATTENTION, Piece, SlotDecoder, SpecialTokens, attention_context
 from .decoding import SAMPLE_RATE, Capabilities, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
 
@@ -110,6 +112,8 @@ class SlotWindow:
     language: str | None
     no_speech_prob: float
     temperature: float
+    start_of_transcript: list[int]  # the forced prefix after any prompt: what the alignment pass starts from
+    word_timestamps: bool
 
 
 class WhisperEngine:
@@ -150,6 +154,9 @@ class WhisperEngine:
             suppress=tuple(generation.suppress_tokens or ()), begin_suppress=tuple(generation.begin_suppress_tokens or ()),
             max_initial_timestamp_index=getattr(generation, "max_initial_timestamp_index", None),
         )
+        heads = getattr(generation, "alignment_heads", None)
+        self.alignment_heads = ([tuple(pair) for pair in heads] if heads else
+                                default_alignment_heads(config.decoder_layers, config.decoder_attention_heads))
         self.id_to_language = {token_id: code for code, token_id in self.language_ids.items()}
         self.positions = config.max_target_positions
         self.max_length = min(generation.max_length or self.positions, self.positions)
@@ -223,6 +230,13 @@ class WhisperEngine:
         except Exception as error:
             raise RuntimeError(f"capturing the decode step as CUDA graphs failed ({type(error).__name__}: {error}); "
                                "--cuda-graphs false runs the same step eagerly, slower") from error
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of every text token (ids below end of text): Whisper's byte-level BPE spells each byte as one
+        character of GPT-2's byte alphabet."""
+        byte_of = {character: byte for byte, character in bytes_to_unicode().items()}
+        pieces = self.processor.tokenizer.convert_ids_to_tokens(list(range(self.special.end_of_text)))
+        return [bytes(byte_of[character] for character in piece) for piece in pieces]
 
     # Slots --------------------------------------------------------------------------------------------------------
 
@@ -308,12 +322,14 @@ class WhisperEngine:
             no_speech, detected = no_speech.tolist(), detected.tolist()
             prefixes, limits, min_lengths, admitted = [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
-                prefix, language = self._prefix(options, detected_id)
+                start, language = self._start_of_transcript(options, detected_id)
+                prefix = self._prompt_ids(options.prompt) + start  # as _prefix() makes it
                 limit = self._limit(len(prefix), admission.max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
                 limits.append(limit)
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
-                admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, language, no_speech_prob, options.temperature))
+                admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, language, no_speech_prob, options.temperature,
+                                           start, options.word_timestamps))
             temperatures = [options.temperature for _, options in windows]
             for piece, part, prefilled in zip(admission.pieces, parts, known):
                 self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part], temperatures[part],
@@ -329,15 +345,20 @@ class WhisperEngine:
         self.windows.update(zip(slots, admitted))
         return slots
 
-    def _prefix(self, options: DecodeOptions, detected_id: int | None) -> tuple[list[int], str]:
-        """The forced prefix and the window's language: the prompt (if any), <|startoftranscript|>, then on a
+    def _start_of_transcript(self, options: DecodeOptions, detected_id: int | None) -> tuple[list[int], str]:
+        """The forced tokens after any prompt, and the window's language: <|startoftranscript|>, then on a
         multilingual checkpoint the language (given, else the detected one) and the task. English-only checkpoints
         take <|startoftranscript|> alone (a language or task token after it makes them end at once, with no text)."""
         if not self.capabilities.multilingual:
-            return self._prompt_ids(options.prompt) + [self.special.start_of_transcript], "en"
+            return [self.special.start_of_transcript], "en"
         language_id = self.language_ids[options.language] if options.language else detected_id
-        return (self._prompt_ids(options.prompt) + [self.special.start_of_transcript, language_id,
-                                                    self.task_ids[options.task]], self.id_to_language[language_id])
+        return ([self.special.start_of_transcript, language_id, self.task_ids[options.task]],
+                self.id_to_language[language_id])
+
+    def _prefix(self, options: DecodeOptions, detected_id: int | None) -> tuple[list[int], str]:
+        """The forced prefix (the prompt, if any, then the start of transcript) and the window's language."""
+        start, language = self._start_of_transcript(options, detected_id)
+        return self._prompt_ids(options.prompt) + start, language
 
     def _known_prefixes(self, options: list[DecodeOptions]) -> list[list[int]] | None:
         """The windows' prefixes when they need nothing from the model first (each names its language, or the
@@ -363,15 +384,40 @@ class WhisperEngine:
         except torch.OutOfMemoryError as error:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(error)) from error
-        results = []
+        results, aligning = [], []
         for item in finished:
             window = self.windows.pop(item.slot)
             segments = self._segments(item.tokens, item.logprobs, window.duration, window.no_speech_prob,
                                       window.temperature)
             if not self.fixed_new_tokens:
                 segments = self._drop_if_silence(segments)
-            results.append((item.slot, WindowResult(window.language, segments, item.tokens)))
+            result = WindowResult(window.language, segments, item.tokens)
+            results.append((item.slot, result))
+            if window.word_timestamps and segments:
+                aligning.append((item.row, window, result))
+        if aligning:
+            self._align(aligning)
         return results
+
+    def _align(self, windows: list[tuple[int, SlotWindow, WindowResult]]) -> None:
+        """One batched pass over the windows that finished together and asked for words, while their cache rows
+        still hold their cross-attention K/V (until the next step or admission): each result gets its alignment
+        matrix, which the HTTP process turns into words."""
+        rows = [row for row, _, _ in windows]
+        texts = [[token for segment in result.segments for token in segment.tokens] for _, _, result in windows]
+        sequences = [alignment_sequence(window.start_of_transcript, self.special.no_timestamps, text,
+                                        self.special.end_of_text) for (_, window, _), text in zip(windows, texts)]
+        frames = [min(round(window.duration * SAMPLE_RATE) // self.processor.feature_extractor.hop_length // 2,
+                      self.model.config.max_source_positions) for _, window, _ in windows]
+        try:
+            matrices = alignment_matrices(self.model, lambda layer: self.decoder.cross_attention_kv(layer, rows),
+                                          self.alignment_heads, sequences,
+                                          [len(window.start_of_transcript) for _, window, _ in windows], frames)
+        except torch.OutOfMemoryError as error:
+            torch.cuda.empty_cache()
+            raise OutOfMemory(str(error)) from error
+        for (_, _, result), matrix in zip(windows, matrices):
+            result.alignment = matrix
 
     # Front end and results ----------------------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from .logs import configure_logging
 from .settings import Settings
 
 log = logging.getLogger("whisper_server")
+# How long, after the drain's deadline, the unfinished requests have to get their 503 out before the server exits.
+ANSWER_SECONDS = 2.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -47,7 +49,14 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.state.settings.drain_seconds
         while self.state.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        log.info("drained", extra={"fields": {"unfinished": self.state.in_flight}})
+        unfinished = self.state.in_flight
+        if unfinished:
+            # Past the deadline the unfinished requests are answered 503 with Retry-After, not dropped with the process.
+            self.state.drain_expired.set()
+            answered_by = time.monotonic() + ANSWER_SECONDS
+            while self.state.in_flight > 0 and time.monotonic() < answered_by:
+                await asyncio.sleep(0.05)
+        log.info("drained", extra={"fields": {"unfinished": unfinished, "unanswered": self.state.in_flight}})
         self.should_exit = True
 
 
