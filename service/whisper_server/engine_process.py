@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .settings import Settings
-from .decoding import DecodeOptions, EngineFailure, OutOfMemory, Window, WindowResult
+from .decoding import Capabilities, DecodeOptions, EngineFailure, OutOfMemory, Window, WindowResult
 from .metrics import Metrics
 from .scheduler import SchedulerEvents, SlotScheduler
 
@@ -56,7 +56,7 @@ class EngineInfo:
     dtype: str
     slots: int
     load_seconds: float
-    languages: frozenset[str]
+    capabilities: Capabilities
     token_bytes: Sequence[bytes]  # each text token's bytes: the HTTP process groups tokens into words with them
 
 
@@ -96,10 +96,11 @@ def engine_main(settings: Settings, requests, events) -> None:
         events.send(("load_failed", f"{type(error).__name__}: {error}"))
         return
     events.send(("ready", EngineInfo(engine.device, str(engine.dtype), engine.capacity, engine.load_seconds,
-                                     frozenset(engine.languages), engine.token_bytes())))
+                                     engine.capabilities, engine.token_bytes())))
     log.info("engine ready", extra={"fields": {"slots": engine.capacity, "device": engine.device,
                                                "cuda_graphs": len(engine.decoder.graphs),
-                                               "attention_backends": engine.attention_backends}})
+                                               "attention_backends": engine.attention_backends,
+                                               **engine.capabilities.describe()}})
     try:
         EngineLoop(engine, requests, events, fixed_length=settings.fixed_new_tokens,
                    admission_wait=settings.batch_wait_ms / 1000).run()
@@ -233,8 +234,9 @@ class EngineProcess:
             self.process.join(5)
 
     @property
-    def languages(self) -> frozenset[str]:
-        return self.info.languages if self.info else frozenset()
+    def capabilities(self) -> Capabilities | None:
+        """The checkpoint's, once the engine is ready."""
+        return self.info.capabilities if self.info else None
 
     @property
     def token_bytes(self) -> Sequence[bytes]:

@@ -78,7 +78,8 @@ def start_engine(state: ServerState, server: DrainingServer) -> None:
     state.metrics.model_load.set(info.load_seconds)
     state.ready = True
     log.info("ready", extra={"fields": {"model": settings.model, "device": info.device, "dtype": info.dtype,
-                                        "slots": info.slots, "load_seconds": round(info.load_seconds, 3)}})
+                                        "slots": info.slots, "load_seconds": round(info.load_seconds, 3),
+                                        **info.capabilities.describe()}})
 
 
 def run(settings: Settings) -> int:
