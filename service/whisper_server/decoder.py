@@ -180,6 +180,10 @@ class SlotDecoder:
         <|startoftranscript|> alone (float32, [windows, vocab]): language detection and no_speech_prob read them."""
         index = torch.tensor(slots, device=self.device)
         windows = len(slots)
+        # A slot starts clean: attention gives the positions a window has not written weight 0, but 0 x NaN is NaN,
+        # so one non-finite window's leftovers would poison every later window in its slot.
+        self.self_keys.index_fill_(1, index, 0.0)
+        self.self_values.index_fill_(1, index, 0.0)
         for layer_index, layer in enumerate(self.layers):
             attention = layer.encoder_attn
             self.cross_keys[layer_index, index] = self._heads(attention.k_proj(encoder_states))

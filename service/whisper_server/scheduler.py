@@ -130,16 +130,30 @@ class SlotScheduler:
         if not picks:
             return
         self.waiting_since = self.clock() if waiting > len(picks) else None
+        self._admit_picks(picks)
+
+    def _admit_picks(self, picks: list[tuple[Request, int, float]]) -> None:
+        """One admission (one encoder pass) for the picked windows. If it fails with windows of several requests in
+        it, each request's windows are admitted again alone: a failure fails the request that causes it, never the
+        requests that happened to share its admission."""
         windows = [(request.windows[index], replace(request.options, temperature=temperature))
                    for request, index, temperature in picks]
+        requests = list({request.key: request for request, _, _ in picks}.values())
         try:
             slots = self.engine.admit(windows)
         except Exception as error:  # noqa: BLE001 - a failed admission fails its requests; the engine goes on if it can
+            healthy = isinstance(error, OutOfMemory) or self.engine.healthy()
+            if len(requests) > 1 and healthy:
+                log.warning("admitting %d windows of %d requests together failed (%s: %s); admitting each request "
+                            "alone", len(picks), len(requests), type(error).__name__, error)
+                for request in requests:
+                    self._admit_picks([pick for pick in picks if pick[0] is request])
+                return
             log.log(logging.WARNING if isinstance(error, OutOfMemory) else logging.ERROR,
                     "admitting %d windows failed", len(picks), exc_info=not isinstance(error, OutOfMemory))
-            for request in {request.key: request for request, _, _ in picks}.values():
+            for request in requests:
                 self._fail(request, error)
-            if not isinstance(error, OutOfMemory) and not self.engine.healthy():
+            if not healthy:
                 raise EngineFailure("the device stopped working after a failed admission") from error
             return
         now = time.monotonic()
