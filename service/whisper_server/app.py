@@ -29,12 +29,21 @@ from .formats import MEDIA_TYPES, RESPONSE_FORMATS, render
 from .metrics import Metrics
 from .settings import Settings
 from .transcript import transcribe
-from .upload import receive_form
+from .upload import ReceiveDeadlines, receive_form
 
 log = logging.getLogger("whisper_server.http")
 STATIC_DIR = Path(__file__).parent / "static"
 AUDIO_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
 QUIET_ROUTES = ("/healthz", "/readyz")
+MAX_REQUEST_ID_CHARS = 128  # a longer X-Request-ID is cut to this before it is logged and echoed
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+# The page and its assets: its own script, style and API only; never framed (clickjacking); blob: media for
+# recordings it plays back.
+PAGE_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
+                                 b"object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+]
 
 
 @dataclass
@@ -48,7 +57,13 @@ class ServerState:
     draining: bool = False
     load_failed: bool = False
     in_flight: int = 0  # audio requests being handled; drain waits for zero
+    # Set once the server gives up on the requests it holds (the engine died, a stop was forced): each is answered
+    # with abandon_error at once, instead of waiting out uvicorn's shutdown and a plain-text 500.
+    abandoned: asyncio.Event = field(default_factory=asyncio.Event)
+    abandon_error: ApiError | None = None
+    abandoned_requests: int = 0
     admission: Admission = field(init=False)  # from the settings
+    deadlines: ReceiveDeadlines = field(init=False)
     # Audio decoding and cutting hold the GIL for much of their time: as many at once as there are cores, so a burst
     # of uploads queues for them instead of starving the event loop (64 threads at once stalled it for 400 ms).
     audio_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(os.cpu_count() or 1))
@@ -56,8 +71,14 @@ class ServerState:
 
     def __post_init__(self) -> None:
         settings = self.settings
-        self.admission = Admission(settings.max_concurrent_uploads, int(settings.max_spool_mb * 2**20),
-                                   settings.max_queued_audio_seconds)
+        spool_bytes = int(settings.max_spool_mb * 2**20)
+        # A client's share of the spool: its share of the upload slots, at least room for one upload at its largest.
+        client_spool_bytes = max(spool_bytes * settings.max_uploads_per_client // settings.max_concurrent_uploads,
+                                 int(settings.max_upload_mb * 2**20))
+        self.admission = Admission(settings.max_concurrent_uploads, spool_bytes, settings.max_queued_audio_seconds,
+                                   settings.max_uploads_per_client, client_spool_bytes)
+        self.deadlines = ReceiveDeadlines(settings.upload_timeout_seconds, settings.upload_idle_seconds,
+                                          settings.upload_min_bytes_per_second)
 
     @property
     def model_id(self) -> str:
@@ -66,6 +87,22 @@ class ServerState:
 
     def model_aliases(self) -> set[str]:
         return {self.model_id, self.settings.model, "whisper-1"}
+
+    def abandon(self, error: ApiError) -> None:
+        """Answers every request in flight, and every later one, with `error` (on the event loop's thread)."""
+        if self.abandon_error is None:
+            self.abandon_error = error
+            self.abandoned.set()
+
+
+def engine_unavailable() -> ApiError:
+    return ApiError(503, "The speech engine stopped; retry on another replica.", code="engine_unavailable",
+                    headers={"Retry-After": "5"})
+
+
+def server_stopping() -> ApiError:
+    return ApiError(503, "The server is stopping; retry on another replica.", code="server_stopping",
+                    headers={"Retry-After": "1", "Connection": "close"})
 
 
 def authorize(request: Request, state: ServerState) -> None:
@@ -78,6 +115,8 @@ def authorize(request: Request, state: ServerState) -> None:
 
 
 def refuse_unless_serving(state: ServerState) -> None:
+    if state.abandon_error is not None:
+        raise state.abandon_error
     if state.draining:
         raise ApiError(503, "The server is shutting down; retry on another replica.", code="draining",
                        headers={"Retry-After": "1", "Connection": "close"})
@@ -132,9 +171,10 @@ async def receive_audio(request: Request, state: ServerState, task: str,
     settings = state.settings
     limit_bytes = int(settings.max_upload_mb * 2**20)
     declared = request.headers.get("content-length", "")
-    with state.admission.spool.reserve(min(int(declared), limit_bytes) if declared.isdigit() else 0) as spool:
-        with state.admission.uploads.reserve(1):
-            form = await receive_form(request, limit_bytes, on_received=spool.grow_to)
+    client = request.client.host if request.client else "unknown"
+    with state.admission.reserve_spool(client, min(int(declared), limit_bytes) if declared.isdigit() else 0) as spool:
+        with state.admission.reserve_upload(client):
+            form = await receive_form(request, limit_bytes, state.deadlines, on_received=spool.grow_to)
         try:
             if form.file_path is None:
                 raise ApiError(400, "The 'file' field with the audio is missing.", param="file", code="missing_file")
@@ -155,34 +195,53 @@ async def handle_audio(request: Request, task: str) -> Response:
     state: ServerState = request.app.state.server
     authorize(request, state)
     refuse_unless_serving(state)
+    with state.admission.reserve_audio() as audio:
+        finished, answer = await unless(answer_audio(request, state, task, audio), state.abandoned.wait())
+    if not finished:
+        state.abandoned_requests += 1
+        raise state.abandon_error
+    return answer
+
+
+async def answer_audio(request: Request, state: ServerState, task: str, audio: Reservation) -> Response:
     settings = state.settings
-    with state.admission.audio.reserve() as audio:
-        try:
-            samples, options, response_format = await receive_audio(request, state, task, audio)
-            audio_seconds = len(samples) / SAMPLE_RATE
-            request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
-            transcript = await until_disconnected(
-                request, asyncio.wait_for(transcribe(state.engine, samples, options, state.audio_work),
-                                          settings.request_timeout_seconds))
-        except Overloaded as error:
-            raise ApiError(503, error.message, code=error.code,
-                           headers={"Retry-After": str(state.engine.retry_after_seconds())}) from error
-        except QueueFull as error:
-            raise queue_full(error.retry_after_seconds) from error
-        except TimeoutError as error:
-            raise ApiError(504, f"The request did not finish within {settings.request_timeout_seconds:g} s.",
-                           code="request_timeout") from error
-        except OutOfMemory as error:
-            raise ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
-                           headers={"Retry-After": "5"}) from error
-        except EngineUnavailable as error:
-            raise ApiError(503, "The speech engine stopped; retry on another replica.", code="engine_unavailable",
-                           headers={"Retry-After": "5"}) from error
+    try:
+        samples, options, response_format = await receive_audio(request, state, task, audio)
+        audio_seconds = len(samples) / SAMPLE_RATE
+        request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
+        transcript = await until_disconnected(
+            request, asyncio.wait_for(transcribe(state.engine, samples, options, state.audio_work),
+                                      settings.request_timeout_seconds))
+    except Overloaded as error:
+        raise ApiError(error.status, error.message, code=error.code,
+                       headers={"Retry-After": str(state.engine.retry_after_seconds())}) from error
+    except QueueFull as error:
+        raise queue_full(error.retry_after_seconds) from error
+    except TimeoutError as error:
+        raise ApiError(504, f"The request did not finish within {settings.request_timeout_seconds:g} s.",
+                       code="request_timeout") from error
+    except OutOfMemory as error:
+        raise ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
+                       headers={"Retry-After": "5"}) from error
+    except EngineUnavailable as error:
+        raise engine_unavailable() from error
     state.metrics.audio_seconds.inc(audio_seconds)
     body = render(transcript, response_format, task)
     if isinstance(body, dict):
         return JSONResponse(body)
     return PlainTextResponse(body, media_type=MEDIA_TYPES[response_format])
+
+
+async def unless(work, interruption) -> tuple[bool, object]:
+    """Runs the work unless the interruption (an awaitable) comes first, which cancels it: (finished, result)."""
+    work_task, interruption_task = asyncio.ensure_future(work), asyncio.ensure_future(interruption)
+    try:
+        await asyncio.wait({work_task, interruption_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        interruption_task.cancel()
+        if not work_task.done():
+            work_task.cancel()
+    return (True, work_task.result()) if work_task.done() and not work_task.cancelled() else (False, None)
 
 
 async def until_disconnected(request: Request, work):
@@ -191,15 +250,10 @@ async def until_disconnected(request: Request, work):
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    work_task, watch_task = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch_task.cancel()
-    if not work_task.done():
-        work_task.cancel()
+    finished, result = await unless(work, disconnected())
+    if not finished:
         raise ClientDisconnect()
-    return work_task.result()
+    return result
 
 
 async def transcriptions(request: Request) -> Response:
@@ -238,21 +292,23 @@ async def index(request: Request) -> Response:
 
 
 async def on_api_error(request: Request, error: ApiError) -> Response:
+    request.scope.setdefault("state", {})["error_code"] = error.code  # for the request log and the refusals metric
     return error_response(error)
 
 
 async def on_http_exception(request: Request, error: HTTPException) -> Response:
-    return error_response(ApiError(error.status_code, error.detail, code="not_found" if error.status_code == 404 else None,
-                                   headers=error.headers))
+    return await on_api_error(request, ApiError(
+        error.status_code, error.detail, code="not_found" if error.status_code == 404 else None, headers=error.headers))
 
 
 async def on_client_disconnect(request: Request, error: ClientDisconnect) -> Response:
+    request.scope.setdefault("state", {})["error_code"] = "client_disconnected"
     return Response(status_code=499)  # the client went away mid-upload: nobody reads this answer
 
 
 async def on_unexpected(request: Request, error: Exception) -> Response:
     log.exception("unhandled error")
-    return error_response(ApiError(500, "Internal server error.", code="internal_error"))
+    return await on_api_error(request, ApiError(500, "Internal server error.", code="internal_error"))
 
 
 class ObservedApp:
@@ -272,17 +328,19 @@ class ObservedApp:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = self.route_template(scope)
-        request_id = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None) or uuid.uuid4().hex
+        given_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        request_id = given_id[:MAX_REQUEST_ID_CHARS].decode("latin-1") or uuid.uuid4().hex
         scope.setdefault("state", {})
-        status = 500
+        status, responded = 500, False
         counted = route in AUDIO_ROUTES
+        extra_headers = SECURITY_HEADERS + (PAGE_HEADERS if route == "/" or route.startswith("/static") else [])
         started = time.monotonic()
 
         async def send_with_id(message):
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+                status, responded = message["status"], True
+                message.setdefault("headers", []).extend([(b"x-request-id", request_id.encode("latin-1")), *extra_headers])
             await send(message)
 
         if counted:
@@ -292,6 +350,12 @@ class ObservedApp:
             await self.app(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - already answered 500 and logged by on_unexpected
             status = 500
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when it stops: the client hears why, not a plain-text 500.
+            if not responded:
+                scope["state"]["error_code"] = server_stopping().code
+                await error_response(server_stopping())(scope, receive, send_with_id)
+            raise
         finally:
             if counted:
                 self.state.in_flight -= 1
@@ -300,10 +364,15 @@ class ObservedApp:
             metrics = self.state.metrics
             metrics.requests.labels(scope["method"], route, str(status)).inc()
             metrics.request_duration.labels(scope["method"], route).observe(duration)
+            error_code = scope["state"].get("error_code")
+            if status >= 400:
+                metrics.refusals.labels(error_code or str(status)).inc()
             # Probes and scrapes every few seconds would drown the request log.
             if route not in QUIET_ROUTES or status >= 400:
                 log.info("request", extra={"fields": {
                     "request_id": request_id, "method": scope["method"], "route": route, "status": status,
+                    "client": (scope.get("client") or ("unknown",))[0],
+                    **({"error_code": error_code} if error_code else {}),
                     "audio_seconds": round(scope["state"].get("audio_seconds", 0.0), 3),
                     "duration_seconds": round(duration, 4),
                 }})

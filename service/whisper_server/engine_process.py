@@ -189,6 +189,7 @@ class EngineProcess:
         self.lock = threading.Lock()
         self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = False
+        self.lost = False  # the engine process exited unasked: every request from then on fails at once
         self.process = None
 
     def start(self) -> EngineInfo:
@@ -245,6 +246,8 @@ class EngineProcess:
         future = loop.create_future()
         key = next(self.keys)
         with self.lock:
+            if self.lost:
+                raise EngineUnavailable("the engine process exited")
             if len(self.pending) >= self.settings.queue_size:
                 raise QueueFull(self.retry_after_seconds())
             self.pending[key] = (loop, future)
@@ -286,6 +289,7 @@ class EngineProcess:
             self.process.join(1)
             log.error("engine process exited", extra={"fields": {"exit_code": self.process.exitcode}})
             with self.lock:
+                self.lost = True
                 keys = list(self.pending)
             for key in keys:
                 self._resolve(key, error=EngineUnavailable("the engine process exited"))

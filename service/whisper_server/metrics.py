@@ -25,6 +25,9 @@ class Metrics:
         self.decode_step = Histogram(
             "whisper_decode_step_seconds", "Time of one decode step over every busy slot, host read-back included",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1), registry=self.registry)
+        self.refusals = Counter("whisper_refused_requests", "Requests answered with an error, by reason (the error "
+                                "code in the answer: uploads_full, upload_too_slow, disk_full, ...)", ["reason"],
+                                registry=self.registry)
         self.model_load = Gauge("whisper_model_load_seconds", "Time taken to load the model", registry=self.registry)
 
     def on_queue_change(self, windows: int, seconds: float) -> None:
