@@ -6,7 +6,7 @@ import * as eks from "@pulumi/eks";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import { gpuInstanceTypes } from "./catalog";
-import { ClusterConfig, GpuConfig, GpuNodeGroupConfig, KubernetesVersion } from "./config";
+import { ClusterConfig, GpuConfig, GpuNodeGroupConfig, KubernetesVersion, systemNodeAmiType } from "./config";
 import { acceleratorLabelKey, gpuNodeSelector, gpuTaint, NodePool, nodePoolLabelKey, systemNodeSelector } from "./conventions";
 import { eksAddon } from "./eks-addon";
 import { Network } from "./network";
@@ -181,7 +181,7 @@ export function createCluster(
         `${name}-system`,
         {
             ...nodeGroupArgs(`${name}-system`, "system", systemNodeDiskSizeGiB),
-            amiType: "AL2023_x86_64_STANDARD",
+            amiType: systemNodeAmiType,
             instanceTypes: config.systemNodes.instanceTypes,
             capacityType: "ON_DEMAND",
             scalingConfig: {

@@ -19,11 +19,34 @@ const show = (value: unknown): string => (typeof value === "string" ? `"${value}
 
 const cidrPattern = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\/(\d{1,2})$/;
 
-/** What is wrong with an IPv4 CIDR block whose prefix may be at most `maxPrefix`, or undefined. */
-export function cidrProblem(cidr: string, maxPrefix: number): string | undefined {
+/** The prefix lengths an IPv4 CIDR setting allows: every length by default. */
+export interface PrefixRange {
+    min: number;
+    max: number;
+    /** Why the range is narrower than /0 to /32, for the message. */
+    why?: string;
+}
+
+/**
+ * What is wrong with an IPv4 CIDR block, or undefined: its form, its prefix length, and host bits (`10.0.0.1/16`),
+ * which AWS refuses in a VPC's CIDR and which elsewhere mean a range other than the one written.
+ */
+export function cidrProblem(cidr: string, prefix: PrefixRange = { min: 0, max: 32 }): string | undefined {
     const match = cidrPattern.exec(cidr);
-    const valid = match !== null && match.slice(1, 5).every((octet) => Number(octet) <= 255) && Number(match[5]) <= maxPrefix;
-    return valid ? undefined : `must be an IPv4 CIDR block with a prefix of /${maxPrefix} or shorter, e.g. 10.0.0.0/16`;
+    const octets = match?.slice(1, 5).map(Number) ?? [];
+    const length = Number(match?.[5]);
+    if (match === null || octets.some((octet) => octet > 255) || length > 32) return "must be an IPv4 CIDR block, e.g. 10.0.0.0/16";
+    if (length < prefix.min || length > prefix.max) {
+        return `must have a prefix from /${prefix.min} to /${prefix.max}${prefix.why ? ` (${prefix.why})` : ""}, e.g. 10.0.0.0/16`;
+    }
+    const address = octets.reduce((sum, octet) => sum * 256 + octet, 0);
+    const size = 2 ** (32 - length);
+    const network = address - (address % size);
+    if (network !== address) {
+        const dotted = [24, 16, 8, 0].map((shift) => Math.floor(network / 2 ** shift) % 256).join(".");
+        return `has host bits set (the block of ${cidr} starts at ${dotted}/${length}): write the network address, ${dotted}/${length}`;
+    }
+    return undefined;
 }
 
 /** Reads typed values from one config namespace and collects what is wrong with them. */
@@ -67,10 +90,10 @@ export class ConfigReader {
         return this.string(key, { allowed }) as T;
     }
 
-    /** An IPv4 CIDR block with a prefix of at most `maxPrefix`. */
-    cidr(key: string, maxPrefix: number): string {
+    /** An IPv4 CIDR block (its network address) with a prefix length in the range. */
+    cidr(key: string, prefix: PrefixRange): string {
         const value = this.string(key);
-        const problem = cidrProblem(value, maxPrefix);
+        const problem = cidrProblem(value, prefix);
         if (problem) this.problem(key, value, problem);
         return value;
     }

@@ -25,6 +25,9 @@ export const loadBalancerSchemes: readonly LoadBalancerScheme[] = ["internet-fac
 export type ScalingMetric = "http_requests_per_second" | "whisper_requests_in_flight" | "whisper_queued_audio_seconds";
 export const scalingMetrics: readonly ScalingMetric[] = ["http_requests_per_second", "whisper_requests_in_flight", "whisper_queued_audio_seconds"];
 
+/** The system node group's AMI: x86_64, so its instance types must be x86_64 too (load-config.ts refuses Graviton). */
+export const systemNodeAmiType = "AL2023_x86_64_STANDARD";
+
 export interface NodeGroupScaling {
     minSize: number;
     desiredSize: number;

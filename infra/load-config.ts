@@ -22,6 +22,7 @@ import {
     scalingMetrics,
     ServiceConfig,
     StackConfig,
+    systemNodeAmiType,
     TrafficConfig,
     WorkloadConfig,
 } from "./config";
@@ -43,6 +44,18 @@ export const requestTimeoutSecondsRange = { min: 30, max: nlbTcpIdleTimeoutSecon
 /** The p95 latency alert's threshold: no request outlasts the longest request timeout. */
 export const alertP95LatencySecondsRange = { min: 1, max: requestTimeoutSecondsRange.max };
 
+/**
+ * The VPC's prefix: AWS allows /16 (65,536 addresses) to /28; the subnets the program cuts per AZ (a public and a
+ * private one in each of up to 4 AZs) need /20 or more, and pod IPs (the VPC CNI gives each pod a VPC address) more still.
+ */
+export const vpcPrefix = { min: 16, max: 20, why: "AWS allows /16 to /28; the public and private subnets of up to 4 AZs need /20 or more" };
+
+/**
+ * Graviton (arm64) instance families: `a1`, and a generation digit followed by `g` (t4g, m7g, c7gn, r8g, x2gd, im4gn,
+ * is4gen...). The system node group runs an x86_64 AMI.
+ */
+const armFamilyPattern = /^(a1|[a-z]+\d+g[a-z]*)\./;
+
 function gpuInstanceTypeProblem(name: string): string | undefined {
     if (gpuInstanceTypes[name]) return undefined;
     if (!instanceTypePattern.test(name)) return `not an EC2 instance type; supported GPU instance types: ${supportedGpuTypes}`;
@@ -52,7 +65,7 @@ function gpuInstanceTypeProblem(name: string): string | undefined {
 
 function readNetwork(reader: ConfigReader): NetworkConfig {
     return {
-        vpcCidr: reader.cidr("vpcCidr", 20),
+        vpcCidr: reader.cidr("vpcCidr", vpcPrefix),
         availabilityZoneCount: reader.integer("availabilityZoneCount", { min: 2, max: 4 }),
         natGatewayStrategy: reader.oneOf("natGatewayStrategy", natGatewayStrategies),
     };
@@ -62,6 +75,9 @@ function readCluster(reader: ConfigReader, stack: string): ClusterConfig {
     const systemInstanceTypes = reader.stringList("systemNodeInstanceTypes", 1, (name) => {
         if (!instanceTypePattern.test(name)) return "must be an EC2 instance type, e.g. m7i.xlarge";
         if (gpuInstanceTypes[name] || gpuFamilyPattern.test(name)) return "must not be a GPU instance type: GPU nodes belong in gpuInstanceTypes";
+        if (armFamilyPattern.test(name)) {
+            return `is a Graviton (arm64) type, but the system node group runs the x86_64 AMI (${systemNodeAmiType}): choose an x86_64 type, e.g. m7i.xlarge or m7a.xlarge`;
+        }
         return undefined;
     });
     const roleArn = (arn: string) =>
@@ -71,7 +87,7 @@ function readCluster(reader: ConfigReader, stack: string): ClusterConfig {
         kubernetesVersion: reader.oneOf("kubernetesVersion", kubernetesVersions),
         adminRoleArns: reader.stringList("clusterAdminRoleArns", 0, roleArn),
         viewerRoleArns: reader.stringList("clusterViewerRoleArns", 0, roleArn),
-        publicAccessCidrs: reader.stringList("clusterPublicAccessCidrs", 1, (cidr) => cidrProblem(cidr, 32)),
+        publicAccessCidrs: reader.stringList("clusterPublicAccessCidrs", 1, (cidr) => cidrProblem(cidr)),
         systemNodes: { instanceTypes: systemInstanceTypes, ...reader.scaling("systemNode", 20) },
     };
 }
@@ -147,7 +163,7 @@ function readWorkload(reader: ConfigReader): WorkloadConfig {
 function readTraffic(reader: ConfigReader): TrafficConfig {
     return {
         scheme: reader.oneOf("loadBalancerScheme", loadBalancerSchemes),
-        sourceRanges: reader.stringList("loadBalancerSourceRanges", 1, (cidr) => cidrProblem(cidr, 32)),
+        sourceRanges: reader.stringList("loadBalancerSourceRanges", 1, (cidr) => cidrProblem(cidr)),
         certificateArn: reader.optionalString("tlsCertificateArn", {
             pattern: certificateArnPattern,
             describe: "must be empty (plain HTTP on port 80) or an ACM certificate ARN, e.g. arn:aws:acm:us-east-1:123456789012:certificate/<uuid>",

@@ -145,9 +145,44 @@ const badConfigs: BadConfig[] = [
         expected: ['whisper-eks:natGatewayStrategy = "None"', '"Single", "OnePerAz"'],
     },
     {
-        what: "a malformed VPC CIDR",
-        overrides: { vpcCidr: "10.0.0.0/28" },
-        expected: ['whisper-eks:vpcCidr = "10.0.0.0/28"', "/20 or shorter"],
+        what: "a VPC CIDR too small for the subnets",
+        overrides: { vpcCidr: "10.0.0.0/24" },
+        expected: ['whisper-eks:vpcCidr = "10.0.0.0/24"', "from /16 to /20", "AWS allows /16 to /28"],
+    },
+    {
+        what: "a VPC CIDR larger than AWS allows",
+        overrides: { vpcCidr: "10.0.0.0/12" },
+        expected: ['whisper-eks:vpcCidr = "10.0.0.0/12"', "from /16 to /20"],
+    },
+    {
+        what: "a VPC CIDR with host bits set",
+        overrides: { vpcCidr: "10.0.0.1/16" },
+        expected: ['whisper-eks:vpcCidr = "10.0.0.1/16"', "host bits set", "10.0.0.0/16"],
+    },
+    {
+        what: "an API access CIDR with host bits set",
+        overrides: { clusterPublicAccessCidrs: ["203.0.113.7/24"] },
+        expected: ['whisper-eks:clusterPublicAccessCidrs[0] = "203.0.113.7/24"', "host bits set", "203.0.113.0/24"],
+    },
+    {
+        what: "a load balancer source range with host bits set",
+        overrides: { loadBalancerSourceRanges: ["192.168.1.10/16"] },
+        expected: ['whisper-eks:loadBalancerSourceRanges[0] = "192.168.1.10/16"', "host bits set", "192.168.0.0/16"],
+    },
+    {
+        what: "a load balancer source range with a prefix past /32",
+        overrides: { loadBalancerSourceRanges: ["192.168.1.10/33"] },
+        expected: ['whisper-eks:loadBalancerSourceRanges[0] = "192.168.1.10/33"', "IPv4 CIDR block"],
+    },
+    {
+        what: "a Graviton type for the x86_64 system nodes",
+        overrides: { systemNodeInstanceTypes: ["m7i.xlarge", "m7g.xlarge"] },
+        expected: ['whisper-eks:systemNodeInstanceTypes[1] = "m7g.xlarge"', "Graviton (arm64)", "AL2023_x86_64_STANDARD", "m7i.xlarge"],
+    },
+    {
+        what: "a burstable Graviton type for the system nodes",
+        overrides: { systemNodeInstanceTypes: ["t4g.large"] },
+        expected: ['whisper-eks:systemNodeInstanceTypes[0] = "t4g.large"', "Graviton (arm64)"],
     },
     {
         what: "a malformed API access CIDR",
@@ -195,6 +230,16 @@ describe("config: bad stack configurations", () => {
         assert.ok(error);
         assert.match(error.message, /\(3 problems\)/);
         for (const key of ["gpuMinSize", "gpuCapacityType", "gpuDiskSizeGiB"]) assert.ok(error.message.includes(`whisper-eks:${key} = `), key);
+    });
+
+    it("accepts what AWS accepts: network addresses of any prefix where allowed, a /20 VPC, x86_64 system node types", async () => {
+        const { error } = await tryEvaluateStack("dev", {
+            vpcCidr: "172.16.32.0/20",
+            clusterPublicAccessCidrs: ["0.0.0.0/0", "203.0.113.7/32"],
+            loadBalancerSourceRanges: ["10.0.0.0/8", "198.51.100.128/25"],
+            systemNodeInstanceTypes: ["m7i.xlarge", "m7a.xlarge", "c7i.2xlarge", "m5zn.large", "r7iz.large"],
+        });
+        assert.equal(error, undefined, error?.message);
     });
 
     it("accepts a prebuilt image pinned by digest, building nothing and keeping the repository", async () => {
