@@ -40,10 +40,10 @@ def small_disk() -> None:
 
 @pytest.fixture(scope="module")
 def guarded(start_server):
-    """Short upload deadlines, six uploads at once and two per client, 4 MB uploads (a client's spool share), and a
-    2 MB 'disk'."""
-    return start_server("--max-batch-size", "4", "--max-concurrent-uploads", "6", "--max-uploads-per-client", "2",
-                        "--max-upload-mb", "4", "--max-spool-mb", "12", "--upload-idle-seconds", str(IDLE_SECONDS),
+    """Short upload deadlines, four uploads at once and two per client once two are in use, 4 MB uploads and 8 MB of
+    spool (a client's share: 4 MB once 4 MB are in use), and a 2 MB 'disk'."""
+    return start_server("--max-batch-size", "4", "--max-concurrent-uploads", "4", "--max-uploads-per-client", "2",
+                        "--max-upload-mb", "4", "--max-spool-mb", "8", "--upload-idle-seconds", str(IDLE_SECONDS),
                         "--upload-min-bytes-per-second", str(MIN_RATE), "--upload-timeout-seconds", "60",
                         "--forwarded-allow-ips", "127.0.0.1", preexec_fn=small_disk)
 
@@ -113,7 +113,7 @@ def log_lines(server) -> list[dict]:
 def test_trickling_uploads_are_cut_by_the_minimum_rate_and_others_are_served(guarded, audio, normal_text,
                                                                               assert_still_ready):
     """Slowloris on the body: a byte every 0.3 s keeps the idle timer alive; the rate cuts it, not the 60 s deadline.
-    The attacker gets two upload slots (its share), not all six."""
+    The attacker gets two upload slots (its share once the server is half busy), not all four."""
     before = refusals(guarded, "upload_too_slow")
     trickles = [open_upload(guarded, "10.9.9.9", 100_000) for _ in range(2)]
     started = time.monotonic()
@@ -186,12 +186,12 @@ def test_non_finite_audio_is_refused_and_leaves_the_others_alone(guarded, audio,
     else:
         poisoned[:int(share * len(poisoned))] = value
     path = float_wav(tmp_path / "poisoned.wav", poisoned)
-    with ThreadPoolExecutor(5) as pool:
+    with ThreadPoolExecutor(4) as pool:
         bad = pool.submit(transcribe, guarded, path, "10.7.7.7")
-        good = [pool.submit(transcribe, guarded, audio["speech.wav"], f"10.1.1.{n}") for n in range(4)]
+        good = [pool.submit(transcribe, guarded, audio["speech.wav"], f"10.1.1.{n}") for n in range(3)]
         error = assert_error(bad.result(), 400, "non_finite_audio")
         assert "not finite" in error["message"] and error["param"] == "file"
-        assert [response.result().json()["text"] for response in good] == [normal_text] * 4
+        assert [response.result().json()["text"] for response in good] == [normal_text] * 3
     assert float_wav(tmp_path / "clean.wav", speech).exists()
     clean = transcribe(guarded, tmp_path / "clean.wav")
     assert clean.status_code == 200, "the same float file without the bad samples is served"

@@ -1,7 +1,8 @@
 """Admission by cost: a request is admitted while the server has room for what it will hold, and refused with 503 and
 Retry-After when it has not, instead of the pod running out of memory or disk. Uploads at once and spooled upload
-bytes are bounded for the server and for each client (so a few slow connections cannot take them all: 429 past a
-client's share); decoded audio is bounded for the server. The HTTP handlers hold reservations while they work;
+bytes are bounded for the server and for each client: once half of the server's budget is in use, a client past its
+share gets 429, so a few slow connections cannot take it all, while one busy client (a backend sending a burst) may
+use what nobody else is using. Decoded audio is bounded for the server. The HTTP handlers hold reservations while they work;
 reservations grow as a request is found to need more (an upload without a declared size, audio as it decodes)."""
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ class Overloaded(Exception):
         self.message, self.code, self.status = message, code, status
 
 
+# A client's share binds once the server's budget is this full.
+SHARES_BIND_FROM = 0.5
+
+
 @dataclass
 class Budget:
     limit: float
@@ -25,6 +30,12 @@ class Budget:
     code: str
     status: int = 503
     used: float = 0.0
+    server: Budget | None = None  # a client's share of this budget: enforced only while it is SHARES_BIND_FROM full
+
+    def refuses(self, more: float) -> bool:
+        if self.used + more <= self.limit:
+            return False
+        return self.server is None or self.server.used + more > self.server.limit * SHARES_BIND_FROM
 
 
 class Reservation:
@@ -44,7 +55,7 @@ class Reservation:
             if more <= 0:
                 return
             for budget in self.budgets:
-                if budget.used + more > budget.limit:
+                if budget.refuses(more):
                     raise Overloaded(budget.refusal, budget.code, budget.status)
             for budget in self.budgets:
                 budget.used += more
@@ -105,9 +116,11 @@ class Admission:
             if share is None:
                 share = self.clients[client] = ClientShare(
                     Budget(self.max_client_uploads, f"This client already has {self.max_client_uploads} uploads in "
-                           "progress, the most one client may; retry when one finishes.", "client_uploads_full", 429),
-                    Budget(self.max_client_spool_bytes, "This client's uploads in progress hold the most upload space "
-                           "one client may; retry when one finishes.", "client_spool_full", 429))
+                           "progress, its share while the server is busy; retry when one finishes.",
+                           "client_uploads_full", 429, server=self.uploads),
+                    Budget(self.max_client_spool_bytes, "This client's uploads in progress hold its share of the upload "
+                           "space while the server is busy; retry when one finishes.", "client_spool_full", 429,
+                           server=self.spool))
             share.holders += 1
 
         def leave() -> None:

@@ -55,9 +55,10 @@ HELP = {
     "max_concurrent_uploads": "most uploads received at once; more get 503 before their body is read",
     "max_spool_mb": ("most upload bytes spooled to the temp dir at once (a declared body is reserved before it is "
                      "read); more get 503"),
-    "max_uploads_per_client": ("most uploads one client (address) receives at once, and its share of the spool: this "
-                               "many uploads' worth of --max-spool-mb / --max-concurrent-uploads, at least one "
-                               "--max-upload-mb; more get 429"),
+    "max_uploads_per_client": ("once half the upload slots (or the spool) are in use, the most uploads one client "
+                               "(address) may have in progress, and its share of the spool: this many uploads' worth "
+                               "of --max-spool-mb / --max-concurrent-uploads, at least one --max-upload-mb; more get "
+                               "429"),
     "upload_timeout_seconds": ("deadline for receiving a whole request body (408 beyond it); the default fits 100 MB "
                                "over a 1 Mbit/s link"),
     "upload_idle_seconds": "longest wait for the next part of a request body (408 beyond it)",
