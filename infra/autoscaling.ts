@@ -110,6 +110,23 @@ export function scalingQuery(metric: ScalingMetric, namespace: string): string {
     }
 }
 
+/** A preferred (not required: dev has one system node) anti-affinity that keeps a KEDA component's replicas on different nodes. */
+const onDifferentNodes = (app: string) => ({
+    podAntiAffinity: {
+        preferredDuringSchedulingIgnoredDuringExecution: [
+            { weight: 100, podAffinityTerm: { labelSelector: { matchLabels: { app } }, topologyKey: "kubernetes.io/hostname" } },
+        ],
+    },
+});
+
+/**
+ * KEDA runs two replicas of its operator and of its metrics server, and neither is active twice: the operator's
+ * replicas elect a leader, and one metrics server serves external.metrics.k8s.io at a time (KEDA's "High
+ * availability" docs, the chart's metricsServer.replicaCount). With the active one gone, the HPA cannot read the
+ * metric and keeps the current pod count (no scaling on load, the ScaledObject's activation from zero stops with
+ * the operator) until a standby takes over; the standbys, the PDBs (minAvailable 1) and the spread over nodes make
+ * that a failover of seconds, not an outage of the autoscaler.
+ */
 export function installKeda(context: AddonContext): k8s.helm.v3.Release {
     return installChart(
         "keda",
@@ -119,8 +136,9 @@ export function installKeda(context: AddonContext): k8s.helm.v3.Release {
             namespace: kedaNamespace,
             values: {
                 nodeSelector: context.nodeSelector,
-                // The HPA reads through its metrics server: one replica down must not freeze scaling.
-                metricsServer: { replicaCount: 2 },
+                operator: { replicaCount: 2, affinity: onDifferentNodes("keda-operator") },
+                metricsServer: { replicaCount: 2, affinity: onDifferentNodes("keda-operator-metrics-apiserver") },
+                podDisruptionBudget: { operator: { minAvailable: 1 }, metricServer: { minAvailable: 1 } },
             },
         },
         context,

@@ -51,6 +51,11 @@ export function installLoadBalancerController(name: string, args: LoadBalancerCo
                 // Its Service webhook (failurePolicy Fail) would be live before its pods are ready and reject the Services
                 // of charts installed beside it; our Service names its load balancer class itself, so it needs no mutator.
                 enableServiceMutatorWebhook: false,
+                // Its pod webhook injects the readiness gate, only in namespaces labelled for it (the workload's). Fail, not
+                // the chart's Ignore (v2.11+): a pod created while the controller is down would lack the gate, and a
+                // rollout could take the old pods while it is not yet a healthy target; the controller could not have
+                // registered it anyway.
+                podMutatorWebhookConfig: { failurePolicy: "Fail" },
             },
         },
         { ...context, dependsOn: [...context.dependsOn, association] },

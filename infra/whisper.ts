@@ -26,8 +26,53 @@ export const serverUser = { uid: 10001, gid: 10001 };
 export const modelCacheMountPath = "/models";
 /** Long enough for the NLB to stop sending new connections to a terminating pod (its deregistration takes 10-30 s). */
 export const preStopSleepSeconds = 30;
-/** The first start downloads large-v3 (3 GB) and warms it up: allow 20 minutes before the kubelet gives up. */
-export const startupProbe = { periodSeconds: 10, failureThreshold: 120 };
+/**
+ * How long a new pod may take until it serves, part by part: one table for the startup probe and for every wait of
+ * `pulumi up`, so that they cannot drift apart. A GPU node booting for it and the image pull (5 to 10 minutes); the
+ * model download and warm-up (large-v3, 3 GB: the startup probe's budget); then the load balancer's health checks
+ * until its target is healthy (the readiness gate keeps the pod unready until then: 1 to 3 minutes).
+ */
+export const podStartSeconds = { nodeAndImage: 10 * 60, startup: 20 * 60, targetHealthy: 3 * 60 };
+/** The kubelet gives the first start the startup budget before it restarts the container. */
+export const startupProbe = { periodSeconds: 10, failureThreshold: podStartSeconds.startup / 10 };
+/**
+ * How long the AWS Load Balancer Controller may take to create the load balancer, its target group and
+ * TargetGroupBinding and write the hostname (a minute or two); past it something is wrong (subnet tags, quotas, IAM)
+ * and the Service's or Ingress's events say what.
+ */
+export const loadBalancerReadySeconds = 10 * 60;
+/** Pulumi's customTimeouts for a wait of that many seconds, in whole minutes. */
+const timeoutsOf = (seconds: number) => {
+    const minutes = `${Math.ceil(seconds / 60)}m`;
+    return { create: minutes, update: minutes };
+};
+/** The Deployment's rollout waits for a new pod to serve: the whole of its start. */
+export const rolloutTimeouts = timeoutsOf(podStartSeconds.nodeAndImage + podStartSeconds.startup + podStartSeconds.targetHealthy);
+/** The Service and the Ingress wait for their load balancer only (never for the pods, which come after them). */
+export const loadBalancerTimeouts = timeoutsOf(loadBalancerReadySeconds);
+/**
+ * What `pulumi up` waits for on the Service and the Ingress: the controller's hostname in their status, which it
+ * writes only after it has created the load balancer's TargetGroupBinding (aws-load-balancer-controller
+ * controllers/service/service_controller.go and ingress/group_controller.go: the stack is deployed, then the status
+ * updated). Not pulumi-kubernetes' default: its Service await (provider/pkg/await/service.go) also waits for
+ * Endpoints that target a pod, for DefaultServiceTimeoutMins = 10 on every create and update (awaitServiceUpdate
+ * runs the same await), and the pods are created only after the Service (the readiness gate below), so it would
+ * wait for pods that wait for it. Its default Ingress await (provider/pkg/await/ingress.go, DefaultIngressTimeoutMins
+ * = 10, on create and update) waits for the status and for Endpoints of each rule's Service, none here (a
+ * defaultBackend only). A `pulumi.com/waitFor` annotation replaces the default await (provider/pkg/metadata/
+ * annotations.go, ReadyCondition; it takes precedence since v4.18.4); customTimeouts bound it.
+ */
+export const awaitLoadBalancerHostname = { "pulumi.com/waitFor": "jsonpath={.status.loadBalancer.ingress[0].hostname}" };
+/** The ALB's Service is a ClusterIP Service that only names the pods: it is ready once it has its cluster IP. */
+export const awaitClusterIp = { "pulumi.com/waitFor": "jsonpath={.spec.clusterIP}" };
+/**
+ * The AWS Load Balancer Controller injects a pod readiness gate into the pods of a namespace with this label (docs
+ * "Pod readiness gate", v2.x): a pod is Ready only once its target is healthy in the load balancer's target group,
+ * so a rollout never takes an old pod away while the new one is still "initial" there. It injects the gate only
+ * into pods created when a TargetGroupBinding for a Service selecting them exists (IP targets): the Deployment
+ * waits for the Service (NLB) or the Ingress (ALB), whose wait ends after the controller made that binding.
+ */
+export const podReadinessGateLabel = { "elbv2.k8s.aws/pod-readiness-gate-inject": "enabled" };
 export const apiKeySecretName = "whisper-api-key";
 
 export const probePaths = { startup: "/readyz", readiness: "/readyz", liveness: "/healthz", metrics: "/metrics" } as const;
@@ -151,13 +196,18 @@ export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number
 /**
  * How a rollout replaces pods, each of which needs a whole GPU. A surge pod needs a free GPU or a GPU node the
  * autoscaler can still add: when the HPA's maximum leaves one, surge without losing capacity; when it may fill every
- * GPU the node groups can hold (or that is unknown), a rollout at full scale must free a GPU first, so one pod may be
- * down (the PDB allows one). One replica on a ReadWriteOnce volume must let go of it before the next starts.
+ * GPU the node groups can hold, a rollout at full scale must free a GPU first, so one pod may be down (the PDB allows
+ * one), and below full scale none; where the GPU count is unknown (an existing cluster), one. With the readiness
+ * gate a pod counts as available only once its target is healthy, so the pods up stay healthy targets throughout.
+ * One replica on a ReadWriteOnce volume must let go of it before the next starts.
  */
 export function rolloutStrategy(accessMode: VolumeAccessMode, scaling: ScalingSettings): k8s.types.input.apps.v1.DeploymentStrategy {
     if (accessMode === "ReadWriteOnce") return { type: "Recreate" };
-    const roomToSurge = scaling.maxGpuPods !== undefined && scaling.maxReplicas < scaling.maxGpuPods;
-    return { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: roomToSurge ? 0 : 1 } };
+    if (scaling.maxGpuPods === undefined) return { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: 1 } };
+    if (scaling.maxReplicas < scaling.maxGpuPods) return { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } };
+    // A percentage rounds down: no pod down while a GPU is free (below maxGpuPods), one once the fleet is full, never
+    // the only pod of a one-pod service (which then surges onto a free GPU).
+    return { type: "RollingUpdate", rollingUpdate: { maxSurge: 1, maxUnavailable: `${Math.ceil(100 / scaling.maxGpuPods)}%` } };
 }
 
 export class WhisperService extends pulumi.ComponentResource {
@@ -177,7 +227,11 @@ export class WhisperService extends pulumi.ComponentResource {
         const labels = podLabels(args.stack);
         const { server, traffic, scaling } = args;
 
-        this.namespace = new k8s.core.v1.Namespace(`${name}-namespace`, { metadata: { name: whisperNamespace, labels } }, k8sOpts);
+        this.namespace = new k8s.core.v1.Namespace(
+            `${name}-namespace`,
+            { metadata: { name: whisperNamespace, labels: { ...labels, ...podReadinessGateLabel } } },
+            k8sOpts,
+        );
         const namespace = this.namespace.metadata.name;
         const metadata = (objectName: string) => ({ name: objectName, namespace, labels });
 
@@ -209,6 +263,49 @@ export class WhisperService extends pulumi.ComponentResource {
         ];
         const probe = (path: string) => ({ httpGet: { path, port: httpPortName } });
         const spread = (topologyKey: string) => ({ maxSkew: 1, topologyKey, whenUnsatisfiable: "ScheduleAnyway", labelSelector: { matchLabels: labels } });
+
+        // Plain HTTP: the Service is an NLB. TLS: the Service only names the pods, an ALB Ingress sends to their IPs.
+        const backend = { requestTimeoutSeconds: server.requestTimeoutSeconds, drainSeconds: drainSeconds(server), readinessPath: probePaths.readiness };
+        const afterController = {
+            ...k8sOpts,
+            dependsOn: args.after.loadBalancerController ? [args.after.loadBalancerController] : [],
+            customTimeouts: loadBalancerTimeouts,
+        };
+        const certificateArn = traffic.certificateArn;
+        const port = { name: httpPortName, port: 80, targetPort: httpPortName, protocol: "TCP" };
+        this.service = new k8s.core.v1.Service(
+            `${name}-service`,
+            certificateArn === undefined
+                ? {
+                      metadata: { ...metadata(serviceName), annotations: { ...nlbAnnotations(traffic, backend), ...awaitLoadBalancerHostname } },
+                      spec: {
+                          type: "LoadBalancer",
+                          loadBalancerClass: "service.k8s.aws/nlb",
+                          loadBalancerSourceRanges: traffic.sourceRanges,
+                          selector: labels,
+                          ports: [port],
+                      },
+                  }
+                : { metadata: { ...metadata(serviceName), annotations: awaitClusterIp }, spec: { type: "ClusterIP", selector: labels, ports: [port] } },
+            afterController,
+        );
+        this.ingress =
+            certificateArn === undefined
+                ? undefined
+                : new k8s.networking.v1.Ingress(
+                      `${name}-ingress`,
+                      {
+                          metadata: {
+                              ...metadata(serviceName),
+                              annotations: { ...albAnnotations({ ...traffic, certificateArn }, backend), ...awaitLoadBalancerHostname },
+                          },
+                          spec: {
+                              ingressClassName: albIngressClass,
+                              defaultBackend: { service: { name: this.service.metadata.name, port: { name: httpPortName } } },
+                          },
+                      },
+                      afterController,
+                  );
 
         this.deployment = new k8s.apps.v1.Deployment(
             `${name}-server`,
@@ -281,48 +378,14 @@ export class WhisperService extends pulumi.ComponentResource {
                     },
                 },
             },
-            // The first rollout waits for GPU nodes and the model download: give it the startup probe's budget and more.
-            { ...k8sOpts, customTimeouts: { create: "30m", update: "30m" } },
+            // After the load balancer's TargetGroupBinding, so that every pod gets the readiness gate; a rollout waits
+            // for a new pod's whole start.
+            { ...k8sOpts, dependsOn: [this.ingress ?? this.service], customTimeouts: rolloutTimeouts },
         );
-
-        // Plain HTTP: the Service is an NLB. TLS: the Service only names the pods, an ALB Ingress sends to their IPs.
-        const backend = { requestTimeoutSeconds: server.requestTimeoutSeconds, drainSeconds: drainSeconds(server), readinessPath: probePaths.readiness };
-        const afterController = { ...k8sOpts, dependsOn: args.after.loadBalancerController ? [args.after.loadBalancerController] : [] };
-        const certificateArn = traffic.certificateArn;
-        const port = { name: httpPortName, port: 80, targetPort: httpPortName, protocol: "TCP" };
-        this.service = new k8s.core.v1.Service(
-            `${name}-service`,
-            certificateArn === undefined
-                ? {
-                      metadata: { ...metadata(serviceName), annotations: nlbAnnotations(traffic, backend) },
-                      spec: {
-                          type: "LoadBalancer",
-                          loadBalancerClass: "service.k8s.aws/nlb",
-                          loadBalancerSourceRanges: traffic.sourceRanges,
-                          selector: labels,
-                          ports: [port],
-                      },
-                  }
-                : { metadata: metadata(serviceName), spec: { type: "ClusterIP", selector: labels, ports: [port] } },
-            afterController,
-        );
-        this.ingress =
-            certificateArn === undefined
-                ? undefined
-                : new k8s.networking.v1.Ingress(
-                      `${name}-ingress`,
-                      {
-                          metadata: { ...metadata(serviceName), annotations: albAnnotations({ ...traffic, certificateArn }, backend) },
-                          spec: {
-                              ingressClassName: albIngressClass,
-                              defaultBackend: { service: { name: this.service.metadata.name, port: { name: httpPortName } } },
-                          },
-                      },
-                      afterController,
-                  );
 
         // The API port from where the load balancer sends, the metrics port from Prometheus' namespace, nothing else;
-        // enforced by the VPC CNI.
+        // enforced by the VPC CNI. Numeric ports: its policy agent skipped named ports in rules with a CIDR peer
+        // before v1.0.8, which would have shut the load balancer out.
         new k8s.networking.v1.NetworkPolicy(
             `${name}-network-policy`,
             {
@@ -333,14 +396,14 @@ export class WhisperService extends pulumi.ComponentResource {
                     ingress: [
                         {
                             from: args.loadBalancerSourceCidrs?.map((cidr) => ({ ipBlock: { cidr } })),
-                            ports: [{ port: httpPortName, protocol: "TCP" }],
+                            ports: [{ port: containerPort, protocol: "TCP" }],
                         },
                         // No rule, not an empty `from` (which would admit every source), when nothing scrapes.
                         ...(args.scrapedFrom
                             ? [
                                   {
                                       from: [{ namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": args.scrapedFrom.namespace } } }],
-                                      ports: [{ port: metricsPortName, protocol: "TCP" }],
+                                      ports: [{ port: metricsPort, protocol: "TCP" }],
                                   },
                               ]
                             : []),

@@ -209,6 +209,21 @@ describe("GitHub Actions workflows", () => {
             assert.equal(new Set(groups).size, groups.length, "one group per stack");
         });
 
+        it("says what GitHub does with a stack's waiting runs: one waits, a newer merge replaces it (newest wins)", () => {
+            // Without `queue`, GitHub keeps one pending run per group and cancels it when a newer one arrives: the
+            // workflow and the runbook must say so (a prod run waiting for approval is replaced), not promise a queue.
+            for (const { id, job } of calls(deploy, "pulumi.yml")) assert.equal(job.concurrency.queue, undefined, `${id}: one waiting run per group`);
+            const lines = deploy.source.split("\n");
+            for (const index of lines.flatMap((line, i) => (/^\s+concurrency:$/.test(line) ? [i] : []))) {
+                const comment = lines.slice(0, index).reverse().findIndex((line) => !/^\s+#/.test(line));
+                const text = lines.slice(index - comment, index).join(" ");
+                assert.match(text, /newer merge cancels/, `the comment above line ${index + 1} says a newer merge cancels the waiting run`);
+            }
+            assert.doesNotMatch(deploy.source, /\bqueue\b/i, "no claim that deploys queue");
+            const operations = fs.readFileSync(path.join(repoRoot, "docs", "operations.md"), "utf8");
+            assert.match(operations, /Newest wins: GitHub keeps one run waiting per group, so a newer merge cancels the run\s+that is still waiting/);
+        });
+
         it("AWS credentials come from OIDC role assumption, never from long-lived keys", () => {
             for (const workflow of workflows) {
                 assert.doesNotMatch(workflow.source, /aws-access-key-id|aws-secret-access-key|AWS_SECRET_ACCESS_KEY/, workflow.file);

@@ -8,15 +8,20 @@ import * as pulumi from "@pulumi/pulumi";
 import * as YAML from "yaml";
 import { Dtype, gpuInstanceTypes, gpuNodeDaemonSetReserve, serverHostMemoryGiB } from "../infra/catalog";
 import { alertP95LatencySecondsRange, requestTimeoutSecondsRange } from "../infra/load-config";
+import { loadBalancerReadySeconds, podStartSeconds } from "../infra/whisper";
 import { ConfigOverrides, evaluateStack, findResource, findResources, RecordedResource, repoRoot, SecretValue, StackEvaluation, tryEvaluateStack } from "../scripts/offline-stack";
 
-// The mock does not report a resource's dependencies: note them where the request passes the mock monitor.
+// The mock does not report a resource's dependencies nor its customTimeouts: note them where the request passes the mock monitor.
 const dependencies = new Map<string, string[]>();
+const customTimeouts = new Map<string, { create: string; update: string }>();
 // eslint-disable-next-line @typescript-eslint/no-var-requires
 const { MockMonitor } = require("@pulumi/pulumi/runtime/mocks");
 const registerResource = MockMonitor.prototype.registerResource;
 MockMonitor.prototype.registerResource = function (request: any, callback: unknown) {
-    dependencies.set(`${pulumi.getStack()}::${request.getType()}::${request.getName()}`, request.getDependenciesList());
+    const key = `${pulumi.getStack()}::${request.getType()}::${request.getName()}`;
+    dependencies.set(key, request.getDependenciesList());
+    const timeouts = request.getCustomtimeouts();
+    if (timeouts) customTimeouts.set(key, { create: timeouts.getCreate(), update: timeouts.getUpdate() });
     return registerResource.call(this, request, callback);
 };
 
@@ -48,6 +53,23 @@ const env = (evaluation: StackEvaluation): Record<string, any> =>
 const config = (evaluation: StackEvaluation, key: string) => evaluation.config[`whisper-eks:${key}`];
 const dependsOn = (evaluation: StackEvaluation, dependent: RecordedResource, dependency: RecordedResource) =>
     (dependencies.get(`${evaluation.stack}::${dependent.type}::${dependent.name}`) ?? []).includes(dependency.urn ?? "none");
+/** The number of the server container's port of that name. */
+const containerPortNumber = (evaluation: StackEvaluation, name: string): number =>
+    (container(evaluation).ports.find((port: any) => port.name === name) ?? assert.fail(`the container has no port ${name}`)).containerPort;
+/** The NetworkPolicy rule that admits the server container's port of that name. */
+const policyRuleFor = (evaluation: StackEvaluation, name: string) =>
+    byKind(evaluation, kinds.networkPolicy).inputs.spec.ingress.filter((rule: any) =>
+        rule.ports.some((port: any) => port.port === containerPortNumber(evaluation, name)),
+    );
+/** The create and update timeouts the program gave a resource, in seconds (Pulumi's default where none). */
+const timeoutSeconds = (evaluation: StackEvaluation, resource: RecordedResource) => {
+    const timeouts = customTimeouts.get(`${evaluation.stack}::${resource.type}::${resource.name}`) ?? assert.fail(`${resource.name} has customTimeouts`);
+    const seconds = (duration: string) => Number((/^(\d+)m$/.exec(duration) ?? assert.fail(`minutes: ${duration}`))[1]) * 60;
+    return { create: seconds(timeouts.create), update: seconds(timeouts.update) };
+};
+/** A Deployment strategy's maxSurge or maxUnavailable at a replica count: percentages round up for surge, down for unavailable. */
+const resolvePods = (value: number | string, replicas: number, round: (x: number) => number) =>
+    typeof value === "number" ? value : round((replicas * Number(value.replace("%", ""))) / 100);
 const matches = (selector: Record<string, string>, labels: Record<string, string>) =>
     Object.entries(selector).every(([key, value]) => labels[key] === value);
 
@@ -183,23 +205,57 @@ describe("workload", function () {
                 assert.equal(byKind(evaluation(), kinds.scaledObject).inputs.spec.scaleTargetRef.name, byKind(evaluation(), kinds.deployment).inputs.metadata.name);
             });
 
-            it("rolls out at every replica count the autoscaler allows, full GPU fleet included, within what the PDB allows", function () {
-                const { type, rollingUpdate } = byKind(evaluation(), kinds.deployment).inputs.spec.strategy;
+            it("waits on the first up as long as a pod may take to serve, in the Deployment; the Service, for its load balancer only", function () {
+                const deployment = byKind(evaluation(), kinds.deployment);
+                const service = byKind(evaluation(), kinds.service);
+                const probe = container(evaluation()).startupProbe;
+                // The startup probe and the rollout's wait come from one table: node and image, the probe, the target's health checks.
+                assert.equal(probe.periodSeconds * probe.failureThreshold, podStartSeconds.startup);
+                const podStart = podStartSeconds.nodeAndImage + probe.periodSeconds * probe.failureThreshold + podStartSeconds.targetHealthy;
+                for (const [phase, seconds] of Object.entries(timeoutSeconds(evaluation(), deployment))) {
+                    assert.ok(seconds >= podStart, `the Deployment's ${phase} waits ${seconds} s, a pod may take ${podStart} s`);
+                }
+                // pulumi-kubernetes' default Service await also waits for Endpoints with a pod (10 minutes); the pods come
+                // after the Service here, so the Service waits for the controller's hostname instead, within its own budget.
+                assert.equal(service.inputs.metadata.annotations["pulumi.com/waitFor"], "jsonpath={.status.loadBalancer.ingress[0].hostname}");
+                assert.deepEqual(timeoutSeconds(evaluation(), service), { create: loadBalancerReadySeconds, update: loadBalancerReadySeconds });
+                assert.ok(dependsOn(evaluation(), deployment, service), "the pods come after the Service");
+                assert.ok(!dependsOn(evaluation(), service, deployment), "and the Service waits for no pod");
+            });
+
+            it("keeps a healthy target through a rollout at every replica count: readiness gate, surge or one pod down, within the PDB", function () {
+                const deployment = byKind(evaluation(), kinds.deployment);
+                const service = byKind(evaluation(), kinds.service);
+                // The gate: the LB controller injects it into pods of a labelled namespace, created once a TargetGroupBinding
+                // (made before the Service's hostname) targets a Service that selects them with IP targets.
+                const namespace = findResources(evaluation().resources, "kubernetes:core/v1:Namespace").find(
+                    (candidate) => candidate.inputs.metadata.name === deployment.inputs.metadata.namespace,
+                )?.inputs.metadata ?? assert.fail("the workload's namespace is declared");
+                assert.equal(namespace.labels["elbv2.k8s.aws/pod-readiness-gate-inject"], "enabled");
+                assert.ok(dependsOn(evaluation(), deployment, service), "the pods are created after the Service and its TargetGroupBinding");
+                assert.ok(matches(service.inputs.spec.selector, deployment.inputs.spec.template.metadata.labels));
+                assert.equal(service.inputs.metadata.annotations["service.beta.kubernetes.io/aws-load-balancer-nlb-target-type"], "ip");
+                const controller = release(evaluation(), "aws-load-balancer-controller").inputs.values;
+                assert.equal(controller.podMutatorWebhookConfig.failurePolicy, "Fail", "no pod is created without its gate");
+                // With the gate a pod is Ready only once its target is healthy: the pods the Deployment keeps available
+                // (replicas - maxUnavailable) are healthy targets, as are those a drain leaves (the PDB counts Ready pods).
+                const { type, rollingUpdate } = deployment.inputs.spec.strategy;
                 assert.equal(type, "RollingUpdate");
-                const { maxSurge, maxUnavailable } = rollingUpdate;
                 const pdb = byKind(evaluation(), kinds.pdb).inputs.spec;
                 const scaled = byKind(evaluation(), kinds.scaledObject).inputs.spec;
                 const types = config(evaluation(), "gpuInstanceTypes") as string[];
                 // Every pod takes a whole GPU: the fleet holds gpuMaxSize nodes of the group's GPU count.
                 const gpuPods = (config(evaluation(), "gpuMaxSize") as number) * gpuInstanceTypes[types[0]].gpuCount;
-                // At zero pods there is nothing to roll out.
+                // At zero pods there is nothing to roll out; a stack that scales to zero runs one pod when it runs.
                 for (let replicas = Math.max(1, scaled.minReplicaCount); replicas <= scaled.maxReplicaCount; replicas++) {
-                    const surgeFits = replicas + maxSurge <= gpuPods;
-                    assert.ok(surgeFits || maxUnavailable >= 1, `at ${replicas} of ${gpuPods} GPUs a rollout can place a pod or free a GPU`);
+                    const surge = resolvePods(rollingUpdate.maxSurge, replicas, Math.ceil);
+                    const down = resolvePods(rollingUpdate.maxUnavailable, replicas, Math.floor);
+                    assert.ok(replicas + surge <= gpuPods || down >= 1, `at ${replicas} of ${gpuPods} GPUs a rollout can place a pod or free a GPU`);
+                    assert.ok(replicas - down >= 1, `at ${replicas} pods a rollout keeps ${replicas - down} healthy target(s)`);
+                    if (replicas + surge <= gpuPods) assert.equal(down, 0, `at ${replicas} of ${gpuPods} GPUs a rollout surges and loses no capacity`);
                     // The Deployment controller deletes old pods without asking the PDB: the strategy keeps to it itself.
-                    assert.ok(maxUnavailable <= pdb.maxUnavailable, `the rollout takes down at most the ${pdb.maxUnavailable} pod the PDB allows`);
+                    assert.ok(down <= pdb.maxUnavailable, `the rollout takes down at most the ${pdb.maxUnavailable} pod the PDB allows`);
                 }
-                if (scaled.maxReplicaCount < gpuPods) assert.equal(maxUnavailable, 0, "with a GPU to spare, a rollout loses no capacity");
             });
 
             it("bounds what a pod holds by what it has: decoded audio by its memory, uploads by its /tmp volume, worst case included", function () {
@@ -250,11 +306,14 @@ describe("workload", function () {
                 // IP targets without client IP preservation: the pods see the NLB's private addresses, inside the VPC.
                 const annotations = byKind(evaluation(), kinds.service).inputs.metadata.annotations;
                 assert.ok(!JSON.stringify(annotations).includes("preserve_client_ip.enabled=true"), "client IPs are not preserved");
-                const api = policy.spec.ingress.find((rule: any) => rule.ports.some((port: any) => port.port === "http"));
-                assert.deepEqual(api, { from: [{ ipBlock: { cidr: config(evaluation(), "vpcCidr") } }], ports: [{ port: "http", protocol: "TCP" }] });
+                assert.deepEqual(policyRuleFor(evaluation(), "http"), [
+                    { from: [{ ipBlock: { cidr: config(evaluation(), "vpcCidr") } }], ports: [{ port: 8000, protocol: "TCP" }] },
+                ]);
                 const openPorts = policy.spec.ingress.flatMap((rule: any) => rule.ports.map((port: any) => port.port));
-                const containerPorts = container(evaluation()).ports.map((port: any) => port.name);
+                const containerPorts = container(evaluation()).ports.map((port: any) => port.containerPort);
                 assert.deepEqual([...openPorts].sort(), [...containerPorts].sort(), "a rule for each port the pod serves, none for others");
+                // The VPC CNI's policy agent skipped named ports in rules with a CIDR peer before v1.0.8: numbers only.
+                assert.ok(openPorts.every(Number.isInteger), `numeric ports: ${JSON.stringify(openPorts)}`);
             });
 
             it("runs as the image's own user, which owns the model cache", function () {
@@ -368,10 +427,8 @@ describe("workload", function () {
             });
 
             it("admits the metrics port from the monitoring namespace only", function () {
-                const policy = byKind(evaluation(), kinds.networkPolicy).inputs;
-                const metrics = policy.spec.ingress.filter((rule: any) => rule.ports.some((port: any) => port.port === "metrics"));
-                assert.deepEqual(metrics, [
-                    { from: [{ namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": "monitoring" } } }], ports: [{ port: "metrics", protocol: "TCP" }] },
+                assert.deepEqual(policyRuleFor(evaluation(), "metrics"), [
+                    { from: [{ namespaceSelector: { matchLabels: { "kubernetes.io/metadata.name": "monitoring" } } }], ports: [{ port: 9090, protocol: "TCP" }] },
                 ]);
                 const prometheus = release(evaluation(), "kube-prometheus-stack");
                 assert.equal(prometheus.inputs.namespace, "monitoring", "Prometheus runs in the namespace the rule admits");
@@ -396,6 +453,23 @@ describe("workload", function () {
                 assert.ok(scaled.spec.cooldownPeriod >= Math.min(3600, requestTimeout), "the last pod goes only after the longest request could finish");
                 assert.ok(dependsOn(evaluation(), byKind(evaluation(), kinds.scaledObject), release(evaluation(), "keda")), "the ScaledObject waits for KEDA's CRDs");
                 assert.equal(findResources(evaluation().resources, kinds.hpa).length, 0, "no second HPA on the Deployment: KEDA makes its own");
+            });
+
+            it("keeps KEDA scaling through the loss of a pod: standby operator and metrics server, PDBs, on different nodes", function () {
+                // One of each is active at a time (leader election; one metrics server serves the external metrics API):
+                // the second replica is a standby, worth something only if a drain or a node loss cannot take both.
+                const values = release(evaluation(), "keda").inputs.values;
+                for (const [component, app, budget] of [
+                    ["operator", "keda-operator", "operator"],
+                    ["metricsServer", "keda-operator-metrics-apiserver", "metricServer"],
+                ]) {
+                    assert.equal(values[component].replicaCount, 2, `${component}: a standby`);
+                    assert.deepEqual(values.podDisruptionBudget[budget], { minAvailable: 1 }, `${component}: a drain keeps one`);
+                    const [term] = values[component].affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution;
+                    assert.deepEqual(term.podAffinityTerm, { labelSelector: { matchLabels: { app } }, topologyKey: "kubernetes.io/hostname" });
+                }
+                // Preferred, not required: dev runs one system node, where a required rule would leave a replica Pending.
+                assert.ok(!JSON.stringify(values).includes("requiredDuringScheduling"));
             });
 
             it("pins every Helm chart to an exact version under an explicit release name", function () {
@@ -571,6 +645,9 @@ describe("workload", function () {
         it("surges without losing capacity when the HPA's maximum leaves a GPU to spare", async function () {
             const evaluation = await evaluateStack("prod", { maxReplicas: 8 });
             assert.deepEqual(byKind(evaluation, kinds.deployment).inputs.spec.strategy.rollingUpdate, { maxSurge: 1, maxUnavailable: 0 });
+            // A fleet that may fill every GPU frees one at full scale only: 10 GPUs, 10% rounds down to 0 below 10 pods.
+            const full = await evaluateStack("prod");
+            assert.deepEqual(byKind(full, kinds.deployment).inputs.spec.strategy.rollingUpdate, { maxSurge: 1, maxUnavailable: "10%" });
         });
 
         it("serves TLS through an ALB whose HTTPS listener outlasts the longest request, to the pods' IPs, from the allowed sources only", async function () {
@@ -581,7 +658,7 @@ describe("workload", function () {
             assert.ok(idle > requestTimeout, `the load balancer keeps a silent connection ${idle} s, the longest request takes ${requestTimeout} s`);
             const service = byKind(evaluation, kinds.service).inputs;
             assert.equal(service.spec.type, "ClusterIP", "no second load balancer: the Service only names the pods");
-            assert.equal(service.metadata.annotations, undefined);
+            assert.deepEqual(service.metadata.annotations, { "pulumi.com/waitFor": "jsonpath={.spec.clusterIP}" }, "no pod awaited, no NLB annotations");
             const ingress = byKind(evaluation, kinds.ingress).inputs;
             const annotations: Record<string, string> = ingress.metadata.annotations;
             const alb = (key: string) => annotations[`alb.ingress.kubernetes.io/${key}`];
@@ -598,8 +675,14 @@ describe("workload", function () {
             const delay = Number(/deregistration_delay\.timeout_seconds=(\d+)/.exec(alb("target-group-attributes"))?.[1]);
             assert.ok(delay >= Math.min(3600, requestTimeout) && delay <= 3600, `deregistration delay ${delay}`);
             assert.ok(dependsOn(evaluation, byKind(evaluation, kinds.ingress), release(evaluation, "aws-load-balancer-controller")), "the Ingress waits for the controller's webhook");
+            // The ALB's TargetGroupBinding comes from the Ingress: the pods wait for its hostname, so they get the readiness gate.
+            assert.equal(ingress.metadata.annotations["pulumi.com/waitFor"], "jsonpath={.status.loadBalancer.ingress[0].hostname}");
+            assert.ok(dependsOn(evaluation, byKind(evaluation, kinds.deployment), byKind(evaluation, kinds.ingress)), "the pods come after the Ingress");
+            for (const resource of [byKind(evaluation, kinds.ingress), byKind(evaluation, kinds.service)]) {
+                assert.deepEqual(timeoutSeconds(evaluation, resource), { create: loadBalancerReadySeconds, update: loadBalancerReadySeconds }, resource.name);
+            }
             // The ALB's nodes are in the VPC: the NetworkPolicy's API rule admits them to the port the Ingress targets.
-            const api = byKind(evaluation, kinds.networkPolicy).inputs.spec.ingress.find((rule: any) => rule.ports.some((p: any) => p.port === "http"));
+            const [api] = policyRuleFor(evaluation, "http");
             assert.deepEqual(api.from, [{ ipBlock: { cidr: config(evaluation, "vpcCidr") } }]);
             assert.match(String(evaluation.outputs.serviceUrl), /^https:\/\//);
             // The ALB names the client in X-Forwarded-For: trusted from the VPC, so each client gets its own share.
@@ -678,7 +761,7 @@ describe("workload", function () {
             assert.deepEqual([pvc.storageClassName, pvc.accessModes], ["shared-nfs", ["ReadWriteMany"]]);
             assert.ok(byKind(evaluation, kinds.deployment) && byKind(evaluation, kinds.scaledObject) && byKind(evaluation, kinds.podMonitor));
             // The VPC's range is unknown here: the API port is open to any source, as the cluster's load balancer sends it.
-            const api = byKind(evaluation, kinds.networkPolicy).inputs.spec.ingress.find((rule: any) => rule.ports.some((port: any) => port.port === "http"));
+            const [api] = policyRuleFor(evaluation, "http");
             assert.equal(api.from, undefined);
             const skipped = evaluation.outputs.notDeployedInExistingCluster as string[];
             assert.ok(skipped.some((part) => part.includes("Cluster Autoscaler")) && skipped.some((part) => part.includes("AWS Load Balancer Controller")));

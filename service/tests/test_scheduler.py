@@ -28,8 +28,9 @@ def segment(start: float, end: float, text: str, temperature: float = 0.0) -> Se
 class StandInEngine:
     """Slots like the real engine's: a window labelled L decodes in `steps(L)` steps and answers its label as text
     (or a repetition loop where `loops(L, temperature)`). Admitting a label in `fails`, or stepping while one in
-    `step_fails` is in a slot, raises `error`; `healthy` is what the device answers after that. Records every
-    admission and which labels each step ran."""
+    `step_fails` is in a slot, raises `error`; `healthy` is what the device answers after that. An encoder pass is
+    done `encoding_steps` decode steps after it started. Records every admission, when each joined, and which labels
+    each step ran."""
 
     def __init__(self, capacity: int, steps=lambda label: 1, loops=lambda label, temperature: False, fails=(),
                  step_fails=(), error: Exception = OutOfMemory("the stand-in ran out of memory"), healthy: bool = True):
@@ -39,6 +40,8 @@ class StandInEngine:
         self.admissions: list[list[tuple[float, DecodeOptions]]] = []
         self.steps: list[list[float]] = []
         self.released: list[int] = []
+        self.encoding_steps = 0  # decode steps an encoder pass takes to finish beside them
+        self.attached: list[int] = []  # the step count at each attach
 
     def free_slots(self) -> int:
         return self.capacity - len(self.slots)
@@ -46,22 +49,31 @@ class StandInEngine:
     def healthy(self) -> bool:
         return self.is_healthy
 
-    def admit(self, windows):
+    def encode(self, windows):
         labels = [(float(samples[0]), options) for samples, options in windows]
         if self.fails & {label for label, _ in labels}:
             raise self.error
         self.admissions.append(labels)
         free = sorted(set(range(self.capacity)) - set(self.slots))[:len(windows)]
-        for slot, (label, options) in zip(free, labels):  # the lowest free slots, as the real decoder does
+        for slot in free:  # taken now, decoding once attached
+            self.slots[slot] = None
+        return {"slots": free, "labels": labels, "encoded_at": len(self.steps) + self.encoding_steps}
+
+    def encoded(self, admission):
+        return len(self.steps) >= admission["encoded_at"]
+
+    def attach(self, admission):
+        for slot, (label, options) in zip(admission["slots"], admission["labels"]):
             self.slots[slot] = [label, options, self.steps_for(label)]
-        return free
+        self.attached.append(len(self.steps))
+        return admission["slots"]
 
     def step(self):
-        self.steps.append(sorted(label for label, _, _ in self.slots.values()))
+        self.steps.append(sorted(entry[0] for entry in self.slots.values() if entry))
         if self.step_fails & set(self.steps[-1]):
             raise self.error
         finished = []
-        for slot, entry in sorted(self.slots.items()):
+        for slot, entry in sorted((slot, entry) for slot, entry in self.slots.items() if entry):
             entry[2] -= 1
             if entry[2] == 0:
                 label, options, _ = self.slots.pop(slot)
@@ -161,6 +173,38 @@ def test_windows_arriving_during_decoding_wait_briefly_to_share_one_encoder_pass
     harness.submit(3, [3, 4, 5, 6, 7, 8, 9])
     harness.scheduler.run_once()
     assert len(engine.admissions) == 3, "windows enough for every free slot go in at once"
+
+
+def test_windows_are_encoded_while_the_busy_slots_step_on_and_join_when_encoded():
+    engine = StandInEngine(capacity=4, steps=lambda label: 10 if label >= 100 else 2)
+    engine.encoding_steps = 3  # the encoder of a joining batch takes three decode steps' time
+    harness = Harness(engine)
+    harness.submit(0, [100])
+    harness.scheduler.run_once()
+    assert engine.attached == [0], "an idle engine does not wait: the window joins at once"
+    harness.submit(1, [1, 2])
+    harness.run(steps=3)
+    assert len(engine.admissions) == 2 and engine.attached == [0], "the clips are encoding"
+    assert engine.steps[1:] == [[100]] * 3, "the file kept decoding meanwhile"
+    harness.run(steps=1)
+    assert engine.attached == [0, 4] and engine.steps[4] == [1, 2, 100], "joined once encoded, at the next step"
+    harness.run()
+    assert harness.texts(1) == ["1", "2"] and harness.texts(0) == ["100"]
+
+
+def test_a_request_cancelled_while_its_windows_encode_gets_no_slot():
+    engine = StandInEngine(capacity=4, steps=lambda label: 10 if label >= 100 else 2)
+    engine.encoding_steps = 2
+    harness = Harness(engine)
+    harness.submit(0, [100])
+    harness.scheduler.run_once()
+    harness.submit(1, [1])
+    harness.scheduler.run_once()
+    harness.scheduler.cancel(1)
+    assert harness.scheduler.joining is not None, "its encoder pass is still running"
+    harness.run()
+    assert engine.released == [1] and 1 not in harness.done, "its slot was freed as it joined"
+    assert harness.texts(0) == ["100"] and all(step == [100] for step in engine.steps[2:])
 
 
 def test_one_slot_is_shared_round_robin():

@@ -7,16 +7,66 @@ the slot's input token, KV written at the slot's position, attention over the wh
 Whisper's decoding rules and the token choice, all on the device. Nothing in the step reads the device from the host,
 so on CUDA it is captured once per slot-count bucket as a CUDA graph and replayed; on CPU the same code runs eagerly.
 The host reads back one small tensor per step (which slots finished) and a finished slot's tokens.
+
+Callers see slots (stable ids); the caches are indexed by rows. Busy rows are kept packed at the front (a freed row
+is filled by moving the last busy row into it before the next step or admission), so a step runs in the bucket of
+the busy count, whatever slot a long window holds. Joining windows take the rows right after the busy ones, so their
+K/V is written into the cache in place and their attention reads it through views: no gathered copies of the cache.
+Admissions run in a few shapes only (admission sizes x prefix widths), all run once at warm-up.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 NEGATIVE_INFINITY = float("-inf")
+
+# Attention backends, chosen rather than left to PyTorch: on sm90 with a recent cuDNN it puts cuDNN first for every
+# scaled_dot_product_attention in the process, which builds a plan per new shape (hundreds of ms) and is unproven
+# under CUDA-graph capture. Flash where there is no mask, memory-efficient where the decoder's per-slot mask is;
+# math only as the last resort (and visible in attention_report). CPU has flash (masks included) and math.
+ENCODER_SELF_ATTENTION = "encoder self-attention"
+DECODER_SELF_ATTENTION = "decoder self-attention"  # under the per-slot position mask, in steps and admissions
+DECODER_CROSS_ATTENTION = "decoder cross-attention"
+UNMASKED = {"cuda": (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH),
+            "cpu": (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)}
+MASKED = {"cuda": (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH),
+          "cpu": (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH)}
+ATTENTION_BACKENDS = {ENCODER_SELF_ATTENTION: UNMASKED, DECODER_SELF_ATTENTION: MASKED,
+                      DECODER_CROSS_ATTENTION: UNMASKED}
+
+
+def attention_backends(attention: str, device: torch.device) -> tuple[SDPBackend, ...]:
+    """The backends `attention` may use on `device`, in order of preference."""
+    return ATTENTION_BACKENDS[attention][device.type if device.type == "cuda" else "cpu"]
+
+
+def attention_context(attention: str, device: torch.device):
+    """Restricts scaled_dot_product_attention to the attention's backends, in their order, while it runs."""
+    return sdpa_kernel(list(attention_backends(attention, device)), set_priority=True)
+
+
+class AttentionRecorder(TorchDispatchMode):
+    """Records, for every scaled_dot_product_attention call under it, the backend PyTorch dispatches it to with the
+    backends enabled at that moment (torch._fused_sdp_choice: the choice the call itself makes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backends: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name == "aten::scaled_dot_product_attention":
+            choice = torch._fused_sdp_choice(*args, **kwargs)
+            self.backends.append(SDPBackend(choice).name if choice >= 0 else "none")
+        return func(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -39,11 +89,23 @@ class SpecialTokens:
 
 @dataclass
 class Finished:
-    """A window that finished in the last step: its generated tokens (end of text excluded) and their log-probs."""
+    """A window that finished in the last step: its generated tokens (end of text excluded) and their log-probs.
+    `row` holds its caches until the next step or admission (rows are compacted only then)."""
 
     slot: int
+    row: int
     tokens: list[int]
     logprobs: list[float]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of an admission run as one batch: `count` windows in rows [start, start + count), computed as `size`
+    rows (the extra rows are free ones after them: their writes land where nothing reads)."""
+
+    start: int
+    count: int
+    size: int
 
 
 def bucket_sizes(slots: int) -> list[int]:
@@ -55,29 +117,58 @@ def bucket_sizes(slots: int) -> list[int]:
     return sizes + [slots]
 
 
-def bucket_for(extent: int, buckets: list[int]) -> int:
-    """The smallest bucket covering slots [0, extent)."""
-    return next(size for size in buckets if size >= extent)
+def bucket_for(count: int, buckets: list[int]) -> int:
+    """The smallest bucket holding `count`."""
+    return next(size for size in buckets if size >= count)
 
 
-def capture_step_graphs(step, buckets: list[int], device: torch.device) -> dict[int, torch.cuda.CUDAGraph]:
-    """One CUDA graph of `step(k)` per bucket k, the standard way: warm-up runs on a side stream first (cuBLAS
-    handles, kernel choice, allocator), then capture. The step reads and writes only persistent buffers, so a replay
-    needs no inputs copied in and leaves its results where the host reads them; each graph keeps its own memory pool
-    for its temporaries. Must be called with no slot busy: the warm-up steps run on whatever the slots hold."""
+def admission_sizes(slots: int) -> list[int]:
+    """Batch sizes an admission (encoder, cross-K/V, first logits, prefix) runs in: 1, 2, 4, then every multiple of
+    8, and `slots`, so padding wastes at most 7 rows."""
+    return sorted({size for size in (1, 2, 4) if size < slots} | set(range(8, slots, 8)) | {slots})
+
+
+def prefill_widths(positions: int) -> list[int]:
+    """Prefix widths a prefill runs in: 4, 16, 64, 256 (each prompt fits one; the longest prompt is half the
+    decoder's context), and the whole context but the step's own position."""
+    return [width for width in (4, 16, 64, 256) if width < positions - 1] + [positions - 1]
+
+
+def admission_pieces(start: int, count: int, sizes: list[int], rows: int) -> list[Piece]:
+    """Splits an admission of `count` windows at rows [start, start + count) into pieces of the admission sizes: one
+    padded piece where the padding fits in the `rows` free rows after them, else exact pieces, largest first."""
+    pieces = []
+    while count:
+        padded = bucket_for(count, sizes)
+        if start + padded <= rows:
+            pieces.append(Piece(start, count, padded))
+            break
+        exact = max(size for size in sizes if size <= count)
+        pieces.append(Piece(start, exact, exact))
+        start, count = start + exact, count - exact
+    return pieces
+
+
+def capture_graphs(functions: dict, device: torch.device) -> dict:
+    """One CUDA graph per function (keyed as given), the standard way: warm-up runs on a side stream first (cuBLAS
+    handles, kernel choice, allocator), then capture. The functions read and write only persistent buffers, so a
+    replay needs no inputs copied in and leaves its results where the host reads them. All graphs share one memory
+    pool for their temporaries (only one replays at a time), captured from the first function (the largest) on so
+    the later ones reuse its blocks."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for size in buckets:
+        for function in functions.values():
             for _ in range(3):
-                step(size)
+                function()
     torch.cuda.current_stream(device).wait_stream(side)
+    pool = torch.cuda.graph_pool_handle()
     graphs = {}
-    for size in buckets:
+    for key, function in functions.items():
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step(size)
-        graphs[size] = graph
+        with torch.cuda.graph(graph, pool=pool):
+            function()
+        graphs[key] = graph
     torch.cuda.synchronize(device)
     return graphs
 
@@ -97,9 +188,13 @@ class SlotDecoder:
         self.frames = config.max_source_positions  # 1500 encoder frames per 30 s
         self.vocab_size = config.vocab_size
         self.buckets = bucket_sizes(slots)
+        self.admission_sizes = admission_sizes(slots)
+        self.widths = prefill_widths(self.positions)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.free = list(range(slots))  # host-side: slots not decoding, kept sorted
-        self.extent = 0  # slots [0, extent) hold every busy slot
+        self.row_of: dict[int, int] = {}  # busy slot -> its row in the caches
+        self.slot_at: list[int | None] = [None] * slots  # row -> the slot it holds
+        self.joining: set[int] = set()  # slots allocated whose windows are not in yet: rows stay put meanwhile
         self._allocate()
 
     @staticmethod
@@ -117,7 +212,7 @@ class SlotDecoder:
         self.self_values = torch.zeros_like(self.self_keys)
         self.cross_keys = torch.zeros(layers, slots, self.heads, self.frames, self.head_dim, **cache)
         self.cross_values = torch.zeros_like(self.cross_keys)
-        # Per-slot decoding state. `length` tokens are in the sequence; the next goes at index `length`.
+        # Per-row decoding state. `length` tokens are in the sequence; the next goes at index `length`.
         self.tokens = torch.full((slots, self.positions), self.special.end_of_text, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(slots, self.positions, device=device)
         self.length = torch.ones(slots, dtype=torch.long, device=device)
@@ -132,7 +227,7 @@ class SlotDecoder:
         special = self.special
         self.vocab = torch.arange(self.vocab_size, device=device)
         self.key_positions = torch.arange(self.positions, device=device)
-        self.slot_index = torch.arange(slots, device=device)
+        self.row_index = torch.arange(slots, device=device)
         self.always_banned = self._mask(special.suppress + (special.no_timestamps,))
         self.first_banned = self._mask(special.begin_suppress)
         self.is_timestamp = self.vocab >= special.timestamp_begin
@@ -144,119 +239,223 @@ class SlotDecoder:
         self.first_banned |= ~initial  # the first token is a timestamp, at most max_initial_timestamp_index in
         self.language_mask = ~self._mask(special.languages)
 
+    def _row_state(self) -> list[tuple[torch.Tensor, int]]:
+        """Every per-row tensor, with the dimension its rows are on."""
+        caches = [(cache, 1) for cache in (self.self_keys, self.self_values, self.cross_keys, self.cross_values)]
+        return caches + [(state, 0) for state in (self.tokens, self.logprobs, self.length, self.begin, self.limit,
+                                                   self.min_length, self.temperature, self.last_timestamp,
+                                                   self.active, self.done)]
+
     def _mask(self, token_ids) -> torch.Tensor:
         mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
         if token_ids:
             mask[torch.tensor(sorted(set(token_ids)), device=self.device)] = True
         return mask
 
-    # Slots --------------------------------------------------------------------------------------------------------
+    # Slots and rows -----------------------------------------------------------------------------------------------
 
     def allocate(self, count: int) -> list[int]:
-        """The lowest free slots, so the busy ones stay packed at the front and steps run in small buckets."""
+        """Takes `count` free slots for joining windows, in the rows right after the busy ones (contiguous, so their
+        K/V is written in place); the rows stay where they are until joined() says the windows are in. One admission
+        at a time."""
         if count > len(self.free):
             raise ValueError(f"{count} slots asked for, {len(self.free)} free")
+        if self.joining:
+            raise RuntimeError("an admission is still joining: one at a time")
+        self._compact()
         taken, self.free = self.free[:count], self.free[count:]
-        self.extent = max(self.extent, taken[-1] + 1) if taken else self.extent
+        start = len(self.row_of)
+        for row, slot in enumerate(taken, start):
+            self.row_of[slot], self.slot_at[row] = row, slot
+        self.joining.update(taken)
         return taken
 
+    def joined(self, slots: list[int]) -> None:
+        """The windows of these slots are in (or gave up): their rows may be compacted again."""
+        self.joining.difference_update(slots)
+
     def release(self, slots: list[int]) -> None:
-        """Frees slots (finished or cancelled); a cancelled slot stops decoding at the next step."""
+        """Frees slots (finished or cancelled); a cancelled slot stops decoding at the next step. Its row keeps its
+        caches until the next step or admission compacts the rows."""
+        slots = [slot for slot in slots if slot in self.row_of]
         if not slots:
             return
-        self.active[torch.tensor(slots, device=self.device)] = False
+        rows = [self.row_of.pop(slot) for slot in slots]
+        self.active[torch.tensor(rows, device=self.device)] = False
+        for row in rows:
+            self.slot_at[row] = None
+        self.joining.difference_update(slots)
         self.free = sorted(set(self.free) | set(slots))
-        busy = set(range(self.slots)) - set(self.free)
-        self.extent = max(busy) + 1 if busy else 0
+
+    def rows(self, slots: list[int]) -> list[int]:
+        return [self.row_of[slot] for slot in slots]
 
     @property
     def busy(self) -> int:
         return self.slots - len(self.free)
 
+    @property
+    def extent(self) -> int:
+        """Rows [0, extent) hold every busy slot (extent == busy once compacted)."""
+        return max(self.row_of.values()) + 1 if self.row_of else 0
+
+    def _compact(self) -> None:
+        """Moves the last busy rows into the free rows below the busy count, so busy rows fill [0, busy). Not while
+        windows are joining: their rows were handed out contiguous and are written in place."""
+        if self.joining:
+            return
+        busy = len(self.row_of)
+        holes = [row for row in range(busy) if self.slot_at[row] is None]
+        if not holes:
+            return
+        movers = [row for row in range(busy, self.slots) if self.slot_at[row] is not None]
+        for hole, mover in zip(holes, movers):
+            for state, dim in self._row_state():  # row to row through views: no temporary copy of the caches
+                state.narrow(dim, hole, 1).copy_(state.narrow(dim, mover, 1))
+            self.active[mover] = False
+            self.done[mover] = False
+            slot = self.slot_at[mover]
+            self.slot_at[hole], self.slot_at[mover], self.row_of[slot] = slot, None, hole
+
     # Admission ----------------------------------------------------------------------------------------------------
 
-    def attach(self, slots: list[int], encoder_states: torch.Tensor) -> torch.Tensor:
-        """Computes each joining window's cross-attention K/V once, into its slot, and returns the logits after
-        <|startoftranscript|> alone (float32, [windows, vocab]): language detection and no_speech_prob read them."""
-        index = torch.tensor(slots, device=self.device)
-        windows = len(slots)
-        # A slot starts clean: attention gives the positions a window has not written weight 0, but 0 x NaN is NaN,
-        # so one non-finite window's leftovers would poison every later window in its slot.
-        self.self_keys.index_fill_(1, index, 0.0)
-        self.self_values.index_fill_(1, index, 0.0)
+    def pieces(self, slots: list[int]) -> list[Piece]:
+        """How an admission into these (just allocated) slots runs: batches of the admission sizes over their rows."""
+        return admission_pieces(self.row_of[slots[0]], len(slots), self.admission_sizes, self.slots)
+
+    def attach(self, piece: Piece, encoder_states: torch.Tensor, prefixes: list[list[int]] | None = None
+               ) -> torch.Tensor:
+        """Writes the piece's cross-attention K/V (from `encoder_states`, [piece.size, frames, d_model]) into its rows
+        in place, and returns the logits after <|startoftranscript|> alone (float32, [piece.count, vocab]): language
+        detection and no_speech_prob read them. Given `prefixes` known already (each starting with
+        <|startoftranscript|>), their prefill pass is run here and gives those logits too (position 0 sees only
+        itself): one decoder pass for the admission instead of two, and prefill() is told `prefilled`."""
+        rows = slice(piece.start, piece.start + piece.size)
+        # A row starts clean: attention gives the positions a window has not written weight 0, but 0 x NaN is NaN,
+        # so one non-finite window's leftovers would poison every later window in its row.
+        self.self_keys[:, rows] = 0
+        self.self_values[:, rows] = 0
         for layer_index, layer in enumerate(self.layers):
             attention = layer.encoder_attn
-            self.cross_keys[layer_index, index] = self._heads(attention.k_proj(encoder_states))
-            self.cross_values[layer_index, index] = self._heads(attention.v_proj(encoder_states))
-        start = torch.full((windows, 1), self.special.start_of_transcript, device=self.device)
-        positions = torch.zeros(windows, 1, dtype=torch.long, device=self.device)
-        hidden = self._decode(start, positions, index, index, self._causal_mask(positions))
-        return self.model.proj_out(hidden[:, -1]).float()
+            self.cross_keys[layer_index, rows] = self._heads(attention.k_proj(encoder_states))
+            self.cross_values[layer_index, rows] = self._heads(attention.v_proj(encoder_states))
+        if prefixes is not None:
+            tokens = self._prefix_rows(piece, prefixes)
+            hidden = self._prefill_pass(piece, tokens[:, :self._prefill_width(prefixes, minimum=1)])
+            return self.model.proj_out(hidden[:piece.count, 0]).float()
+        start = torch.full((piece.size, 1), self.special.start_of_transcript, device=self.device)
+        positions = torch.zeros(piece.size, 1, dtype=torch.long, device=self.device)
+        hidden = self._decode(start, positions, rows)
+        return self.model.proj_out(hidden[:piece.count, -1]).float()
 
-    def prefill(self, slots: list[int], prefixes: list[list[int]], limits: list[int], min_lengths: list[int],
-                temperatures: list[float]) -> None:
-        """Writes the KV of each window's forced prefix except its last token (the first step feeds that one) and
-        sets the slot's state; the slots are decoding from the next step on."""
-        index = torch.tensor(slots, device=self.device)
-        rows = torch.full((len(slots), self.positions), self.special.end_of_text, dtype=torch.long)
+    def prefill(self, piece: Piece, prefixes: list[list[int]], limits: list[int], min_lengths: list[int],
+                temperatures: list[float], prefilled: bool = False) -> None:
+        """Writes the KV of each window's forced prefix except its last token (the first step feeds that one), unless
+        attach() did (`prefilled`), and sets its row's state; the windows decode from the next step on."""
+        rows = self._prefix_rows(piece, prefixes)
+        width = self._prefill_width(prefixes)
+        if width and not prefilled:
+            self._prefill_pass(piece, rows[:, :width])
+        real = slice(piece.start, piece.start + piece.count)
+        lengths = torch.tensor([len(prefix) for prefix in prefixes], device=self.device)
+        self.tokens[real] = rows[:piece.count]
+        self.length[real] = lengths
+        self.begin[real] = lengths
+        self.limit[real] = torch.tensor(limits, device=self.device)
+        self.min_length[real] = torch.tensor(min_lengths, device=self.device)
+        self.temperature[real] = torch.tensor(temperatures, dtype=torch.float32, device=self.device)
+        self.last_timestamp[real] = -1
+        self.done[real] = False
+        self.active[real] = True
+
+    def _prefix_rows(self, piece: Piece, prefixes: list[list[int]]) -> torch.Tensor:
+        """[piece.size, 448] on the device: each window's prefix, then end of text (rows past piece.count: padding)."""
+        rows = torch.full((piece.size, self.positions), self.special.end_of_text, dtype=torch.long)
         for row, prefix in enumerate(prefixes):
             rows[row, :len(prefix)] = torch.tensor(prefix)
-        rows = rows.to(self.device)
-        width = max(len(prefix) for prefix in prefixes) - 1
-        # Rows with shorter prefixes write padding KV past their own prefix: the step overwrites or masks it.
-        positions = torch.arange(width, device=self.device).expand(len(slots), width)
-        self._decode(rows[:, :width], positions, index, index, self._causal_mask(positions))
-        lengths = torch.tensor([len(prefix) for prefix in prefixes], device=self.device)
-        self.tokens[index] = rows
-        self.length[index] = lengths
-        self.begin[index] = lengths
-        self.limit[index] = torch.tensor(limits, device=self.device)
-        self.min_length[index] = torch.tensor(min_lengths, device=self.device)
-        self.temperature[index] = torch.tensor(temperatures, dtype=torch.float32, device=self.device)
-        self.last_timestamp[index] = -1
-        self.done[index] = False
-        self.active[index] = True
+        return rows.to(self.device)
+
+    def _prefill_width(self, prefixes: list[list[int]], minimum: int = 0) -> int:
+        """The width bucket of the longest prefix but its last token (0: nothing to prefill)."""
+        width = max(minimum, max(len(prefix) for prefix in prefixes) - 1)
+        return bucket_for(width, self.widths) if width else 0
+
+    def _prefill_pass(self, piece: Piece, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder over `tokens` ([piece.size, width]) at positions [0, width), writing their KV into the rows.
+        Rows with shorter prefixes write padding KV past their own prefix: the step overwrites or masks it."""
+        width = tokens.shape[1]
+        positions = torch.arange(width, device=self.device).expand(piece.size, width)
+        return self._decode(tokens, positions, slice(piece.start, piece.start + piece.size))
+
+    def warm_up_admissions(self, encode: Callable[[int], torch.Tensor]) -> None:
+        """Runs the admission passes once in every shape serving meets (each admission size, and each prefill width
+        at it), largest first, over free rows: no slot may be busy. `encode(size)` gives encoder states."""
+        if self.row_of:
+            raise RuntimeError("admission shapes are warmed with no slot busy")
+        for size in reversed(self.admission_sizes):
+            piece = Piece(0, size, size)
+            self.attach(piece, encode(size))
+            for width in self.widths:
+                filler = torch.full((size, width), self.special.start_of_transcript, device=self.device)
+                self._prefill_pass(piece, filler)
 
     # The step -----------------------------------------------------------------------------------------------------
 
     def capture(self) -> None:
-        """On CUDA, captures the step once per bucket (no slot may be busy)."""
+        """On CUDA, captures the step once per bucket, largest first, all sharing one memory pool (no slot may be
+        busy)."""
         if self.device.type == "cuda":
-            self.graphs = capture_step_graphs(self._step, self.buckets, self.device)
+            steps = {size: (lambda size=size: self._step(size)) for size in reversed(self.buckets)}
+            self.graphs = capture_graphs(steps, self.device)
+
+    def attention_report(self, encode: Callable[[int], torch.Tensor]) -> dict[str, list[str]]:
+        """Which backend each attention runs on, as PyTorch dispatches it here: the encoder, an admission (first
+        logits and a prefill) and a step, run eagerly over free rows (no slot may be busy)."""
+        piece, encoder, decoder = Piece(0, 1, 1), AttentionRecorder(), AttentionRecorder()
+        with encoder:
+            states = encode(1)
+        with decoder:  # per layer: self-attention, then cross-attention
+            self.attach(piece, states)
+            self._prefill_pass(piece, torch.full((1, self.widths[0]), self.special.start_of_transcript,
+                                                 device=self.device))
+            self._step(1)
+        return {ENCODER_SELF_ATTENTION: sorted(set(encoder.backends)),
+                DECODER_SELF_ATTENTION: sorted(set(decoder.backends[0::2])),
+                DECODER_CROSS_ATTENTION: sorted(set(decoder.backends[1::2]))}
 
     def step(self) -> list[Finished]:
         """Advances every busy slot by one token; returns the windows that finished and frees their slots."""
+        self._compact()
         size = bucket_for(self.extent, self.buckets)
         graph = self.graphs.get(size)
         if graph is not None:
             graph.replay()
         else:
             self._step(size)
-        finished = self.done[:size].cpu().nonzero().flatten().tolist()  # the step's one read-back: which slots finished
+        finished = self.done[:size].cpu().nonzero().flatten().tolist()  # the step's one read-back: which rows finished
         if not finished:
             return []
         index = torch.tensor(finished, device=self.device)
         tokens, logprobs = self.tokens[index].tolist(), self.logprobs[index].tolist()
         begins, lengths = self.begin[index].tolist(), self.length[index].tolist()
         results = []
-        for row, slot in enumerate(finished):
-            end = lengths[row] - (tokens[row][lengths[row] - 1] == self.special.end_of_text)
-            results.append(Finished(slot, tokens[row][begins[row]:end], logprobs[row][begins[row]:end]))
-        self.release(finished)
+        for i, row in enumerate(finished):
+            end = lengths[i] - (tokens[i][lengths[i] - 1] == self.special.end_of_text)
+            results.append(Finished(self.slot_at[row], row, tokens[i][begins[i]:end], logprobs[i][begins[i]:end]))
+        self.release([result.slot for result in results])
         return results
 
     def _step(self, size: int) -> None:
-        """One decode step over slots [0, size): fixed shapes, state read and written in place, no host sync."""
+        """One decode step over rows [0, size): fixed shapes, state read and written in place, no host sync."""
         active, length = self.active[:size], self.length[:size]
         tokens = self.tokens[:size]
         position = (length - 1).clamp(min=0)[:, None]
-        hidden = self._decode(tokens.gather(1, position), position, slice(0, size), self.slot_index[:size],
-                              self._causal_mask(position))
+        hidden = self._decode(tokens.gather(1, position), position, slice(0, size))
         logits = self.model.proj_out(hidden[:, -1]).float()
         scores = self._apply_rules(logits, size)
         chosen = self._choose(scores, self.temperature[:size])
         chosen_logprob = scores.gather(1, chosen[:, None]).squeeze(1) - scores.logsumexp(-1)
-        # Free slots compute too (fixed shapes) but write back what was there.
+        # Free rows compute too (fixed shapes) but write back what was there.
         at = length.clamp(max=self.positions - 1)[:, None]
         tokens.scatter_(1, at, torch.where(active, chosen, tokens.gather(1, at).squeeze(1))[:, None])
         history = self.logprobs[:size]
@@ -315,28 +514,32 @@ class SlotDecoder:
         """[rows, 1, queries, 448]: a query at position p sees the cache's keys at positions <= p."""
         return (self.key_positions <= positions[:, :, None])[:, None]
 
-    def _decode(self, tokens, positions, slots, slot_index, self_mask) -> torch.Tensor:
-        """The checkpoint's decoder layers over `tokens` ([rows, T]) at `positions`, for cache rows `slots` (a slice:
-        views, as in the step; or an index tensor: copies, at admission). Writes each token's self-attention KV
-        into the cache at its position. Arithmetic as in transformers' WhisperAttention (query scaled before SDPA)."""
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The checkpoint's decoder layers over `tokens` ([rows, T]) at `positions`, for cache rows `rows` (a slice:
+        the caches are read and written through views, never gathered). Writes each token's self-attention KV into
+        the cache at its position. Arithmetic as in transformers' WhisperAttention (query scaled before SDPA)."""
         decoder = self.model.model.decoder
+        local = self.row_index[:rows.stop - rows.start, None]
+        self_mask = self._causal_mask(positions)
         hidden = decoder.embed_tokens(tokens) + decoder.embed_positions.weight[positions]
         for layer_index, layer in enumerate(self.layers):
             attention = layer.self_attn
             residual = hidden
             normed = layer.self_attn_layer_norm(hidden)
             query = self._heads(attention.q_proj(normed) * attention.scaling)
-            keys, values = self.self_keys[layer_index], self.self_values[layer_index]
-            keys[slot_index[:, None], :, positions] = self._heads(attention.k_proj(normed)).transpose(1, 2)
-            values[slot_index[:, None], :, positions] = self._heads(attention.v_proj(normed)).transpose(1, 2)
-            attended = F.scaled_dot_product_attention(query, keys[slots], values[slots], attn_mask=self_mask, scale=1.0)
+            keys, values = self.self_keys[layer_index, rows], self.self_values[layer_index, rows]
+            keys[local, :, positions] = self._heads(attention.k_proj(normed)).transpose(1, 2)
+            values[local, :, positions] = self._heads(attention.v_proj(normed)).transpose(1, 2)
+            with attention_context(DECODER_SELF_ATTENTION, self.device):
+                attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=self_mask, scale=1.0)
             hidden = residual + attention.out_proj(self._merge(attended))
 
             cross = layer.encoder_attn
             residual = hidden
             query = self._heads(cross.q_proj(layer.encoder_attn_layer_norm(hidden)) * cross.scaling)
-            attended = F.scaled_dot_product_attention(
-                query, self.cross_keys[layer_index][slots], self.cross_values[layer_index][slots], scale=1.0)
+            with attention_context(DECODER_CROSS_ATTENTION, self.device):
+                attended = F.scaled_dot_product_attention(
+                    query, self.cross_keys[layer_index, rows], self.cross_values[layer_index, rows], scale=1.0)
             hidden = residual + cross.out_proj(self._merge(attended))
 
             residual = hidden

@@ -1,17 +1,20 @@
 """The speech engine: a Whisper checkpoint, its log-mel front end and encoder, and the slot decoder. Windows join
-free decode slots (their encoder pass batched together), every step advances all busy slots, and finished windows
-come back as segments. It knows nothing of HTTP or of requests."""
+free decode slots (their encoder pass batched together, on a second CUDA stream so that it overlaps the decode
+steps), every step advances all busy slots, and finished windows come back as segments. It knows nothing of HTTP or
+of requests."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-from .decoder import SlotDecoder, SpecialTokens
+from .decoder import ENCODER_SELF_ATTENTION, Piece, SlotDecoder, SpecialTokens, attention_context
 from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
 
 # Whisper's own rule for dropping a window as silence: likely no speech and a low-confidence decode.
@@ -34,6 +37,55 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device == "cuda" else torch.float32
     return DTYPES[dtype]
+
+
+T = TypeVar("T")
+
+
+class AdmissionStream:
+    """Where joining windows are encoded: on CUDA a second stream, so their encoder pass runs while the decode steps
+    go on on the main stream, and an event that says when it is done; on CPU inline, done at once."""
+
+    def __init__(self, device: str):
+        self.stream = torch.cuda.Stream(device) if device == "cuda" else None
+
+    def run(self, work: Callable[[], T]) -> tuple[T, object]:
+        """`work()` on the admission stream, after what the main stream has queued; its result and its event."""
+        if self.stream is None:
+            return work(), None
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            result = work()
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return result, event
+
+    @staticmethod
+    def done(event) -> bool:
+        return event is None or event.query()
+
+    @staticmethod
+    def join(event, tensors: list[torch.Tensor]) -> None:
+        """The main stream waits (on the device, not the host) for the work, and keeps its results' memory from
+        being reused by the admission stream until the main stream is done with them."""
+        if event is None:
+            return
+        main = torch.cuda.current_stream()
+        main.wait_event(event)
+        for tensor in tensors:
+            tensor.record_stream(main)
+
+
+@dataclass
+class Admission:
+    """Windows joining: their slots (allocated), the batches they run in and, once encoded, their encoder states."""
+
+    slots: list[int]
+    windows: list[tuple[np.ndarray, DecodeOptions]]
+    pieces: list[Piece]
+    states: list[torch.Tensor]  # per piece, [piece.size, frames, d_model]
+    encoded: object  # the admission stream's event (None: encoded inline)
+    max_new_tokens: int | None
 
 
 @dataclass
@@ -62,6 +114,7 @@ class WhisperEngine:
         self.cuda_graphs = cuda_graphs
         self.load_seconds: float | None = None
         self.windows: dict[int, SlotWindow] = {}
+        self.attention_backends: dict[str, list[str]] = {}  # per attention, the backends it ran on at warm-up
 
     def load(self) -> None:
         started = time.monotonic()
@@ -93,6 +146,7 @@ class WhisperEngine:
         self.hann_window = torch.hann_window(extractor.n_fft, device=self.device)
         self.mel_filters = torch.from_numpy(extractor.mel_filters).to(self.device, torch.float32)
         self.decoder = self._allocate_decoder()
+        self.admission_stream = AdmissionStream(self.device)
         self.load_seconds = time.monotonic() - started
 
     def _allocate_decoder(self) -> SlotDecoder:
@@ -124,19 +178,31 @@ class WhisperEngine:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Captures the step graphs, then decodes a window in every slot at once (the largest encoder batch and step)
-        and one alone, so the first requests pay no capture or allocation cost and a slot count that cannot fit
-        fails here, before the server reports ready."""
+        """Captures the step graphs, runs the encoder and the admission passes once in every shape serving meets
+        (each admission size, each prefill width), records which backend each attention runs on, then decodes a
+        window in every slot at once and one alone, so the first requests pay no capture, plan or allocation cost and
+        a slot count that cannot fit fails here, before the server reports ready."""
         noise = np.random.default_rng(0).normal(0, 0.05, SAMPLE_RATE).astype(np.float32)
         try:
             if self.cuda_graphs:
                 self._capture()
+            self.decoder.warm_up_admissions(self._encode_silence)
+            self.attention_backends = self.decoder.attention_report(self._encode_silence)
             for count in (self.capacity, 1):
                 self.admit([(noise, DecodeOptions(language="en"))] * count, max_new_tokens=4)
                 while self.decoder.busy:
                     self.step()
         except (torch.OutOfMemoryError, OutOfMemory) as error:
             raise OutOfMemory(self._sizing_advice()) from error
+
+    def _encode_silence(self, windows: int) -> torch.Tensor:
+        extractor = self.processor.feature_extractor
+        shape = (windows, extractor.feature_size, extractor.nb_max_frames)
+        return self._encode(torch.full(shape, -1.5, dtype=self.dtype, device=self.device))  # log-mel of silence
+
+    def _encode(self, features: torch.Tensor) -> torch.Tensor:
+        with attention_context(ENCODER_SELF_ATTENTION, torch.device(self.device)):
+            return self.model.get_encoder()(features).last_hidden_state
 
     def _capture(self) -> None:
         try:
@@ -173,31 +239,77 @@ class WhisperEngine:
         for slot in slots:
             self.windows.pop(slot, None)
 
-    @torch.inference_mode()
     def admit(self, windows: list[tuple[np.ndarray, DecodeOptions]], max_new_tokens: int | None = None) -> list[int]:
-        """Puts windows (16 kHz mono float32, <= 30 s) into free slots: one batched log-mel and encoder pass, their
-        cross-attention K/V, language detection where none was given, and their forced prefixes. Returns the slots."""
+        """Puts windows (16 kHz mono float32, <= 30 s) into free slots, encoded and attached at once. Returns the
+        slots."""
+        return self.attach(self.encode(windows, max_new_tokens))
+
+    @torch.inference_mode()
+    def encode(self, windows: list[tuple[np.ndarray, DecodeOptions]], max_new_tokens: int | None = None) -> Admission:
+        """Takes free slots for the windows and starts their log-mel and encoder pass on the admission stream, in
+        the batches of the admission sizes (padded with silence); the slots decode once attach() has run."""
         slots = self.decoder.allocate(len(windows))
+        pieces = self.decoder.pieces(slots)
+        samples = [samples for samples, _ in windows]
+
+        def encode_pieces() -> list[torch.Tensor]:
+            states, start = [], 0
+            for piece in pieces:
+                features = self.log_mel(samples[start:start + piece.count]).to(self.dtype)
+                padding = features.new_full((piece.size - piece.count, *features.shape[1:]), -1.5)  # silence
+                states.append(self._encode(torch.cat([features, padding])))
+                start += piece.count
+            return states
+
         try:
-            features = self.log_mel([samples for samples, _ in windows]).to(self.dtype)
-            first = self.decoder.attach(slots, self.model.get_encoder()(features).last_hidden_state)
+            states, encoded = self.admission_stream.run(encode_pieces)
+        except torch.OutOfMemoryError as error:
+            self.decoder.release(slots)
+            torch.cuda.empty_cache()
+            raise OutOfMemory(str(error)) from error
+        except BaseException:
+            self.decoder.release(slots)
+            raise
+        return Admission(slots, windows, pieces, states, encoded, max_new_tokens)
+
+    def encoded(self, admission: Admission) -> bool:
+        """Whether the admission's encoder pass is done (attach() would not wait for it)."""
+        return self.admission_stream.done(admission.encoded)
+
+    @torch.inference_mode()
+    def attach(self, admission: Admission) -> list[int]:
+        """The encoded windows join their slots: cross-attention K/V written into their rows, language detection
+        where none was given, no_speech_prob, and their forced prefixes. Returns the slots, decoding from the next
+        step."""
+        slots, windows = admission.slots, admission.windows
+        try:
+            self.admission_stream.join(admission.encoded, admission.states)
             # no_speech_prob and the detected language come from the logits after <|startoftranscript|> alone, as in
-            # OpenAI's decoder and transformers' detect_language.
+            # OpenAI's decoder and transformers' detect_language. A piece whose prefixes are known already (language
+            # given, no prompt) gets them from its prefill pass.
+            parts = [slice(piece.start - admission.pieces[0].start,
+                           piece.start - admission.pieces[0].start + piece.count) for piece in admission.pieces]
+            known = [self._known_prefixes([options for _, options in windows[part]]) for part in parts]
+            first = torch.cat([self.decoder.attach(piece, states, prefixes)
+                               for piece, states, prefixes in zip(admission.pieces, admission.states, known)])
             no_speech = first.softmax(-1)[:, self.special.no_speech]
             detected = first.masked_fill(self.decoder.language_mask, float("-inf")).argmax(-1)
             no_speech, detected = no_speech.tolist(), detected.tolist()
             prefixes, limits, min_lengths, admitted = [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
                 language_id = self.language_ids[options.language] if options.language else detected_id
-                prefix = self._prompt_ids(options.prompt) + [
-                    self.special.start_of_transcript, language_id, self.task_ids[options.task]]
-                limit = self._limit(len(prefix), max_new_tokens or self.max_new_tokens)
+                prefix = self._prefix(options, language_id)
+                limit = self._limit(len(prefix), admission.max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
                 limits.append(limit)
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
                 admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, self.id_to_language.get(language_id),
                                            no_speech_prob, options.temperature))
-            self.decoder.prefill(slots, prefixes, limits, min_lengths, [options.temperature for _, options in windows])
+            temperatures = [options.temperature for _, options in windows]
+            for piece, part, prefilled in zip(admission.pieces, parts, known):
+                self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part], temperatures[part],
+                                     prefilled=prefilled is not None)
+            self.decoder.joined(slots)
         except torch.OutOfMemoryError as error:
             self.decoder.release(slots)
             torch.cuda.empty_cache()
@@ -207,6 +319,18 @@ class WhisperEngine:
             raise
         self.windows.update(zip(slots, admitted))
         return slots
+
+    def _prefix(self, options: DecodeOptions, language_id: int) -> list[int]:
+        """The forced prefix: the prompt (if any), <|startoftranscript|>, the language and the task."""
+        return self._prompt_ids(options.prompt) + [
+            self.special.start_of_transcript, language_id, self.task_ids[options.task]]
+
+    def _known_prefixes(self, options: list[DecodeOptions]) -> list[list[int]] | None:
+        """The windows' prefixes when they need nothing from the model first (each names its language) and start
+        with <|startoftranscript|> (no prompt); else None."""
+        if not all(option.language and not option.prompt for option in options):
+            return None
+        return [self._prefix(option, self.language_ids[option.language]) for option in options]
 
     def _limit(self, prefix_length: int, max_new_tokens: int | None) -> int:
         """Most tokens in a slot's sequence, prefix included: transformers' rule (max_new_tokens after the prefix,

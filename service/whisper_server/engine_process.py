@@ -99,7 +99,8 @@ def engine_main(settings: Settings, requests, events) -> None:
     events.send(("ready", EngineInfo(engine.device, str(engine.dtype), engine.capacity, engine.load_seconds,
                                      frozenset(engine.languages))))
     log.info("engine ready", extra={"fields": {"slots": engine.capacity, "device": engine.device,
-                                               "cuda_graphs": len(engine.decoder.graphs)}})
+                                               "cuda_graphs": len(engine.decoder.graphs),
+                                               "attention_backends": engine.attention_backends}})
     try:
         EngineLoop(engine, requests, events, fallback=not settings.fixed_new_tokens,
                    admission_wait=settings.batch_wait_ms / 1000).run()

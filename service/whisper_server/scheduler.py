@@ -30,7 +30,9 @@ class Engine(Protocol):
 
     def free_slots(self) -> int: ...
     def healthy(self) -> bool: ...
-    def admit(self, windows: list[tuple[np.ndarray, DecodeOptions]]) -> list[int]: ...
+    def encode(self, windows: list[tuple[np.ndarray, DecodeOptions]]) -> object: ...
+    def encoded(self, admission: object) -> bool: ...
+    def attach(self, admission: object) -> list[int]: ...
     def step(self) -> list[tuple[int, WindowResult]]: ...
     def release(self, slots: list[int]) -> None: ...
 
@@ -80,6 +82,9 @@ class SlotScheduler:
         self.picks = itertools.count()
         self.window_seconds = 1.0  # moving average of how long a window holds a slot, for Retry-After
         self.admitted_at: dict[int, float] = {}
+        # The admission whose windows are being encoded (on the engine's admission stream, while the busy slots step
+        # on), with its picks; they join their slots once the encoder is done. One at a time.
+        self.joining: tuple[object, list[tuple[Request, int, float]]] | None = None
 
     def submit(self, key: int, options: DecodeOptions, windows: list[np.ndarray]) -> None:
         request = Request(key, options, windows, next(self.sequence), results=[None] * len(windows),
@@ -99,7 +104,7 @@ class SlotScheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.owners and not self.waiting_windows()
+        return not self.owners and self.joining is None and not self.waiting_windows()
 
     def waiting_windows(self) -> int:
         return sum(len(request.waiting) for request in self.requests.values())
@@ -113,8 +118,12 @@ class SlotScheduler:
         return self.waiting_windows() / self.engine.capacity * self.window_seconds
 
     def run_once(self) -> None:
-        """Admits waiting windows into free slots, then runs one decode step over every busy slot."""
-        self._admit()
+        """Lets encoded windows join their slots, starts encoding the next waiting ones, then runs one decode step
+        over every busy slot."""
+        if self.joining is not None and (not self.owners or self.engine.encoded(self.joining[0])):
+            self._attach()
+        if self.joining is None:
+            self._admit()
         if self.owners:
             self._step()
 
@@ -130,36 +139,63 @@ class SlotScheduler:
         if not picks:
             return
         self.waiting_since = self.clock() if waiting > len(picks) else None
-        self._admit_picks(picks)
-
-    def _admit_picks(self, picks: list[tuple[Request, int, float]]) -> None:
-        """One admission (one encoder pass) for the picked windows. If it fails with windows of several requests in
-        it, each request's windows are admitted again alone: a failure fails the request that causes it, never the
-        requests that happened to share its admission."""
         windows = [(request.windows[index], replace(request.options, temperature=temperature))
                    for request, index, temperature in picks]
-        requests = list({request.key: request for request, _, _ in picks}.values())
         try:
-            slots = self.engine.admit(windows)
+            self.joining = (self.engine.encode(windows), picks)
         except Exception as error:  # noqa: BLE001 - a failed admission fails its requests; the engine goes on if it can
-            healthy = isinstance(error, OutOfMemory) or self.engine.healthy()
-            if len(requests) > 1 and healthy:
-                log.warning("admitting %d windows of %d requests together failed (%s: %s); admitting each request "
-                            "alone", len(picks), len(requests), type(error).__name__, error)
-                for request in requests:
-                    self._admit_picks([pick for pick in picks if pick[0] is request])
-                return
-            log.log(logging.WARNING if isinstance(error, OutOfMemory) else logging.ERROR,
-                    "admitting %d windows failed", len(picks), exc_info=not isinstance(error, OutOfMemory))
-            for request in requests:
-                self._fail(request, error)
-            if not healthy:
-                raise EngineFailure("the device stopped working after a failed admission") from error
+            self._admission_failed(picks, error)
             return
+        if not self.owners:  # nothing decoding to overlap the encoder with: join at once
+            self._attach()
+
+    def _attach(self) -> None:
+        admission, picks = self.joining
+        self.joining = None
+        try:
+            slots = self.engine.attach(admission)
+        except Exception as error:  # noqa: BLE001 - as a failed encoder pass
+            self._admission_failed(picks, error)
+            return
+        self._joined(slots, picks)
+
+    def _joined(self, slots: list[int], picks: list[tuple[Request, int, float]]) -> None:
         now = time.monotonic()
         for slot, pick in zip(slots, picks):
+            if self.requests.get(pick[0].key) is not pick[0]:  # cancelled or failed while its window was encoding
+                self.engine.release([slot])
+                continue
             self.owners[slot] = pick
             self.admitted_at[slot] = now
+
+    def _admission_failed(self, picks: list[tuple[Request, int, float]], error: Exception) -> None:
+        """A failed admission with windows of several requests in it is retried one request at a time, at once: a
+        failure fails the request that causes it, never the requests that happened to share its admission."""
+        requests = list({request.key: request for request, _, _ in picks}.values())
+        healthy = isinstance(error, OutOfMemory) or self.engine.healthy()
+        if len(requests) > 1 and healthy:
+            log.warning("admitting %d windows of %d requests together failed (%s: %s); admitting each request alone",
+                        len(picks), len(requests), type(error).__name__, error)
+            for request in requests:
+                if self.requests.get(request.key) is request:  # not cancelled meanwhile
+                    self._admit_alone([pick for pick in picks if pick[0] is request])
+            return
+        log.log(logging.WARNING if isinstance(error, OutOfMemory) else logging.ERROR,
+                "admitting %d windows failed", len(picks), exc_info=not isinstance(error, OutOfMemory))
+        for request in requests:
+            self._fail(request, error)
+        if not healthy:
+            raise EngineFailure("the device stopped working after a failed admission") from error
+
+    def _admit_alone(self, picks: list[tuple[Request, int, float]]) -> None:
+        windows = [(request.windows[index], replace(request.options, temperature=temperature))
+                   for request, index, temperature in picks]
+        try:
+            slots = self.engine.attach(self.engine.encode(windows))
+        except Exception as error:  # noqa: BLE001 - fails this request alone
+            self._admission_failed(picks, error)
+            return
+        self._joined(slots, picks)
 
     def _pick(self, free: int) -> list[tuple[Request, int, float]]:
         """Fair shares: each free slot goes to the waiting request with the fewest windows in slots, and among
