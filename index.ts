@@ -1,7 +1,7 @@
 // whisper-eks: a production Whisper speech-to-text service on EKS GPU nodes.
 // This file is the architecture's table of contents: config in, components wired, outputs out.
 import * as pulumi from "@pulumi/pulumi";
-import { installClusterAutoscaler, installKeda } from "./infra/autoscaling";
+import { installKeda } from "./infra/autoscaling";
 import { maxGpuPods, podResourcesPerGpu } from "./infra/catalog";
 import { createCluster, existingClusterProvider } from "./infra/cluster";
 import { systemNodeSelector } from "./infra/conventions";
@@ -9,6 +9,7 @@ import { loadConfig } from "./infra/load-config";
 import { installNvidiaDevicePlugin } from "./infra/gpu";
 import { AddonContext } from "./infra/helm";
 import { createServiceImage } from "./infra/image";
+import { installKarpenter } from "./infra/karpenter";
 import { installLoadBalancerController } from "./infra/load-balancer";
 import { createEfsModelCache, ModelCacheClass } from "./infra/model-cache";
 import { grafanaService, installMonitoring, monitoringNamespace, prometheusPort, prometheusUrl } from "./infra/monitoring";
@@ -26,16 +27,29 @@ function createEksCluster() {
     // 2. Network: VPC over several AZs, private subnets for nodes, tagged public/private subnets for load balancers.
     const network = createNetwork(name, config.network, config.tags);
 
-    // 3. Cluster: EKS, access entries, system and GPU node groups, EKS add-ons, the Kubernetes provider.
-    const cluster = createCluster(name, { config: config.cluster, gpu: config.gpu, network, tags: config.tags });
+    // 3. Cluster: EKS, access entries, the system node group, EKS add-ons, the Kubernetes provider.
+    const cluster = createCluster(name, { config: config.cluster, network, tags: config.tags });
     const addons: AddonContext = { provider: cluster.provider, dependsOn: cluster.ready, nodeSelector: systemNodeSelector };
 
-    // 4. GPUs: the NVIDIA device plugin advertises nvidia.com/gpu on the GPU nodes.
+    // 4. GPU nodes: Karpenter launches them for the server's pods (GPU NodePool, interruption queue); the NVIDIA
+    //    device plugin advertises nvidia.com/gpu on them.
+    const karpenter = installKarpenter(
+        name,
+        {
+            clusterName: name,
+            region: config.region,
+            gpu: config.gpu,
+            podTerminationGracePeriodSeconds: terminationGracePeriodSeconds(serverSettings),
+            controllerReplicas: config.cluster.systemNodes.minSize >= 2 ? 2 : 1,
+            tags: config.tags,
+        },
+        addons,
+    );
     installNvidiaDevicePlugin(addons);
 
     // 5. Storage: EBS CSI driver and the default encrypted gp3 StorageClass.
     const blockStorage = createBlockStorage(name, cluster, config.tags);
-    return { network, cluster, addons, blockStorage };
+    return { network, cluster, addons, blockStorage, karpenter };
 }
 const eks = config.existingClusterKubeconfig === undefined ? createEksCluster() : undefined;
 
@@ -43,12 +57,12 @@ const eks = config.existingClusterKubeconfig === undefined ? createEksCluster() 
 const skippedInExistingCluster = eks
     ? []
     : [
-          "VPC, EKS cluster, node groups, node IAM role and EKS add-ons",
+          "VPC, EKS cluster, system node group, node IAM roles and EKS add-ons",
+          "Karpenter (CRDs, controller and its IAM role, interruption queue, GPU NodePool and EC2NodeClass): the cluster must provide GPU nodes itself",
           "NVIDIA device plugin (the cluster must advertise nvidia.com/gpu)",
           "EBS CSI driver and the gp3 StorageClass (Prometheus uses the cluster's default StorageClass)",
           "AWS Load Balancer Controller and its IAM role (the cluster must run it for the NLB Service)",
           "EFS file system and the efs-sc StorageClass (the model cache uses modelCacheStorageClass)",
-          "Cluster Autoscaler and its IAM role (node scaling is the cluster's own)",
       ];
 for (const part of skippedInExistingCluster) pulumi.log.info(`existing cluster: not deployed: ${part}`);
 const provider = eks?.cluster.provider ?? existingClusterProvider(name, config.existingClusterKubeconfig!);
@@ -102,22 +116,8 @@ const monitoring = installMonitoring(
     { ...addons, dependsOn: [...addons.dependsOn, ...(eks ? [eks.blockStorage.storageClass] : [])] },
 );
 
-// 10. Autoscaling: KEDA scales the service's pods on its metrics (to zero outside active hours), Cluster Autoscaler the GPU nodes.
+// 10. Autoscaling: KEDA scales the service's pods on its metrics (to zero outside active hours); Karpenter follows with GPU nodes.
 const keda = installKeda(addons);
-if (eks) {
-    installClusterAutoscaler(
-        name,
-        {
-            clusterName: eks.cluster.name,
-            kubernetesVersion: eks.cluster.kubernetesVersion,
-            region: config.region,
-            scaleDownUnneededMinutes: config.autoscaling.clusterAutoscalerScaleDownMinutes,
-            podTerminationGracePeriodSeconds: terminationGracePeriodSeconds(serverSettings),
-            tags: config.tags,
-        },
-        addons,
-    );
-}
 
 // 11. The Whisper service: model cache volume, GPU Deployment, load balancer, NetworkPolicy, PDB, PodMonitor, ScaledObject.
 const serviceApiKey = apiKeyFor(name, config.workload);
@@ -126,18 +126,19 @@ const whisper = new WhisperService(
     {
         stack: config.stack,
         image: image.reference,
-        resources: podResourcesPerGpu(config.gpu.nodeGroups.flatMap((group) => group.instanceTypes)),
+        resources: podResourcesPerGpu(config.gpu.instanceTypes),
         server: serverSettings,
         apiKey: serviceApiKey,
         modelCache: { ...modelCache, sizeGiB: config.workload.modelCacheSizeGiB },
         traffic: config.traffic,
         loadBalancerSourceCidrs: eks && [config.network.vpcCidr],
-        scaling: { ...config.autoscaling, maxGpuPods: eks && maxGpuPods(config.gpu.nodeGroups), prometheusAddress: `${prometheusUrl}:${prometheusPort}` },
+        scaling: { ...config.autoscaling, maxGpuPods: eks && maxGpuPods(config.gpu), prometheusAddress: `${prometheusUrl}:${prometheusPort}` },
         scrapedFrom: { namespace: monitoringNamespace },
         after: { loadBalancerController, monitoring: monitoring.release, keda },
         provider,
     },
-    { dependsOn: addons.dependsOn },
+    // Karpenter's GPU NodePool first: the server's pods wait for a GPU node it launches.
+    { dependsOn: [...addons.dependsOn, ...(eks ? [eks.karpenter.nodePool, eks.karpenter.nodeClass] : [])] },
 );
 
 // Outputs.
@@ -147,12 +148,14 @@ export const kubeconfig = eks && pulumi.secret(eks.cluster.kubeconfig);
 export const imageReference = image.reference;
 export const imageRepositoryUrl = image.repository.repositoryUrl;
 export const defaultStorageClass = eks?.blockStorage.storageClass.metadata.name;
-export const gpuNodeGroups = eks?.cluster.gpuNodeGroups.map((group) => ({
-    name: group.nodeGroup.nodeGroup.nodeGroupName,
-    autoScalingGroupName: group.autoScalingGroupName,
-    instanceTypes: group.config.instanceTypes,
-    capacityType: group.config.capacityType,
-}));
+export const gpuNodePool = eks && {
+    nodePool: eks.karpenter.nodePool.metadata.name,
+    nodeClass: eks.karpenter.nodeClass.metadata.name,
+    instanceTypes: config.gpu.instanceTypes,
+    capacityTypes: config.gpu.capacityTypes,
+    amiAlias: config.gpu.amiAlias,
+    interruptionQueue: eks.karpenter.interruptionQueue.name,
+};
 export const notDeployedInExistingCluster = eks ? undefined : skippedInExistingCluster;
 export const serviceEndpoint = whisper.endpoint;
 export const serviceUrl = pulumi.interpolate`${config.traffic.certificateArn ? "https" : "http"}://${whisper.endpoint}`;

@@ -4,11 +4,12 @@
 export interface GpuInstanceType {
     gpuModel: string;
     /**
-     * The node label `k8s.amazonaws.com/accelerator`'s value for this GPU: Cluster Autoscaler's AWS provider treats a
-     * node with the label as a GPU node still starting its driver, not as a node without GPUs (which would make it
-     * start more). Names as in the provider's list of GPU types (cloudprovider/aws/aws_cloud_provider.go).
+     * The node label `k8s.amazonaws.com/accelerator`'s value for this GPU (names as in Kubernetes' autoscaler list of
+     * GPU types): the GPU NodePool puts it on its nodes, so dashboards and selectors can tell GPU models apart.
      */
     accelerator: string;
+    /** The GPU's name as Karpenter's `karpenter.k8s.aws/instance-gpu-name` label gives it (from EC2's DescribeInstanceTypes). */
+    karpenterGpuName: string;
     gpuCount: number;
     /** Memory of one GPU, GiB. */
     gpuMemoryGiB: number;
@@ -19,13 +20,12 @@ export interface GpuInstanceType {
     memoryGiB: number;
 }
 
-const t4 = { gpuModel: "NVIDIA T4", accelerator: "nvidia-tesla-t4", gpuMemoryGiB: 16, computeCapability: 7.5 };
-const a10g = { gpuModel: "NVIDIA A10G", accelerator: "nvidia-a10g", gpuMemoryGiB: 24, computeCapability: 8.6 };
-const l4 = { gpuModel: "NVIDIA L4", accelerator: "nvidia-l4", gpuMemoryGiB: 24, computeCapability: 8.9 };
-const l40s = { gpuModel: "NVIDIA L40S", accelerator: "nvidia-l40s", gpuMemoryGiB: 48, computeCapability: 8.9 };
-const a100 = { gpuModel: "NVIDIA A100", accelerator: "nvidia-tesla-a100", gpuMemoryGiB: 40, computeCapability: 8.0 };
-// The provider's list stops at the L40S; its GPU check reads only whether the label is there.
-const h100 = { gpuModel: "NVIDIA H100", accelerator: "nvidia-h100", gpuMemoryGiB: 80, computeCapability: 9.0 };
+const t4 = { gpuModel: "NVIDIA T4", accelerator: "nvidia-tesla-t4", karpenterGpuName: "t4", gpuMemoryGiB: 16, computeCapability: 7.5 };
+const a10g = { gpuModel: "NVIDIA A10G", accelerator: "nvidia-a10g", karpenterGpuName: "a10g", gpuMemoryGiB: 24, computeCapability: 8.6 };
+const l4 = { gpuModel: "NVIDIA L4", accelerator: "nvidia-l4", karpenterGpuName: "l4", gpuMemoryGiB: 24, computeCapability: 8.9 };
+const l40s = { gpuModel: "NVIDIA L40S", accelerator: "nvidia-l40s", karpenterGpuName: "l40s", gpuMemoryGiB: 48, computeCapability: 8.9 };
+const a100 = { gpuModel: "NVIDIA A100", accelerator: "nvidia-tesla-a100", karpenterGpuName: "a100", gpuMemoryGiB: 40, computeCapability: 8.0 };
+const h100 = { gpuModel: "NVIDIA H100", accelerator: "nvidia-h100", karpenterGpuName: "h100", gpuMemoryGiB: 80, computeCapability: 9.0 };
 
 /** Figures from the AWS EC2 accelerated-computing instance specifications. */
 export const gpuInstanceTypes: Readonly<Record<string, GpuInstanceType>> = {
@@ -99,10 +99,11 @@ export const serverRuntimeHostMemoryGiB = 2.5;
  */
 export const serverHostMemoryGiB = (modelId: string, dtype: Dtype): number => serverRuntimeHostMemoryGiB + weightsGiB(modelId, dtype);
 
-/** The most server pods (one per GPU) node groups can hold at their maximum size. */
-export function maxGpuPods(groups: readonly { instanceTypes: readonly string[]; maxSize: number }[]): number {
-    return groups.reduce((sum, group) => sum + group.maxSize * (gpuInstanceTypes[group.instanceTypes[0]]?.gpuCount ?? 1), 0);
-}
+/** GPUs on each node of the pool (all its types have the same count; load-config.ts checks). */
+export const gpusPerNode = (instanceTypes: readonly string[]): number => gpuInstanceTypes[instanceTypes[0]]?.gpuCount ?? 1;
+
+/** The most server pods (one per GPU) the GPU NodePool can hold at its limit. */
+export const maxGpuPods = (pool: { instanceTypes: readonly string[]; maxNodes: number }): number => pool.maxNodes * gpusPerNode(pool.instanceTypes);
 
 /** Smallest compute capability with native bfloat16 (Ampere). */
 export const bfloat16MinComputeCapability = 8.0;

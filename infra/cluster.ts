@@ -1,13 +1,13 @@
 // The EKS cluster: API authentication with access entries, control-plane logs, a system node group for
-// add-ons and monitoring, GPU node groups (AL2023 NVIDIA AMI, tainted and labelled), the EKS add-ons
-// that nodes need, and the Kubernetes provider everything in the cluster is declared through.
+// add-ons, monitoring and Karpenter (which launches the GPU nodes, infra/karpenter.ts), the EKS add-ons that
+// nodes need, the discovery tag on the cluster security group, and the Kubernetes provider everything in the
+// cluster is declared through.
 import * as aws from "@pulumi/aws";
 import * as eks from "@pulumi/eks";
 import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
-import { gpuInstanceTypes } from "./catalog";
-import { ClusterConfig, GpuConfig, GpuNodeGroupConfig, KubernetesVersion, systemNodeAmiType } from "./config";
-import { acceleratorLabelKey, gpuNodeSelector, gpuTaint, NodePool, nodePoolLabelKey, systemNodeSelector } from "./conventions";
+import { ClusterConfig, KubernetesVersion, systemNodeAmiType } from "./config";
+import { karpenterDiscoveryTagKey, nodePoolLabelKey, systemNodeSelector } from "./conventions";
 import { eksAddon } from "./eks-addon";
 import { Network } from "./network";
 
@@ -27,13 +27,6 @@ export const nodeRolePolicyArns = [
     "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore",
 ];
 
-export interface GpuNodeGroup {
-    config: GpuNodeGroupConfig;
-    nodeGroup: eks.ManagedNodeGroup;
-    /** Name of the Auto Scaling group EKS made for the node group (Cluster Autoscaler scales it). */
-    autoScalingGroupName: pulumi.Output<string>;
-}
-
 export interface Cluster {
     name: pulumi.Output<string>;
     eks: eks.Cluster;
@@ -41,12 +34,14 @@ export interface Cluster {
     provider: k8s.Provider;
     kubernetesVersion: KubernetesVersion;
     systemNodeGroup: eks.ManagedNodeGroup;
-    gpuNodeGroups: GpuNodeGroup[];
-    /** Resources that must exist before workloads are scheduled: node groups and the add-ons on them. */
+    /** The security group EKS made for the cluster, which its nodes (system and Karpenter's) share. */
+    clusterSecurityGroupId: pulumi.Output<string>;
+    /** Resources that must exist before workloads are scheduled: the system node group and the add-ons on it. */
     ready: pulumi.Resource[];
 }
 
-function createNodeRole(name: string, tags: Record<string, string>): aws.iam.Role {
+/** An IAM role for EC2 nodes with the node policies (nodeRolePolicyArns). */
+export function createNodeRole(name: string, tags: Record<string, string>): aws.iam.Role {
     const role = new aws.iam.Role(name, {
         assumeRolePolicy: JSON.stringify({
             Version: "2012-10-17",
@@ -62,7 +57,7 @@ function createNodeRole(name: string, tags: Record<string, string>): aws.iam.Rol
 }
 
 /**
- * The node groups' launch template: IMDSv2 only, with a hop limit of 1, so that pods (one network hop beyond the
+ * The system node group's launch template: IMDSv2 only, with a hop limit of 1, so that pods (one network hop beyond the
  * node) cannot take the node role's credentials; pods get their own through Pod Identity, and the controllers get
  * the region and VPC they would have read from it. Neither an image nor user data: the node group's amiType keeps
  * choosing the EKS-managed AMI, and EKS merges its bootstrap in. EKS refuses diskSize beside a launch template,
@@ -91,38 +86,11 @@ function accessEntry(kind: string, principalArn: string, policies: Record<string
     return [`${kind}-${roleNameOf(principalArn)}`, { principalArn, type: eks.AccessEntryType.Standard, accessPolicies }];
 }
 
-/** The labels of a GPU group's nodes: the GPU label, the pool, and the accelerator its instance types share. */
-function gpuNodeLabels(group: GpuNodeGroupConfig): Record<string, string> {
-    return { ...gpuNodeSelector, [nodePoolLabelKey]: "gpu", [acceleratorLabelKey]: gpuInstanceTypes[group.instanceTypes[0]].accelerator };
-}
-
-/**
- * Cluster Autoscaler can only scale a group up from zero if the group's ASG describes the nodes it would get:
- * their GPUs, labels and taints. EKS does not put these on managed node groups' ASGs, so they are added here.
- */
-function tagForClusterAutoscaler(name: string, group: GpuNodeGroupConfig, asgName: pulumi.Output<string>): void {
-    const gpuCount = gpuInstanceTypes[group.instanceTypes[0]].gpuCount;
-    const template = "k8s.io/cluster-autoscaler/node-template";
-    const tags: Record<string, string> = {
-        [`${template}/resources/nvidia.com/gpu`]: String(gpuCount),
-        [`${template}/resources/ephemeral-storage`]: `${group.diskSizeGiB}G`,
-        ...Object.fromEntries(Object.entries(gpuNodeLabels(group)).map(([key, value]) => [`${template}/label/${key}`, value])),
-        [`${template}/taint/${gpuTaint.key}`]: `${gpuTaint.value}:${gpuTaint.effect}`,
-    };
-    Object.entries(tags).forEach(
-        ([key, value], index) =>
-            new aws.autoscaling.Tag(
-                `${name}-ca-template-${index}`,
-                { autoscalingGroupName: asgName, tag: { key, value, propagateAtLaunch: false } },
-            ),
-    );
-}
-
 export function createCluster(
     name: string,
-    args: { config: ClusterConfig; gpu: GpuConfig; network: Network; tags: Record<string, string> },
+    args: { config: ClusterConfig; network: Network; tags: Record<string, string> },
 ): Cluster {
-    const { config, gpu, network, tags } = args;
+    const { config, network, tags } = args;
     const nodeRole = createNodeRole(`${name}-node`, tags);
     // Made before the cluster, under the name EKS writes to, so that the logs expire.
     const controlPlaneLogs = new aws.cloudwatch.LogGroup(`${name}-control-plane`, {
@@ -169,18 +137,14 @@ export function createCluster(
         addon("eks-pod-identity-agent"),
     ];
 
-    const nodeGroupArgs = (nodeGroupName: string, pool: NodePool, diskSizeGiB: number) => ({
-        cluster,
-        nodeRole,
-        subnetIds: network.privateSubnetIds,
-        tags: { ...tags, [nodePoolLabelKey]: pool },
-        launchTemplate: nodeLaunchTemplate(`${nodeGroupName}-launch-template`, diskSizeGiB, tags),
-    });
-
     const systemNodeGroup = new eks.ManagedNodeGroup(
         `${name}-system`,
         {
-            ...nodeGroupArgs(`${name}-system`, "system", systemNodeDiskSizeGiB),
+            cluster,
+            nodeRole,
+            subnetIds: network.privateSubnetIds,
+            tags: { ...tags, [nodePoolLabelKey]: "system" },
+            launchTemplate: nodeLaunchTemplate(`${name}-system-launch-template`, systemNodeDiskSizeGiB, tags),
             amiType: systemNodeAmiType,
             instanceTypes: config.systemNodes.instanceTypes,
             capacityType: "ON_DEMAND",
@@ -194,29 +158,10 @@ export function createCluster(
         { dependsOn: nodeAddons },
     );
 
-    const gpuNodeGroups = gpu.nodeGroups.map((group): GpuNodeGroup => {
-        const nodeGroup = new eks.ManagedNodeGroup(
-            `${name}-${group.name}`,
-            {
-                ...nodeGroupArgs(`${name}-${group.name}`, "gpu", group.diskSizeGiB),
-                // Set explicitly: `gpu: true` alone does not pick the NVIDIA AMI. No userData, kubeletExtraArgs
-                // or amiId: they make the component build a launch template whose AMI is looked up on every run.
-                amiType: "AL2023_x86_64_NVIDIA",
-                instanceTypes: group.instanceTypes,
-                capacityType: group.capacityType,
-                scalingConfig: { minSize: group.minSize, desiredSize: group.desiredSize, maxSize: group.maxSize },
-                // Cluster Autoscaler owns the desired size after creation.
-                ignoreScalingChanges: true,
-                labels: gpuNodeLabels(group),
-                taints: [{ key: gpuTaint.key, value: gpuTaint.value, effect: "NO_SCHEDULE" }],
-            },
-            { dependsOn: nodeAddons },
-        );
-        const autoScalingGroupName = nodeGroup.nodeGroup.apply((group) => group.resources[0].autoscalingGroups[0].name);
-        // Not parented to the node group: a child that depends on its parent's output would wait for itself.
-        tagForClusterAutoscaler(`${name}-${group.name}`, group, autoScalingGroupName);
-        return { config: group, nodeGroup, autoScalingGroupName };
-    });
+    // Karpenter finds the security group for its nodes by this tag (subnets carry it too, network.ts): its nodes
+    // share the system nodes' group, which the EFS mount targets and the control plane already admit.
+    const clusterSecurityGroupId = cluster.eksCluster.vpcConfig.clusterSecurityGroupId;
+    new aws.ec2.Tag(`${name}-security-group-discovery`, { resourceId: clusterSecurityGroupId, key: karpenterDiscoveryTagKey, value: config.name });
 
     // CoreDNS is a Deployment: it needs a node to become healthy.
     const coredns = addon("coredns", { dependsOn: [systemNodeGroup] });
@@ -230,8 +175,8 @@ export function createCluster(
         provider,
         kubernetesVersion: config.kubernetesVersion,
         systemNodeGroup,
-        gpuNodeGroups,
-        ready: [systemNodeGroup, coredns, ...gpuNodeGroups.map((group) => group.nodeGroup)],
+        clusterSecurityGroupId,
+        ready: [systemNodeGroup, coredns],
     };
 }
 

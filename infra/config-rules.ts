@@ -4,6 +4,7 @@ import {
     bfloat16MinComputeCapability,
     dtypes,
     gpuInstanceTypes,
+    gpusPerNode,
     maxGpuPods,
     podResourcesPerGpu,
     requiredGpuMemoryGiB,
@@ -14,6 +15,7 @@ import { ClusterConfig, GpuConfig, ServiceConfig, StackConfig } from "./config";
 import { ConfigReader } from "./config-reader";
 import { longestAudioSecondsThatFits, serverLimits, tmpReserveMiB } from "./server-limits";
 import { albIdleTimeoutSeconds, idleMarginSeconds, nlbTcpIdleTimeoutSeconds } from "./traffic";
+import { terminationGracePeriodSeconds } from "./whisper";
 
 /** Checks every rule across keys; problems are recorded on the reader. */
 export function checkStackRules(reader: ConfigReader, config: StackConfig): void {
@@ -40,29 +42,27 @@ function checkClusterAccess(reader: ConfigReader, cluster: ClusterConfig): void 
 function checkGpuFitsService(reader: ConfigReader, gpu: GpuConfig, service: ServiceConfig): void {
     if (!whisperModels[service.modelId] || !dtypes.includes(service.dtype) || Number.isNaN(service.maxBatchSize)) return;
     const needGiB = requiredGpuMemoryGiB(service.modelId, service.dtype, service.maxBatchSize);
-    for (const group of gpu.nodeGroups) {
-        group.instanceTypes.forEach((name, index) => {
-            const type = gpuInstanceTypes[name];
-            if (!type) return;
-            if (service.dtype === "bfloat16" && type.computeCapability < bfloat16MinComputeCapability) {
-                reader.problem(
-                    "modelDtype",
-                    service.dtype,
-                    `${name} (${type.gpuModel}, compute capability ${type.computeCapability.toFixed(1)}) has no bfloat16; ` +
-                        `use float16, or GPUs with compute capability ${bfloat16MinComputeCapability.toFixed(1)} or more (g5, g6, g6e, p4d, p5)`,
-                );
-            }
-            if (needGiB > type.gpuMemoryGiB) {
-                reader.problem(
-                    `gpuInstanceTypes[${index}]`,
-                    name,
-                    `its ${type.gpuModel} has ${type.gpuMemoryGiB} GiB but ${service.modelId} at ${service.dtype} ` +
-                        `with maxBatchSize ${service.maxBatchSize} needs about ${needGiB.toFixed(1)} GiB; ` +
-                        `choose a larger GPU, a smaller maxBatchSize or a 16-bit modelDtype`,
-                );
-            }
-        });
-    }
+    gpu.instanceTypes.forEach((name, index) => {
+        const type = gpuInstanceTypes[name];
+        if (!type) return;
+        if (service.dtype === "bfloat16" && type.computeCapability < bfloat16MinComputeCapability) {
+            reader.problem(
+                "modelDtype",
+                service.dtype,
+                `${name} (${type.gpuModel}, compute capability ${type.computeCapability.toFixed(1)}) has no bfloat16; ` +
+                    `use float16, or GPUs with compute capability ${bfloat16MinComputeCapability.toFixed(1)} or more (g5, g6, g6e, p4d, p5)`,
+            );
+        }
+        if (needGiB > type.gpuMemoryGiB) {
+            reader.problem(
+                `gpuInstanceTypes[${index}]`,
+                name,
+                `its ${type.gpuModel} has ${type.gpuMemoryGiB} GiB but ${service.modelId} at ${service.dtype} ` +
+                    `with maxBatchSize ${service.maxBatchSize} needs about ${needGiB.toFixed(1)} GiB; ` +
+                    `choose a larger GPU, a smaller maxBatchSize or a 16-bit modelDtype`,
+            );
+        }
+    });
 }
 
 /** Node disk a GPU node keeps beside the pods' /tmp volumes: the server image unpacked (6-7 GB, twice while it is
@@ -75,7 +75,7 @@ export const gpuNodeDiskReserveGiB = 40;
  */
 function checkWorstCaseFitsPod(reader: ConfigReader, config: StackConfig): void {
     const { service, workload, gpu } = config;
-    const types = gpu.nodeGroups.flatMap((group) => group.instanceTypes);
+    const types = gpu.instanceTypes;
     if (!whisperModels[service.modelId] || types.some((type) => !gpuInstanceTypes[type]) || types.length === 0) return;
     if ([workload.maxAudioSeconds, workload.maxUploadMb, workload.uploadSpoolGiB].some(Number.isNaN)) return;
     const memoryLimitMiB = podResourcesPerGpu(types).memoryMiB;
@@ -100,17 +100,15 @@ function checkWorstCaseFitsPod(reader: ConfigReader, config: StackConfig): void 
                 `maxUploadMb (${workload.maxUploadMb}): set uploadSpoolGiB to ${Math.ceil((workload.maxUploadMb + tmpReserveMiB) / 1024)} or more, or lower maxUploadMb`,
         );
     }
-    for (const group of gpu.nodeGroups) {
-        const gpusPerNode = gpuInstanceTypes[group.instanceTypes[0]].gpuCount;
-        const room = Math.floor((group.diskSizeGiB - gpuNodeDiskReserveGiB) / gpusPerNode);
-        if (workload.uploadSpoolGiB > room) {
-            reader.problem(
-                "uploadSpoolGiB",
-                workload.uploadSpoolGiB,
-                `${gpusPerNode} pod(s) per GPU node, each with a /tmp volume this size, and ${gpuNodeDiskReserveGiB} GiB for the image ` +
-                    `and the system do not fit gpuDiskSizeGiB (${group.diskSizeGiB}): set uploadSpoolGiB to ${room} or less, or raise gpuDiskSizeGiB`,
-            );
-        }
+    const podsPerNode = gpusPerNode(types);
+    const room = Math.floor((gpu.diskSizeGiB - gpuNodeDiskReserveGiB) / podsPerNode);
+    if (workload.uploadSpoolGiB > room) {
+        reader.problem(
+            "uploadSpoolGiB",
+            workload.uploadSpoolGiB,
+            `${podsPerNode} pod(s) per GPU node, each with a /tmp volume this size, and ${gpuNodeDiskReserveGiB} GiB for the image ` +
+                `and the system do not fit gpuDiskSizeGiB (${gpu.diskSizeGiB}): set uploadSpoolGiB to ${room} or less, or raise gpuDiskSizeGiB`,
+        );
     }
 }
 
@@ -186,8 +184,28 @@ function checkWorkload(reader: ConfigReader, config: StackConfig): void {
         }
         return;
     }
-    const gpuSlots = maxGpuPods(gpu.nodeGroups);
+    const gpuSlots = maxGpuPods(gpu);
     if (autoscaling.maxReplicas > gpuSlots) {
-        reader.problem("maxReplicas", autoscaling.maxReplicas, `the GPU node groups hold at most ${gpuSlots} pods (gpuMaxSize × GPUs per node): raise gpuMaxSize or lower maxReplicas`);
+        reader.problem("maxReplicas", autoscaling.maxReplicas, `the GPU NodePool holds at most ${gpuSlots} pods (gpuMaxSize × GPUs per node): raise gpuMaxSize or lower maxReplicas`);
+    }
+    checkGpuDisruption(reader, config);
+}
+
+/**
+ * An empty GPU node waits at least as long as a server pod takes to drain before Karpenter removes it: a pod that KEDA
+ * scales in is still finishing its requests for that long, and a node that goes at once is paid for again when the
+ * next pod needs one (a GPU node takes minutes to be useful).
+ */
+function checkGpuDisruption(reader: ConfigReader, config: StackConfig): void {
+    const { gpu, workload } = config;
+    if (Number.isNaN(gpu.consolidateAfterMinutes) || Number.isNaN(workload.requestTimeoutSeconds)) return;
+    const graceSeconds = terminationGracePeriodSeconds({ ...config.service, ...workload });
+    if (gpu.consolidateAfterMinutes * 60 < graceSeconds) {
+        reader.problem(
+            "gpuConsolidateAfterMinutes",
+            gpu.consolidateAfterMinutes,
+            `is shorter than a server pod's drain (terminationGracePeriodSeconds ${graceSeconds} s, from requestTimeoutSeconds ` +
+                `${workload.requestTimeoutSeconds}): set it to ${Math.ceil(graceSeconds / 60)} or more, or lower requestTimeoutSeconds`,
+        );
     }
 }

@@ -7,13 +7,14 @@ import { Dtype } from "./catalog";
 export const projectName = "whisper-eks";
 
 /**
- * The Kubernetes minor versions a stack may run: those EKS still offers (1.31's extended support ends 2026-11-26)
- * for which a Cluster Autoscaler release line and chart are known (infra/autoscaling.ts maps each to both).
+ * The Kubernetes minor versions a stack may run: those EKS still offers (1.31's extended support ends 2026-11-26),
+ * all inside the range the pinned Karpenter release supports (karpenterRelease in infra/karpenter.ts).
  */
 export const kubernetesVersions = ["1.32", "1.33", "1.34", "1.35"] as const;
 export type KubernetesVersion = (typeof kubernetesVersions)[number];
-export type CapacityType = "ON_DEMAND" | "SPOT";
-export const capacityTypes: readonly CapacityType[] = ["ON_DEMAND", "SPOT"];
+/** Karpenter's capacity types (the values of its `karpenter.sh/capacity-type` label). */
+export type CapacityType = "spot" | "on-demand";
+export const capacityTypes: readonly CapacityType[] = ["spot", "on-demand"];
 export type NatGatewayStrategy = "Single" | "OnePerAz";
 export const natGatewayStrategies: readonly NatGatewayStrategy[] = ["Single", "OnePerAz"];
 /** Where the model cache lives: a shared EFS file system (any replica count) or one EBS volume (one replica). */
@@ -52,16 +53,19 @@ export interface ClusterConfig {
     systemNodes: NodeGroupScaling & { instanceTypes: string[] };
 }
 
-export interface GpuNodeGroupConfig extends NodeGroupScaling {
-    /** Node group name inside the stack, e.g. `gpu`. */
-    name: string;
-    instanceTypes: string[];
-    capacityType: CapacityType;
-    diskSizeGiB: number;
-}
-
+/** The GPU NodePool and its EC2NodeClass: what Karpenter may launch for the server's pods. */
 export interface GpuConfig {
-    nodeGroups: GpuNodeGroupConfig[];
+    /** EC2 instance types Karpenter chooses from, all of one GPU model and count (catalog.ts knows each). */
+    instanceTypes: string[];
+    /** In order of preference: Karpenter launches spot where it is allowed and has capacity, else on-demand. */
+    capacityTypes: CapacityType[];
+    /** Most GPU nodes at once: the NodePool's nvidia.com/gpu limit is this times the GPUs per node. */
+    maxNodes: number;
+    diskSizeGiB: number;
+    /** The EC2NodeClass's AMI alias, pinned to a release (`al2023@v20260903`), never `@latest`. */
+    amiAlias: string;
+    /** How long a GPU node stays empty before Karpenter removes it, minutes. */
+    consolidateAfterMinutes: number;
 }
 
 export interface ImageConfig {
@@ -133,7 +137,6 @@ export interface AutoscalingConfig {
     /** The per-pod target of the chosen metric (from the key for that metric). */
     targetAverageValue: number;
     activeHours?: ActiveHours;
-    clusterAutoscalerScaleDownMinutes: number;
 }
 
 export interface StackConfig {

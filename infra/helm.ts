@@ -17,12 +17,21 @@ export interface HelmChart {
     chart: string;
     /** An exact chart version. */
     version: string;
+    /** A chart repository (https://) or an OCI registry path (oci://), which holds the chart under its name. */
     repository: string;
     namespace: string;
     values: Record<string, unknown>;
     /** Seconds Helm waits for the release's resources to become ready. */
     timeoutSeconds?: number;
+    /** Leave the chart's crds/ out: another release owns those CRDs (Helm never upgrades CRDs it installs that way). */
+    skipCrds?: boolean;
 }
+
+/** An OCI chart is named by its full reference; a repository chart by its name beside the repository. */
+export const chartSource = (chart: HelmChart): { chart: string; repositoryOpts?: { repo: string } } =>
+    chart.repository.startsWith("oci://")
+        ? { chart: `${chart.repository}/${chart.chart}` }
+        : { chart: chart.chart, repositoryOpts: { repo: chart.repository } };
 
 const exactVersion = /^v?\d+\.\d+\.\d+(-[\w.]+)?$/;
 
@@ -34,15 +43,15 @@ export function installChart(name: string, chart: HelmChart, context: AddonConte
         name,
         {
             name: chart.releaseName,
-            chart: chart.chart,
+            ...chartSource(chart),
             version: chart.version,
-            repositoryOpts: { repo: chart.repository },
             namespace: chart.namespace,
             createNamespace: true,
             values: chart.values,
             atomic: true,
             cleanupOnFail: true,
             timeout: chart.timeoutSeconds ?? 600,
+            skipCrds: chart.skipCrds,
         },
         { provider: context.provider, dependsOn: context.dependsOn },
     );

@@ -6,10 +6,10 @@ import { dtypes, gpuInstanceTypes, whisperModels } from "./catalog";
 import {
     ActiveHours,
     AutoscalingConfig,
+    CapacityType,
     capacityTypes,
     ClusterConfig,
     GpuConfig,
-    GpuNodeGroupConfig,
     ImageConfig,
     kubernetesVersions,
     loadBalancerSchemes,
@@ -92,32 +92,42 @@ function readCluster(reader: ConfigReader, stack: string): ClusterConfig {
     };
 }
 
+/** `al2023@v20260903`: an AMI release of the accelerated AL2023 family (Karpenter picks its NVIDIA variant for GPU types). */
+export const pinnedAmiAliasPattern = /^al2023@v\d{8}$/;
+
 function readGpu(reader: ConfigReader): GpuConfig {
     const instanceTypes = reader.stringList("gpuInstanceTypes", 1, gpuInstanceTypeProblem);
     const known = instanceTypes.filter((name) => gpuInstanceTypes[name]);
-    // Cluster Autoscaler builds one node template per group, and the group's nodes carry one accelerator label:
-    // every type in it must offer the same GPUs.
+    // The NodePool's nodes carry one accelerator label and its GPU limit counts nodes by one GPU count: every type
+    // in it must offer the same GPUs.
     const gpuCounts = new Set(known.map((name) => gpuInstanceTypes[name].gpuCount));
     if (gpuCounts.size > 1) {
-        reader.problem("gpuInstanceTypes", instanceTypes, "all types in the GPU node group must have the same GPU count");
+        reader.problem("gpuInstanceTypes", instanceTypes, "all types in the GPU NodePool must have the same GPU count");
     }
     const gpuModels = new Set(known.map((name) => gpuInstanceTypes[name].gpuModel));
     if (gpuModels.size > 1) {
         reader.problem(
             "gpuInstanceTypes",
             instanceTypes,
-            `all types in the GPU node group must have the same GPU model (their nodes carry one k8s.amazonaws.com/accelerator label), ` +
+            `all types in the GPU NodePool must have the same GPU model (its nodes carry one k8s.amazonaws.com/accelerator label), ` +
                 `got ${[...gpuModels].join(", ")}: for spot capacity list sizes of one family, e.g. g6.xlarge and g6.2xlarge`,
         );
     }
-    const group: GpuNodeGroupConfig = {
-        name: "gpu",
+    return {
         instanceTypes,
-        capacityType: reader.oneOf("gpuCapacityType", capacityTypes),
+        capacityTypes: reader.stringList("gpuCapacityTypes", 1, (item) =>
+            (capacityTypes as readonly string[]).includes(item) ? undefined : `allowed values are ${capacityTypes.map((type) => `"${type}"`).join(", ")}`,
+        ) as CapacityType[],
+        maxNodes: reader.integer("gpuMaxSize", { min: 1, max: 100 }),
         diskSizeGiB: reader.integer("gpuDiskSizeGiB", { min: 100, max: 16384 }),
-        ...reader.scaling("gpu", 100),
+        amiAlias: reader.string("gpuAmiAlias", {
+            pattern: pinnedAmiAliasPattern,
+            describe:
+                "must be an AL2023 AMI alias pinned to a release, e.g. al2023@v20260903 (awslabs/amazon-eks-ami releases); " +
+                "@latest would replace every GPU node whenever AWS publishes an AMI",
+        }),
+        consolidateAfterMinutes: reader.integer("gpuConsolidateAfterMinutes", { min: 1, max: 1440 }),
     };
-    return { nodeGroups: [group] };
 }
 
 function readImage(reader: ConfigReader): ImageConfig {
@@ -230,7 +240,6 @@ function readAutoscaling(reader: ConfigReader): AutoscalingConfig {
         metric,
         targetAverageValue: targets[metric],
         activeHours: readActiveHours(reader),
-        clusterAutoscalerScaleDownMinutes: reader.integer("clusterAutoscalerScaleDownMinutes", { min: 1, max: 1440 }),
     };
 }
 

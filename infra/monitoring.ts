@@ -223,7 +223,7 @@ export function serviceAlertGroups(t: ServiceAlertThresholds): object[] {
                     `max by (pod) (whisper_requests_in_flight{${inNamespace}}) / ${t.queueSize} > 0.8`,
                     "5m",
                     "warning",
-                    "Pod {{ $labels.pod }} holds more than 80% of the requests it admits: new requests will soon be refused with 503. Check that KEDA and Cluster Autoscaler can add capacity.",
+                    "Pod {{ $labels.pod }} holds more than 80% of the requests it admits: new requests will soon be refused with 503. Check that KEDA and Karpenter can add capacity (kubectl get nodeclaims).",
                 ),
                 alert(
                     "WhisperPodsNotReady",

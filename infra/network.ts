@@ -3,6 +3,7 @@
 import * as awsx from "@pulumi/awsx";
 import * as pulumi from "@pulumi/pulumi";
 import { NetworkConfig } from "./config";
+import { karpenterDiscoveryTagKey } from "./conventions";
 
 export interface Network {
     vpcId: pulumi.Output<string>;
@@ -10,6 +11,7 @@ export interface Network {
     publicSubnetIds: pulumi.Output<string[]>;
 }
 
+/** `name` is the cluster's: Karpenter launches nodes in the private subnets tagged with it. */
 export function createNetwork(name: string, config: NetworkConfig, tags: Record<string, string>): Network {
     const vpc = new awsx.ec2.Vpc(name, {
         cidrBlock: config.vpcCidr,
@@ -19,9 +21,9 @@ export function createNetwork(name: string, config: NetworkConfig, tags: Record<
         enableDnsSupport: true,
         subnetStrategy: "Auto",
         subnetSpecs: [
-            // The AWS Load Balancer Controller finds its subnets by these role tags.
+            // The AWS Load Balancer Controller finds its subnets by these role tags, Karpenter by the discovery tag.
             { type: awsx.ec2.SubnetType.Public, tags: { ...tags, "kubernetes.io/role/elb": "1" } },
-            { type: awsx.ec2.SubnetType.Private, tags: { ...tags, "kubernetes.io/role/internal-elb": "1" } },
+            { type: awsx.ec2.SubnetType.Private, tags: { ...tags, "kubernetes.io/role/internal-elb": "1", [karpenterDiscoveryTagKey]: name } },
         ],
         tags: { ...tags, Name: name },
     });

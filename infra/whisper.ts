@@ -99,7 +99,7 @@ export interface ScalingSettings {
     /** 0: no pod (and no GPU node) outside activeHours. */
     minReplicas: number;
     maxReplicas: number;
-    /** The most server pods the GPU node groups can hold; unknown in an existing cluster. */
+    /** The most server pods the GPU NodePool can hold; unknown in an existing cluster. */
     maxGpuPods?: number;
     metric: ScalingMetric;
     /** The per-pod average of the metric the autoscaler keeps. */
@@ -196,7 +196,7 @@ export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number
 /**
  * How a rollout replaces pods, each of which needs a whole GPU. A surge pod needs a free GPU or a GPU node the
  * autoscaler can still add: when the HPA's maximum leaves one, surge without losing capacity; when it may fill every
- * GPU the node groups can hold, a rollout at full scale must free a GPU first, so one pod may be down (the PDB allows
+ * GPU the GPU NodePool can hold, a rollout at full scale must free a GPU first, so one pod may be down (the PDB allows
  * one), and below full scale none; where the GPU count is unknown (an existing cluster), one. With the readiness
  * gate a pod counts as available only once its target is healthy, so the pods up stay healthy targets throughout.
  * One replica on a ReadWriteOnce volume must let go of it before the next starts.

@@ -230,6 +230,14 @@ export class OfflineMocks implements pulumi.runtime.Mocks {
                 return { ...inputs, id: physicalName, name: physicalName, arn: `arn:aws:iam::${mockAccountId}:role/${physicalName}` };
             case "aws:ec2/launchTemplate:LaunchTemplate":
                 return { ...inputs, id: `lt-${shortHash(name, 17)}`, name: physicalName, latestVersion: 1, defaultVersion: 1 };
+            case "aws:sqs/queue:Queue":
+                return {
+                    ...inputs,
+                    id: `https://sqs.${this.region}.amazonaws.com/${mockAccountId}/${physicalName}`,
+                    name: physicalName,
+                    arn: arn("sqs", physicalName),
+                    url: `https://sqs.${this.region}.amazonaws.com/${mockAccountId}/${physicalName}`,
+                };
             case "aws:iam/policy:Policy":
                 return { ...inputs, id: physicalName, name: physicalName, arn: `arn:aws:iam::${mockAccountId}:policy/${physicalName}` };
             default: {

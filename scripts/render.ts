@@ -55,8 +55,10 @@ export function kubernetesObject(resource: RecordedResource): Record<string, any
 
 /** The Helm release as a reviewer needs it: what is installed from where, and with which values. */
 export function helmRelease(resource: RecordedResource): Record<string, any> {
-    const { name, namespace, chart, version, repositoryOpts, values, atomic, timeout } = redactSecrets(resource.inputs);
-    return { release: name, namespace, chart, repository: repositoryOpts?.repo, version, atomic, timeout, values: values ?? {} };
+    const { name, namespace, chart, version, repositoryOpts, values, atomic, timeout, skipCrds } = redactSecrets(resource.inputs);
+    // An OCI chart is named by its reference: its registry path stands as the repository.
+    const [repository, chartName] = repositoryOpts?.repo ? [repositoryOpts.repo, chart] : [chart.slice(0, chart.lastIndexOf("/")), chart.slice(chart.lastIndexOf("/") + 1)];
+    return { release: name, namespace, chart: chartName, repository, version, atomic, timeout, skipCrds, values: values ?? {} };
 }
 
 /** Every file the render writes, by path relative to the output directory. */
@@ -82,6 +84,8 @@ const importModule = new Function("specifier", "return import(specifier)") as (s
 const customResourceModels: Record<string, string> = {
     "monitoring.coreos.com": "@kubernetes-models/prometheus-operator",
     "keda.sh": "@kubernetes-models/keda",
+    "karpenter.sh": "@kubernetes-models/karpenter",
+    "karpenter.k8s.aws": "@kubernetes-models/karpenter",
 };
 
 const apiGroup = (apiVersion: string): string => (apiVersion.includes("/") ? apiVersion.split("/")[0] : "");
@@ -162,7 +166,7 @@ async function main(): Promise<void> {
         console.error(`${problems.length} object(s) do not validate:\n${problems.map((problem) => `  - ${problem}`).join("\n")}`);
         process.exit(1);
     }
-    console.log(`every object validates strictly against the Kubernetes ${kubernetesVersion} schema (kubernetes-validate) or its CRD's model (Prometheus Operator, KEDA)`);
+    console.log(`every object validates strictly against the Kubernetes ${kubernetesVersion} schema (kubernetes-validate) or its CRD's model (Prometheus Operator, KEDA, Karpenter)`);
 }
 
 if (require.main === module) {

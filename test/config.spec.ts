@@ -64,19 +64,24 @@ const badConfigs: BadConfig[] = [
         ],
     },
     {
-        what: "GPU types with different GPU counts in one group",
+        what: "GPU types with different GPU counts in one NodePool",
         overrides: { gpuInstanceTypes: ["g5.xlarge", "g5.12xlarge"] },
         expected: ["whisper-eks:gpuInstanceTypes = ", "same GPU count"],
     },
     {
-        what: "min > max",
-        overrides: { gpuMinSize: 5, gpuDesiredSize: 5, gpuMaxSize: 2 },
-        expected: ["whisper-eks:gpuMinSize = 5", "must not exceed gpuMaxSize (2)"],
+        what: "an AMI alias that follows @latest",
+        overrides: { gpuAmiAlias: "al2023@latest" },
+        expected: ['whisper-eks:gpuAmiAlias = "al2023@latest"', "pinned to a release", "@latest would replace every GPU node"],
     },
     {
-        what: "desired outside min..max",
-        overrides: { gpuMinSize: 1, gpuDesiredSize: 4, gpuMaxSize: 2 },
-        expected: ["whisper-eks:gpuDesiredSize = 4", "between gpuMinSize (1) and gpuMaxSize (2)"],
+        what: "an empty GPU node removed before a pod could drain",
+        overrides: { gpuConsolidateAfterMinutes: 5 },
+        expected: ["whisper-eks:gpuConsolidateAfterMinutes = 5", "shorter than a server pod's drain", "set it to 11 or more"],
+    },
+    {
+        what: "a GPU NodePool with no capacity type",
+        overrides: { gpuCapacityTypes: [] },
+        expected: ["whisper-eks:gpuCapacityTypes = []", "at least 1 item"],
     },
     {
         what: "a system node group with min > max",
@@ -91,8 +96,8 @@ const badConfigs: BadConfig[] = [
     },
     {
         what: "an unknown capacity type",
-        overrides: { gpuCapacityType: "on-demand" },
-        expected: ['whisper-eks:gpuCapacityType = "on-demand"', '"ON_DEMAND", "SPOT"'],
+        overrides: { gpuCapacityTypes: ["ON_DEMAND"] },
+        expected: ['whisper-eks:gpuCapacityTypes[0] = "ON_DEMAND"', '"spot", "on-demand"'],
     },
     {
         what: "a malformed admin role ARN",
@@ -130,7 +135,7 @@ const badConfigs: BadConfig[] = [
         expected: ['whisper-eks:kubernetesVersion = "1.28"', '"1.32", "1.33", "1.34", "1.35"'],
     },
     {
-        what: "a Kubernetes version with no known Cluster Autoscaler release yet",
+        what: "a Kubernetes version past those the stack supports",
         overrides: { kubernetesVersion: "1.36" },
         expected: ['whisper-eks:kubernetesVersion = "1.36"', 'allowed values are "1.32"'],
     },
@@ -226,10 +231,10 @@ describe("config: bad stack configurations", () => {
     }
 
     it("reports every problem at once", async () => {
-        const { error } = await tryEvaluateStack("dev", { gpuMinSize: 5, gpuCapacityType: "cheap", gpuDiskSizeGiB: 20 });
+        const { error } = await tryEvaluateStack("dev", { gpuAmiAlias: "al2023@latest", gpuCapacityTypes: ["cheap"], gpuDiskSizeGiB: 20 });
         assert.ok(error);
         assert.match(error.message, /\(3 problems\)/);
-        for (const key of ["gpuMinSize", "gpuCapacityType", "gpuDiskSizeGiB"]) assert.ok(error.message.includes(`whisper-eks:${key} = `), key);
+        for (const key of ["gpuAmiAlias", "gpuCapacityTypes[0]", "gpuDiskSizeGiB"]) assert.ok(error.message.includes(`whisper-eks:${key} = `), key);
     });
 
     it("accepts what AWS accepts: network addresses of any prefix where allowed, a /20 VPC, x86_64 system node types", async () => {

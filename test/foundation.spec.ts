@@ -1,5 +1,5 @@
 // What each real stack (Pulumi.dev.yaml, Pulumi.prod.yaml) declares for the foundation: network, cluster,
-// node groups, add-ons, device plugin, storage, image and outputs, evaluated offline under mocks.
+// the system node group, add-ons, device plugin, storage, image and outputs, evaluated offline under mocks.
 import { strict as assert } from "assert";
 import { gpuInstanceTypes } from "../infra/catalog";
 import { pinnedImagePattern } from "../infra/load-config";
@@ -51,12 +51,8 @@ function affinityAdmits(terms: NodeSelectorTerm[], labels: Record<string, string
     );
 }
 
-/** The NoSchedule taints of an EKS node group, written as the API writes them (NO_SCHEDULE). */
 /** The launch template a managed node group names. */
 let launchTemplate: (group: RecordedResource) => RecordedResource;
-
-const nodeTaints = (nodeGroup: RecordedResource): Taint[] =>
-    (nodeGroup.inputs.taints ?? []).map((taint: Taint) => ({ ...taint, effect: taint.effect === "NO_SCHEDULE" ? "NoSchedule" : taint.effect }));
 
 for (const stack of ["dev", "prod"]) {
     describe(`foundation: the ${stack} stack`, () => {
@@ -66,7 +62,7 @@ for (const stack of ["dev", "prod"]) {
         const resources = (type: string, name?: string | RegExp) => findResources(evaluation.resources, type, name);
         const resource = (type: string, name?: string | RegExp) => findResource(evaluation.resources, type, name);
         const clusterName = `whisper-eks-${stack}`;
-        const gpuNodeGroup = () => resource("eks:index:ManagedNodeGroup", `${clusterName}-gpu`);
+        const gpuNodePool = () => resource("kubernetes:karpenter.sh/v1:NodePool");
         const systemNodeGroup = () => resource("eks:index:ManagedNodeGroup", `${clusterName}-system`);
 
         before(async () => {
@@ -115,51 +111,32 @@ for (const stack of ["dev", "prod"]) {
             assert.equal(cluster.inputs.kubeProxyAddonOptions.enabled, false);
         });
 
-        it("gives GPU nodes the NVIDIA AMI, the GPU taint and label, a large disk and the configured scaling", () => {
-            const group = gpuNodeGroup();
-            const vpc = resource("awsx:ec2:Vpc");
-            assert.equal(group.inputs.amiType, "AL2023_x86_64_NVIDIA");
-            assert.deepEqual(group.inputs.instanceTypes, key("gpuInstanceTypes"));
-            assert.equal(group.inputs.capacityType, key("gpuCapacityType"));
-            assert.equal(launchTemplate(group).inputs.blockDeviceMappings[0].ebs.volumeSize, key("gpuDiskSizeGiB"));
-            assert.ok(key("gpuDiskSizeGiB") >= 100);
-            assert.deepEqual(group.inputs.scalingConfig, {
-                minSize: key("gpuMinSize"),
-                desiredSize: key("gpuDesiredSize"),
-                maxSize: key("gpuMaxSize"),
-            });
-            assert.equal(group.inputs.ignoreScalingChanges, true);
-            assert.equal(group.inputs.labels["nvidia.com/gpu.present"], "true");
-            assert.deepEqual(group.inputs.taints, [{ key: "nvidia.com/gpu", value: "true", effect: "NO_SCHEDULE" }]);
-            assert.deepEqual(group.inputs.subnetIds, vpc.state.privateSubnetIds);
-            // These would switch the group to a launch template of the component's whose AMI is looked up on every run.
-            for (const option of ["userData", "kubeletExtraArgs", "bootstrapExtraArgs", "amiId", "enableIMDSv2"]) {
-                assert.equal(group.inputs[option], undefined, option);
-            }
+        it("has no GPU node group: GPU nodes come from Karpenter's NodePool, the system node group is the only managed one", () => {
+            assert.deepEqual(resources("eks:index:ManagedNodeGroup").map((group) => group.name), [`${clusterName}-system`]);
+            assert.deepEqual(resources("aws:autoscaling/tag:Tag"), [], "no node-template tags for Cluster Autoscaler");
+            assert.equal(gpuNodePool().inputs.spec.template.metadata.labels["nvidia.com/gpu.present"], "true");
         });
 
-        it("requires IMDSv2 with a hop limit of 1 on every node group, by a launch template that leaves the AMI to EKS", () => {
-            for (const [group, diskSize] of [[gpuNodeGroup(), key("gpuDiskSizeGiB")], [systemNodeGroup(), 50]] as const) {
-                const template = launchTemplate(group);
-                // Pods (one hop further than the node) cannot reach the instance role; Pod Identity gives them theirs.
-                assert.deepEqual(template.inputs.metadataOptions, { httpEndpoint: "enabled", httpTokens: "required", httpPutResponseHopLimit: 1 });
-                // No image and no user data: the node group's amiType picks the EKS-managed AMI, and updates roll nodes
-                // only when the template itself changes.
-                assert.equal(template.inputs.imageId, undefined, group.name);
-                assert.equal(template.inputs.userData, undefined, group.name);
-                assert.match(group.inputs.amiType, /^AL2023_x86_64_/);
-                assert.equal(group.inputs.launchTemplate.version, String(template.state.latestVersion));
-                // EKS refuses diskSize beside a launch template: the root volume is the template's.
-                assert.equal(group.inputs.diskSize, undefined, group.name);
-                assert.deepEqual(template.inputs.blockDeviceMappings, [
-                    { deviceName: "/dev/xvda", ebs: { volumeSize: diskSize, volumeType: "gp3", encrypted: "true", deleteOnTermination: "true" } },
-                ]);
-            }
+        it("requires IMDSv2 with a hop limit of 1 on the system node group, by a launch template that leaves the AMI to EKS", () => {
+            const group = systemNodeGroup();
+            const template = launchTemplate(group);
+            // Pods (one hop further than the node) cannot reach the instance role; Pod Identity gives them theirs.
+            assert.deepEqual(template.inputs.metadataOptions, { httpEndpoint: "enabled", httpTokens: "required", httpPutResponseHopLimit: 1 });
+            // No image and no user data: the node group's amiType picks the EKS-managed AMI, and updates roll nodes
+            // only when the template itself changes.
+            assert.equal(template.inputs.imageId, undefined, group.name);
+            assert.equal(template.inputs.userData, undefined, group.name);
+            assert.match(group.inputs.amiType, /^AL2023_x86_64_/);
+            assert.equal(group.inputs.launchTemplate.version, String(template.state.latestVersion));
+            // EKS refuses diskSize beside a launch template: the root volume is the template's.
+            assert.equal(group.inputs.diskSize, undefined, group.name);
+            assert.deepEqual(template.inputs.blockDeviceMappings, [
+                { deviceName: "/dev/xvda", ebs: { volumeSize: 50, volumeType: "gp3", encrypted: "true", deleteOnTermination: "true" } },
+            ]);
             // What pods would otherwise read from the instance metadata service, they are given.
             const values = (release: string) => resource("kubernetes:helm.sh/v3:Release", release).inputs.values;
             assert.equal(values("aws-load-balancer-controller").region, config["aws:region"]);
             assert.equal(values("aws-load-balancer-controller").vpcId, resource("awsx:ec2:Vpc").state.vpcId);
-            assert.equal(values("cluster-autoscaler").awsRegion, config["aws:region"]);
         });
 
         it("enforces NetworkPolicies: the VPC CNI add-on runs with network policy support on", () => {
@@ -167,7 +144,7 @@ for (const stack of ["dev", "prod"]) {
             assert.equal(JSON.parse(cni.inputs.configurationValues).enableNetworkPolicy, "true");
         });
 
-        it("runs add-ons on an untainted system node group and both groups with the node role made here", () => {
+        it("runs add-ons on an untainted system node group with the node role made here", () => {
             const system = systemNodeGroup();
             assert.equal(system.inputs.amiType, "AL2023_x86_64_STANDARD");
             assert.deepEqual(system.inputs.instanceTypes, key("systemNodeInstanceTypes"));
@@ -180,7 +157,6 @@ for (const stack of ["dev", "prod"]) {
             });
             const nodeRole = resource("aws:iam/role:Role", `${clusterName}-node`);
             assert.deepEqual(system.inputs.nodeRole, { $resource: { type: "aws:iam/role:Role", name: nodeRole.name } });
-            assert.deepEqual(gpuNodeGroup().inputs.nodeRole, system.inputs.nodeRole);
             assert.equal(JSON.parse(nodeRole.inputs.assumeRolePolicy).Statement[0].Principal.Service, "ec2.amazonaws.com");
             const attached = resources("aws:iam/rolePolicyAttachment:RolePolicyAttachment", new RegExp(`^${nodeRole.name}-`)).map(
                 (attachment) => attachment.inputs.policyArn.split("/").pop(),
@@ -191,23 +167,6 @@ for (const stack of ["dev", "prod"]) {
                 "AmazonEKS_CNI_Policy",
                 "AmazonSSMManagedInstanceCore",
             ]);
-        });
-
-        it("tags the GPU group's Auto Scaling group so Cluster Autoscaler can scale it up from zero", () => {
-            const group = gpuNodeGroup();
-            const asgName = group.state.nodeGroup.resources[0].autoscalingGroups[0].name;
-            const tags = Object.fromEntries(
-                resources("aws:autoscaling/tag:Tag")
-                    .filter((tag) => tag.inputs.autoscalingGroupName === asgName)
-                    .map((tag) => [tag.inputs.tag.key, tag.inputs.tag.value]),
-            );
-            const template = "k8s.io/cluster-autoscaler/node-template";
-            const gpuCount = gpuInstanceTypes[key("gpuInstanceTypes")[0]].gpuCount;
-            assert.equal(tags[`${template}/resources/nvidia.com/gpu`], String(gpuCount));
-            assert.equal(tags[`${template}/label/nvidia.com/gpu.present`], "true");
-            assert.equal(tags[`${template}/taint/nvidia.com/gpu`], "true:NoSchedule");
-            const exported = (evaluation.outputs.gpuNodeGroups as any[])[0];
-            assert.equal(exported.autoScalingGroupName, asgName);
         });
 
         it("declares each EKS add-on once, at a resolved version, coredns only after a node group", () => {
@@ -259,12 +218,12 @@ for (const stack of ["dev", "prod"]) {
             assert.match(plugin.inputs.version, /^\d+\.\d+\.\d+$/);
             assert.equal(plugin.inputs.name, "nvidia-device-plugin");
             const { tolerations, affinity } = plugin.inputs.values;
-            const gpu = gpuNodeGroup();
-            for (const taint of nodeTaints(gpu)) {
+            const gpu = gpuNodePool().inputs.spec.template;
+            for (const taint of gpu.spec.taints as Taint[]) {
                 assert.ok(tolerations.some((toleration: Toleration) => tolerates(toleration, taint)), `tolerates ${taint.key}`);
             }
             const terms = affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms;
-            assert.ok(affinityAdmits(terms, gpu.inputs.labels), "admits the GPU nodes");
+            assert.ok(affinityAdmits(terms, gpu.metadata.labels), "admits the GPU nodes");
             assert.ok(!affinityAdmits(terms, systemNodeGroup().inputs.labels), "keeps off the system nodes");
         });
 
@@ -301,12 +260,12 @@ for (const stack of ["dev", "prod"]) {
 }
 
 describe("foundation: dev and prod", () => {
-    it("meet the issue's sizes: dev one small GPU node that scales to zero, prod larger and at least two", () => {
+    it("meet the issue's sizes: dev small GPU nodes that scale to zero, prod larger and at least two", () => {
         const dev = stackConfig("dev").values;
         const prod = stackConfig("prod").values;
-        assert.equal(dev["whisper-eks:gpuMinSize"], 0);
-        assert.ok((dev["whisper-eks:gpuDesiredSize"] as number) <= 1);
-        assert.ok((prod["whisper-eks:gpuMinSize"] as number) >= 2);
+        // GPU nodes follow the pods: dev's pods go to zero, prod keeps two (one GPU each).
+        assert.equal(dev["whisper-eks:minReplicas"], 0);
+        assert.ok((prod["whisper-eks:minReplicas"] as number) >= 2);
         const largestGpuMemory = (types: string[]) => Math.max(...types.map((type) => gpuInstanceTypes[type].gpuMemoryGiB));
         assert.ok(
             largestGpuMemory(prod["whisper-eks:gpuInstanceTypes"] as string[]) > largestGpuMemory(dev["whisper-eks:gpuInstanceTypes"] as string[]),
@@ -328,11 +287,13 @@ describe("foundation: dev and prod", () => {
             );
         assert.deepEqual(normalise(devWithProdConfig, "dev"), normalise(prod, "prod"));
 
-        // And the two stacks as they are do differ, in the node groups their configs size differently.
+        // And the two stacks as they are do differ, in the GPU NodePools their configs shape differently.
         const dev = await evaluateStack("dev");
-        const gpuInputs = (evaluation: StackEvaluation) =>
-            findResources(evaluation.resources, "eks:index:ManagedNodeGroup", /-gpu$/)[0].inputs;
-        assert.notDeepEqual(gpuInputs(dev).instanceTypes, gpuInputs(prod).instanceTypes);
-        assert.notEqual(gpuInputs(dev).capacityType, gpuInputs(prod).capacityType);
+        const requirement = (evaluation: StackEvaluation, key: string) =>
+            findResources(evaluation.resources, "kubernetes:karpenter.sh/v1:NodePool")[0].inputs.spec.template.spec.requirements.find(
+                (candidate: { key: string }) => candidate.key === key,
+            ).values;
+        assert.notDeepEqual(requirement(dev, "node.kubernetes.io/instance-type"), requirement(prod, "node.kubernetes.io/instance-type"));
+        assert.notDeepEqual(requirement(dev, "karpenter.sh/capacity-type"), requirement(prod, "karpenter.sh/capacity-type"));
     });
 });

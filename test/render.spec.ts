@@ -42,7 +42,7 @@ describe("render", function () {
         describe(`${stack} stack`, function () {
             it("writes every object of the workload, monitoring and storage as YAML", function () {
                 const kinds = [...trees[stack].files.values()].map((object) => object.kind).filter(Boolean);
-                for (const kind of ["Namespace", "PersistentVolumeClaim", "Secret", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor", "ScaledObject", "PrometheusRule", "ConfigMap", "StorageClass"]) {
+                for (const kind of ["Namespace", "PersistentVolumeClaim", "Secret", "Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor", "ScaledObject", "PrometheusRule", "ConfigMap", "StorageClass", "NodePool", "EC2NodeClass"]) {
                     assert.ok(kinds.includes(kind), `a ${kind} is rendered`);
                 }
             });
@@ -60,7 +60,7 @@ describe("render", function () {
                 assert.ok(releases.length >= 5);
                 for (const [file, release] of releases) {
                     assert.ok(release.release && release.namespace && release.chart, file);
-                    assert.match(release.repository, /^https:\/\//, file);
+                    assert.match(release.repository, /^(https|oci):\/\//, file);
                     assert.match(release.version, /^\d+\.\d+\.\d+$/, file);
                     assert.equal(typeof release.values, "object", file);
                 }
@@ -104,6 +104,12 @@ describe("render", function () {
         assert.match(unknown[0], /Deployment whisper\/broken: \.spec: Additional properties are not allowed \('replicaz' was unexpected\)/);
         const rule = { apiVersion: "monitoring.coreos.com/v1", kind: "PrometheusRule", metadata: { name: "rule" }, spec: { groups: [{ rules: [] }] } };
         assert.match((await validateObjects([rule], "1.35"))[0], /PrometheusRule rule: .*name/);
+        // Karpenter's: a consolidation policy it does not know, a NodePool without a template.
+        const rendered = trees.dev.files.get(path.join("kubernetes", "cluster", "nodepool-gpu.yaml"));
+        assert.deepEqual(await validateObjects([rendered], "1.35"), []);
+        const wrongPolicy = { ...rendered, spec: { ...rendered.spec, disruption: { ...rendered.spec.disruption, consolidationPolicy: "Always" } } };
+        assert.match((await validateObjects([wrongPolicy], "1.35"))[0], /NodePool gpu: .*consolidationPolicy/);
+        assert.match((await validateObjects([{ ...rendered, spec: {} }], "1.35"))[0], /NodePool gpu: .*template/);
         assert.match((await validateObjects([{ apiVersion: "example.com/v1", kind: "Thing", metadata: { name: "x" } }], "1.35"))[0], /Thing x: .*schema/i);
     });
 

@@ -148,17 +148,15 @@ describe("workload", function () {
                 assert.equal(image, evaluation().outputs.imageReference);
             });
 
-            it("asks for one whole GPU, on GPU nodes, with the node group's own label and taint", function () {
+            it("asks for one whole GPU, on GPU nodes, with the GPU NodePool's own label and taint", function () {
                 const { requests, limits } = container(evaluation()).resources;
                 assert.equal(requests["nvidia.com/gpu"], "1");
                 assert.equal(limits["nvidia.com/gpu"], "1");
-                const gpuGroup = findResources(evaluation().resources, "eks:index:ManagedNodeGroup").find((group) => group.inputs.amiType === "AL2023_x86_64_NVIDIA");
-                assert.ok(gpuGroup, "a GPU node group");
-                assert.ok(matches(podSpec(evaluation()).nodeSelector, gpuGroup.inputs.labels), "the nodeSelector names labels the GPU nodes carry");
-                for (const taint of gpuGroup.inputs.taints) {
-                    const effect = taint.effect === "NO_SCHEDULE" ? "NoSchedule" : taint.effect;
+                const template = byKind(evaluation(), "kubernetes:karpenter.sh/v1:NodePool").inputs.spec.template;
+                assert.ok(matches(podSpec(evaluation()).nodeSelector, template.metadata.labels), "the nodeSelector names labels the GPU nodes carry");
+                for (const taint of template.spec.taints) {
                     assert.ok(
-                        podSpec(evaluation()).tolerations.some((toleration: any) => toleration.key === taint.key && toleration.effect === effect),
+                        podSpec(evaluation()).tolerations.some((toleration: any) => toleration.key === taint.key && toleration.effect === taint.effect),
                         `the pod tolerates the GPU taint ${taint.key}`,
                     );
                 }
@@ -475,12 +473,13 @@ describe("workload", function () {
             it("pins every Helm chart to an exact version under an explicit release name", function () {
                 const releases = findResources(evaluation().resources, kinds.release);
                 const names = releases.map((candidate) => candidate.inputs.name);
-                for (const expected of ["aws-load-balancer-controller", "kube-prometheus-stack", "dcgm-exporter", "keda", "cluster-autoscaler"]) {
+                for (const expected of ["aws-load-balancer-controller", "kube-prometheus-stack", "dcgm-exporter", "keda", "karpenter-crd", "karpenter"]) {
                     assert.ok(names.includes(expected), `release ${expected}`);
                 }
                 for (const candidate of releases) {
                     assert.match(candidate.inputs.version, /^\d+\.\d+\.\d+$/, `${candidate.inputs.name} version`);
-                    assert.match(candidate.inputs.repositoryOpts.repo, /^https:\/\//);
+                    // A repository chart beside its repository, or an OCI chart by its full reference.
+                    assert.ok(/^https:\/\//.test(candidate.inputs.repositoryOpts?.repo) || /^oci:\/\/[^/]+\/.+\/[^/]+$/.test(candidate.inputs.chart), candidate.inputs.name);
                     assert.ok(candidate.inputs.namespace, `${candidate.inputs.name} namespace`);
                 }
             });
@@ -559,33 +558,6 @@ describe("workload", function () {
                     assert.ok(expressions.includes(metric), `a panel shows ${metric}`);
                 }
             });
-
-            it("runs Cluster Autoscaler for this cluster, on system nodes, with the image of its Kubernetes version", function () {
-                const values = release(evaluation(), "cluster-autoscaler").inputs.values;
-                const cluster = byKind(evaluation(), "eks:index:Cluster");
-                assert.equal(values.autoDiscovery.clusterName, cluster.inputs.name);
-                assert.match(values.image.tag, new RegExp(`^v${String(config(evaluation(), "kubernetesVersion")).replace(".", "\\.")}\\.\\d+$`));
-                assert.equal(values.extraArgs.expander, "least-waste");
-                assert.equal(values.extraArgs["scale-down-unneeded-time"], `${config(evaluation(), "clusterAutoscalerScaleDownMinutes")}m`);
-                const associations = findResources(evaluation().resources, "aws:eks/podIdentityAssociation:PodIdentityAssociation");
-                const serviceAccounts = associations.map((association) => `${association.inputs.namespace}/${association.inputs.serviceAccount}`);
-                assert.ok(serviceAccounts.includes(`kube-system/${values.rbac.serviceAccount.name}`), "its service account has an IAM role");
-                assert.ok(serviceAccounts.includes("kube-system/aws-load-balancer-controller"));
-            });
-
-            it("lets Cluster Autoscaler scale the GPU group from zero: its ASG describes a GPU node the pod fits", function () {
-                const template = Object.fromEntries(
-                    findResources(evaluation().resources, "aws:autoscaling/tag:Tag")
-                        .map((tag) => [tag.inputs.tag.key, tag.inputs.tag.value])
-                        .filter(([key]) => key.startsWith("k8s.io/cluster-autoscaler/node-template/")),
-                );
-                const prefix = "k8s.io/cluster-autoscaler/node-template";
-                assert.ok(Number(template[`${prefix}/resources/nvidia.com/gpu`]) >= Number(container(evaluation()).resources.requests["nvidia.com/gpu"]));
-                for (const [key, value] of Object.entries(podSpec(evaluation()).nodeSelector)) assert.equal(template[`${prefix}/label/${key}`], value);
-                for (const toleration of podSpec(evaluation()).tolerations) {
-                    assert.ok(template[`${prefix}/taint/${toleration.key}`]?.endsWith(`:${toleration.effect}`), `the template's taint ${toleration.key} is tolerated`);
-                }
-            });
         });
     }
 
@@ -616,9 +588,11 @@ describe("workload", function () {
             desiredReplicas: "1",
         });
         assert.ok(Intl.supportedValuesOf("timeZone").includes(cron.metadata.timezone));
-        // Cluster Autoscaler may then remove the last GPU node.
-        const gpuGroup = findResources(stacks.dev.resources, "eks:index:ManagedNodeGroup").find((group) => group.inputs.amiType === "AL2023_x86_64_NVIDIA")!;
-        assert.equal(gpuGroup.inputs.scalingConfig.minSize, 0);
+        // With no pod, Karpenter removes the empty GPU node: nothing keeps one (no node group with a minimum).
+        const pool = byKind(stacks.dev, "kubernetes:karpenter.sh/v1:NodePool").inputs.spec;
+        assert.equal(pool.disruption.consolidationPolicy, "WhenEmpty");
+        assert.equal(pool.replicas, undefined, "not a static pool");
+        assert.equal(findResources(stacks.dev.resources, "eks:index:ManagedNodeGroup").filter((group) => group.inputs.amiType !== "AL2023_x86_64_STANDARD").length, 0);
         // prod never goes below its minimum and needs no schedule.
         const prod = byKind(stacks.prod, kinds.scaledObject).inputs.spec;
         assert.equal(prod.minReplicaCount, 2);
@@ -710,7 +684,7 @@ describe("workload", function () {
         });
 
         it("keeps the NLB deregistration delay and HPA window within their one-hour limits for the longest requests", async function () {
-            const evaluation = await evaluateStack("prod", { requestTimeoutSeconds: 5940 });
+            const evaluation = await evaluateStack("prod", { requestTimeoutSeconds: 5940, gpuConsolidateAfterMinutes: 100 });
             const annotations = byKind(evaluation, kinds.service).inputs.metadata.annotations;
             assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-target-group-attributes"], "deregistration_delay.timeout_seconds=3600");
             assert.equal(annotations["service.beta.kubernetes.io/aws-load-balancer-listener-attributes.TCP-80"], "tcp.idle_timeout.seconds=6000");
@@ -750,7 +724,19 @@ describe("workload", function () {
 
         it("deploys the workload, monitoring and KEDA into the given cluster and says what it skipped", async function () {
             const evaluation = await evaluateStack("dev", { existingClusterKubeconfig: kubeconfig, modelCacheStorageClass: "shared-nfs" });
-            for (const type of ["awsx:ec2:Vpc", "eks:index:Cluster", "eks:index:ManagedNodeGroup", "aws:efs/fileSystem:FileSystem", "aws:eks/podIdentityAssociation:PodIdentityAssociation"]) {
+            for (const type of [
+                "awsx:ec2:Vpc",
+                "eks:index:Cluster",
+                "eks:index:ManagedNodeGroup",
+                "aws:efs/fileSystem:FileSystem",
+                "aws:eks/podIdentityAssociation:PodIdentityAssociation",
+                // Nothing of Karpenter: the cluster brings its own GPU nodes.
+                "kubernetes:karpenter.sh/v1:NodePool",
+                "kubernetes:karpenter.k8s.aws/v1:EC2NodeClass",
+                "aws:sqs/queue:Queue",
+                "aws:cloudwatch/eventRule:EventRule",
+                "aws:eks/accessEntry:AccessEntry",
+            ]) {
                 assert.equal(findResources(evaluation.resources, type).length, 0, `no ${type}`);
             }
             const releases = findResources(evaluation.resources, kinds.release).map((candidate) => candidate.inputs.name).sort();
@@ -764,7 +750,7 @@ describe("workload", function () {
             const [api] = policyRuleFor(evaluation, "http");
             assert.equal(api.from, undefined);
             const skipped = evaluation.outputs.notDeployedInExistingCluster as string[];
-            assert.ok(skipped.some((part) => part.includes("Cluster Autoscaler")) && skipped.some((part) => part.includes("AWS Load Balancer Controller")));
+            assert.ok(skipped.some((part) => part.includes("Karpenter")) && skipped.some((part) => part.includes("AWS Load Balancer Controller")));
             assert.equal(evaluation.outputs.kubeconfig, undefined);
             assert.equal(release(evaluation, "kube-prometheus-stack").inputs.values.prometheus.prometheusSpec.storageSpec.volumeClaimTemplate.spec.storageClassName, undefined);
         });

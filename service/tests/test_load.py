@@ -151,6 +151,30 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, audio):
     assert events["drained"]["unfinished"] == 0
 
 
+def test_requests_unfinished_at_the_drain_deadline_get_503_with_retry_after_not_a_cut_connection(start_server, audio):
+    # A spot warning or a pod's grace period running out: the drain ends before these long requests do.
+    server = start_server("--max-batch-size", "1", "--drain-seconds", "0.5")
+    count = 3
+    with ThreadPoolExecutor(count) as pool:
+        pending = [pool.submit(lambda: post_audio(httpx.Client(base_url=server.url, timeout=120), audio["long.mp3"]))
+                   for _ in range(count)]
+        deadline = time.monotonic() + 30
+        while server.metric("whisper_requests_in_flight") < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.metric("whisper_requests_in_flight") == count
+        server.process.send_signal(signal.SIGTERM)
+        responses = [future.result() for future in pending]
+    unfinished = [r for r in responses if r.status_code != 200]
+    assert unfinished, "with one slot and a half-second drain, long requests are still running at the deadline"
+    for response in unfinished:
+        assert response.status_code == 503 and response.json()["error"]["code"] == "draining"
+        assert int(response.headers["retry-after"]) >= 1
+    assert server.process.wait(timeout=30) == 0
+    events = {line["message"]: line for line in map(json.loads, server.log_path.read_text().splitlines())
+              if line.get("logger") == "whisper_server"}
+    assert events["drained"]["unfinished"] == len(unfinished) and events["drained"]["unanswered"] == 0
+
+
 def test_request_deadline_answers_504_and_frees_the_queue(start_server, audio, assert_still_ready):
     server = start_server("--max-batch-size", "1", "--request-timeout-seconds", "0.05")
     response = post_audio(server.client, audio["long.mp3"])

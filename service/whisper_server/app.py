@@ -57,8 +57,8 @@ class ServerState:
     draining: bool = False
     load_failed: bool = False
     in_flight: int = 0  # audio requests being handled; drain waits for zero
-    # Set once the server gives up on the requests it holds (the engine died, a stop was forced): each is answered
-    # with abandon_error at once, instead of waiting out uvicorn's shutdown and a plain-text 500.
+    # Set once the server gives up on the requests it holds (the drain's deadline passed, a stop was forced, the
+    # engine died): each is answered abandon_error at once (retry elsewhere), not cut off or a plain-text 500.
     abandoned: asyncio.Event = field(default_factory=asyncio.Event)
     abandon_error: ApiError | None = None
     abandoned_requests: int = 0
@@ -98,6 +98,11 @@ class ServerState:
 def engine_unavailable() -> ApiError:
     return ApiError(503, "The speech engine stopped; retry on another replica.", code="engine_unavailable",
                     headers={"Retry-After": "5"})
+
+
+def drain_expired() -> ApiError:
+    return ApiError(503, "The server shut down before this request could finish; retry it on another replica.",
+                    code="draining", headers={"Retry-After": "1", "Connection": "close"})
 
 
 def server_stopping() -> ApiError:

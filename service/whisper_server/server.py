@@ -1,7 +1,7 @@
 """Runs the server: starts the engine process (which loads and warms the model) in the background, serves HTTP,
-drains on SIGTERM. Exits 0 when every request was answered, 1 when the model failed to load or the engine died, and
-128 + the signal's number (143 for SIGTERM, 130 for SIGINT) when the stop abandoned requests (a second signal, or
-the drain's deadline passed): each of those was answered 503."""
+drains on SIGTERM. Exits 0 once drained (requests still running at the drain's deadline are answered 503), 1 when
+the model failed to load or the engine died, and 128 + the signal's number (143 for SIGTERM, 130 for SIGINT) when a
+second signal gave up on requests in flight (each answered 503)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ import time
 import uvicorn
 from prometheus_client import start_http_server
 
-from .app import ServerState, create_app, engine_unavailable, server_stopping
+from .app import ServerState, create_app, drain_expired, engine_unavailable, server_stopping
 from .engine_process import EngineProcess
 from .logs import configure_logging
 from .settings import Settings
 
 log = logging.getLogger("whisper_server")
-# How long abandoned requests get to send their 503 before uvicorn stops the event loop.
-ABANDON_FLUSH_SECONDS = 0.2
+# How long requests the server gives up on (drain deadline, second signal, engine gone) have to get their 503 out
+# before the server exits.
+ANSWER_SECONDS = 2.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -33,6 +34,7 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_signal: int | None = None
+        self.forced = False  # a second signal gave up on the requests in flight
 
     async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
@@ -46,7 +48,7 @@ class DrainingServer(uvicorn.Server):
             log.info("stopping at once", extra={"fields": {"signal": signal.Signals(sig).name,
                                                            "abandoned": self.state.in_flight}})
             self.stop_signal = sig
-            self.loop.call_soon_threadsafe(self.abandon_and_exit, server_stopping(), True)
+            self.abandon(server_stopping(), forced=True)
             return
         self.stop_signal = sig
         self.state.draining = True
@@ -58,22 +60,27 @@ class DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + self.state.settings.drain_seconds
         while self.state.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        log.info("drained", extra={"fields": {"unfinished": self.state.in_flight}})
-        self.abandon_and_exit(server_stopping())
+        unfinished = self.state.in_flight
+        # Past the deadline the unfinished requests are answered 503 with Retry-After, not dropped with the process.
+        await self.answer_and_exit(drain_expired())
+        log.info("drained", extra={"fields": {"unfinished": unfinished, "unanswered": self.state.in_flight}})
 
-    def abandon_and_exit(self, error, force: bool = False) -> None:
-        """Answers every request still in flight with `error`, lets those answers go out, then stops serving."""
+    def abandon(self, error, forced: bool = False) -> None:
+        """From any thread: gives up on the requests in flight (answered `error`), then stops serving."""
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.answer_and_exit(error, forced)))
+
+    async def answer_and_exit(self, error, forced: bool = False) -> None:
+        self.forced = self.forced or forced
         self.state.abandon(error)
-
-        def exit_now() -> None:
-            self.should_exit, self.force_exit = True, self.force_exit or force
-
-        self.loop.call_later(ABANDON_FLUSH_SECONDS if self.state.in_flight else 0, exit_now)
+        answered_by = time.monotonic() + ANSWER_SECONDS
+        while self.state.in_flight > 0 and time.monotonic() < answered_by:
+            await asyncio.sleep(0.05)
+        self.should_exit, self.force_exit = True, self.force_exit or forced
 
     def exit_code(self) -> int:
         if self.state.load_failed:
             return 1
-        if self.state.abandoned_requests and self.stop_signal is not None:
+        if self.forced and self.state.abandoned_requests:
             return 128 + self.stop_signal
         return 0
 
@@ -86,7 +93,7 @@ def start_engine(state: ServerState, server: DrainingServer) -> None:
         if server.loop is None:
             server.should_exit = True
         else:
-            server.loop.call_soon_threadsafe(server.abandon_and_exit, engine_unavailable())
+            server.abandon(engine_unavailable())
 
     engine = EngineProcess(settings, state.metrics, on_lost=lost)
     state.engine = engine
