@@ -370,7 +370,7 @@ class ObservedApp:
             metrics.requests.labels(scope["method"], route, str(status)).inc()
             metrics.request_duration.labels(scope["method"], route).observe(duration)
             error_code = scope["state"].get("error_code")
-            if status >= 400:
+            if status >= 400 and route not in QUIET_ROUTES:  # a probe's 503 while loading refuses nobody
                 metrics.refusals.labels(error_code or str(status)).inc()
             # Probes and scrapes every few seconds would drown the request log.
             if route not in QUIET_ROUTES or status >= 400:
