@@ -20,7 +20,7 @@ import { apiKeyFor, deploymentName, serverUser, terminationGracePeriodSeconds, w
 // 1. Config, validated before anything is declared.
 const config = loadConfig();
 const name = config.cluster.name;
-const serverSettings = { ...config.service, ...config.workload };
+const serverSettings = { ...config.service, ...config.workload, mayRunOnSpot: config.gpu.capacityTypes.includes("spot") };
 
 // 2-5. The cluster, created here unless the stack deploys into an existing one (existingClusterKubeconfig).
 function createEksCluster() {

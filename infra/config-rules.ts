@@ -199,7 +199,7 @@ function checkWorkload(reader: ConfigReader, config: StackConfig): void {
 function checkGpuDisruption(reader: ConfigReader, config: StackConfig): void {
     const { gpu, workload } = config;
     if (Number.isNaN(gpu.consolidateAfterMinutes) || Number.isNaN(workload.requestTimeoutSeconds)) return;
-    const graceSeconds = terminationGracePeriodSeconds({ ...config.service, ...workload });
+    const graceSeconds = terminationGracePeriodSeconds({ ...config.service, ...workload, mayRunOnSpot: gpu.capacityTypes.includes("spot") });
     if (gpu.consolidateAfterMinutes * 60 < graceSeconds) {
         reader.problem(
             "gpuConsolidateAfterMinutes",

@@ -93,6 +93,8 @@ export interface ServerSettings {
     uploadMinBytesPerSecond: number;
     /** The longest a request may run: the server's deadline, and the base of every timeout around it. */
     requestTimeoutSeconds: number;
+    /** The GPU nodes may be spot instances (gpuCapacityTypes has spot): every drain must end within a reclaim's notice. */
+    mayRunOnSpot: boolean;
 }
 
 export interface ScalingSettings {
@@ -135,10 +137,23 @@ export interface WhisperServiceArgs {
     provider: k8s.Provider;
 }
 
-/** How long the server keeps finishing in-flight requests after SIGTERM: the longest request. */
-export const drainSeconds = (server: ServerSettings): number => server.requestTimeoutSeconds;
-/** The preStop pause, the drain, and a margin for the process to exit. */
-export const terminationGracePeriodSeconds = (server: ServerSettings): number => preStopSleepSeconds + drainSeconds(server) + 15;
+/** EC2's notice before it reclaims a spot instance. */
+export const spotInterruptionNoticeSeconds = 120;
+/** Of that notice, what EventBridge, the queue and Karpenter's eviction may take before the pod is told (an allowance). */
+export const interruptionReactionSeconds = 20;
+/** After the drain, how long the server takes to answer what is unfinished (503) and exit. */
+const exitSeconds = 15;
+/** The longest drain that still ends, and answers what is unfinished, before a reclaimed spot instance goes. */
+export const spotDrainSeconds = spotInterruptionNoticeSeconds - interruptionReactionSeconds - preStopSleepSeconds - exitSeconds;
+/**
+ * How long the server keeps finishing in-flight requests after SIGTERM, after which it answers the rest 503 with
+ * Retry-After: the longest request, or on nodes that may be spot what a reclaim's notice leaves (a pod cannot tell a
+ * reclaim from a scale-in, so every drain there is that short).
+ */
+export const drainSeconds = (server: ServerSettings): number =>
+    server.mayRunOnSpot ? Math.min(server.requestTimeoutSeconds, spotDrainSeconds) : server.requestTimeoutSeconds;
+/** The preStop pause, the drain, and a margin for the process to answer and exit. */
+export const terminationGracePeriodSeconds = (server: ServerSettings): number => preStopSleepSeconds + drainSeconds(server) + exitSeconds;
 /** The longest an HPA stabilization window can be (a Kubernetes limit). */
 const oneHourSeconds = 3600;
 

@@ -75,6 +75,7 @@ const badConfigs: BadConfig[] = [
     },
     {
         what: "an empty GPU node removed before a pod could drain",
+        stack: "prod",
         overrides: { gpuConsolidateAfterMinutes: 5 },
         expected: ["whisper-eks:gpuConsolidateAfterMinutes = 5", "shorter than a server pod's drain", "set it to 11 or more"],
     },

@@ -16,13 +16,17 @@ const CHROMIUM_ARGS = [
     "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
     // A name that is not localhost reaches the test server as plain HTTP does the NLB: not a secure context.
     "--host-resolver-rules=MAP plain-http.test 127.0.0.1",
+    // The playback test starts the player from the test, not from a click.
+    "--autoplay-policy=no-user-gesture-required",
 ];
 const API_KEY = "web-test-key";
 const MAX_UPLOAD_MB = 1;
+const READY_SECONDS = 300;
 const ARTIFACTS = path.join(__dirname, "..", "test-artifacts", "web");
 const AUDIO_ROUTES = /\/v1\/audio\/(transcriptions|translations)$/;
 
 interface Segment { start: number; end: number; text: string }
+interface StreamEvent { type: string; delta?: string; text?: string; segments?: Segment[]; error?: { message: string } }
 interface Box { top: number; left: number; width: number; height: number }
 interface Cue { start: string; end: string; text: string }
 
@@ -48,7 +52,8 @@ async function startServer(modelDir: string, extraArgs: string[]): Promise<TestS
     let log = "";
     server.stdout!.on("data", (chunk) => { log += chunk; });
     server.stderr!.on("data", (chunk) => { log += chunk; });
-    const deadline = Date.now() + 90_000;
+    // Loading and warming the model takes seconds alone, minutes on a CI machine busy with other suites.
+    const deadline = Date.now() + READY_SECONDS * 1000;
     while (Date.now() < deadline) {
         if (server.exitCode !== null) throw new Error(`whisper-server exited with ${server.exitCode}:\n${log}`);
         try {
@@ -59,7 +64,7 @@ async function startServer(modelDir: string, extraArgs: string[]): Promise<TestS
         await new Promise((r) => setTimeout(r, 250));
     }
     await stopServer(server);
-    throw new Error(`whisper-server was not ready within 90 s:\n${log}`);
+    throw new Error(`whisper-server was not ready within ${READY_SECONDS} s:\n${log}`);
 }
 
 async function stopServer(server: ChildProcess | undefined): Promise<void> {
@@ -98,7 +103,7 @@ function shortTime(seconds: number): string {
 }
 
 describe("web page (headless Chromium against a real whisper-server)", function () {
-    this.timeout(180_000);
+    this.timeout((READY_SECONDS + 120) * 1000);
 
     let workDir = "";
     let speechWav = "";
@@ -176,17 +181,27 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         assert.ok(await page.locator("#copy-button").isDisabled(), "nothing to copy after an error");
     }
 
-    async function assertShowsSegments(target: Page, response: Response): Promise<Segment[]> {
+    // The page's request streams: server-sent events, each delta with its segments, then done.
+    async function streamEvents(response: Response): Promise<StreamEvent[]> {
         assert.strictEqual(response.status(), 200, await response.text());
-        const body = await response.json();
-        const segments = (body.segments as Segment[]).filter((s) => s.text.trim() !== "");
+        assert.match(response.headers()["content-type"], /^text\/event-stream/);
+        return (await response.text()).split("\n\n").filter((block) => block.startsWith("data: "))
+            .map((block) => JSON.parse(block.slice("data: ".length)) as StreamEvent);
+    }
+
+    async function assertShowsSegments(target: Page, response: Response): Promise<Segment[]> {
+        const events = await streamEvents(response);
+        const done = events[events.length - 1];
+        assert.strictEqual(done.type, "transcript.text.done", JSON.stringify(done));
+        assert.strictEqual(events.slice(0, -1).map((e) => e.delta).join(""), done.text, "the deltas add up to the text");
+        const segments = events.flatMap((e) => e.segments ?? []).filter((s) => s.text.trim() !== "");
         assert.ok(segments.length > 0, "the test model produced no segment text");
         const rows = target.locator("#segments li");
         await rows.first().waitFor();
         assert.deepStrictEqual(await rows.locator(".segment-text").allInnerTexts(), segments.map((s) => s.text.trim()));
         assert.deepStrictEqual(await rows.locator("time").allInnerTexts(),
             segments.map((s) => `${shortTime(s.start)} – ${shortTime(s.end)}`), "each segment's times from verbose_json");
-        assert.match(await target.locator("#result-meta").innerText(), new RegExp(`Language: ${body.language}`));
+        assert.match(await target.locator("#result-meta").innerText(), /^Language: \w+ · \d+:\d\d of audio · took /);
         assert.match(await target.locator("#status-line").innerText(), /^Done: \d+ segments? in \d+\.\d s\.$/);
         return segments;
     }
@@ -402,6 +417,64 @@ describe("web page (headless Chromium against a real whisper-server)", function 
             assert.strictEqual(await readClipboard(), await plainPage.locator("#formatted").innerText());
         } finally {
             await plain.close();
+        }
+    });
+
+    it("highlights the word being played and seeks to a word when it is clicked", async function () {
+        await chooseFile(speechWav);
+        await assertShowsSegments(page, await submit());
+        const words = page.locator("#segments .word");
+        assert.ok((await words.count()) >= 2, "the transcript's words are marked up");
+        const player = page.locator("#player");
+        const currentTime = () => player.evaluate((el) => (el as any).currentTime as number);
+        const current = () => page.evaluate(() => {
+            const view = globalThis as any;
+            return [...view.document.querySelectorAll("#segments .word")].findIndex((el: any) => el.classList.contains("current"));
+        });
+
+        const second = words.nth(1);
+        await second.click();
+        assert.ok(Math.abs(await currentTime() - Number(await second.getAttribute("data-start"))) < 0.01,
+            "a click seeks the audio to the word");
+        await page.waitForFunction(() => (globalThis as any).document.querySelectorAll("#segments .word.current").length === 1);
+        assert.strictEqual(await current(), 1, "the clicked word is highlighted");
+        await shot("09-word-highlighted");
+
+        // From the first word, playing moves the highlight on to the second as the audio reaches it.
+        await words.nth(0).click();
+        assert.strictEqual(await current(), 0);
+        await player.evaluate((el) => { const audio = el as any; audio.muted = true; return audio.play(); });
+        await page.waitForFunction(() => {
+            const view = globalThis as any;
+            const audio = view.document.getElementById("player");
+            const words = [...view.document.querySelectorAll("#segments .word")];
+            return !audio.paused && words[1].classList.contains("current");
+        }, undefined, { timeout: 30_000 });
+        assert.ok(await currentTime() >= Number(await second.getAttribute("data-start")) - 0.01,
+            "the second word lights up once the audio reaches it");
+        await player.evaluate((el) => (el as any).pause());
+    });
+
+    it("shows the first words of a long file while the rest is still being transcribed", async function () {
+        // One slot and 300 tokens a window: each 30 s window takes seconds, so the stream is seen mid-way.
+        const slow = await startServer(path.join(workDir, "model"), ["--max-batch-size", "1", "--max-new-tokens", "300",
+            "--fixed-new-tokens"]);
+        const longWav = path.join(workDir, "long.wav");
+        execFileSync("ffmpeg", ["-loglevel", "error", "-stream_loop", "15", "-i", speechWav, "-t", "75", longWav]);
+        try {
+            await page.goto(`${slow.baseUrl}/`);
+            await page.locator("#model-line").filter({ hasText: /^Model: / }).waitFor();
+            await chooseFile(longWav);
+            const response = await submit(page, async () => {
+                await page.locator("#segments li").first().waitFor();
+                assert.ok(await page.locator("#cancel-button").isEnabled(), "the first words show before the answer ends");
+                assert.match(await page.locator("#status-line").innerText(), /^Transcribing… /);
+                await shot("10-streaming");
+            });
+            const segments = await assertShowsSegments(page, response);
+            assert.ok(segments[segments.length - 1].end > 60, "the whole file is transcribed in the end");
+        } finally {
+            await stopServer(slow.process);
         }
     });
 

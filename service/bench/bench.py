@@ -1,4 +1,5 @@
-r"""Benchmark: whisper-server with cross-request batching, the same server with --max-batch-size 1, and the naive
+r"""Benchmark: whisper-server with cross-request batching (and the same server asked for word timestamps too, which
+adds the alignment pass and DTW: "batching, words"), the same server with --max-batch-size 1, and the naive
 alternative (the `transformers` automatic-speech-recognition pipeline at batch 16 and 32), in one run on the same
 checkpoint and the same clip. For each configuration and concurrency it prints, as JSON lines while running and as a
 markdown table at the end: RTFx (audio seconds transcribed per wall second), p50/p95 latency, failures and (GPU) peak
@@ -190,8 +191,12 @@ class Level:
         return result
 
 
-def run_server_level(level: Level, url: str, clip: bytes, requests: int, temperature: float, deadline: float) -> None:
-    """`level.concurrency` clients, each posting the clip one request at a time, until `requests` or the deadline."""
+def run_server_level(level: Level, url: str, clip: bytes, requests: int, temperature: float, deadline: float,
+                     words: bool = False) -> None:
+    """`level.concurrency` clients, each posting the clip one request at a time, until `requests` or the deadline;
+    with `words`, each asks for word timestamps too."""
+    fields = {"model": "whisper-1", "language": LANGUAGE, "temperature": str(temperature),
+              "response_format": "verbose_json", **({"timestamp_granularities[]": ["segment", "word"]} if words else {})}
     lock = threading.Lock()
     remaining = [requests]
 
@@ -209,9 +214,10 @@ def run_server_level(level: Level, url: str, clip: bytes, requests: int, tempera
                 error, retried = None, False
                 try:
                     response = http.post("/v1/audio/transcriptions", files={"file": ("clip.wav", clip, "audio/wav")},
-                                         data={"model": "whisper-1", "language": LANGUAGE, "temperature": str(temperature),
-                                               "response_format": "verbose_json"})
-                    if response.status_code == 200:
+                                         data=fields)
+                    if response.status_code == 200 and words and "words" not in response.json():
+                        error = "no words in the answer"
+                    elif response.status_code == 200:
                         retried = any(s["temperature"] > temperature for s in response.json()["segments"])
                     else:
                         error = f"HTTP {response.status_code}: {response.text[:200]}"
@@ -359,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="whisper-bench-"))
     servers = {"batching": args.max_batch_size, "batch size 1": 1}
     plan = pipeline_plan(args.pipeline_batch_sizes, args.concurrency)
-    level_count = len(servers) * len(args.concurrency) + len(plan)
+    level_count = (len(servers) + 1) * len(args.concurrency) + len(plan)  # + the batching server with words
     loads = len(servers) + bool(plan)
     make_seconds = 0 if args.model else (45 if args.gpu else 2)
     load_seconds = 30 if args.gpu else 5
@@ -411,10 +417,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             load_seconds_measured[label] = round(server.wait_ready(), 1)
             run_server_level(Level(label, 2, args.clip_seconds), server.url, clip, 2, args.temperature, math.inf)  # warm-up
-            for concurrency in args.concurrency:
-                measured(label, concurrency, lambda level, deadline: run_server_level(
-                    level, server.url, clip, requests_for(level.concurrency, args), args.temperature, deadline),
-                    max_batch_size=batch_size)
+            # The batching server again with word timestamps asked for: what the alignment pass costs.
+            for words in (False, True) if label == "batching" else (False,):
+                for concurrency in args.concurrency:
+                    measured(f"{label}, words" if words else label, concurrency,
+                             lambda level, deadline: run_server_level(
+                                 level, server.url, clip, requests_for(level.concurrency, args), args.temperature,
+                                 deadline, words), max_batch_size=batch_size)
         finally:
             server.stop()
 
@@ -466,7 +475,8 @@ def ratio(results: list[dict], servers: dict[str, int], levels: list[int]) -> di
     concurrency = max([c for c in levels if c <= 32] or levels)
     server = max((r for r in results if r["configuration"] in servers and r["concurrency"] == concurrency),
                  key=lambda r: r["rtfx"], default=None)
-    pipeline = max((r for r in results if r["configuration"] not in servers), key=lambda r: r["rtfx"], default=None)
+    pipeline = max((r for r in results if r["configuration"].startswith("pipeline")), key=lambda r: r["rtfx"],
+                   default=None)
     if server is None or pipeline is None or not pipeline["rtfx"]:
         return None
     return {"concurrency": concurrency, "server": server["configuration"], "server_rtfx": server["rtfx"],

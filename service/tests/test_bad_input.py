@@ -51,7 +51,10 @@ def test_bad_files(server, audio, assert_still_ready, name, status, code):
     ({"temperature": "1.5"}, 400, "temperature"),
     ({"language": "klingon"}, 400, "language"),
     ({"model": "gpt-4o"}, 404, "model"),
-    ({"timestamp_granularities[]": "word"}, 400, "timestamp_granularities[]"),
+    ({"timestamp_granularities[]": "character"}, 400, "timestamp_granularities[]"),
+    ({"stream": "yes"}, 400, "stream"),
+    ({"stream": "true", "response_format": "verbose_json"}, 400, "response_format"),
+    ({"stream": "true", "response_format": "srt"}, 400, "response_format"),
 ])
 def test_bad_parameters(server, audio, assert_still_ready, fields, status, param):
     assert_error(post_audio(server.client, audio["speech.wav"], **fields), status, param=param)

@@ -29,14 +29,16 @@ def test_cpu_benchmark_runs_servers_and_pipeline_on_the_same_work(model_dir, tmp
     # 20 tokens: more than the tiny checkpoint's own cap (13), so both sides must force the length to reach it.
     subprocess.run([sys.executable, str(BENCH), "--model", str(model_dir), "--concurrency", "1", "70", "--requests", "70",
                     "--new-tokens", "20", "--pipeline-batch-sizes", "35", "--cpu-threads", "1",
-                    "--output", str(tmp_path / "results")], check=True, timeout=300)
+                    "--output", str(tmp_path / "results")], check=True, timeout=600)
     report = json.loads((tmp_path / "results.json").read_text())
     rows = {(r["configuration"], r["concurrency"]): r for r in report["results"]}
-    assert set(rows) == {(name, c) for name in ("batching", "batch size 1", "pipeline, batch 35") for c in (1, 70)}
+    assert set(rows) == {(name, c) for name in ("batching", "batching, words", "batch size 1", "pipeline, batch 35")
+                         for c in (1, 70)}
     for row in rows.values():
         assert row["requests"] == 70 and row["failures"] == 0 and row["rtfx"] > 0 and 0 < row["p50_ms"] <= row["p95_ms"]
         assert "retried_at_higher_temperature" in row
     assert rows[("batching", 70)]["max_batch_size"] == 16 and rows[("batch size 1", 70)]["max_batch_size"] == 1
+    assert rows[("batching, words", 70)]["max_batch_size"] == 16
     kept = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert kept == report["results"], "each level is kept as it finishes"
     assert {r["decoded_tokens_per_window"] for k, r in rows.items() if k[0].startswith("pipeline")} == {20}
@@ -47,7 +49,7 @@ def test_cpu_benchmark_runs_servers_and_pipeline_on_the_same_work(model_dir, tmp
     ratio = report["ratio"]
     assert ratio["concurrency"] == 1 and ratio["ratio"] == pytest.approx(ratio["server_rtfx"] / ratio["pipeline_rtfx"], rel=0.01)
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n| ") == 2 + 6 and "Server to pipeline: " in table
+    assert table.count("\n| ") == 2 + 8 and "Server to pipeline: " in table
 
 
 def test_gpu_mode_refuses_to_start_without_a_cuda_device(tmp_path):

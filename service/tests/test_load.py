@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from conftest import post_audio
 
@@ -86,15 +87,21 @@ def test_a_clip_is_answered_while_a_long_file_decodes(start_server, slow_model_d
     assert server.metric("whisper_batch_size_bucket", le="4.0") > server.metric("whisper_batch_size_bucket", le="2.0")
 
 
-def test_a_cancelled_request_frees_its_slots_at_once(start_server, slow_model_dir, audio, assert_still_ready):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cancelled_request_frees_its_slots_at_once(start_server, slow_model_dir, audio, assert_still_ready, stream):
+    """A client that hangs up, whether waiting for its answer or reading its stream (the 200 already sent)."""
     server = start_server("--max-batch-size", "2", model=slow_model_dir)
     body = audio["long.mp3"].read_bytes()
-    multipart = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="long.mp3"\r\n\r\n' + body
+    multipart = ((b'--b\r\nContent-Disposition: form-data; name="stream"\r\n\r\ntrue\r\n' if stream else b"")
+                 + b'--b\r\nContent-Disposition: form-data; name="file"; filename="long.mp3"\r\n\r\n' + body
                  + b"\r\n--b--\r\n")
     with socket.create_connection(("127.0.0.1", server.port)) as connection:
         connection.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\n"
                            b"Content-Type: multipart/form-data; boundary=b\r\n"
                            + f"Content-Length: {len(multipart)}\r\n\r\n".encode() + multipart)
+        if stream:
+            head = connection.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head
         wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > 0, "the long file decodes")
         steps_at_hangup = server.metric("whisper_decode_step_seconds_count")
     steps = wait_for_steps(server, 0)
@@ -151,24 +158,34 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, audio):
     assert events["drained"]["unfinished"] == 0
 
 
-def test_requests_unfinished_at_the_drain_deadline_get_503_with_retry_after_not_a_cut_connection(start_server, audio):
-    # A spot warning or a pod's grace period running out: the drain ends before these long requests do.
+@pytest.mark.parametrize("stream", [False, True])
+def test_requests_unfinished_at_the_drain_deadline_get_503_with_retry_after_not_a_cut_connection(start_server, audio,
+                                                                                                 stream):
+    """A spot warning or a pod's grace period running out: the drain ends before these long requests do. A stream
+    (its 200 already sent) ends with the same error as an event."""
     server = start_server("--max-batch-size", "1", "--drain-seconds", "0.5")
     count = 3
+    fields = {"stream": "true"} if stream else {}
     with ThreadPoolExecutor(count) as pool:
-        pending = [pool.submit(lambda: post_audio(httpx.Client(base_url=server.url, timeout=120), audio["long.mp3"]))
-                   for _ in range(count)]
+        pending = [pool.submit(lambda: post_audio(httpx.Client(base_url=server.url, timeout=120), audio["long.mp3"],
+                                                  **fields)) for _ in range(count)]
         deadline = time.monotonic() + 30
         while server.metric("whisper_requests_in_flight") < count and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.metric("whisper_requests_in_flight") == count
         server.process.send_signal(signal.SIGTERM)
         responses = [future.result() for future in pending]
-    unfinished = [r for r in responses if r.status_code != 200]
+    if stream:
+        assert all(r.status_code == 200 for r in responses)
+        last_events = [json.loads(r.text.strip().splitlines()[-1][len("data: "):]) for r in responses]
+        unfinished = [event for event in last_events if event["type"] == "error"]
+        assert all(event["error"]["code"] == "draining" for event in unfinished)
+    else:
+        unfinished = [r for r in responses if r.status_code != 200]
+        for response in unfinished:
+            assert response.status_code == 503 and response.json()["error"]["code"] == "draining"
+            assert int(response.headers["retry-after"]) >= 1
     assert unfinished, "with one slot and a half-second drain, long requests are still running at the deadline"
-    for response in unfinished:
-        assert response.status_code == 503 and response.json()["error"]["code"] == "draining"
-        assert int(response.headers["retry-after"]) >= 1
     assert server.process.wait(timeout=30) == 0
     events = {line["message"]: line for line in map(json.loads, server.log_path.read_text().splitlines())
               if line.get("logger") == "whisper_server"}

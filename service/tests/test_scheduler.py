@@ -93,13 +93,22 @@ class Harness:
     def __init__(self, engine: StandInEngine, fallback: bool = True):
         self.engine = engine
         self.done: dict[int, list[WindowResult]] = {}
+        self.arriving: dict[int, dict[int, WindowResult]] = {}
+        self.window_order: dict[int, list[int]] = {}  # the order a request's windows came back in
         self.failed: dict[int, Exception] = {}
         self.finished_at: dict[int, int] = {}
-        self.scheduler = SlotScheduler(engine, SchedulerEvents(on_done=self._done, on_failed=self.failed.__setitem__),
-                                       fallback=fallback)
+        self.scheduler = SlotScheduler(engine, SchedulerEvents(on_window=self._window, on_done=self._done,
+                                                               on_failed=self.failed.__setitem__), fallback=fallback)
 
-    def _done(self, key, results):
-        self.done[key] = results
+    def _window(self, key, index, result):
+        assert key not in self.done, "no window after the request's end"
+        assert index not in self.arriving.setdefault(key, {}), "each window is reported once"
+        self.arriving[key][index] = result
+        self.window_order.setdefault(key, []).append(index)
+
+    def _done(self, key):
+        results = self.arriving.pop(key, {})
+        self.done[key] = [results[index] for index in range(len(results))]
         self.finished_at[key] = len(self.engine.steps)
 
     def submit(self, key: int, labels: list[float], options: DecodeOptions = DecodeOptions()) -> None:
@@ -325,3 +334,17 @@ def test_assemble_offsets_windows_and_keeps_time_moving_forward():
     assert [(s.start, s.end, s.text) for s in transcript.segments] == [
         (0, 10, "a"), (10, 28.5, "b"), (28.5, 30, "c"), (33, 58, "d")]
     assert transcript.text == "a b c d" and transcript.language == "en" and transcript.duration == 63.0
+
+
+def test_each_window_is_reported_when_final_not_when_its_request_ends():
+    """Streaming sends a window's text as soon as it is final: the scheduler reports each window as it finishes,
+    after the fallback decision (a looping window only once, from its retry), and the request's end after the last."""
+    harness = Harness(StandInEngine(capacity=4, steps=lambda label: 6 if label == 1 else 1,
+                                    loops=lambda label, temperature: label == 3 and temperature == 0))
+    harness.submit(0, [1, 2, 3])
+    harness.run(steps=4)  # the quick window and the retried one are done; the slow one needs 6 steps
+    assert harness.window_order[0] == [1, 2] and 0 not in harness.done, "finished windows come before the slow one"
+    assert harness.arriving[0][2].segments[0].temperature == 0.2, "the looping window is reported from its retry"
+    harness.run()
+    assert harness.window_order[0] == [1, 2, 0]
+    assert harness.texts(0) == ["1", "2", "3"]

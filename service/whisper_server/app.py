@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+import math
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -24,11 +29,11 @@ from .admission import Admission, Overloaded, Reservation
 from .audio import AudioError, decode_audio
 from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
 from .engine_process import EngineProcess, EngineUnavailable, QueueFull
-from .errors import ApiError, error_response
-from .formats import MEDIA_TYPES, RESPONSE_FORMATS, render
+from .errors import ApiError, error_body, error_response
+from .formats import MEDIA_TYPES, RESPONSE_FORMATS, STREAMING_FORMATS, render, segment_json, word_json
 from .metrics import Metrics
 from .settings import Settings
-from .transcript import transcribe
+from .transcript import Transcript, TranscriptBuilder, transcribe, transcribe_pieces
 from .upload import ReceiveDeadlines, receive_form
 
 log = logging.getLogger("whisper_server.http")
@@ -136,7 +141,17 @@ def queue_full(retry_after: int) -> ApiError:
                     headers={"Retry-After": str(retry_after)})
 
 
-def decode_options(form, task: str, state: ServerState) -> tuple[DecodeOptions, str]:
+@dataclass(frozen=True)
+class Asked:
+    """What a request asks for beyond the audio."""
+
+    options: DecodeOptions
+    response_format: str
+    stream: bool
+    segments_in_stream: bool  # stream=true with timestamp_granularities[]=segment: each delta carries its segments
+
+
+def decode_options(form, task: str, state: ServerState) -> Asked:
     model = form.get("model")
     if model is not None and model not in state.model_aliases():
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{state.model_id}'.",
@@ -154,10 +169,19 @@ def decode_options(form, task: str, state: ServerState) -> tuple[DecodeOptions, 
         raise ApiError(400, f"temperature must be a number from 0 to 1; got '{temperature_text}'.",
                        param="temperature", code="invalid_value")
     granularities = form.fields.get("timestamp_granularities[]", []) + form.fields.get("timestamp_granularities", [])
-    unsupported = sorted(set(granularities) - {"segment"})
+    unsupported = sorted(set(granularities) - {"segment", "word"})
     if unsupported:
-        raise ApiError(400, f"timestamp_granularities supports 'segment' only; got {', '.join(unsupported)}.",
+        raise ApiError(400, f"timestamp_granularities supports 'segment' and 'word'; got {', '.join(unsupported)}.",
                        param="timestamp_granularities[]", code="invalid_value")
+    stream_text = (form.get("stream") or "false").strip().lower()
+    if stream_text not in ("true", "false"):
+        raise ApiError(400, f"stream must be true or false; got '{form.get('stream')}'.", param="stream",
+                       code="invalid_value")
+    stream = stream_text == "true"
+    if stream and response_format not in STREAMING_FORMATS:
+        raise ApiError(400, f"response_format '{response_format}' cannot be streamed: stream=true sends the text as "
+                       f"server-sent events, with response_format {' or '.join(STREAMING_FORMATS)}.",
+                       param="response_format", code="unsupported_value")
     language = (form.get("language") or "").strip().lower() or None
     if task == "translate":
         language = None  # translations detect the source language and always answer in English
@@ -165,11 +189,13 @@ def decode_options(form, task: str, state: ServerState) -> tuple[DecodeOptions, 
         raise ApiError(400, f"language must be an ISO-639-1 code the model knows (such as en, de, fr); got '{language}'.",
                        param="language", code="invalid_language")
     prompt = (form.get("prompt") or "").strip() or None
-    return DecodeOptions(task=task, language=language, prompt=prompt, temperature=temperature), response_format
+    options = DecodeOptions(task=task, language=language, prompt=prompt, temperature=temperature,
+                            word_timestamps="word" in granularities)
+    return Asked(options, response_format, stream, segments_in_stream=stream and "segment" in granularities)
 
 
 async def receive_audio(request: Request, state: ServerState, task: str,
-                        audio: Reservation) -> tuple[np.ndarray, DecodeOptions, str]:
+                        audio: Reservation) -> tuple[np.ndarray, Asked]:
     """Receives the upload into the spool, holding an upload slot while it arrives and its spool bytes until it is
     decoded (a declared body is reserved before a byte of it is read); the decoded seconds go on the request's audio
     reservation."""
@@ -185,7 +211,7 @@ async def receive_audio(request: Request, state: ServerState, task: str,
                 raise ApiError(400, "The 'file' field with the audio is missing.", param="file", code="missing_file")
             if form.file_bytes == 0:
                 raise ApiError(400, "The uploaded file is empty.", param="file", code="empty_file")
-            options, response_format = decode_options(form, task, state)
+            asked = decode_options(form, task, state)
             async with state.audio_work:
                 samples = await run_in_threadpool(decode_audio, form.file_path, settings.max_audio_seconds,
                                                   lambda total: audio.grow_to(total / SAMPLE_RATE))
@@ -193,52 +219,137 @@ async def receive_audio(request: Request, state: ServerState, task: str,
             raise ApiError(error.status, error.message, param="file", code=error.code) from error
         finally:
             form.discard()
-    return samples, options, response_format
+    return samples, asked
+
+
+def as_api_error(error: Exception, state: ServerState) -> ApiError | None:
+    """The answer to a failure of the work on a request, as an HTTP error or a stream's error event."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, Overloaded):
+        return ApiError(error.status, error.message, code=error.code,
+                        headers={"Retry-After": str(state.engine.retry_after_seconds())})
+    if isinstance(error, QueueFull):
+        return queue_full(error.retry_after_seconds)
+    if isinstance(error, TimeoutError):
+        return ApiError(504, f"The request did not finish within {state.settings.request_timeout_seconds:g} s.",
+                        code="request_timeout")
+    if isinstance(error, OutOfMemory):
+        return ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
+                        headers={"Retry-After": "5"})
+    if isinstance(error, EngineUnavailable):
+        return engine_unavailable()
+    return None
 
 
 async def handle_audio(request: Request, task: str) -> Response:
     state: ServerState = request.app.state.server
     authorize(request, state)
     refuse_unless_serving(state)
-    with state.admission.reserve_audio() as audio:
-        finished, answer = await unless(answer_audio(request, state, task, audio), state.abandoned.wait())
+    finished, answer = await unless(answer_audio(request, state, task), state.abandoned.wait())
     if not finished:
         state.abandoned_requests += 1
         raise state.abandon_error
     return answer
 
 
-async def answer_audio(request: Request, state: ServerState, task: str, audio: Reservation) -> Response:
-    settings = state.settings
-    try:
-        samples, options, response_format = await receive_audio(request, state, task, audio)
-        audio_seconds = len(samples) / SAMPLE_RATE
-        request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
-        transcript = await until_disconnected(
-            request, asyncio.wait_for(transcribe(state.engine, samples, options, state.audio_work),
-                                      settings.request_timeout_seconds))
-    except Overloaded as error:
-        raise ApiError(error.status, error.message, code=error.code,
-                       headers={"Retry-After": str(state.engine.retry_after_seconds())}) from error
-    except QueueFull as error:
-        raise queue_full(error.retry_after_seconds) from error
-    except TimeoutError as error:
-        raise ApiError(504, f"The request did not finish within {settings.request_timeout_seconds:g} s.",
-                       code="request_timeout") from error
-    except OutOfMemory as error:
-        raise ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
-                       headers={"Retry-After": "5"}) from error
-    except EngineUnavailable as error:
-        raise engine_unavailable() from error
+async def answer_audio(request: Request, state: ServerState, task: str) -> Response:
+    settings, arrived = state.settings, time.monotonic()
+    with ExitStack() as held:
+        audio = held.enter_context(state.admission.reserve_audio())
+        try:
+            samples, asked = await receive_audio(request, state, task, audio)
+            audio_seconds = len(samples) / SAMPLE_RATE
+            request.scope.setdefault("state", {})["audio_seconds"] = audio_seconds
+            if asked.stream:  # the stream holds the audio's reservation until it ends
+                stream = held.pop_all()
+                # Also released after the response: a client gone before the first event never starts the stream.
+                return StreamingResponse(stream_events(state, samples, asked, stream, arrived),
+                                         media_type="text/event-stream", background=BackgroundTask(stream.close),
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            transcript = await until_disconnected(request, asyncio.wait_for(
+                transcribe(state.engine, samples, asked.options, state.audio_work, state.engine.token_bytes),
+                settings.request_timeout_seconds))
+        except Exception as error:
+            answer = as_api_error(error, state)
+            if answer is None or answer is error:
+                raise
+            raise answer from error
     state.metrics.audio_seconds.inc(audio_seconds)
-    body = render(transcript, response_format, task)
+    body = render(transcript, asked.response_format, task)
     if isinstance(body, dict):
         return JSONResponse(body)
-    return PlainTextResponse(body, media_type=MEDIA_TYPES[response_format])
+    return PlainTextResponse(body, media_type=MEDIA_TYPES[asked.response_format])
 
 
-async def unless(work, interruption) -> tuple[bool, object]:
-    """Runs the work unless the interruption (an awaitable) comes first, which cancels it: (finished, result)."""
+def server_sent_event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def token_usage(transcript: Transcript) -> dict:
+    """The done event's usage, in the SDK's token shape: the audio counted as the encoder's frames (50 a second),
+    the output as the tokens the model generated."""
+    audio_tokens = math.ceil(transcript.duration * 50)
+    return {"type": "tokens", "input_tokens": audio_tokens, "output_tokens": transcript.output_tokens,
+            "total_tokens": audio_tokens + transcript.output_tokens, "input_token_details": {"audio_tokens": audio_tokens}}
+
+
+async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, held: ExitStack,
+                        arrived: float) -> AsyncIterator[str]:
+    """OpenAI's transcription stream: a transcript.text.delta per window as soon as it and every window before it
+    are final, then transcript.text.done with the whole text (and the language, in the SDK's `languages`). The
+    granularities asked for ride on each delta as extra fields, `segments` and `words`, for the text it adds.
+    A failure after the stream has started ends it with an error event. A client that hangs up cancels this
+    generator, which leaves the engine at its next step."""
+    options = asked.options
+    builder = TranscriptBuilder(len(samples) / SAMPLE_RATE, state.engine.token_bytes if options.word_timestamps else None)
+    first = True
+    with held:
+        try:
+            async with asyncio.timeout(state.settings.request_timeout_seconds):
+                async with aclosing(transcribe_pieces(state.engine, samples, options, state.audio_work,
+                                                      builder)) as pieces:
+                    while (piece := await until_abandoned(anext(pieces, None), state)) is not None:
+                        if not piece.delta:
+                            continue
+                        if first:
+                            state.metrics.first_delta.observe(time.monotonic() - arrived)
+                            first = False
+                        event = {"type": "transcript.text.delta", "delta": piece.delta}
+                        if asked.segments_in_stream:
+                            first_id = len(builder.segments) - len(piece.segments)
+                            event["segments"] = [{"id": first_id + offset, **segment_json(segment)}
+                                                 for offset, segment in enumerate(piece.segments)]
+                        if options.word_timestamps:
+                            event["words"] = [word_json(word) for word in piece.words]
+                        yield server_sent_event(event)
+            transcript = builder.transcript()
+            state.metrics.audio_seconds.inc(transcript.duration)
+            done = {"type": "transcript.text.done", "text": transcript.text, "usage": token_usage(transcript)}
+            if transcript.language:
+                done["languages"] = [{"code": transcript.language}]
+            yield server_sent_event(done)
+        except Exception as error:  # noqa: BLE001 - the status line is sent: the stream ends with the error instead
+            answer = as_api_error(error, state)
+            if answer is None:
+                log.exception("stream failed")
+                answer = ApiError(500, "Internal server error.", code="internal_error")
+            yield server_sent_event({"type": "error", **error_body(answer)})
+
+
+async def until_abandoned(work, state: ServerState):
+    """The work's result, unless the server gives up on its requests first (the drain's deadline, a second signal,
+    the engine gone): then the work is cancelled (a stream's next piece: its windows leave the engine) and the stream
+    ends with the server's error."""
+    finished, result = await unless(work, state.abandoned.wait(), settle=True)
+    if not finished:
+        raise state.abandon_error
+    return result
+
+
+async def unless(work, interruption, settle: bool = False) -> tuple[bool, object]:
+    """Runs the work unless the interruption (an awaitable) comes first, which cancels it: (finished, result).
+    `settle` waits for the cancelled work to end (a stream's piece, before the stream is closed)."""
     work_task, interruption_task = asyncio.ensure_future(work), asyncio.ensure_future(interruption)
     try:
         await asyncio.wait({work_task, interruption_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -246,6 +357,8 @@ async def unless(work, interruption) -> tuple[bool, object]:
         interruption_task.cancel()
         if not work_task.done():
             work_task.cancel()
+            if settle:
+                await asyncio.gather(work_task, return_exceptions=True)
     return (True, work_task.result()) if work_task.done() and not work_task.cancelled() else (False, None)
 
 

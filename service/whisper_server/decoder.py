@@ -290,6 +290,12 @@ class SlotDecoder:
     def rows(self, slots: list[int]) -> list[int]:
         return [self.row_of[slot] for slot in slots]
 
+    def cross_attention_kv(self, layer_index: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's cross-attention K and V in these cache rows ([rows, heads, frames, head_dim]): a finished
+        window's (Finished.row) until the next step or admission, which the word alignment reads."""
+        index = torch.tensor(rows, device=self.device)
+        return self.cross_keys[layer_index, index], self.cross_values[layer_index, index]
+
     @property
     def busy(self) -> int:
         return self.slots - len(self.free)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
+
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30.0
 
@@ -18,6 +20,7 @@ class DecodeOptions:
     language: str | None = None  # ISO-639-1 code; None detects it per window
     prompt: str | None = None
     temperature: float = 0.0
+    word_timestamps: bool = False  # the engine aligns the window's final tokens to its audio (alignment.py)
 
 
 @dataclass
@@ -37,6 +40,8 @@ class WindowResult:
     language: str | None
     segments: list[Segment] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # every generated token, timestamps included, end of text not
+    # With word_timestamps: [text tokens + 1, frames] float16, what alignment.align_words turns into words.
+    alignment: np.ndarray | None = None
 
 
 class OutOfMemory(Exception):

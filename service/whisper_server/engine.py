@@ -13,7 +13,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from .alignment import alignment_matrices, alignment_sequence, default_alignment_heads
 from .decoder import ENCODER_SELF_ATTENTION, Piece, SlotDecoder, SpecialTokens, attention_context
 from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
 
@@ -96,6 +98,8 @@ class SlotWindow:
     language: str | None
     no_speech_prob: float
     temperature: float
+    start_of_transcript: list[int]  # the forced prefix after any prompt: what the alignment pass starts from
+    word_timestamps: bool
 
 
 class WhisperEngine:
@@ -136,6 +140,9 @@ class WhisperEngine:
             max_initial_timestamp_index=getattr(generation, "max_initial_timestamp_index", None),
         )
         self.start_of_previous = tokenizer.convert_tokens_to_ids("<|startofprev|>")
+        heads = getattr(generation, "alignment_heads", None)
+        self.alignment_heads = ([tuple(pair) for pair in heads] if heads else
+                                default_alignment_heads(config.decoder_layers, config.decoder_attention_heads))
         self.language_ids = {token[2:-2]: token_id for token, token_id in generation.lang_to_id.items()}
         self.id_to_language = {token_id: code for code, token_id in self.language_ids.items()}
         self.languages = set(self.language_ids)
@@ -212,6 +219,13 @@ class WhisperEngine:
         except Exception as error:
             raise RuntimeError(f"capturing the decode step as CUDA graphs failed ({type(error).__name__}: {error}); "
                                "--cuda-graphs false runs the same step eagerly, slower") from error
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes of every text token (ids below end of text): Whisper's byte-level BPE spells each byte as one
+        character of GPT-2's byte alphabet."""
+        byte_of = {character: byte for byte, character in bytes_to_unicode().items()}
+        pieces = self.processor.tokenizer.convert_ids_to_tokens(list(range(self.special.end_of_text)))
+        return [bytes(byte_of[character] for character in piece) for piece in pieces]
 
     # Slots --------------------------------------------------------------------------------------------------------
 
@@ -298,13 +312,14 @@ class WhisperEngine:
             prefixes, limits, min_lengths, admitted = [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
                 language_id = self.language_ids[options.language] if options.language else detected_id
-                prefix = self._prefix(options, language_id)
+                start = self._start_of_transcript(options, language_id)
+                prefix = self._prompt_ids(options.prompt) + start  # as _prefix() makes it
                 limit = self._limit(len(prefix), admission.max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
                 limits.append(limit)
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
                 admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, self.id_to_language.get(language_id),
-                                           no_speech_prob, options.temperature))
+                                           no_speech_prob, options.temperature, start, options.word_timestamps))
             temperatures = [options.temperature for _, options in windows]
             for piece, part, prefilled in zip(admission.pieces, parts, known):
                 self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part], temperatures[part],
@@ -320,10 +335,13 @@ class WhisperEngine:
         self.windows.update(zip(slots, admitted))
         return slots
 
+    def _start_of_transcript(self, options: DecodeOptions, language_id: int) -> list[int]:
+        """<|startoftranscript|>, the language and the task: the forced prefix after any prompt."""
+        return [self.special.start_of_transcript, language_id, self.task_ids[options.task]]
+
     def _prefix(self, options: DecodeOptions, language_id: int) -> list[int]:
-        """The forced prefix: the prompt (if any), <|startoftranscript|>, the language and the task."""
-        return self._prompt_ids(options.prompt) + [
-            self.special.start_of_transcript, language_id, self.task_ids[options.task]]
+        """The forced prefix: the prompt (if any), then the start of transcript."""
+        return self._prompt_ids(options.prompt) + self._start_of_transcript(options, language_id)
 
     def _known_prefixes(self, options: list[DecodeOptions]) -> list[list[int]] | None:
         """The windows' prefixes when they need nothing from the model first (each names its language) and start
@@ -349,15 +367,40 @@ class WhisperEngine:
         except torch.OutOfMemoryError as error:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(error)) from error
-        results = []
+        results, aligning = [], []
         for item in finished:
             window = self.windows.pop(item.slot)
             segments = self._segments(item.tokens, item.logprobs, window.duration, window.no_speech_prob,
                                       window.temperature)
             if not self.fixed_new_tokens:
                 segments = self._drop_if_silence(segments)
-            results.append((item.slot, WindowResult(window.language, segments, item.tokens)))
+            result = WindowResult(window.language, segments, item.tokens)
+            results.append((item.slot, result))
+            if window.word_timestamps and segments:
+                aligning.append((item.row, window, result))
+        if aligning:
+            self._align(aligning)
         return results
+
+    def _align(self, windows: list[tuple[int, SlotWindow, WindowResult]]) -> None:
+        """One batched pass over the windows that finished together and asked for words, while their cache rows
+        still hold their cross-attention K/V (until the next step or admission): each result gets its alignment
+        matrix, which the HTTP process turns into words."""
+        rows = [row for row, _, _ in windows]
+        texts = [[token for segment in result.segments for token in segment.tokens] for _, _, result in windows]
+        sequences = [alignment_sequence(window.start_of_transcript, self.special.no_timestamps, text,
+                                        self.special.end_of_text) for (_, window, _), text in zip(windows, texts)]
+        frames = [min(round(window.duration * SAMPLE_RATE) // self.processor.feature_extractor.hop_length // 2,
+                      self.model.config.max_source_positions) for _, window, _ in windows]
+        try:
+            matrices = alignment_matrices(self.model, lambda layer: self.decoder.cross_attention_kv(layer, rows),
+                                          self.alignment_heads, sequences,
+                                          [len(window.start_of_transcript) for _, window, _ in windows], frames)
+        except torch.OutOfMemoryError as error:
+            torch.cuda.empty_cache()
+            raise OutOfMemory(str(error)) from error
+        for (_, _, result), matrix in zip(windows, matrices):
+            result.alignment = matrix
 
     # Front end and results ----------------------------------------------------------------------------------------
 

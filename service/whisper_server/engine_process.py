@@ -3,8 +3,10 @@ up the decode loop, and the HTTP process never loads torch.
 
 Two one-way pipes connect them. HTTP process -> engine: ("submit", key, options, window count) followed by each
 window's float32 samples as raw bytes (no pickling of audio), ("cancel", key), ("stop",). Engine -> HTTP process:
-("ready", EngineInfo) or ("load_failed", message) once, then ("done", key, results), ("failed", key, kind, message)
-and ("stats", EngineStats) every 100 ms or so while busy, which the HTTP process turns into its Prometheus metrics.
+("ready", EngineInfo) or ("load_failed", message) once, then per request ("window", key, index, result) as each
+window's result is final, in the order they finish, and ("done", key) after the last, or ("failed", key, kind,
+message); and ("stats", EngineStats) every 100 ms or so while busy, which the HTTP process turns into its Prometheus
+metrics.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,6 +61,7 @@ class EngineInfo:
     slots: int
     load_seconds: float
     languages: frozenset[str]
+    token_bytes: Sequence[bytes]  # each text token's bytes: the HTTP process groups tokens into words with them
 
 
 @dataclass
@@ -97,7 +100,7 @@ def engine_main(settings: Settings, requests, events) -> None:
         events.send(("load_failed", f"{type(error).__name__}: {error}"))
         return
     events.send(("ready", EngineInfo(engine.device, str(engine.dtype), engine.capacity, engine.load_seconds,
-                                     frozenset(engine.languages))))
+                                     frozenset(engine.languages), engine.token_bytes())))
     log.info("engine ready", extra={"fields": {"slots": engine.capacity, "device": engine.device,
                                                "cuda_graphs": len(engine.decoder.graphs),
                                                "attention_backends": engine.attention_backends}})
@@ -115,8 +118,8 @@ class EngineLoop:
     def __init__(self, engine, requests, events, fallback: bool, admission_wait: float):
         self.requests, self.events = requests, events
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.scheduler = SlotScheduler(engine, SchedulerEvents(on_done=self._done, on_failed=self._failed,
-                                                               on_step=self._stepped),
+        self.scheduler = SlotScheduler(engine, SchedulerEvents(on_window=self._window, on_done=self._done,
+                                                               on_failed=self._failed, on_step=self._stepped),
                                        fallback=fallback, admission_wait=admission_wait)
         self.steps: list[tuple[int, float]] = []
         self.reported: tuple | None = None
@@ -155,8 +158,11 @@ class EngineLoop:
             self.scheduler.run_once()
             self._report()
 
-    def _done(self, key: int, results: list[WindowResult]) -> None:
-        self.events.send(("done", key, results))
+    def _window(self, key: int, index: int, result: WindowResult) -> None:
+        self.events.send(("window", key, index, result))
+
+    def _done(self, key: int) -> None:
+        self.events.send(("done", key))
 
     def _failed(self, key: int, error: Exception) -> None:
         kind = "out_of_memory" if isinstance(error, OutOfMemory) else "engine_error"
@@ -178,15 +184,16 @@ class EngineLoop:
 # The HTTP process's side -------------------------------------------------------------------------------------------
 
 class EngineProcess:
-    """The HTTP process's handle on the engine process: submits requests, awaits their results, relays the metrics.
-    A thread sends (large audio never blocks the event loop), a thread receives and resolves the waiting futures."""
+    """The HTTP process's handle on the engine process: submits requests, hands back their window results as they
+    come, relays the metrics. A thread sends (large audio never blocks the event loop), a thread receives and queues
+    each message for the request it belongs to."""
 
     def __init__(self, settings: Settings, metrics: Metrics, on_lost: Callable[[], None] = lambda: None):
         self.settings, self.metrics, self.on_lost = settings, metrics, on_lost
         self.info: EngineInfo | None = None
         self.stats = EngineStats()
         self.keys = itertools.count()
-        self.pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self.pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.lock = threading.Lock()
         self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = False
@@ -233,6 +240,10 @@ class EngineProcess:
     def languages(self) -> frozenset[str]:
         return self.info.languages if self.info else frozenset()
 
+    @property
+    def token_bytes(self) -> Sequence[bytes]:
+        return self.info.token_bytes if self.info else ()
+
     def is_full(self) -> bool:
         with self.lock:
             return len(self.pending) >= self.settings.queue_size
@@ -240,26 +251,32 @@ class EngineProcess:
     def retry_after_seconds(self) -> int:
         return max(1, min(60, math.ceil(self.stats.expected_wait_seconds)))
 
-    async def transcribe(self, windows: list[Window], options: DecodeOptions) -> list[WindowResult]:
-        """Decodes a request's windows, answering with their results in window order. Cancelling the caller (client
-        gone, deadline passed) cancels the request in the engine: its slots are freed before the next step."""
+    async def transcribe(self, windows: list[Window], options: DecodeOptions) -> AsyncIterator[tuple[int, WindowResult]]:
+        """Decodes a request's windows, yielding (window index, result) as each is final, in the order they finish.
+        Leaving early (client gone, deadline passed, an error) cancels the request in the engine: its slots are freed
+        before the next step."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        inbox: asyncio.Queue = asyncio.Queue()
         key = next(self.keys)
         with self.lock:
             if self.lost:
                 raise EngineUnavailable("the engine process exited")
             if len(self.pending) >= self.settings.queue_size:
                 raise QueueFull(self.retry_after_seconds())
-            self.pending[key] = (loop, future)
+            self.pending[key] = (loop, inbox)
         samples = [np.ascontiguousarray(window.samples, dtype=np.float32) for window in windows]
         self.outgoing.put((("submit", key, options, len(samples)), samples))
+        finished = False
         try:
-            return await future
-        except asyncio.CancelledError:
-            self.outgoing.put((("cancel", key), []))
-            raise
+            while (item := await inbox.get()) is not None:
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                yield item
+            finished = True
         finally:
+            if not finished:
+                self.outgoing.put((("cancel", key), []))
             with self.lock:
                 self.pending.pop(key, None)
 
@@ -277,11 +294,13 @@ class EngineProcess:
         try:
             while True:
                 message = self.events.recv()
-                if message[0] == "done":
-                    self._resolve(message[1], result=message[2])
+                if message[0] == "window":
+                    self._deliver(message[1], (message[2], message[3]))
+                elif message[0] == "done":
+                    self._deliver(message[1], None)
                 elif message[0] == "failed":
                     _, key, kind, text = message
-                    self._resolve(key, error=OutOfMemory(text) if kind == "out_of_memory" else EngineError(text))
+                    self._deliver(key, OutOfMemory(text) if kind == "out_of_memory" else EngineError(text))
                 elif message[0] == "stats":
                     self._record(message[1])
         except (EOFError, OSError):
@@ -293,15 +312,16 @@ class EngineProcess:
                 self.lost = True
                 keys = list(self.pending)
             for key in keys:
-                self._resolve(key, error=EngineUnavailable("the engine process exited"))
+                self._deliver(key, EngineUnavailable("the engine process exited"))
             self.on_lost()
 
-    def _resolve(self, key: int, result=None, error: Exception | None = None) -> None:
+    def _deliver(self, key: int, item) -> None:
+        """Queues a window result, an error or the end (None) for the request's transcribe(), on its event loop."""
         with self.lock:
             entry = self.pending.get(key)
         if entry is not None:
-            loop, future = entry
-            loop.call_soon_threadsafe(_settle, future, result, error)
+            loop, inbox = entry
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
 
     def _record(self, stats: EngineStats) -> None:
         self.stats = stats
@@ -310,11 +330,3 @@ class EngineProcess:
             self.metrics.batch_size.observe(busy)
             self.metrics.decode_step.observe(seconds)
 
-
-def _settle(future: asyncio.Future, result, error: Exception | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -16,7 +16,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": ERROR_TYPES.get(error.status, "invalid_request_error"),
+def error_body(error: ApiError) -> dict:
+    return {"error": {"message": error.message, "type": ERROR_TYPES.get(error.status, "invalid_request_error"),
                       "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)

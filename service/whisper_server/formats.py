@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
+from .alignment import Word
+from .decoding import Segment
 from .transcript import Transcript
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+STREAMING_FORMATS = ("json", "text")  # stream=true sends the text as events; the others are whole documents
 MEDIA_TYPES = {"json": "application/json", "verbose_json": "application/json", "text": "text/plain; charset=utf-8",
                "srt": "application/x-subrip; charset=utf-8", "vtt": "text/vtt; charset=utf-8"}
 
@@ -17,6 +20,17 @@ def clock(seconds: float, decimal: str) -> str:
     minutes, milliseconds = divmod(milliseconds, 60_000)
     seconds, milliseconds = divmod(milliseconds, 1000)
     return f"{hours:02d}:{minutes:02d}:{seconds:02d}{decimal}{milliseconds:03d}"
+
+
+def segment_json(s: Segment) -> dict:
+    """A segment as verbose_json shows it (its id is its place in the whole transcript)."""
+    return {"seek": int(s.start * 100), "start": s.start, "end": s.end, "text": s.text, "tokens": s.tokens,
+            "temperature": s.temperature, "avg_logprob": round(s.avg_logprob, 4),
+            "compression_ratio": round(s.compression_ratio, 4), "no_speech_prob": round(s.no_speech_prob, 4)}
+
+
+def word_json(word: Word) -> dict:
+    return {"word": word.word.strip(), "start": word.start, "end": word.end}
 
 
 def render(transcript: Transcript, response_format: str, task: str) -> dict | str:
@@ -32,16 +46,13 @@ def render(transcript: Transcript, response_format: str, task: str) -> dict | st
         )
     if response_format == "vtt":
         return "WEBVTT\n\n" + "".join(f"{clock(s.start, '.')} --> {clock(s.end, '.')}\n{s.text}\n\n" for s in transcript.segments)
+    words = {"words": [word_json(word) for word in transcript.words]} if transcript.words is not None else {}
     return {
         "task": task,
         "language": LANGUAGES.get(transcript.language, transcript.language or "unknown"),
         "duration": transcript.duration,
         "text": transcript.text,
-        "segments": [
-            {"id": index, "seek": int(s.start * 100), "start": s.start, "end": s.end, "text": s.text, "tokens": s.tokens,
-             "temperature": s.temperature, "avg_logprob": round(s.avg_logprob, 4),
-             "compression_ratio": round(s.compression_ratio, 4), "no_speech_prob": round(s.no_speech_prob, 4)}
-            for index, s in enumerate(transcript.segments)
-        ],
+        "segments": [{"id": index, **segment_json(segment)} for index, segment in enumerate(transcript.segments)],
+        **words,
         "usage": usage,
     }

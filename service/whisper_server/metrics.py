@@ -28,6 +28,9 @@ class Metrics:
         self.refusals = Counter("whisper_refused_requests", "Requests answered with an error, by reason (the error "
                                 "code in the answer: uploads_full, upload_too_slow, disk_full, ...)", ["reason"],
                                 registry=self.registry)
+        self.first_delta = Histogram(
+            "whisper_stream_first_delta_seconds", "Time from a streamed request's arrival to its first text delta",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=self.registry)
         self.model_load = Gauge("whisper_model_load_seconds", "Time taken to load the model", registry=self.registry)
 
     def on_queue_change(self, windows: int, seconds: float) -> None:

@@ -43,7 +43,6 @@ class Request:
     options: DecodeOptions
     windows: list[np.ndarray]
     sequence: int  # arrival order: older requests go first among equals
-    results: list[WindowResult | None] = field(default_factory=list)
     waiting: deque[tuple[int, float]] = field(default_factory=deque)  # (window, temperature) not yet in a slot
     busy: int = 0  # windows in slots now
     finished: int = 0
@@ -58,9 +57,11 @@ def is_repetition_loop(result: WindowResult) -> bool:
 
 @dataclass
 class SchedulerEvents:
-    """Where the scheduler reports to (the engine process forwards these to the HTTP process)."""
+    """Where the scheduler reports to (the engine process forwards these to the HTTP process): each window's result
+    as soon as it is final (after any fallback decision), in the order windows finish, then the request's end."""
 
-    on_done: Callable[[int, list[WindowResult]], None]
+    on_window: Callable[[int, int, WindowResult], None]
+    on_done: Callable[[int], None]
     on_failed: Callable[[int, Exception], None]
     on_step: Callable[[int, float], None] = lambda busy, seconds: None
 
@@ -87,7 +88,7 @@ class SlotScheduler:
         self.joining: tuple[object, list[tuple[Request, int, float]]] | None = None
 
     def submit(self, key: int, options: DecodeOptions, windows: list[np.ndarray]) -> None:
-        request = Request(key, options, windows, next(self.sequence), results=[None] * len(windows),
+        request = Request(key, options, windows, next(self.sequence),
                           waiting=deque((index, options.temperature) for index in range(len(windows))))
         self.requests[key] = request
         if not windows:
@@ -237,14 +238,14 @@ class SlotScheduler:
                 request.last_served = -1
                 self.waiting_since = self.waiting_since or now
                 continue
-            request.results[index] = result
+            self.events.on_window(request.key, index, result)
             request.finished += 1
             if request.finished == len(request.windows):
                 self._finish(request)
 
     def _finish(self, request: Request) -> None:
         self.requests.pop(request.key, None)
-        self.events.on_done(request.key, request.results)
+        self.events.on_done(request.key)
 
     def _fail(self, request: Request, error: Exception) -> None:
         if self.requests.pop(request.key, None) is not None:

@@ -18,6 +18,8 @@ from transformers import (
 )
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
+from .alignment import default_alignment_heads
+
 # Architectures: "tiny" runs the whole server on CPU in seconds; "large-v3" has the real model's shapes for GPU benchmarks.
 ARCHITECTURES = {
     "tiny": dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
@@ -116,7 +118,9 @@ def make_test_model(directory: str | Path, architecture: str = "tiny", seed: int
         prev_sot_token_id=ids["<|startofprev|>"],
         lang_to_id={f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES},
         task_to_id={"translate": ids["<|translate|>"], "transcribe": ids["<|transcribe|>"]},
-        alignment_heads=[[config.decoder_layers - 1, 0]],
+        # The reference's default where a checkpoint names none (real ones carry their own): the upper half's heads.
+        alignment_heads=[list(pair) for pair in default_alignment_heads(config.decoder_layers,
+                                                                        config.decoder_attention_heads)],
     )
     generation.save_pretrained(directory)
     return directory

@@ -1,13 +1,18 @@
-"""Turns a request's audio into windows for the engine and its window results back into one transcript."""
+"""Turns a request's audio into windows for the engine and its window results back into one transcript, in audio
+order as the results come: each window's stretch of the transcript (a Piece) is final as soon as it and every window
+before it are decoded, which is what streaming sends."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .alignment import Word, align_words, place_words
 from .audio import Window, is_silence, split_windows
 from .decoding import SAMPLE_RATE, DecodeOptions, Segment, WindowResult
 from .engine_process import EngineProcess
@@ -19,24 +24,77 @@ class Transcript:
     language: str | None
     duration: float
     segments: list[Segment]
+    words: list[Word] | None = None  # with word timestamps
+    output_tokens: int = 0  # tokens the model generated for the final results
+
+
+@dataclass
+class Piece:
+    """One window's part of the transcript, absolute times: `delta` is what it adds to the text so far."""
+
+    delta: str
+    segments: list[Segment]
+    words: list[Word] = field(default_factory=list)
+
+
+class TranscriptBuilder:
+    """Takes window results in audio order. Shifts each window's segments (and words) by the window's offset and
+    keeps times non-decreasing across windows; with `token_bytes` (word timestamps) it turns each window's alignment
+    into words and reconciles them with the segments."""
+
+    def __init__(self, duration: float, token_bytes: Sequence[bytes] | None = None):
+        self.duration, self.token_bytes = duration, token_bytes
+        self.segments: list[Segment] = []
+        self.words: list[Word] = []
+        self.languages: Counter[str] = Counter()
+        self.last_speech = 0.0  # where speech last ended: the reference's rule for the first word after a pause
+        self.output_tokens = 0
+
+    def add(self, window: Window, result: WindowResult) -> Piece:
+        if result.language:
+            self.languages[result.language] += 1
+        self.output_tokens += len(result.tokens)
+        shifted = [replace(segment, start=window.offset + segment.start, end=window.offset + segment.end)
+                   for segment in result.segments]
+        if self.token_bytes is not None and result.alignment is not None:
+            text_tokens = [token for segment in shifted for token in segment.tokens]
+            words = [replace(word, start=window.offset + word.start, end=window.offset + word.end)
+                     for word in align_words(result.alignment, text_tokens, self.token_bytes, result.language)]
+            placed = place_words(shifted, words, self.last_speech)
+        else:
+            placed = [(segment, []) for segment in shifted]
+        piece = Piece(delta="", segments=[])
+        for segment, words in placed:
+            floor = self.segments[-1].end if self.segments else 0.0
+            start = max(round(segment.start, 2), floor)
+            segment = replace(segment, start=start, end=max(round(segment.end, 2), start))
+            for word in words:  # inside its segment, after the word before
+                word.start = min(max(word.start, segment.start, self.words[-1].end if self.words else 0.0), segment.end)
+                word.end = min(max(word.end, word.start), segment.end)
+                self.words.append(word)
+                piece.words.append(word)
+            self.last_speech = words[-1].end if words else self.last_speech
+            piece.delta += (" " if self.segments else "") + segment.text
+            self.segments.append(segment)
+            piece.segments.append(segment)
+        return piece
+
+    def transcript(self) -> Transcript:
+        return Transcript(
+            text=" ".join(segment.text for segment in self.segments),
+            language=self.languages.most_common(1)[0][0] if self.languages else None,
+            duration=round(self.duration, 3),
+            segments=self.segments,
+            words=self.words if self.token_bytes is not None else None,
+            output_tokens=self.output_tokens,
+        )
 
 
 def assemble(windows: list[Window], results: list[WindowResult], duration: float) -> Transcript:
-    """Shifts each window's segments by the window's offset and keeps times non-decreasing across windows."""
-    segments: list[Segment] = []
+    builder = TranscriptBuilder(duration)
     for window, result in zip(windows, results):
-        for segment in result.segments:
-            floor = segments[-1].end if segments else 0.0
-            start = max(round(window.offset + segment.start, 2), floor)
-            end = max(round(window.offset + segment.end, 2), start)
-            segments.append(replace(segment, start=start, end=end))
-    languages = Counter(result.language for result in results if result.language)
-    return Transcript(
-        text=" ".join(segment.text for segment in segments),
-        language=languages.most_common(1)[0][0] if languages else None,
-        duration=round(duration, 3),
-        segments=segments,
-    )
+        builder.add(window, result)
+    return builder.transcript()
 
 
 def cut(samples: np.ndarray) -> tuple[list[Window], list[bool]]:
@@ -44,13 +102,43 @@ def cut(samples: np.ndarray) -> tuple[list[Window], list[bool]]:
     return windows, [is_silence(window.samples) for window in windows]
 
 
-async def transcribe(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
-                     audio_work: asyncio.Semaphore) -> Transcript:
-    """Silent windows never reach the model: Whisper tends to invent text for them. Cutting and the silence check
-    run off the event loop (a 2-hour file is 115 M samples), within the server's limit on audio work at once."""
+async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
+                            audio_work: asyncio.Semaphore, builder: TranscriptBuilder) -> AsyncIterator[Piece]:
+    """The transcript piece by piece in audio order, each as soon as its window and all before it are final.
+    Silent windows never reach the model: Whisper tends to invent text for them. Cutting and the silence check run
+    off the event loop (a 2-hour file is 115 M samples), within the server's limit on audio work at once; so do the
+    words of a window (DTW)."""
     async with audio_work:
         windows, silent = await asyncio.to_thread(cut, samples)
-    spoken = [window for window, quiet in zip(windows, silent) if not quiet]
-    decoded = iter(await engine.transcribe(spoken, options) if spoken else [])
-    results = [WindowResult(language=options.language) if quiet else next(decoded) for quiet in silent]
-    return assemble(windows, results, len(samples) / SAMPLE_RATE)
+    spoken = [index for index, quiet in enumerate(silent) if not quiet]
+    finished: dict[int, WindowResult] = {index: WindowResult(language=options.language)
+                                         for index, quiet in enumerate(silent) if quiet}
+    following = 0  # the first window not yet given out
+
+    async def ready() -> AsyncIterator[Piece]:
+        nonlocal following
+        while following in finished:
+            result = finished.pop(following)
+            if result.alignment is None:
+                yield builder.add(windows[following], result)
+            else:
+                yield await asyncio.to_thread(builder.add, windows[following], result)
+            following += 1
+
+    async for piece in ready():
+        yield piece
+    if spoken:
+        async with aclosing(engine.transcribe([windows[index] for index in spoken], options)) as results:
+            async for index, result in results:
+                finished[spoken[index]] = result
+                async for piece in ready():
+                    yield piece
+
+
+async def transcribe(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
+                     audio_work: asyncio.Semaphore, token_bytes: Sequence[bytes] | None = None) -> Transcript:
+    builder = TranscriptBuilder(len(samples) / SAMPLE_RATE, token_bytes if options.word_timestamps else None)
+    async with aclosing(transcribe_pieces(engine, samples, options, audio_work, builder)) as pieces:
+        async for _ in pieces:
+            pass
+    return builder.transcript()

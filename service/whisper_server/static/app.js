@@ -1,4 +1,5 @@
-// The page for people: picks or records audio, calls the public /v1/audio API, shows and exports the transcript.
+// The page for people: picks or records audio, calls the public /v1/audio API with stream=true (the transcript
+// shows as it is decoded), plays the audio back with the spoken word highlighted, exports the transcript.
 'use strict';
 
 (() => {
@@ -58,6 +59,7 @@
     errorDetail: byId('error-detail'),
     segments: byId('segments'),
     formatted: byId('formatted'),
+    player: byId('player'),
     copy: byId('copy-button'),
     downloads: Array.from(document.querySelectorAll('button.download')),
   };
@@ -65,7 +67,10 @@
   const state = {
     audio: null, // { blob, name }
     modelId: null,
-    result: null, // { text, segments, language, duration, baseName }
+    result: null, // { text, segments, words, language, baseName }
+    audioUrl: null, // the chosen audio, for the player
+    wordSpans: [], // the rendered words in time order, for highlighting
+    currentWord: null,
     request: null, // the XMLHttpRequest in flight
     ticker: null,
     recorder: null,
@@ -150,28 +155,100 @@
     for (const button of ui.downloads) button.disabled = !enabled;
   }
 
+  // A segment's text with its words as clickable spans, taken from `words` from index `next` on: each word is looked
+  // up in the text after the one before, so the text reads exactly as the server wrote it. A word not in this
+  // segment's rest is the next segment's if that one has it, else it is passed over. Returns the next word's index.
+  function segmentText(cue, nextCue, words, next) {
+    const text = document.createElement('span');
+    text.className = 'segment-text';
+    let cursor = 0;
+    for (; next < words.length; next += 1) {
+      const word = words[next];
+      const at = word.word ? cue.text.indexOf(word.word, cursor) : -1;
+      if (at < 0) {
+        if (nextCue && nextCue.text.includes(word.word)) break;
+        continue;
+      }
+      text.append(cue.text.slice(cursor, at));
+      const span = document.createElement('span');
+      span.className = 'word';
+      span.textContent = word.word;
+      span.dataset.start = String(word.start);
+      span.dataset.end = String(word.end);
+      text.append(span);
+      state.wordSpans.push(span);
+      cursor = at + word.word.length;
+    }
+    text.append(cue.text.slice(cursor));
+    return { text, next };
+  }
+
   function renderResult() {
     const format = ui.outputFormat.value;
+    state.wordSpans = [];
+    state.currentWord = null;
     if (!state.result.text.trim() && !cues().length) {
-      showPlaceholder('The server found no speech in this audio.');
+      showPlaceholder(state.streaming ? 'Waiting for the first words…' : 'The server found no speech in this audio.');
     } else if (format === 'segments') {
-      ui.segments.replaceChildren(...cues().map((cue) => {
+      const all = cues();
+      let next = 0;
+      ui.segments.replaceChildren(...all.map((cue, i) => {
         const item = document.createElement('li');
         const time = document.createElement('time');
         time.dateTime = `PT${cue.start.toFixed(2)}S`;
         time.textContent = `${segmentTime(cue.start)} – ${segmentTime(cue.end)}`;
-        const text = document.createElement('span');
-        text.className = 'segment-text';
-        text.textContent = cue.text;
-        item.append(time, text);
+        const marked = segmentText(cue, all[i + 1], state.result.words, next);
+        next = marked.next;
+        item.append(time, marked.text);
         return item;
       }));
       showOnly(ui.segments);
+      highlightWord();
     } else {
       ui.formatted.textContent = FORMATTERS[format]();
       showOnly(ui.formatted);
     }
   }
+
+  // ---- playback ---------------------------------------------------------------------------
+
+  // The word being spoken: the last one started (a millisecond's slack for the player's rounding) and not yet over.
+  function highlightWord() {
+    const t = ui.player.currentTime + 0.001;
+    const spans = state.wordSpans;
+    let low = 0;
+    let high = spans.length;
+    while (low < high) {
+      const middle = (low + high) >> 1;
+      if (Number(spans[middle].dataset.start) <= t) low = middle + 1;
+      else high = middle;
+    }
+    const candidate = spans[low - 1];
+    const word = candidate && t <= Math.max(Number(candidate.dataset.end), Number(candidate.dataset.start) + 0.05)
+      ? candidate : null;
+    if (word === state.currentWord) return;
+    state.currentWord?.classList.remove('current');
+    state.currentWord?.removeAttribute('aria-current');
+    word?.classList.add('current');
+    word?.setAttribute('aria-current', 'true');
+    state.currentWord = word;
+  }
+
+  // timeupdate fires a few times a second; while playing, follow every frame so short words are not skipped.
+  function followPlayback() {
+    highlightWord();
+    if (!ui.player.paused) requestAnimationFrame(followPlayback);
+  }
+
+  ui.player.addEventListener('play', followPlayback);
+  ui.player.addEventListener('seeked', highlightWord);
+  ui.player.addEventListener('timeupdate', highlightWord);
+  ui.segments.addEventListener('click', (event) => {
+    const span = event.target.closest('.word');
+    if (!span) return;
+    ui.player.currentTime = Number(span.dataset.start);
+    highlightWord();
+  });
 
   function showPlaceholder(text) {
     ui.placeholder.textContent = text;
@@ -288,6 +365,10 @@
 
   function chooseAudio(blob, name) {
     state.audio = { blob, name };
+    if (state.audioUrl) URL.revokeObjectURL(state.audioUrl);
+    state.audioUrl = URL.createObjectURL(blob);
+    ui.player.src = state.audioUrl;
+    ui.player.hidden = false;
     ui.chosen.textContent = `Chosen: ${name} (${formatBytes(blob.size)})`;
     setStatus(`Ready to ${taskName()}.`);
   }
@@ -406,9 +487,12 @@
     const data = new FormData();
     data.append('file', state.audio.blob, state.audio.name);
     if (state.modelId) data.append('model', state.modelId);
-    // verbose_json carries the segments; every output format is built from them here.
-    data.append('response_format', 'verbose_json');
+    // A stream of the text as it is decoded; each delta carries its segments (every output format is built from
+    // them here) and its words (for playback).
+    data.append('response_format', 'json');
+    data.append('stream', 'true');
     data.append('timestamp_granularities[]', 'segment');
+    data.append('timestamp_granularities[]', 'word');
     if (ui.language.value && !ui.language.disabled) data.append('language', ui.language.value);
     if (ui.prompt.value.trim()) data.append('prompt', ui.prompt.value.trim());
     return data;
@@ -419,30 +503,66 @@
     setProgress('idle');
     setBusy(false);
     state.request = null;
+    state.streaming = false;
   }
 
-  function handleSuccess(xhr, started) {
-    let body;
-    try {
-      body = JSON.parse(xhr.responseText);
-    } catch (_) {
-      showError('The server sent an answer the page cannot read', xhr.responseText.slice(0, 500), `HTTP ${xhr.status}`);
-      return;
+  // The server-sent events received so far: complete events past `state.consumed` in the response.
+  function takeEvents(xhr) {
+    const events = [];
+    let end;
+    while ((end = xhr.responseText.indexOf('\n\n', state.consumed)) >= 0) {
+      const block = xhr.responseText.slice(state.consumed, end);
+      state.consumed = end + 2;
+      const data = block.split('\n').filter((line) => line.startsWith('data: ')).map((line) => line.slice(6)).join('\n');
+      if (data) events.push(JSON.parse(data));
     }
-    const text = typeof body.text === 'string' ? body.text : '';
-    const duration = typeof body.duration === 'number' ? body.duration : null;
-    // A reply without segments still gets one cue covering the whole audio.
-    const segments = Array.isArray(body.segments) && body.segments.length
-      ? body.segments.map((s) => ({ start: Number(s.start) || 0, end: Number(s.end) || 0, text: String(s.text || '') }))
-      : [{ start: 0, end: duration || 0, text }];
-    state.result = { text, segments, baseName: state.audio.name.replace(/\.[^.]+$/, '') || 'transcript' };
+    return events;
+  }
+
+  function onDelta(event) {
+    const result = state.result;
+    result.text += event.delta;
+    for (const s of event.segments || []) {
+      result.segments.push({ start: Number(s.start) || 0, end: Number(s.end) || 0, text: String(s.text || '') });
+    }
+    result.words.push(...(event.words || []).map((w) => ({ word: String(w.word), start: Number(w.start),
+      end: Number(w.end) })));
+    renderResult();
+    if (result.segments.length === event.segments?.length) revealOutput(); // the first words
+  }
+
+  function onDone(event, started) {
+    state.answered = true;
+    const result = state.result;
+    result.text = event.text;
+    const code = event.languages && event.languages[0] && event.languages[0].code;
+    const language = code && (LANGUAGES.find(([known]) => known === code) || [code, code])[1];
     renderResult();
     setActionsEnabled(true);
     const took = (performance.now() - started) / 1000;
-    ui.meta.textContent = [body.language && `Language: ${body.language}`,
+    const duration = Number.isFinite(ui.player.duration) ? ui.player.duration : null;
+    ui.meta.textContent = [language && `Language: ${language}`,
       duration !== null && `${formatDuration(duration)} of audio`, `took ${took.toFixed(1)} s`].filter(Boolean).join(' · ');
     revealOutput();
-    setStatus(`Done: ${segments.length} segment${segments.length === 1 ? '' : 's'} in ${took.toFixed(1)} s.`);
+    const count = result.segments.length;
+    setStatus(`Done: ${count} segment${count === 1 ? '' : 's'} in ${took.toFixed(1)} s.`);
+  }
+
+  // The stream's error event: the request failed after the server had started answering.
+  function onStreamError(event) {
+    state.answered = true;
+    const error = event.error || {};
+    const detail = ['during the stream', error.type && `type: ${error.type}`, error.code && `code: ${error.code}`]
+      .filter(Boolean).join(' · ');
+    showError(errorHeading(500, error.code, null), error.message || 'The server failed.', detail);
+  }
+
+  function readStream(xhr, started) {
+    for (const event of takeEvents(xhr)) {
+      if (event.type === 'transcript.text.delta') onDelta(event);
+      else if (event.type === 'transcript.text.done') onDone(event, started);
+      else if (event.type === 'error') onStreamError(event);
+    }
   }
 
   function submit(event) {
@@ -457,7 +577,10 @@
     const xhr = new XMLHttpRequest();
     const started = performance.now();
     state.request = xhr;
-    state.result = null;
+    state.streaming = true;
+    state.answered = false; // a done or error event arrived
+    state.consumed = 0;
+    state.result = { text: '', segments: [], words: [], baseName: state.audio.name.replace(/\.[^.]+$/, '') || 'transcript' };
     setActionsEnabled(false);
     setBusy(true);
     ui.meta.textContent = '\u00a0';
@@ -475,10 +598,22 @@
     });
     // Once the upload is done the server decodes and runs the model: no byte count to show, so show time.
     xhr.upload.addEventListener('load', () => startWorkingTicker(performance.now()));
+    // The events are read as they arrive; an answer other than 200 is a plain JSON error.
+    const streaming = () => xhr.status === 200 && (xhr.getResponseHeader('Content-Type') || '').startsWith('text/event-stream');
+    xhr.addEventListener('progress', () => {
+      if (streaming()) readStream(xhr, started);
+    });
     xhr.addEventListener('load', () => {
       finishRequest();
-      if (xhr.status >= 200 && xhr.status < 300) handleSuccess(xhr, started);
-      else showHttpError(xhr);
+      if (!streaming()) {
+        showHttpError(xhr);
+        return;
+      }
+      readStream(xhr, started);
+      if (!state.answered) {
+        showError('The answer ended early', 'The server closed the stream before the transcript was complete.',
+          'A proxy timeout or a restarting server can cut a stream; try again.');
+      }
     });
     xhr.addEventListener('error', () => {
       finishRequest();
