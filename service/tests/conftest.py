@@ -154,6 +154,7 @@ class ServerProcess:
             ["whisper-server", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--device", "cpu", "--cpu-threads", "1", *args],
             env=environment, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, which a test may signal whole
         )
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, timeout=120)

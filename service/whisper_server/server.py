@@ -71,6 +71,9 @@ def start_engine(state: ServerState, server: DrainingServer) -> None:
     try:
         info = engine.start()
     except Exception:
+        if state.draining or engine.stopping:  # a SIGTERM while the model loaded: nothing failed
+            log.info("stopped while loading the model")
+            return
         log.exception("model failed to load")
         state.load_failed = True
         server.should_exit = True
