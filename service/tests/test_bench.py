@@ -104,3 +104,32 @@ def test_gpu_memory_sampler_keeps_the_peak_of_nvidia_smi(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     sampler = load_bench().GpuMemorySampler()
     assert sampler.stop() == 31000
+
+
+def test_real_benchmark_puts_every_peer_on_the_same_real_clips(tiny_en, tmp_path):
+    """--real on a few short clips: our server, transformers (long-form generate and the pipeline) and faster-whisper
+    (sequential and batched, on the wheel's CTranslate2 file) each transcribe every clip class, and the WER it
+    reports is the one its own texts give."""
+    from speech import normalize_words, word_errors
+
+    subprocess.run([sys.executable, str(BENCH), "--real", "--model", str(tiny_en), "--short-clips", "2",
+                    "--long-clips", "1", "--long-seconds", "32", "--quiet-seconds", "8", "--concurrency", "2",
+                    "--classes", "short", "long", "quiet",
+                    "--max-batch-size", "2", "--pipeline-batch-sizes", "2", "--cpu-threads", "1",
+                    "--output", str(tmp_path / "real")], check=True, timeout=1200)
+    report = json.loads((tmp_path / "real.json").read_text())
+    systems = {"whisper-server, 2 clients", "transformers generate, long-form", "transformers pipeline, batch 2",
+               "faster-whisper transcribe", "faster-whisper batched, batch 2"}
+    rows = {(r["system"], r["class"]): r for r in report["results"]}
+    assert set(rows) == {(s, c) for s in systems for c in ("short", "long", "quiet")}
+    assert report["clips"]["long"]["audio_seconds"] > 30 and report["clips"]["short"]["count"] == 2
+    for (system, kind), row in rows.items():
+        references = report["clips"][kind]["references"]
+        assert row["rtfx"] > 0 and len(row["texts"]) == row["clips"] == len(references)
+        errors = sum(word_errors(r, t) for r, t in zip(references, row["texts"]))
+        assert row["wer"] == pytest.approx(errors / sum(len(normalize_words(r)) for r in references), abs=1e-4)
+        assert row["empty"] == sum(not normalize_words(t) for t in row["texts"])
+    server_short = rows[("whisper-server, 2 clients", "short")]
+    assert all(normalize_words(t) for t in server_short["texts"]), "real speech gets real words"
+    table = (tmp_path / "real.md").read_text()
+    assert all(f"| {system} |" in table for system in systems)

@@ -71,7 +71,7 @@ def test_the_448_position_limit(engine):
         got = decode(engine, [window, (clip(12, 4.0), DecodeOptions())], joins=[0, 0])[0]
     finally:
         engine.max_length = previous
-    prefix = len(engine._prompt_ids(long_prompt)) + 3
+    prefix = len(engine._prompt_ids(long_prompt)) + 3  # <|startoftranscript|>, language, task
     assert prefix + len(expected) == 448, "the reference ran into the limit"
     assert got == expected
 

@@ -183,9 +183,17 @@ def decode_options(form, task: str, state: ServerState) -> Asked:
                        f"server-sent events, with response_format {' or '.join(STREAMING_FORMATS)}.",
                        param="response_format", code="unsupported_value")
     language = (form.get("language") or "").strip().lower() or None
+    capabilities = state.engine.capabilities
+    if task not in capabilities.tasks:
+        raise ApiError(400, f"The model '{state.model_id}' is English-only: it transcribes English speech and cannot "
+                       "translate; serve a multilingual checkpoint for /v1/audio/translations.",
+                       param="model", code="unsupported_task")
     if task == "translate":
         language = None  # translations detect the source language and always answer in English
-    elif language is not None and language not in state.engine.languages:
+    elif language is not None and not capabilities.multilingual and language != "en":
+        raise ApiError(400, f"The model '{state.model_id}' is English-only: language must be 'en' or left out; "
+                       f"got '{language}'.", param="language", code="unsupported_language")
+    elif language is not None and language not in capabilities.languages:
         raise ApiError(400, f"language must be an ISO-639-1 code the model knows (such as en, de, fr); got '{language}'.",
                        param="language", code="invalid_language")
     prompt = (form.get("prompt") or "").strip() or None
@@ -385,8 +393,10 @@ async def translations(request: Request) -> Response:
 async def models(request: Request) -> Response:
     state: ServerState = request.app.state.server
     authorize(request, state)
-    return JSONResponse({"object": "list", "data": [
-        {"id": state.model_id, "object": "model", "created": state.started_at, "owned_by": "whisper-server"}]})
+    model = {"id": state.model_id, "object": "model", "created": state.started_at, "owned_by": "whisper-server"}
+    if state.engine and state.engine.capabilities:  # known once the engine has loaded the checkpoint
+        model["capabilities"] = state.engine.capabilities.describe()
+    return JSONResponse({"object": "list", "data": [model]})
 
 
 async def healthz(request: Request) -> Response:

@@ -1,4 +1,5 @@
-"""`whisper-server serve` and `whisper-server make-test-model DIR`. Every serve flag can also come from WHISPER_<NAME>."""
+"""`whisper-server serve`, `whisper-server make-test-model DIR` and `whisper-server convert-ct2 SRC DST`. Every serve
+flag can also come from WHISPER_<NAME>."""
 
 from __future__ import annotations
 
@@ -74,7 +75,25 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("directory")
     make.add_argument("--architecture", choices=("tiny", "large-v3"), default="tiny",
                       help="tiny runs on CPU in seconds; large-v3 has the real model's shapes (for GPU benchmarks)")
+    convert = commands.add_parser(
+        "convert-ct2", help="write a CTranslate2 Whisper model (faster-whisper's format) as a Hugging Face checkpoint",
+        description="Exact conversion, offline: every weight copied bit for bit, with the tokenizer, the feature "
+                    "extractor and a generation config carrying the source's alignment heads and suppress lists.")
+    convert.add_argument("source", help="the CTranslate2 model folder (model.bin, config.json, tokenizer.json)")
+    convert.add_argument("destination", help="the checkpoint folder to write (replaced whole)")
+    convert.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                         help="float32 widens float16 weights without rounding (the fastest on CPU); float16 keeps "
+                              "float16 weights as they are (half the size)")
     args = parser.parse_args(argv)
+
+    if args.command == "convert-ct2":
+        from .ct2_convert import ConversionError, convert as convert_ct2
+
+        try:
+            print(convert_ct2(args.source, args.destination, args.dtype))
+        except ConversionError as error:
+            convert.error(str(error))
+        return 0
 
     if args.command == "make-test-model":
         from .test_model import make_test_model

@@ -23,6 +23,20 @@ class DecodeOptions:
     word_timestamps: bool = False  # the engine aligns the window's final tokens to its audio (alignment.py)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What the loaded checkpoint can do, from its generation config. English-only checkpoints (*.en) transcribe
+    English alone: they are trained on <|startoftranscript|> with no language or task token after it. Multilingual
+    ones know their languages and translate into English too."""
+
+    multilingual: bool
+    languages: tuple[str, ...]  # ISO-639-1 codes
+    tasks: tuple[str, ...]  # "transcribe", and "translate" for multilingual checkpoints
+
+    def describe(self) -> dict:
+        return {"multilingual": self.multilingual, "tasks": list(self.tasks), "languages": list(self.languages)}
+
+
 @dataclass
 class Segment:
     start: float

@@ -17,7 +17,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from .alignment import alignment_matrices, alignment_sequence, default_alignment_heads
 from .decoder import ENCODER_SELF_ATTENTION, Piece, SlotDecoder, SpecialTokens, attention_context
-from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
+from .decoding import SAMPLE_RATE, Capabilities, DecodeOptions, OutOfMemory, Segment, WindowResult, compression_ratio
 
 # Whisper's own rule for dropping a window as silence: likely no speech and a low-confidence decode.
 NO_SPEECH_THRESHOLD = 0.6
@@ -25,6 +25,20 @@ LOGPROB_THRESHOLD = -1.0
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Memory left beside the KV caches for the encoder's activations and the step graphs, as a share of free memory.
 ACTIVATION_RESERVE = 0.2
+
+
+def read_capabilities(generation) -> tuple[Capabilities, dict[str, int], dict[str, int]]:
+    """The checkpoint's capabilities, its language token ids by code and its task token ids. English-only generation
+    configs (is_multilingual false) have neither language nor task ids, and need none."""
+    lang_to_id = getattr(generation, "lang_to_id", None) or {}
+    if not getattr(generation, "is_multilingual", bool(lang_to_id)):
+        return Capabilities(False, ("en",), ("transcribe",)), {}, {}
+    task_to_id = dict(getattr(generation, "task_to_id", None) or {})
+    if not lang_to_id or not {"transcribe", "translate"} <= set(task_to_id):
+        raise ValueError("the checkpoint's generation config is multilingual (is_multilingual true) but lacks "
+                         "lang_to_id or task_to_id: the forced language and task tokens cannot be chosen")
+    language_ids = {token[2:-2]: token_id for token, token_id in lang_to_id.items()}
+    return Capabilities(True, tuple(sorted(language_ids)), ("transcribe", "translate")), language_ids, task_to_id
 
 
 def resolve_device(device: str) -> str:
@@ -129,13 +143,14 @@ class WhisperEngine:
             self.model_name, dtype=self.dtype, attn_implementation="sdpa", local_files_only=self.offline,
         ).to(self.device).eval()
         tokenizer, generation, config = self.processor.tokenizer, self.model.generation_config, self.model.config
+        self.capabilities, self.language_ids, self.task_ids = read_capabilities(generation)
         no_speech = tokenizer.convert_tokens_to_ids("<|nospeech|>")
         if no_speech == tokenizer.unk_token_id:  # checkpoints before large-v3 call it <|nocaptions|>
             no_speech = tokenizer.convert_tokens_to_ids("<|nocaptions|>")
         self.special = SpecialTokens(
             end_of_text=generation.eos_token_id, start_of_transcript=generation.decoder_start_token_id,
             no_timestamps=generation.no_timestamps_token_id,
-            no_speech=no_speech, languages=tuple(generation.lang_to_id.values()),
+            no_speech=no_speech, languages=tuple(self.language_ids.values()),
             suppress=tuple(generation.suppress_tokens or ()), begin_suppress=tuple(generation.begin_suppress_tokens or ()),
             max_initial_timestamp_index=getattr(generation, "max_initial_timestamp_index", None),
         )
@@ -143,10 +158,7 @@ class WhisperEngine:
         heads = getattr(generation, "alignment_heads", None)
         self.alignment_heads = ([tuple(pair) for pair in heads] if heads else
                                 default_alignment_heads(config.decoder_layers, config.decoder_attention_heads))
-        self.language_ids = {token[2:-2]: token_id for token, token_id in generation.lang_to_id.items()}
         self.id_to_language = {token_id: code for code, token_id in self.language_ids.items()}
-        self.languages = set(self.language_ids)
-        self.task_ids = dict(generation.task_to_id)
         self.positions = config.max_target_positions
         self.max_length = min(generation.max_length or self.positions, self.positions)
         extractor = self.processor.feature_extractor
@@ -311,15 +323,14 @@ class WhisperEngine:
             no_speech, detected = no_speech.tolist(), detected.tolist()
             prefixes, limits, min_lengths, admitted = [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
-                language_id = self.language_ids[options.language] if options.language else detected_id
-                start = self._start_of_transcript(options, language_id)
+                start, language = self._start_of_transcript(options, detected_id)
                 prefix = self._prompt_ids(options.prompt) + start  # as _prefix() makes it
                 limit = self._limit(len(prefix), admission.max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
                 limits.append(limit)
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
-                admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, self.id_to_language.get(language_id),
-                                           no_speech_prob, options.temperature, start, options.word_timestamps))
+                admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, language, no_speech_prob, options.temperature,
+                                           start, options.word_timestamps))
             temperatures = [options.temperature for _, options in windows]
             for piece, part, prefilled in zip(admission.pieces, parts, known):
                 self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part], temperatures[part],
@@ -335,20 +346,27 @@ class WhisperEngine:
         self.windows.update(zip(slots, admitted))
         return slots
 
-    def _start_of_transcript(self, options: DecodeOptions, language_id: int) -> list[int]:
-        """<|startoftranscript|>, the language and the task: the forced prefix after any prompt."""
-        return [self.special.start_of_transcript, language_id, self.task_ids[options.task]]
+    def _start_of_transcript(self, options: DecodeOptions, detected_id: int | None) -> tuple[list[int], str]:
+        """The forced tokens after any prompt, and the window's language: <|startoftranscript|>, then on a
+        multilingual checkpoint the language (given, else the detected one) and the task. English-only checkpoints
+        take <|startoftranscript|> alone (a language or task token after it makes them end at once, with no text)."""
+        if not self.capabilities.multilingual:
+            return [self.special.start_of_transcript], "en"
+        language_id = self.language_ids[options.language] if options.language else detected_id
+        return ([self.special.start_of_transcript, language_id, self.task_ids[options.task]],
+                self.id_to_language[language_id])
 
-    def _prefix(self, options: DecodeOptions, language_id: int) -> list[int]:
-        """The forced prefix: the prompt (if any), then the start of transcript."""
-        return self._prompt_ids(options.prompt) + self._start_of_transcript(options, language_id)
+    def _prefix(self, options: DecodeOptions, detected_id: int | None) -> tuple[list[int], str]:
+        """The forced prefix (the prompt, if any, then the start of transcript) and the window's language."""
+        start, language = self._start_of_transcript(options, detected_id)
+        return self._prompt_ids(options.prompt) + start, language
 
     def _known_prefixes(self, options: list[DecodeOptions]) -> list[list[int]] | None:
-        """The windows' prefixes when they need nothing from the model first (each names its language) and start
-        with <|startoftranscript|> (no prompt); else None."""
-        if not all(option.language and not option.prompt for option in options):
+        """The windows' prefixes when they need nothing from the model first (each names its language, or the
+        checkpoint is English-only) and start with <|startoftranscript|> (no prompt); else None."""
+        if not all((option.language or not self.capabilities.multilingual) and not option.prompt for option in options):
             return None
-        return [self._prefix(option, self.language_ids[option.language]) for option in options]
+        return [self._prefix(option, None)[0] for option in options]
 
     def _limit(self, prefix_length: int, max_new_tokens: int | None) -> int:
         """Most tokens in a slot's sequence, prefix included: transformers' rule (max_new_tokens after the prefix,

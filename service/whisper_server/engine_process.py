@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .settings import Settings
-from .decoding import DecodeOptions, EngineFailure, OutOfMemory, WindowResult
+from .decoding import Capabilities, DecodeOptions, EngineFailure, OutOfMemory, WindowResult
 from .metrics import Metrics
 from .scheduler import SchedulerEvents, SlotScheduler
 
@@ -60,7 +60,7 @@ class EngineInfo:
     dtype: str
     slots: int
     load_seconds: float
-    languages: frozenset[str]
+    capabilities: Capabilities
     token_bytes: Sequence[bytes]  # each text token's bytes: the HTTP process groups tokens into words with them
 
 
@@ -77,6 +77,10 @@ class EngineStats:
 def engine_main(settings: Settings, requests, events) -> None:
     """Entry point of the engine process: loads and warms the model, then runs the step loop until told to stop or
     until the HTTP process goes away."""
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd, `kill -- -PGID`, a shell), reach this process
+    # too: the HTTP process drains the requests in flight, then stops the engine. Ignored before the slow imports.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # torch's OpenMP workers otherwise spin between ops and take every core from the HTTP process beside them (on CPU
     # a burst's p50 went from 0.4 s to 4 s); read when torch loads, so set before the import.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -88,7 +92,6 @@ def engine_main(settings: Settings, requests, events) -> None:
     configure_logging()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the HTTP process drains
     engine = WhisperEngine(settings.model, settings.device, settings.dtype, settings.offline, settings.max_new_tokens,
                            settings.fixed_new_tokens, settings.cpu_threads, slots=settings.max_batch_size,
                            cuda_graphs=settings.cuda_graphs)
@@ -100,10 +103,11 @@ def engine_main(settings: Settings, requests, events) -> None:
         events.send(("load_failed", f"{type(error).__name__}: {error}"))
         return
     events.send(("ready", EngineInfo(engine.device, str(engine.dtype), engine.capacity, engine.load_seconds,
-                                     frozenset(engine.languages), engine.token_bytes())))
+                                     engine.capabilities, engine.token_bytes())))
     log.info("engine ready", extra={"fields": {"slots": engine.capacity, "device": engine.device,
                                                "cuda_graphs": len(engine.decoder.graphs),
-                                               "attention_backends": engine.attention_backends}})
+                                               "attention_backends": engine.attention_backends,
+                                               **engine.capabilities.describe()}})
     try:
         EngineLoop(engine, requests, events, fallback=not settings.fixed_new_tokens,
                    admission_wait=settings.batch_wait_ms / 1000).run()
@@ -227,18 +231,19 @@ class EngineProcess:
         if self.process is None:
             return
         self.stopping = True
-        if self.info is None:  # still loading: nothing to finish
-            self.process.terminate()
+        if self.info is None:  # still loading: nothing to finish (the engine ignores SIGTERM)
+            self.process.kill()
         self.outgoing.put((("stop",), []))
         self.outgoing.put(None)
         self.process.join(10)
         if self.process.is_alive():
-            self.process.terminate()
+            self.process.kill()
             self.process.join(5)
 
     @property
-    def languages(self) -> frozenset[str]:
-        return self.info.languages if self.info else frozenset()
+    def capabilities(self) -> Capabilities | None:
+        """The checkpoint's, once the engine is ready."""
+        return self.info.capabilities if self.info else None
 
     @property
     def token_bytes(self) -> Sequence[bytes]:

@@ -100,6 +100,9 @@ def start_engine(state: ServerState, server: DrainingServer) -> None:
     try:
         info = engine.start()
     except Exception:
+        if state.draining or engine.stopping:  # a SIGTERM while the model loaded: nothing failed
+            log.info("stopped while loading the model")
+            return
         log.exception("model failed to load")
         state.load_failed = True
         server.should_exit = True
@@ -107,7 +110,8 @@ def start_engine(state: ServerState, server: DrainingServer) -> None:
     state.metrics.model_load.set(info.load_seconds)
     state.ready = True
     log.info("ready", extra={"fields": {"model": settings.model, "device": info.device, "dtype": info.dtype,
-                                        "slots": info.slots, "load_seconds": round(info.load_seconds, 3)}})
+                                        "slots": info.slots, "load_seconds": round(info.load_seconds, 3),
+                                        **info.capabilities.describe()}})
 
 
 def run(settings: Settings) -> int:

@@ -23,8 +23,9 @@ def synthetic_clip(seed: int, seconds: float) -> np.ndarray:
 def reference_tokens(engine: WhisperEngine, samples: np.ndarray, options: DecodeOptions) -> list[int]:
     """transformers' greedy tokens with timestamps for one window alone (generate(..., return_timestamps=True,
     force_unique_generate_call=True) under the engine's length rule), forced prefix and end of text dropped."""
-    arguments = dict(return_timestamps=True, force_unique_generate_call=True, task=options.task,
-                     language=options.language)
+    arguments = dict(return_timestamps=True, force_unique_generate_call=True)
+    if engine.capabilities.multilingual:  # generate refuses a task or language for English-only checkpoints
+        arguments.update(task=options.task, language=options.language)
     if engine.max_new_tokens:
         arguments["max_new_tokens"] = engine.max_new_tokens
     else:
@@ -33,7 +34,8 @@ def reference_tokens(engine: WhisperEngine, samples: np.ndarray, options: Decode
         arguments["prompt_ids"] = torch.tensor(engine._prompt_ids(options.prompt), device=engine.device)
     with torch.inference_mode():
         sequence = engine.model.generate(engine.log_mel([samples]).to(engine.dtype), **arguments)[0].tolist()
-    start = sequence.index(engine.special.start_of_transcript) + 3  # <|startoftranscript|>, language, task
+    # <|startoftranscript|>, then the language and the task on multilingual checkpoints
+    start = sequence.index(engine.special.start_of_transcript) + (3 if engine.capabilities.multilingual else 1)
     generated = sequence[start:]
     end_of_text = engine.special.end_of_text
     return generated[:generated.index(end_of_text)] if end_of_text in generated else generated
