@@ -88,6 +88,10 @@ export interface WorkloadConfig {
     queueSize: number;
     /** The /tmp volume uploads are spooled to, GiB: it bounds the uploads a pod receives at once. */
     uploadSpoolGiB: number;
+    /** A request body's deadlines: in all, between parts, and the slowest average rate. */
+    uploadTimeoutSeconds: number;
+    uploadIdleSeconds: number;
+    uploadMinBytesPerSecond: number;
     requestTimeoutSeconds: number;
     /** Set as secret config; when absent and required, the program generates one. */
     apiKey?: pulumi.Output<string>;

@@ -158,6 +158,10 @@ function readWorkload(reader: ConfigReader): WorkloadConfig {
         maxAudioSeconds: reader.integer("maxAudioSeconds", { min: 30, max: 24 * 3600 }),
         queueSize: reader.integer("queueSize", { min: 1, max: 10000 }),
         uploadSpoolGiB: reader.integer("uploadSpoolGiB", { min: 1, max: 1024 }),
+        uploadTimeoutSeconds: reader.integer("uploadTimeoutSeconds", { min: 10, max: 24 * 3600 }),
+        // Below any load balancer idle timeout (requestTimeoutSeconds + 60, at least 90 s).
+        uploadIdleSeconds: reader.integer("uploadIdleSeconds", { min: 1, max: 60 }),
+        uploadMinBytesPerSecond: reader.integer("uploadMinBytesPerSecond", { min: 1, max: 100 * 2 ** 20 }),
         requestTimeoutSeconds: reader.integer("requestTimeoutSeconds", requestTimeoutSecondsRange),
         apiKey: reader.optionalSecret("apiKey"),
         requireApiKey: reader.boolean("requireApiKey"),

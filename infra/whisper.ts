@@ -87,6 +87,10 @@ export interface ServerSettings {
     queueSize: number;
     /** The /tmp volume uploads are spooled to, GiB. */
     uploadSpoolGiB: number;
+    /** A request body's deadlines: in all, between parts, and the slowest average rate. */
+    uploadTimeoutSeconds: number;
+    uploadIdleSeconds: number;
+    uploadMinBytesPerSecond: number;
     /** The longest a request may run: the server's deadline, and the base of every timeout around it. */
     requestTimeoutSeconds: number;
     /** The GPU nodes may be spot instances (gpuCapacityTypes has spot): every drain must end within a reclaim's notice. */
@@ -157,8 +161,24 @@ export function podLabels(stack: string): Record<string, string> {
     return { "app.kubernetes.io/name": "whisper", "app.kubernetes.io/instance": stack, "app.kubernetes.io/component": "server" };
 }
 
+/**
+ * Where the server learns who a client is, for its per-client share of uploads and spool. Behind the ALB (TLS) each
+ * request carries X-Forwarded-For, set by the ALB from inside the VPC: trusted from the VPC's addresses. Behind the
+ * NLB (IP targets, no client IP preservation) every client arrives from the NLB's own few addresses and nothing names
+ * the client, so a per-client share would be a share of everyone: a client may then take every upload slot, and the
+ * receive deadlines alone bound what a slow one holds.
+ */
+export interface ClientIdentity {
+    forwardedBy?: string[];
+}
+
+/** The ALB's X-Forwarded-For, trusted from where the ALB sends (the VPC); none behind the NLB or from unknown sources. */
+export function clientIdentity(args: Pick<WhisperServiceArgs, "traffic" | "loadBalancerSourceCidrs">): ClientIdentity {
+    return args.traffic.certificateArn !== undefined && args.loadBalancerSourceCidrs ? { forwardedBy: args.loadBalancerSourceCidrs } : {};
+}
+
 /** The server's settings as its WHISPER_<NAME> environment. */
-export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number): Record<string, string> {
+export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number, clients: ClientIdentity = {}): Record<string, string> {
     const limits = serverLimits({ ...server, memoryLimitMiB });
     return {
         WHISPER_MODEL: server.modelId,
@@ -176,6 +196,12 @@ export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number
         WHISPER_MAX_QUEUED_AUDIO_SECONDS: String(limits.maxQueuedAudioSeconds),
         WHISPER_MAX_CONCURRENT_UPLOADS: String(limits.maxConcurrentUploads),
         WHISPER_MAX_SPOOL_MB: String(limits.maxSpoolMb),
+        ...(clients.forwardedBy
+            ? { WHISPER_FORWARDED_ALLOW_IPS: clients.forwardedBy.join(",") }
+            : { WHISPER_MAX_UPLOADS_PER_CLIENT: String(limits.maxConcurrentUploads) }),
+        WHISPER_UPLOAD_TIMEOUT_SECONDS: String(server.uploadTimeoutSeconds),
+        WHISPER_UPLOAD_IDLE_SECONDS: String(server.uploadIdleSeconds),
+        WHISPER_UPLOAD_MIN_BYTES_PER_SECOND: String(server.uploadMinBytesPerSecond),
         WHISPER_REQUEST_TIMEOUT_SECONDS: String(server.requestTimeoutSeconds),
         WHISPER_DRAIN_SECONDS: String(drainSeconds(server)),
         HF_HOME: `${modelCacheMountPath}/hf`,
@@ -247,7 +273,7 @@ export class WhisperService extends pulumi.ComponentResource {
                   );
 
         const env: k8s.types.input.core.v1.EnvVar[] = [
-            ...Object.entries(serverEnvironment(server, args.resources.memoryMiB)).map(([envName, value]) => ({ name: envName, value })),
+            ...Object.entries(serverEnvironment(server, args.resources.memoryMiB, clientIdentity(args))).map(([envName, value]) => ({ name: envName, value })),
             ...(apiKeySecret ? [{ name: "WHISPER_API_KEY", valueFrom: { secretKeyRef: { name: apiKeySecretName, key: "api-key" } } }] : []),
         ];
         const probe = (path: string) => ({ httpGet: { path, port: httpPortName } });

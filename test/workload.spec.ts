@@ -667,6 +667,22 @@ describe("workload", function () {
             const [api] = policyRuleFor(evaluation, "http");
             assert.deepEqual(api.from, [{ ipBlock: { cidr: config(evaluation, "vpcCidr") } }]);
             assert.match(String(evaluation.outputs.serviceUrl), /^https:\/\//);
+            // The ALB names the client in X-Forwarded-For: trusted from the VPC, so each client gets its own share.
+            const variables = env(evaluation);
+            assert.equal(variables.WHISPER_FORWARDED_ALLOW_IPS, config(evaluation, "vpcCidr"));
+            assert.equal(variables.WHISPER_MAX_UPLOADS_PER_CLIENT, undefined, "the server's default share per client");
+        });
+
+        it("gives the server its upload deadlines from config; behind the NLB, where no client is named, no per-client share", async function () {
+            const evaluation = await evaluateStack("prod", { uploadTimeoutSeconds: 1200, uploadIdleSeconds: 20, uploadMinBytesPerSecond: 8192 });
+            const variables = env(evaluation);
+            assert.equal(variables.WHISPER_UPLOAD_TIMEOUT_SECONDS, "1200");
+            assert.equal(variables.WHISPER_UPLOAD_IDLE_SECONDS, "20");
+            assert.equal(variables.WHISPER_UPLOAD_MIN_BYTES_PER_SECOND, "8192");
+            assert.ok(Number(variables.WHISPER_UPLOAD_IDLE_SECONDS) < effectiveIdleTimeoutSeconds(evaluation), "the server cuts a stalled upload before the load balancer does");
+            // Every client arrives from the NLB's own addresses: a per-client share would be everyone's.
+            assert.equal(variables.WHISPER_FORWARDED_ALLOW_IPS, undefined);
+            assert.equal(variables.WHISPER_MAX_UPLOADS_PER_CLIENT, variables.WHISPER_MAX_CONCURRENT_UPLOADS);
         });
 
         it("keeps plain HTTP on an NLB TCP listener, whose idle timeout outlasts the longest request", async function () {

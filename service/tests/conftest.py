@@ -150,7 +150,7 @@ def free_port() -> int:
 class ServerProcess:
     """`whisper-server serve` in its own process, with its own temp dir so spool files can be checked."""
 
-    def __init__(self, model: Path, spool: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, model: Path, spool: Path, *args: str, env: dict[str, str] | None = None, preexec_fn=None):
         self.port, self.metrics_port = free_port(), free_port()
         self.spool = spool
         spool.mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,8 @@ class ServerProcess:
         self.process = subprocess.Popen(
             ["whisper-server", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port),
              "--metrics-port", str(self.metrics_port), "--device", "cpu", "--cpu-threads", "1", *args],
-            env=environment, stdout=self.log, stderr=subprocess.STDOUT,
+            env=environment, stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+            start_new_session=True,  # its own process group, which a test may signal whole
         )
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.url, timeout=120)
@@ -206,8 +207,9 @@ class ServerProcess:
 def start_server(model_dir, tmp_path_factory):
     started: list[ServerProcess] = []
 
-    def start(*args: str, wait: bool = True, env: dict[str, str] | None = None, model: Path | None = None) -> ServerProcess:
-        server = ServerProcess(model or model_dir, tmp_path_factory.mktemp("spool"), *args, env=env)
+    def start(*args: str, wait: bool = True, env: dict[str, str] | None = None, model: Path | None = None,
+              preexec_fn=None) -> ServerProcess:
+        server = ServerProcess(model or model_dir, tmp_path_factory.mktemp("spool"), *args, env=env, preexec_fn=preexec_fn)
         started.append(server)
         if wait:
             server.wait_ready()

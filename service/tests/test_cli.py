@@ -13,6 +13,11 @@ import pytest
     (["--max-batch-size", "0"], {}, "--max-batch-size must be positive, got 0"),
     ([], {"WHISPER_METRICS_PORT": "nine"}, "WHISPER_METRICS_PORT='nine' is not a valid int"),
     (["--device", "tpu"], {}, "argument --device: invalid choice: 'tpu'"),
+    ([], {"WHISPER_API_KEY": "clé-secrète"}, "--api-key (WHISPER_API_KEY) must be visible ASCII characters"),
+    (["--api-key", "two words"], {}, "--api-key (WHISPER_API_KEY) must be visible ASCII characters"),
+    (["--upload-idle-seconds", "60", "--upload-timeout-seconds", "30"], {},
+     "--upload-idle-seconds (60) must not exceed --upload-timeout-seconds (30)"),
+    (["--upload-min-bytes-per-second", "0"], {}, "--upload-min-bytes-per-second must be positive, got 0.0"),
 ])
 def test_bad_settings_exit_2_with_a_message(args, env, message):
     result = subprocess.run(["whisper-server", "serve", "--port", "8000", *args], capture_output=True, text=True,

@@ -175,16 +175,18 @@ def test_requests_unfinished_at_the_drain_deadline_get_503_with_retry_after_not_
         assert server.metric("whisper_requests_in_flight") == count
         server.process.send_signal(signal.SIGTERM)
         responses = [future.result() for future in pending]
+    # A request whose stream had not started yet (its audio still arriving or decoding) is answered 503 outright.
+    refused = [r for r in responses if r.status_code != 200]
+    for response in refused:
+        assert response.status_code == 503 and response.json()["error"]["code"] == "draining"
+        assert int(response.headers["retry-after"]) >= 1
+    unfinished = list(refused)
     if stream:
-        assert all(r.status_code == 200 for r in responses)
-        last_events = [json.loads(r.text.strip().splitlines()[-1][len("data: "):]) for r in responses]
-        unfinished = [event for event in last_events if event["type"] == "error"]
-        assert all(event["error"]["code"] == "draining" for event in unfinished)
-    else:
-        unfinished = [r for r in responses if r.status_code != 200]
-        for response in unfinished:
-            assert response.status_code == 503 and response.json()["error"]["code"] == "draining"
-            assert int(response.headers["retry-after"]) >= 1
+        last_events = [json.loads(r.text.strip().splitlines()[-1][len("data: "):]) for r in responses
+                       if r.status_code == 200]
+        cut = [event for event in last_events if event["type"] == "error"]
+        assert all(event["error"]["code"] == "draining" for event in cut)
+        unfinished += cut
     assert unfinished, "with one slot and a half-second drain, long requests are still running at the deadline"
     assert server.process.wait(timeout=30) == 0
     events = {line["message"]: line for line in map(json.loads, server.log_path.read_text().splitlines())
@@ -240,3 +242,32 @@ def test_an_engine_that_dies_fails_its_requests_and_stops_the_server(start_serve
     assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
     assert server.process.wait(timeout=30) == 1
     assert "engine process exited" in server.log_path.read_text()
+
+
+def quiet_log_problems(server) -> list[str]:
+    """Log lines above info level, and any traceback, in a server's log."""
+    text = server.log_path.read_text()
+    problems = [line for line in text.splitlines() if line.startswith("{") and json.loads(line)["level"] not in ("info", "debug")]
+    return problems + (["a traceback"] if "Traceback" in text or "CancelledError" in text else [])
+
+
+def test_sigterm_to_the_whole_process_group_drains_and_ends_quietly(start_server, audio):
+    """systemd, a shell or `kill -- -PGID` signal the engine process too: it must not die under the request in
+    flight, and a clean stop logs nothing above info (no "engine process exited", no traceback)."""
+    server = start_server("--max-batch-size", "1", "--drain-seconds", "60")
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post_audio, httpx.Client(base_url=server.url, timeout=120), audio["long.mp3"])
+        wait_until(lambda: server.metric("whisper_requests_in_flight") == 1, "the request is in flight")
+        os.killpg(server.process.pid, signal.SIGTERM)
+        response = pending.result()
+    assert response.status_code == 200 and response.json()["text"]
+    assert server.process.wait(timeout=60) == 0
+    assert quiet_log_problems(server) == []
+
+
+def test_sigterm_while_the_model_loads_ends_quietly(start_server):
+    server = start_server(wait=False)
+    wait_until(lambda: "Uvicorn running" in server.log_path.read_text(), "the HTTP side is up")
+    os.killpg(server.process.pid, signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0
+    assert quiet_log_problems(server) == []

@@ -34,12 +34,21 @@ from .formats import MEDIA_TYPES, RESPONSE_FORMATS, STREAMING_FORMATS, render, s
 from .metrics import Metrics
 from .settings import Settings
 from .transcript import Transcript, TranscriptBuilder, transcribe, transcribe_pieces
-from .upload import receive_form
+from .upload import ReceiveDeadlines, receive_form
 
 log = logging.getLogger("whisper_server.http")
 STATIC_DIR = Path(__file__).parent / "static"
 AUDIO_ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations")
 QUIET_ROUTES = ("/healthz", "/readyz")
+MAX_REQUEST_ID_CHARS = 128  # a longer X-Request-ID is cut to this before it is logged and echoed
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+# The page and its assets: its own script, style and API only; never framed (clickjacking); blob: media for
+# recordings it plays back.
+PAGE_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
+                                 b"object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+]
 
 
 @dataclass
@@ -51,11 +60,15 @@ class ServerState:
     engine: EngineProcess | None = None
     ready: bool = False
     draining: bool = False
-    # Set when the drain's deadline passes: what is still running is answered 503 (retry elsewhere), not cut off.
-    drain_expired: asyncio.Event = field(default_factory=asyncio.Event)
     load_failed: bool = False
     in_flight: int = 0  # audio requests being handled; drain waits for zero
+    # Set once the server gives up on the requests it holds (the drain's deadline passed, a stop was forced, the
+    # engine died): each is answered abandon_error at once (retry elsewhere), not cut off or a plain-text 500.
+    abandoned: asyncio.Event = field(default_factory=asyncio.Event)
+    abandon_error: ApiError | None = None
+    abandoned_requests: int = 0
     admission: Admission = field(init=False)  # from the settings
+    deadlines: ReceiveDeadlines = field(init=False)
     # Audio decoding and cutting hold the GIL for much of their time: as many at once as there are cores, so a burst
     # of uploads queues for them instead of starving the event loop (64 threads at once stalled it for 400 ms).
     audio_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(os.cpu_count() or 1))
@@ -63,8 +76,14 @@ class ServerState:
 
     def __post_init__(self) -> None:
         settings = self.settings
-        self.admission = Admission(settings.max_concurrent_uploads, int(settings.max_spool_mb * 2**20),
-                                   settings.max_queued_audio_seconds)
+        spool_bytes = int(settings.max_spool_mb * 2**20)
+        # A client's share of the spool: its share of the upload slots, at least room for one upload at its largest.
+        client_spool_bytes = max(spool_bytes * settings.max_uploads_per_client // settings.max_concurrent_uploads,
+                                 int(settings.max_upload_mb * 2**20))
+        self.admission = Admission(settings.max_concurrent_uploads, spool_bytes, settings.max_queued_audio_seconds,
+                                   settings.max_uploads_per_client, client_spool_bytes)
+        self.deadlines = ReceiveDeadlines(settings.upload_timeout_seconds, settings.upload_idle_seconds,
+                                          settings.upload_min_bytes_per_second)
 
     @property
     def model_id(self) -> str:
@@ -73,6 +92,27 @@ class ServerState:
 
     def model_aliases(self) -> set[str]:
         return {self.model_id, self.settings.model, "whisper-1"}
+
+    def abandon(self, error: ApiError) -> None:
+        """Answers every request in flight, and every later one, with `error` (on the event loop's thread)."""
+        if self.abandon_error is None:
+            self.abandon_error = error
+            self.abandoned.set()
+
+
+def engine_unavailable() -> ApiError:
+    return ApiError(503, "The speech engine stopped; retry on another replica.", code="engine_unavailable",
+                    headers={"Retry-After": "5"})
+
+
+def drain_expired() -> ApiError:
+    return ApiError(503, "The server shut down before this request could finish; retry it on another replica.",
+                    code="draining", headers={"Retry-After": "1", "Connection": "close"})
+
+
+def server_stopping() -> ApiError:
+    return ApiError(503, "The server is stopping; retry on another replica.", code="server_stopping",
+                    headers={"Retry-After": "1", "Connection": "close"})
 
 
 def authorize(request: Request, state: ServerState) -> None:
@@ -85,6 +125,8 @@ def authorize(request: Request, state: ServerState) -> None:
 
 
 def refuse_unless_serving(state: ServerState) -> None:
+    if state.abandon_error is not None:
+        raise state.abandon_error
     if state.draining:
         raise ApiError(503, "The server is shutting down; retry on another replica.", code="draining",
                        headers={"Retry-After": "1", "Connection": "close"})
@@ -168,9 +210,10 @@ async def receive_audio(request: Request, state: ServerState, task: str,
     settings = state.settings
     limit_bytes = int(settings.max_upload_mb * 2**20)
     declared = request.headers.get("content-length", "")
-    with state.admission.spool.reserve(min(int(declared), limit_bytes) if declared.isdigit() else 0) as spool:
-        with state.admission.uploads.reserve(1):
-            form = await receive_form(request, limit_bytes, on_received=spool.grow_to)
+    client = request.client.host if request.client else "unknown"
+    with state.admission.reserve_spool(client, min(int(declared), limit_bytes) if declared.isdigit() else 0) as spool:
+        with state.admission.reserve_upload(client):
+            form = await receive_form(request, limit_bytes, state.deadlines, on_received=spool.grow_to)
         try:
             if form.file_path is None:
                 raise ApiError(400, "The 'file' field with the audio is missing.", param="file", code="missing_file")
@@ -192,7 +235,7 @@ def as_api_error(error: Exception, state: ServerState) -> ApiError | None:
     if isinstance(error, ApiError):
         return error
     if isinstance(error, Overloaded):
-        return ApiError(503, error.message, code=error.code,
+        return ApiError(error.status, error.message, code=error.code,
                         headers={"Retry-After": str(state.engine.retry_after_seconds())})
     if isinstance(error, QueueFull):
         return queue_full(error.retry_after_seconds)
@@ -203,8 +246,7 @@ def as_api_error(error: Exception, state: ServerState) -> ApiError | None:
         return ApiError(503, "The GPU ran out of memory on this audio; retry later.", code="out_of_memory",
                         headers={"Retry-After": "5"})
     if isinstance(error, EngineUnavailable):
-        return ApiError(503, "The speech engine stopped; retry on another replica.", code="engine_unavailable",
-                        headers={"Retry-After": "5"})
+        return engine_unavailable()
     return None
 
 
@@ -212,9 +254,17 @@ async def handle_audio(request: Request, task: str) -> Response:
     state: ServerState = request.app.state.server
     authorize(request, state)
     refuse_unless_serving(state)
+    finished, answer = await unless(answer_audio(request, state, task), state.abandoned.wait())
+    if not finished:
+        state.abandoned_requests += 1
+        raise state.abandon_error
+    return answer
+
+
+async def answer_audio(request: Request, state: ServerState, task: str) -> Response:
     settings, arrived = state.settings, time.monotonic()
     with ExitStack() as held:
-        audio = held.enter_context(state.admission.audio.reserve())
+        audio = held.enter_context(state.admission.reserve_audio())
         try:
             samples, asked = await receive_audio(request, state, task, audio)
             audio_seconds = len(samples) / SAMPLE_RATE
@@ -228,7 +278,7 @@ async def handle_audio(request: Request, task: str) -> Response:
             transcript = await until_disconnected(request, asyncio.wait_for(
                 transcribe(state.engine, samples, asked.options, state.audio_work, state.engine.token_bytes,
                            detect_speech=not settings.fixed_new_tokens),
-                settings.request_timeout_seconds), state.drain_expired)
+                settings.request_timeout_seconds))
         except Exception as error:
             answer = as_api_error(error, state)
             if answer is None or answer is error:
@@ -269,7 +319,7 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
             async with asyncio.timeout(state.settings.request_timeout_seconds):
                 async with aclosing(transcribe_pieces(state.engine, samples, options, state.audio_work, builder,
                                                       not state.settings.fixed_new_tokens)) as pieces:
-                    while (piece := await until_drain_expires(anext(pieces, None), state.drain_expired)) is not None:
+                    while (piece := await until_abandoned(anext(pieces, None), state)) is not None:
                         if not piece.delta:
                             continue
                         if first:
@@ -297,47 +347,41 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
             yield server_sent_event({"type": "error", **error_body(answer)})
 
 
-def drain_expired_error() -> ApiError:
-    return ApiError(503, "The server shut down before this request could finish; retry it on another replica.",
-                    code="draining", headers={"Retry-After": "1", "Connection": "close"})
+async def until_abandoned(work, state: ServerState):
+    """The work's result, unless the server gives up on its requests first (the drain's deadline, a second signal,
+    the engine gone): then the work is cancelled (a stream's next piece: its windows leave the engine) and the stream
+    ends with the server's error."""
+    finished, result = await unless(work, state.abandoned.wait(), settle=True)
+    if not finished:
+        raise state.abandon_error
+    return result
 
 
-async def until_drain_expires(work, drain_expired: asyncio.Event):
-    """The work's result, unless the drain's deadline passes first: then the work is cancelled (a stream's next
-    piece: its windows leave the engine) and the stream ends with the draining error."""
-    work_task, expiry_task = asyncio.ensure_future(work), asyncio.ensure_future(drain_expired.wait())
+async def unless(work, interruption, settle: bool = False) -> tuple[bool, object]:
+    """Runs the work unless the interruption (an awaitable) comes first, which cancels it: (finished, result).
+    `settle` waits for the cancelled work to end (a stream's piece, before the stream is closed)."""
+    work_task, interruption_task = asyncio.ensure_future(work), asyncio.ensure_future(interruption)
     try:
-        await asyncio.wait({work_task, expiry_task}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work_task, interruption_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        expiry_task.cancel()
+        interruption_task.cancel()
         if not work_task.done():
             work_task.cancel()
-            await asyncio.gather(work_task, return_exceptions=True)  # settled before the stream is closed
-    if work_task.cancelled():
-        raise drain_expired_error()
-    return work_task.result()
+            if settle:
+                await asyncio.gather(work_task, return_exceptions=True)
+    return (True, work_task.result()) if work_task.done() and not work_task.cancelled() else (False, None)
 
 
-async def until_disconnected(request: Request, work, drain_expired: asyncio.Event):
-    """Runs the work unless the client hangs up first or the drain's deadline passes; either way the work is cancelled
-    and its windows leave the engine, and a client still there is told to retry elsewhere (503) before the server exits."""
+async def until_disconnected(request: Request, work):
+    """Runs the work unless the client hangs up first; then the work is cancelled and its windows leave the engine."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    work_task, watch_task = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
-    expiry_task = asyncio.ensure_future(drain_expired.wait())
-    try:
-        await asyncio.wait({work_task, watch_task, expiry_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch_task.cancel()
-        expiry_task.cancel()
-    if not work_task.done():
-        work_task.cancel()
-        if drain_expired.is_set():
-            raise drain_expired_error()
+    finished, result = await unless(work, disconnected())
+    if not finished:
         raise ClientDisconnect()
-    return work_task.result()
+    return result
 
 
 async def transcriptions(request: Request) -> Response:
@@ -378,21 +422,23 @@ async def index(request: Request) -> Response:
 
 
 async def on_api_error(request: Request, error: ApiError) -> Response:
+    request.scope.setdefault("state", {})["error_code"] = error.code  # for the request log and the refusals metric
     return error_response(error)
 
 
 async def on_http_exception(request: Request, error: HTTPException) -> Response:
-    return error_response(ApiError(error.status_code, error.detail, code="not_found" if error.status_code == 404 else None,
-                                   headers=error.headers))
+    return await on_api_error(request, ApiError(
+        error.status_code, error.detail, code="not_found" if error.status_code == 404 else None, headers=error.headers))
 
 
 async def on_client_disconnect(request: Request, error: ClientDisconnect) -> Response:
+    request.scope.setdefault("state", {})["error_code"] = "client_disconnected"
     return Response(status_code=499)  # the client went away mid-upload: nobody reads this answer
 
 
 async def on_unexpected(request: Request, error: Exception) -> Response:
     log.exception("unhandled error")
-    return error_response(ApiError(500, "Internal server error.", code="internal_error"))
+    return await on_api_error(request, ApiError(500, "Internal server error.", code="internal_error"))
 
 
 class ObservedApp:
@@ -412,17 +458,19 @@ class ObservedApp:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = self.route_template(scope)
-        request_id = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None) or uuid.uuid4().hex
+        given_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        request_id = given_id[:MAX_REQUEST_ID_CHARS].decode("latin-1") or uuid.uuid4().hex
         scope.setdefault("state", {})
-        status = 500
+        status, responded = 500, False
         counted = route in AUDIO_ROUTES
+        extra_headers = SECURITY_HEADERS + (PAGE_HEADERS if route == "/" or route.startswith("/static") else [])
         started = time.monotonic()
 
         async def send_with_id(message):
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+                status, responded = message["status"], True
+                message.setdefault("headers", []).extend([(b"x-request-id", request_id.encode("latin-1")), *extra_headers])
             await send(message)
 
         if counted:
@@ -432,6 +480,12 @@ class ObservedApp:
             await self.app(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - already answered 500 and logged by on_unexpected
             status = 500
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when it stops: the client hears why, not a plain-text 500.
+            if not responded:
+                scope["state"]["error_code"] = server_stopping().code
+                await error_response(server_stopping())(scope, receive, send_with_id)
+            raise
         finally:
             if counted:
                 self.state.in_flight -= 1
@@ -440,10 +494,15 @@ class ObservedApp:
             metrics = self.state.metrics
             metrics.requests.labels(scope["method"], route, str(status)).inc()
             metrics.request_duration.labels(scope["method"], route).observe(duration)
+            error_code = scope["state"].get("error_code")
+            if status >= 400 and route not in QUIET_ROUTES:  # a probe's 503 while loading refuses nobody
+                metrics.refusals.labels(error_code or str(status)).inc()
             # Probes and scrapes every few seconds would drown the request log.
             if route not in QUIET_ROUTES or status >= 400:
                 log.info("request", extra={"fields": {
                     "request_id": request_id, "method": scope["method"], "route": route, "status": status,
+                    "client": (scope.get("client") or ("unknown",))[0],
+                    **({"error_code": error_code} if error_code else {}),
                     "audio_seconds": round(scope["state"].get("audio_seconds", 0.0), 3),
                     "duration_seconds": round(duration, 4),
                 }})

@@ -55,4 +55,8 @@ def decode_audio(path: str, max_seconds: float, on_samples: Callable[[int], None
         raise AudioError(400, f"The audio is longer than the maximum of {max_seconds:g} seconds.", "audio_too_long")
     if len(samples) < SAMPLE_RATE // 100:
         raise AudioError(400, "The file contains no audio samples (empty or truncated).", "empty_audio")
+    not_finite = len(samples) - np.count_nonzero(np.isfinite(samples))
+    if not_finite:
+        raise AudioError(400, f"The audio has {not_finite} samples that are not finite numbers (NaN or infinity); "
+                              "a float file must hold real sample values.", "non_finite_audio")
     return samples

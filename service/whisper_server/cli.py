@@ -55,6 +55,13 @@ def validate(settings: Settings, parser: argparse.ArgumentParser) -> None:
     if settings.max_queued_audio_seconds < settings.max_audio_seconds:
         parser.error(f"--max-queued-audio-seconds ({settings.max_queued_audio_seconds:g}) must be at least "
                      f"--max-audio-seconds ({settings.max_audio_seconds:g})")
+    if settings.upload_idle_seconds > settings.upload_timeout_seconds:
+        parser.error(f"--upload-idle-seconds ({settings.upload_idle_seconds:g}) must not exceed --upload-timeout-seconds "
+                     f"({settings.upload_timeout_seconds:g})")
+    if settings.api_key and not all("!" <= character <= "~" for character in settings.api_key):
+        # A bearer token is visible ASCII: a key with other characters (or spaces) could never be sent and matched.
+        parser.error("--api-key (WHISPER_API_KEY) must be visible ASCII characters without spaces, "
+                     "as an 'Authorization: Bearer' header carries it")
     if settings.metrics_port == settings.port:
         parser.error(f"--metrics-port must differ from --port (both {settings.port})")
 

@@ -339,6 +339,10 @@ class SlotDecoder:
         <|startoftranscript|>), their prefill pass is run here and gives those logits too (position 0 sees only
         itself): one decoder pass for the admission instead of two, and prefill() is told `prefilled`."""
         rows = slice(piece.start, piece.start + piece.size)
+        # A row starts clean: attention gives the positions a window has not written weight 0, but 0 x NaN is NaN,
+        # so one non-finite window's leftovers would poison every later window in its row.
+        self.self_keys[:, rows] = 0
+        self.self_values[:, rows] = 0
         for layer_index, layer in enumerate(self.layers):
             attention = layer.encoder_attn
             self.cross_keys[layer_index, rows] = self._heads(attention.k_proj(encoder_states))

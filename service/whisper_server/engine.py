@@ -152,6 +152,7 @@ class WhisperEngine:
             suppress=tuple(generation.suppress_tokens or ()), begin_suppress=tuple(generation.begin_suppress_tokens or ()),
             max_initial_timestamp_index=getattr(generation, "max_initial_timestamp_index", None),
         )
+        self.start_of_previous = tokenizer.convert_tokens_to_ids("<|startofprev|>")
         heads = getattr(generation, "alignment_heads", None)
         self.alignment_heads = ([tuple(pair) for pair in heads] if heads else
                                 default_alignment_heads(config.decoder_layers, config.decoder_attention_heads))
@@ -450,11 +451,16 @@ class WhisperEngine:
         return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
 
     def _prompt_ids(self, prompt: str | None) -> list[int]:
-        """<|startofprev|> and the prompt's last tokens: at most half the decoder's context, as OpenAI keeps it."""
+        """<|startofprev|> and the prompt's last tokens: at most half the decoder's context, as OpenAI keeps it. The
+        prompt is text: "<|endoftext|>" in it is those characters, never the control token (as OpenAI's tokenizer
+        encodes text; transformers' get_prompt_ids refuses such a prompt, and its tokenizer reads "<|0.00|>" as a
+        timestamp)."""
         if not prompt:
             return []
-        ids = self.processor.get_prompt_ids(prompt).tolist()
-        return ids[:1] + ids[1:][-(self.positions // 2 - 1):]
+        backend = self.processor.tokenizer.backend_tokenizer  # its byte-level BPE alone, without added tokens
+        pieces = backend.pre_tokenizer.pre_tokenize_str(" " + prompt.strip())
+        ids = [token.id for piece, _ in pieces for token in backend.model.tokenize(piece)]
+        return [self.start_of_previous] + ids[-(self.positions // 2 - 1):]
 
     def _segments(self, tokens: list[int], result: WindowResult) -> list[Segment]:
         """Splits a decode's tokens into segments at timestamp tokens, clamped to the window and kept in order; each

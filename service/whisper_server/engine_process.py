@@ -73,6 +73,10 @@ class EngineStats:
 def engine_main(settings: Settings, requests, events) -> None:
     """Entry point of the engine process: loads and warms the model, then runs the step loop until told to stop or
     until the HTTP process goes away."""
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd, `kill -- -PGID`, a shell), reach this process
+    # too: the HTTP process drains the requests in flight, then stops the engine. Ignored before the slow imports.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # torch's OpenMP workers otherwise spin between ops and take every core from the HTTP process beside them (on CPU
     # a burst's p50 went from 0.4 s to 4 s); read when torch loads, so set before the import.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -84,7 +88,6 @@ def engine_main(settings: Settings, requests, events) -> None:
     configure_logging()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the HTTP process drains
     engine = WhisperEngine(settings.model, settings.device, settings.dtype, settings.offline, settings.max_new_tokens,
                            settings.fixed_new_tokens, settings.cpu_threads, slots=settings.max_batch_size,
                            cuda_graphs=settings.cuda_graphs)
@@ -195,6 +198,7 @@ class EngineProcess:
         self.lock = threading.Lock()
         self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = False
+        self.lost = False  # the engine process exited unasked: every request from then on fails at once
         self.process = None
 
     def start(self) -> EngineInfo:
@@ -224,13 +228,13 @@ class EngineProcess:
         if self.process is None:
             return
         self.stopping = True
-        if self.info is None:  # still loading: nothing to finish
-            self.process.terminate()
+        if self.info is None:  # still loading: nothing to finish (the engine ignores SIGTERM)
+            self.process.kill()
         self.outgoing.put((("stop",), []))
         self.outgoing.put(None)
         self.process.join(10)
         if self.process.is_alive():
-            self.process.terminate()
+            self.process.kill()
             self.process.join(5)
 
     @property
@@ -258,6 +262,8 @@ class EngineProcess:
         inbox: asyncio.Queue = asyncio.Queue()
         key = next(self.keys)
         with self.lock:
+            if self.lost:
+                raise EngineUnavailable("the engine process exited")
             if len(self.pending) >= self.settings.queue_size:
                 raise QueueFull(self.retry_after_seconds())
             self.pending[key] = (loop, inbox)
@@ -306,6 +312,7 @@ class EngineProcess:
             self.process.join(1)
             log.error("engine process exited", extra={"fields": {"exit_code": self.process.exitcode}})
             with self.lock:
+                self.lost = True
                 keys = list(self.pending)
             for key in keys:
                 self._deliver(key, EngineUnavailable("the engine process exited"))

@@ -25,6 +25,9 @@ class Metrics:
         self.decode_step = Histogram(
             "whisper_decode_step_seconds", "Time of one decode step over every busy slot, host read-back included",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1), registry=self.registry)
+        self.refusals = Counter("whisper_refused_requests", "Requests answered with an error, by reason (the error "
+                                "code in the answer: uploads_full, upload_too_slow, disk_full, ...)", ["reason"],
+                                registry=self.registry)
         self.first_delta = Histogram(
             "whisper_stream_first_delta_seconds", "Time from a streamed request's arrival to its first text delta",
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=self.registry)

@@ -171,6 +171,9 @@ class SlotScheduler:
         except Exception as error:  # noqa: BLE001 - as a failed encoder pass
             self._admission_failed(picks, error)
             return
+        self._joined(slots, picks)
+
+    def _joined(self, slots: list[int], picks: list[tuple[Request, int, float]]) -> None:
         now = time.monotonic()
         for slot, pick in zip(slots, picks):
             if self.requests.get(pick[0].key) is not pick[0]:  # cancelled or failed while its window was encoding
@@ -184,12 +187,33 @@ class SlotScheduler:
                 request.detecting = False
 
     def _admission_failed(self, picks: list[tuple[Request, int, float]], error: Exception) -> None:
+        """A failed admission with windows of several requests in it is retried one request at a time, at once: a
+        failure fails the request that causes it, never the requests that happened to share its admission."""
+        requests = list({request.key: request for request, _, _ in picks}.values())
+        healthy = isinstance(error, OutOfMemory) or self.engine.healthy()
+        if len(requests) > 1 and healthy:
+            log.warning("admitting %d windows of %d requests together failed (%s: %s); admitting each request alone",
+                        len(picks), len(requests), type(error).__name__, error)
+            for request in requests:
+                if self.requests.get(request.key) is request:  # not cancelled meanwhile
+                    self._admit_alone([pick for pick in picks if pick[0] is request])
+            return
         log.log(logging.WARNING if isinstance(error, OutOfMemory) else logging.ERROR,
                 "admitting %d windows failed", len(picks), exc_info=not isinstance(error, OutOfMemory))
-        for request in {request.key: request for request, _, _ in picks}.values():
+        for request in requests:
             self._fail(request, error)
-        if not isinstance(error, OutOfMemory) and not self.engine.healthy():
+        if not healthy:
             raise EngineFailure("the device stopped working after a failed admission") from error
+
+    def _admit_alone(self, picks: list[tuple[Request, int, float]]) -> None:
+        windows = [(request.windows[index], replace(request.options, temperature=temperature))
+                   for request, index, temperature in picks]
+        try:
+            slots = self.engine.attach(self.engine.encode(windows))
+        except Exception as error:  # noqa: BLE001 - fails this request alone
+            self._admission_failed(picks, error)
+            return
+        self._joined(slots, picks)
 
     def _pick(self, free: int) -> list[tuple[Request, int, float]]:
         """Fair shares: each free slot goes to the waiting request with the fewest windows in slots, and among

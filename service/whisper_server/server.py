@@ -1,5 +1,7 @@
 """Runs the server: starts the engine process (which loads and warms the model) in the background, serves HTTP,
-drains on SIGTERM, exits 0."""
+drains on SIGTERM. Exits 0 once drained (requests still running at the drain's deadline are answered 503), 1 when
+the model failed to load or the engine died, and 128 + the signal's number (143 for SIGTERM, 130 for SIGINT) when a
+second signal gave up on requests in flight (each answered 503)."""
 
 from __future__ import annotations
 
@@ -12,34 +14,43 @@ import time
 import uvicorn
 from prometheus_client import start_http_server
 
-from .app import ServerState, create_app
+from .app import ServerState, create_app, drain_expired, engine_unavailable, server_stopping
 from .engine_process import EngineProcess
 from .logs import configure_logging
 from .settings import Settings
 
 log = logging.getLogger("whisper_server")
-# How long, after the drain's deadline, the unfinished requests have to get their 503 out before the server exits.
+# How long requests the server gives up on (drain deadline, second signal, engine gone) have to get their 503 out
+# before the server exits.
 ANSWER_SECONDS = 2.0
 
 
 class DrainingServer(uvicorn.Server):
     """On SIGTERM: readiness off and new work refused at once, in-flight requests finish (up to the drain grace),
-    then uvicorn's own shutdown. A second signal stops at once."""
+    then uvicorn's own shutdown. A second signal answers what is left 503 and stops at once."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState):
         super().__init__(config)
         self.state = state
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop_signal: int | None = None
+        self.forced = False  # a second signal gave up on the requests in flight
 
     async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self.state.draining or self.loop is None:
+        if self.loop is None:
             self.should_exit = True
-            self.force_exit = self.state.draining
             return
+        if self.state.draining:
+            log.info("stopping at once", extra={"fields": {"signal": signal.Signals(sig).name,
+                                                           "abandoned": self.state.in_flight}})
+            self.stop_signal = sig
+            self.abandon(server_stopping(), forced=True)
+            return
+        self.stop_signal = sig
         self.state.draining = True
         log.info("draining", extra={"fields": {"signal": signal.Signals(sig).name, "in_flight": self.state.in_flight,
                                                "drain_seconds": self.state.settings.drain_seconds}})
@@ -50,27 +61,48 @@ class DrainingServer(uvicorn.Server):
         while self.state.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         unfinished = self.state.in_flight
-        if unfinished:
-            # Past the deadline the unfinished requests are answered 503 with Retry-After, not dropped with the process.
-            self.state.drain_expired.set()
-            answered_by = time.monotonic() + ANSWER_SECONDS
-            while self.state.in_flight > 0 and time.monotonic() < answered_by:
-                await asyncio.sleep(0.05)
+        # Past the deadline the unfinished requests are answered 503 with Retry-After, not dropped with the process.
+        await self.answer_and_exit(drain_expired())
         log.info("drained", extra={"fields": {"unfinished": unfinished, "unanswered": self.state.in_flight}})
-        self.should_exit = True
+
+    def abandon(self, error, forced: bool = False) -> None:
+        """From any thread: gives up on the requests in flight (answered `error`), then stops serving."""
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.answer_and_exit(error, forced)))
+
+    async def answer_and_exit(self, error, forced: bool = False) -> None:
+        self.forced = self.forced or forced
+        self.state.abandon(error)
+        answered_by = time.monotonic() + ANSWER_SECONDS
+        while self.state.in_flight > 0 and time.monotonic() < answered_by:
+            await asyncio.sleep(0.05)
+        self.should_exit, self.force_exit = True, self.force_exit or forced
+
+    def exit_code(self) -> int:
+        if self.state.load_failed:
+            return 1
+        if self.forced and self.state.abandoned_requests:
+            return 128 + self.stop_signal
+        return 0
 
 
 def start_engine(state: ServerState, server: DrainingServer) -> None:
     settings = state.settings
 
-    def lost() -> None:  # the engine process died: fail fast so that the pod is restarted
-        state.ready, state.load_failed, server.should_exit = False, True, True
+    def lost() -> None:  # the engine process died: fail fast (503 to what it held) so that the pod is restarted
+        state.ready, state.load_failed = False, True
+        if server.loop is None:
+            server.should_exit = True
+        else:
+            server.abandon(engine_unavailable())
 
     engine = EngineProcess(settings, state.metrics, on_lost=lost)
     state.engine = engine
     try:
         info = engine.start()
     except Exception:
+        if state.draining or engine.stopping:  # a SIGTERM while the model loaded: nothing failed
+            log.info("stopped while loading the model")
+            return
         log.exception("model failed to load")
         state.load_failed = True
         server.should_exit = True
@@ -86,7 +118,8 @@ def run(settings: Settings) -> int:
     configure_logging()
     state = ServerState(settings)
     config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=75)
+                            access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=75,
+                            proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
     server = DrainingServer(config, state)
     # Prometheus scrapes its own port (the load balancer forwards only the API port), from a thread of its own, so
     # scrapes carry on through the model load and the drain.
@@ -97,4 +130,4 @@ def run(settings: Settings) -> int:
     if state.engine:
         state.engine.stop()
     metrics_server.shutdown()
-    return 1 if state.load_failed else 0
+    return server.exit_code()

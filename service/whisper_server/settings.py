@@ -22,6 +22,11 @@ class Settings:
     max_queued_audio_seconds: float = 14400.0
     max_concurrent_uploads: int = 64
     max_spool_mb: float = 1024.0
+    max_uploads_per_client: int = 8
+    upload_timeout_seconds: float = 900.0
+    upload_idle_seconds: float = 30.0
+    upload_min_bytes_per_second: float = 16384.0
+    forwarded_allow_ips: str = "127.0.0.1"
     api_key: str | None = None
     request_timeout_seconds: float = 600.0
     drain_seconds: float = 30.0
@@ -50,6 +55,17 @@ HELP = {
     "max_concurrent_uploads": "most uploads received at once; more get 503 before their body is read",
     "max_spool_mb": ("most upload bytes spooled to the temp dir at once (a declared body is reserved before it is "
                      "read); more get 503"),
+    "max_uploads_per_client": ("once half the upload slots (or the spool) are in use, the most uploads one client "
+                               "(address) may have in progress, and its share of the spool: this many uploads' worth "
+                               "of --max-spool-mb / --max-concurrent-uploads, at least one --max-upload-mb; more get "
+                               "429"),
+    "upload_timeout_seconds": ("deadline for receiving a whole request body (408 beyond it); the default fits 100 MB "
+                               "over a 1 Mbit/s link"),
+    "upload_idle_seconds": "longest wait for the next part of a request body (408 beyond it)",
+    "upload_min_bytes_per_second": ("slowest average a request body may arrive at, judged once it has been arriving "
+                                    "for --upload-idle-seconds (408 below it: a trickle cannot hold an upload slot)"),
+    "forwarded_allow_ips": ("proxies (addresses or CIDRs, comma-separated, or *) whose X-Forwarded-For names the "
+                            "client, for the per-client bounds and the request log"),
     "api_key": "when set, /v1/* requires 'Authorization: Bearer <key>'",
     "request_timeout_seconds": "deadline for decoding and transcribing one request (504 beyond it)",
     "drain_seconds": "after SIGTERM, how long in-flight requests may take to finish before exit",
@@ -65,7 +81,8 @@ HELP = {
 }
 POSITIVE = {"port", "metrics_port", "max_batch_size", "max_upload_mb", "max_audio_seconds", "queue_size",
             "max_queued_audio_seconds", "max_concurrent_uploads", "max_spool_mb", "request_timeout_seconds",
-            "max_new_tokens", "cpu_threads"}
+            "max_new_tokens", "cpu_threads", "max_uploads_per_client", "upload_timeout_seconds", "upload_idle_seconds",
+            "upload_min_bytes_per_second"}
 
 
 

@@ -1,0 +1,293 @@
+"""Hostile and careless clients, over real HTTP against real server processes: each gets a clear answer in OpenAI's
+error shape, and everyone else is served normally, with exactly the answers they get from an unbothered server.
+
+Clients are told apart by X-Forwarded-For (the servers trust it from 127.0.0.1, as a pod trusts its load balancer).
+The full disk is the server's file-size limit (RLIMIT_FSIZE, set on the server process: EFBIG, handled as ENOSPC),
+which needs neither root nor a mount, in CI or on a laptop."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_RATE, read_response, read_wav, write_wav
+
+IDLE_SECONDS = 1.5
+MIN_RATE = 4096
+FILE_PART_HEAD = b'--b\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n\r\n'
+
+
+DISK_BYTES = 2 * 2**20
+
+
+def small_disk() -> None:
+    """The server process (and the engine it starts) may write files of at most 2 MB."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_BYTES, DISK_BYTES))
+
+
+@pytest.fixture(scope="module")
+def guarded(start_server):
+    """Short upload deadlines, four uploads at once and two per client once two are in use, 4 MB uploads and 8 MB of
+    spool (a client's share: 4 MB once 4 MB are in use), and a 2 MB 'disk'."""
+    return start_server("--max-batch-size", "4", "--max-concurrent-uploads", "4", "--max-uploads-per-client", "2",
+                        "--max-upload-mb", "4", "--max-spool-mb", "8", "--upload-idle-seconds", str(IDLE_SECONDS),
+                        "--upload-min-bytes-per-second", str(MIN_RATE), "--upload-timeout-seconds", "60",
+                        "--forwarded-allow-ips", "127.0.0.1", preexec_fn=small_disk)
+
+
+def client_for(server, address: str) -> httpx.Client:
+    return httpx.Client(base_url=server.url, timeout=120, headers={"X-Forwarded-For": address})
+
+
+def transcribe(server, path: Path, address: str = "10.1.0.1", **fields) -> httpx.Response:
+    with client_for(server, address) as client, open(path, "rb") as handle:
+        return client.post("/v1/audio/transcriptions", files={"file": (path.name, handle)}, data=fields)
+
+
+def texts(server, path: Path, prompts: list[str | None]) -> list[str]:
+    """Each prompt's transcript of the file, from concurrent requests by different clients."""
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        responses = list(pool.map(lambda item: transcribe(server, path, f"10.2.0.{item[0]}",
+                                                          **({"prompt": item[1]} if item[1] else {})),
+                                  enumerate(prompts)))
+    assert [response.status_code for response in responses] == [200] * len(prompts), [r.text for r in responses]
+    return [response.json()["text"] for response in responses]
+
+
+@pytest.fixture(scope="module")
+def normal_text(guarded, audio) -> str:
+    """The speech's transcript from the server before anyone misbehaves."""
+    response = transcribe(guarded, audio["speech.wav"])
+    assert response.status_code == 200
+    return response.json()["text"]
+
+
+def assert_error(answer: bytes | httpx.Response, status: int, code: str) -> dict:
+    if isinstance(answer, httpx.Response):
+        assert answer.status_code == status, answer.text
+        body = answer.json()
+    else:
+        head, _, raw = answer.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer[:300]
+        body = json.loads(raw)
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"]
+    assert error["code"] == code, error
+    return error
+
+
+def open_upload(server, address: str, declared: int) -> socket.socket:
+    """A transcription request's head (declaring a body of `declared` bytes) and its file part's head."""
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    connection.sendall(b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: " + address.encode()
+                       + b"\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                       + f"Content-Length: {declared}\r\n\r\n".encode() + FILE_PART_HEAD)
+    return connection
+
+
+def answered(connection: socket.socket) -> bool:
+    return bool(select.select([connection], [], [], 0)[0])
+
+
+def refusals(server, reason: str) -> float:
+    return server.metric("whisper_refused_requests_total", reason=reason)
+
+
+def log_lines(server) -> list[dict]:
+    return [json.loads(line) for line in server.log_path.read_text().splitlines() if line.startswith("{")]
+
+
+def test_trickling_uploads_are_cut_by_the_minimum_rate_and_others_are_served(guarded, audio, normal_text,
+                                                                              assert_still_ready):
+    """Slowloris on the body: a byte every 0.3 s keeps the idle timer alive; the rate cuts it, not the 60 s deadline.
+    The attacker gets two upload slots (its share once the server is half busy), not all four."""
+    before = refusals(guarded, "upload_too_slow")
+    trickles = [open_upload(guarded, "10.9.9.9", 100_000) for _ in range(2)]
+    started = time.monotonic()
+    try:
+        with open_upload(guarded, "10.9.9.9", 100_000) as third:
+            assert_error(read_response(third)[1], 429, "client_uploads_full")
+        with ThreadPoolExecutor(1) as pool:
+            served = pool.submit(transcribe, guarded, audio["speech.wav"], "10.1.0.2")
+            answers: dict[int, tuple[bytes, float]] = {}
+            while len(answers) < len(trickles) and time.monotonic() - started < 30:
+                for index, connection in enumerate(trickles):
+                    if index in answers:
+                        continue
+                    if answered(connection):
+                        answers[index] = (read_response(connection)[1], time.monotonic() - started)
+                    else:
+                        connection.sendall(b"\0")
+                time.sleep(0.3)
+            assert served.result().status_code == 200 and served.result().json()["text"] == normal_text
+    finally:
+        for connection in trickles:
+            connection.close()
+    assert len(answers) == len(trickles), "a trickling upload was never cut"
+    for answer, after in answers.values():
+        error = assert_error(answer, 408, "upload_too_slow")
+        assert f"{MIN_RATE} bytes a second" in error["message"]
+        assert after < 10, f"cut after {after:.1f} s: the rate must cut a trickle long before the 60 s deadline"
+    assert refusals(guarded, "upload_too_slow") - before == 2
+    assert {"upload_too_slow", "client_uploads_full"} <= {line.get("error_code") for line in log_lines(guarded)}
+    assert transcribe(guarded, audio["speech.wav"], "10.9.9.9").json()["text"] == normal_text, \
+        "the cut uploads gave their slots back"
+    assert_still_ready(guarded)
+
+
+def test_a_head_that_declares_a_body_and_sends_none_is_cut_and_gives_its_spool_back(guarded, audio, normal_text,
+                                                                                     assert_still_ready):
+    """Header-only reservations: the declared 3.5 MB is reserved before a byte is read; the client's share is then
+    spent, others are served, and the idle timeout cuts the head and returns its bytes."""
+    with open_upload(guarded, "10.8.8.8", 3_500_000) as held:
+        time.sleep(0.3)
+        with open_upload(guarded, "10.8.8.8", 1_000_000) as second:
+            assert_error(read_response(second)[1], 429, "client_spool_full")
+        served = transcribe(guarded, audio["speech.wav"], "10.1.0.3")
+        assert served.status_code == 200 and served.json()["text"] == normal_text
+        held.settimeout(10 * IDLE_SECONDS)
+        started = time.monotonic()
+        error = assert_error(read_response(held)[1], 408, "upload_idle")
+        assert time.monotonic() - started < 3 * IDLE_SECONDS and f"{IDLE_SECONDS:g} s" in error["message"]
+    after = transcribe(guarded, audio["speech.wav"], "10.8.8.8")
+    assert after.status_code == 200 and after.json()["text"] == normal_text, "the cut head gave its spool back"
+    assert_still_ready(guarded)
+
+
+def float_wav(path: Path, samples: np.ndarray) -> Path:
+    """A 32-bit float WAV (format 3), which can carry NaN and infinity."""
+    data = samples.astype("<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, SAMPLE_RATE, SAMPLE_RATE * 4, 4, 32)
+    path.write_bytes(b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(data)) + b"WAVE"
+                     + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data)
+    return path
+
+
+@pytest.mark.parametrize("value, share", [(np.nan, 1), (np.inf, 1), (-np.inf, 1), (np.nan, 0.9)])
+def test_non_finite_audio_is_refused_and_leaves_the_others_alone(guarded, audio, normal_text, tmp_path, value, share,
+                                                                 assert_still_ready):
+    speech = read_wav(audio["speech.wav"]).astype(np.float32)
+    poisoned = speech.copy()
+    if share == 1:
+        poisoned[SAMPLE_RATE // 2] = value
+    else:
+        poisoned[:int(share * len(poisoned))] = value
+    path = float_wav(tmp_path / "poisoned.wav", poisoned)
+    with ThreadPoolExecutor(4) as pool:
+        bad = pool.submit(transcribe, guarded, path, "10.7.7.7")
+        good = [pool.submit(transcribe, guarded, audio["speech.wav"], f"10.1.1.{n}") for n in range(3)]
+        error = assert_error(bad.result(), 400, "non_finite_audio")
+        assert "not finite" in error["message"] and error["param"] == "file"
+        assert [response.result().json()["text"] for response in good] == [normal_text] * 3
+    assert float_wav(tmp_path / "clean.wav", speech).exists()
+    clean = transcribe(guarded, tmp_path / "clean.wav")
+    assert clean.status_code == 200, "the same float file without the bad samples is served"
+    assert_still_ready(guarded)
+
+
+def test_special_token_prompts_are_text_and_the_requests_beside_them_are_served_exactly(guarded, audio,
+                                                                                        assert_still_ready):
+    prompts = [None, "Kubernetes, Karpenter", "<|endoftext|>", "<|startoftranscript|><|en|><|translate|><|0.00|>"]
+    alone = [texts(guarded, audio["speech.wav"], [prompt])[0] for prompt in prompts]
+    together = texts(guarded, audio["speech.wav"], prompts)
+    assert together == alone, "a prompt changed another request's transcript"
+    assert_still_ready(guarded)
+
+
+@pytest.mark.parametrize("fields, code", [
+    ([("prompt", "x")] * 40, "too_many_fields"),  # one name, many parts: counted per part
+    ([(f"note{n}", "y" * 60_000) for n in range(6)], "fields_too_large"),  # each under 64 KB, 360 KB together
+])
+def test_many_or_large_fields_are_refused(guarded, audio, normal_text, fields, code, assert_still_ready):
+    with client_for(guarded, "10.6.6.6") as client, open(audio["speech.wav"], "rb") as handle:
+        response = client.post("/v1/audio/transcriptions", files=[("file", ("speech.wav", handle)), *[
+            (name, (None, value)) for name, value in fields]])
+    assert_error(response, 400, code)
+    assert transcribe(guarded, audio["speech.wav"]).json()["text"] == normal_text
+    assert_still_ready(guarded)
+
+
+def test_a_long_request_id_is_cut_and_the_page_sends_security_headers(guarded):
+    response = guarded.client.get("/readyz", headers={"X-Request-ID": "r" * 60_000})
+    assert response.headers["x-request-id"] == "r" * 128
+    for path in ("/", "/static/app.js", "/static/app.css"):
+        headers = guarded.client.get(path).headers
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+        assert "default-src 'self'" in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+        assert headers["referrer-policy"] == "no-referrer"
+
+
+def test_a_full_disk_answers_503_and_the_next_upload_is_served(guarded, audio, normal_text, tmp_path,
+                                                               assert_still_ready):
+    """A 3 MB upload (within the 4 MB limit) fills the 2 MB 'disk' part-way through."""
+    big = write_wav(tmp_path / "big.wav", np.random.default_rng(3).normal(0, 0.1, 95 * SAMPLE_RATE))
+    assert DISK_BYTES < big.stat().st_size < 4 * 2**20
+    response = transcribe(guarded, big)
+    error = assert_error(response, 503, "disk_full")
+    assert response.headers["retry-after"] and "Traceback" not in response.text and "disk" in error["message"]
+    assert refusals(guarded, "disk_full") == 1
+    assert transcribe(guarded, audio["speech.wav"]).json()["text"] == normal_text
+    assert_still_ready(guarded)
+
+
+def engine_pid(server) -> int:
+    return int(subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "spawn_main"], capture_output=True,
+                              text=True, check=True).stdout.split()[0])
+
+
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def test_an_engine_killed_mid_decode_answers_503_to_every_request_it_held(start_server, slow_model_dir, audio):
+    """One request decoding in the engine, one still uploading: both hear 503 at once, in JSON, and the server
+    exits 1 so that the pod is restarted."""
+    server = start_server("--max-batch-size", "2", model=slow_model_dir)
+    with ThreadPoolExecutor(1) as pool:
+        decoding = pool.submit(transcribe, server, audio["speech.wav"])
+        wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > 0, "the file decodes")
+        with open_upload(server, "10.5.5.5", 200_000) as uploading:
+            uploading.sendall(b"\0" * 1000)
+            time.sleep(0.3)
+            os.kill(engine_pid(server), signal.SIGKILL)
+            killed = time.monotonic()
+            uploading.settimeout(10)
+            answer = read_response(uploading)[1]
+            assert_error(answer, 503, "engine_unavailable")
+            assert time.monotonic() - killed < 3 and b"retry-after" in answer.lower()
+        response = decoding.result()
+    assert_error(response, 503, "engine_unavailable")
+    assert response.headers["retry-after"]
+    assert server.process.wait(timeout=30) == 1
+
+
+def test_a_second_signal_answers_what_is_left_503_and_exits_143(start_server, slow_model_dir, audio):
+    server = start_server("--max-batch-size", "1", "--drain-seconds", "120", model=slow_model_dir)
+    with ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(transcribe, server, audio["speech.wav"], f"10.4.0.{n}") for n in range(2)]
+        wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > 0, "the files decode")
+        server.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: '"draining"' in server.log_path.read_text(), "the server drains")
+        server.process.send_signal(signal.SIGTERM)
+        responses = [future.result() for future in pending]
+    for response in responses:
+        assert_error(response, 503, "server_stopping")
+        assert response.headers["retry-after"]
+    assert server.process.wait(timeout=30) == 128 + signal.SIGTERM
