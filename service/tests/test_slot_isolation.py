@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from whisper_server.decoding import SAMPLE_RATE, DecodeOptions
+from whisper_server.decoding import SAMPLE_RATE, DecodeOptions, Window
 from whisper_server.engine import WhisperEngine
 from whisper_server.scheduler import SchedulerEvents, SlotScheduler
 from whisper_server.test_model import make_test_model
@@ -80,10 +80,12 @@ def test_one_bad_request_in_an_admission_fails_alone(engine, monkeypatch):
     options = {key: DecodeOptions(language="en", prompt=prompt) for key, prompt in prompts.items()}
 
     def run(bad: set[int]) -> tuple[dict, dict]:
-        done, failed = {}, {}
-        scheduler = SlotScheduler(engine, SchedulerEvents(on_done=done.__setitem__, on_failed=failed.__setitem__))
+        windows, done, failed = {}, set(), {}
+        scheduler = SlotScheduler(engine, SchedulerEvents(
+            on_window=lambda key, index, result: windows.setdefault(key, {}).__setitem__(index, result),
+            on_done=done.add, on_failed=failed.__setitem__))
         for key in prompts:
-            scheduler.submit(key, options[key], [clean(key)])
+            scheduler.submit(key, options[key], [Window(0.0, clean(key))])
         prompt_ids = engine._prompt_ids
 
         def failing(prompt):
@@ -95,7 +97,7 @@ def test_one_bad_request_in_an_admission_fails_alone(engine, monkeypatch):
             patched.setattr(engine, "_prompt_ids", failing)
             while not scheduler.idle:
                 scheduler.run_once()
-        return ({key: [result.tokens for result in results] for key, results in done.items()}, failed)
+        return ({key: [windows[key][index].tokens for index in sorted(windows[key])] for key in done}, failed)
 
     normal, none_failed = run(bad=set())
     assert none_failed == {} and set(normal) == set(prompts)

@@ -153,10 +153,8 @@ class SlotScheduler:
         if not picks:
             return
         self.waiting_since = self.clock() if waiting > len(picks) else None
-        windows = [(request.windows[index].samples, replace(request.options, temperature=temperature))
-                   for request, index, temperature in picks]
         try:
-            self.joining = (self.engine.encode(windows), picks)
+            self.joining = (self.engine.encode(self._inputs(picks)), picks)
         except Exception as error:  # noqa: BLE001 - a failed admission fails its requests; the engine goes on if it can
             self._admission_failed(picks, error)
             return
@@ -205,11 +203,14 @@ class SlotScheduler:
         if not healthy:
             raise EngineFailure("the device stopped working after a failed admission") from error
 
+    @staticmethod
+    def _inputs(picks: list[tuple[Request, int, float]]) -> list[tuple[np.ndarray, DecodeOptions]]:
+        return [(request.windows[index].samples, replace(request.options, temperature=temperature))
+                for request, index, temperature in picks]
+
     def _admit_alone(self, picks: list[tuple[Request, int, float]]) -> None:
-        windows = [(request.windows[index], replace(request.options, temperature=temperature))
-                   for request, index, temperature in picks]
         try:
-            slots = self.engine.attach(self.engine.encode(windows))
+            slots = self.engine.attach(self.engine.encode(self._inputs(picks)))
         except Exception as error:  # noqa: BLE001 - fails this request alone
             self._admission_failed(picks, error)
             return
