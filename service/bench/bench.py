@@ -486,7 +486,8 @@ def run_real(args: argparse.Namespace) -> None:
 
 def real_markdown(report: dict) -> str:
     clips = report["clips"]
-    header = ", ".join(f"{kind}: {c['count']} clips, {c['audio_seconds']:g} s" for kind, c in clips.items())
+    header = ", ".join(f"{kind}: {c['count']} clip{'s' * (c['count'] != 1)}, {c['audio_seconds']:g} s"
+                       for kind, c in clips.items())
     lines = [f"{report['model'].split(' (')[0]} on CPU ({report['machine']['cpus']} CPUs, {report['cpu_threads']} "
              f"threads, load average after {report['machine']['load_average_after'][0]}); held-out espeak-ng clips "
              f"({header})", "",

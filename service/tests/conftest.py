@@ -221,6 +221,25 @@ def start_server(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_en_engine(tiny_en):
+    """The slot engine on OpenAI's real tiny.en, in this process (float32 on CPU, one thread, four slots)."""
+    import torch
+    from whisper_server.engine import WhisperEngine
+
+    torch.set_num_threads(1)
+    engine = WhisperEngine(str(tiny_en), device="cpu", dtype="float32", offline=True, slots=4)
+    engine.load()
+    engine.warm_up()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def tiny_en_server(start_server, tiny_en) -> ServerProcess:
+    """A server on OpenAI's real tiny.en, for the tests of what it transcribes: eight decode slots."""
+    return start_server("--max-batch-size", "8", model=tiny_en)
+
+
+@pytest.fixture(scope="session")
 def server(start_server) -> ServerProcess:
     """The main server: eight decode slots, generous limits, no API key."""
     return start_server("--max-batch-size", "8", "--queue-size", "64")

@@ -12,6 +12,7 @@ every sentence's start and end in seconds, in `<name>.json` next to `<name>.wav`
     clips.silence(), clips.noise()              # 10 s each; no words are expected from either
     clip.samples()                              # float32 at 16 kHz, exactly what the WAV holds
     word_error_rate(clip.text, transcript)      # normalised words, Levenshtein distance / reference words
+    corpus_word_error_rate(references, texts)   # the same over many clips together
 
 Every clip is made from the held-out sentences unless `split="development"` is asked for: anything tuned on speech
 (voice activity thresholds, decoding rules) is tuned on the development sentences and judged on held-out ones.
@@ -81,6 +82,12 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     words = len(normalize_words(reference))
     errors = word_errors(reference, hypothesis)
     return errors / words if words else (0.0 if errors == 0 else float("inf"))
+
+
+def corpus_word_error_rate(references: list[str], hypotheses: list[str]) -> float:
+    """Word errors over every clip together, over their reference words (longer clips weigh more)."""
+    return (sum(word_errors(r, h) for r, h in zip(references, hypotheses))
+            / sum(len(normalize_words(r)) for r in references))
 
 
 @dataclass(frozen=True)

@@ -8,63 +8,42 @@ import json
 
 import openai
 import pytest
-import torch
 
-from speech import word_errors, normalize_words
+from speech import corpus_word_error_rate, normalize_words
 from whisper_server.decoding import DecodeOptions
-from whisper_server.engine import WhisperEngine
 from whisper_server.verify import decode_windows, reference_tokens
 
 ENGLISH_ONLY = {"multilingual": False, "tasks": ["transcribe"], "languages": ["en"]}
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_en) -> WhisperEngine:
-    torch.set_num_threads(1)
-    engine = WhisperEngine(str(tiny_en), device="cpu", dtype="float32", offline=True, slots=4)
-    engine.load()
-    engine.warm_up()
-    return engine
-
-
-def test_tokens_equal_transformers_generate_on_real_speech(engine, speech):
+def test_tokens_equal_transformers_generate_on_real_speech(tiny_en_engine, speech):
     """Eight sentences through four slots, joining while others decode: each window's tokens are exactly
     generate(..., return_timestamps=True)'s, suppress lists and timestamp rules of the real checkpoint included."""
     clips = speech.short(count=8)
     windows = [(clip.samples(), DecodeOptions(language="en" if index % 2 else None))
                for index, clip in enumerate(clips)]
-    expected = [reference_tokens(engine, samples, options) for samples, options in windows]
-    got = decode_windows(engine, windows, joins=[0, 0, 2, 9, 9, 15, 30, 31])
+    expected = [reference_tokens(tiny_en_engine, samples, options) for samples, options in windows]
+    got = decode_windows(tiny_en_engine, windows, joins=[0, 0, 2, 9, 9, 15, 30, 31])
     assert got == expected
-    texts = [engine.processor.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in got]
+    texts = [tiny_en_engine.processor.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in got]
     assert all(normalize_words(text) for text in texts), texts
-    assert corpus_wer([c.text for c in clips], texts) < 0.3
+    assert corpus_word_error_rate([c.text for c in clips], texts) < 0.3
 
 
-def test_english_only_prefix_is_start_of_transcript_alone(engine):
-    assert engine.capabilities.describe() == ENGLISH_ONLY
-    start = engine.processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+def test_english_only_prefix_is_start_of_transcript_alone(tiny_en_engine):
+    assert tiny_en_engine.capabilities.describe() == ENGLISH_ONLY
+    start = tiny_en_engine.processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
     for options in (DecodeOptions(language="en"), DecodeOptions()):
-        assert engine._prefix(options, detected_id=None) == ([start], "en")
-    assert engine._known_prefixes([DecodeOptions()]) == [[start]], "no detection pass needed"
-
-
-def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
-    return (sum(word_errors(r, h) for r, h in zip(references, hypotheses))
-            / sum(len(normalize_words(r)) for r in references))
+        assert tiny_en_engine._prefix(options, detected_id=None) == ([start], "en")
+    assert tiny_en_engine._known_prefixes([DecodeOptions()]) == [[start]], "no detection pass needed"
 
 
 @pytest.fixture(scope="module")
-def english_server(start_server, tiny_en):
-    return start_server("--max-batch-size", "4", model=tiny_en)
+def sdk(tiny_en_server):
+    return openai.OpenAI(base_url=tiny_en_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def sdk(english_server):
-    return openai.OpenAI(base_url=english_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def test_transcribes_real_speech_over_http_with_the_openai_sdk(english_server, sdk, speech):
+def test_transcribes_real_speech_over_http_with_the_openai_sdk(tiny_en_server, sdk, speech):
     clips = speech.short(count=6)
     texts = []
     for clip in clips:
@@ -75,13 +54,13 @@ def test_transcribes_real_speech_over_http_with_the_openai_sdk(english_server, s
         assert 0 <= result.segments[0].start <= result.segments[-1].end <= clip.duration + 0.01
         texts.append(result.text)
     # OpenAI's fallback samples an unsure decode again (average log-probability below -1): 0.26 on these clips.
-    assert corpus_wer([c.text for c in clips], texts) < 0.3, texts
+    assert corpus_word_error_rate([c.text for c in clips], texts) < 0.3, texts
     with open(clips[0].path, "rb") as handle:
         given = sdk.audio.transcriptions.create(model="whisper-1", file=handle, language="en")
     assert given.text == texts[0]
 
 
-def test_refuses_other_languages_and_translation_with_openai_errors(english_server, sdk, speech):
+def test_refuses_other_languages_and_translation_with_openai_errors(tiny_en_server, sdk, speech):
     clip = speech.short(count=1)[0]
     with open(clip.path, "rb") as handle, pytest.raises(openai.BadRequestError) as refused:
         sdk.audio.transcriptions.create(model="whisper-1", file=handle, language="de")
@@ -92,16 +71,16 @@ def test_refuses_other_languages_and_translation_with_openai_errors(english_serv
     error = refused.value.body
     assert error["code"] == "unsupported_task" and error["type"] == "invalid_request_error"
     assert "cannot translate" in error["message"]
-    assert english_server.client.get("/readyz").status_code == 200, "the server keeps serving"
+    assert tiny_en_server.client.get("/readyz").status_code == 200, "the server keeps serving"
 
 
-def test_capabilities_in_models_and_startup_log(english_server):
-    (model,) = english_server.client.get("/v1/models").json()["data"]
-    assert model["id"] == english_server_model_id(english_server) and model["capabilities"] == ENGLISH_ONLY
-    lines = [json.loads(line) for line in english_server.log_path.read_text().splitlines() if line.startswith("{")]
+def test_capabilities_in_models_and_startup_log(tiny_en_server):
+    (model,) = tiny_en_server.client.get("/v1/models").json()["data"]
+    assert model["id"] == served_model_id(tiny_en_server) and model["capabilities"] == ENGLISH_ONLY
+    lines = [json.loads(line) for line in tiny_en_server.log_path.read_text().splitlines() if line.startswith("{")]
     ready = [line for line in lines if line["message"] == "ready"]
     assert ready and {key: ready[0][key] for key in ENGLISH_ONLY} == ENGLISH_ONLY
 
 
-def english_server_model_id(server) -> str:
+def served_model_id(server) -> str:
     return server.process.args[server.process.args.index("--model") + 1].rsplit("/", 1)[-1]

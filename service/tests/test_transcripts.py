@@ -1,0 +1,133 @@
+"""What the server transcribes, on OpenAI's real tiny.en, through the official OpenAI SDK: held-out espeak-ng clips
+with known text (speech.py). Short sentences; 75 s clips with 0.7 s pauses between sentences and with 0.25 s ones
+(fluent speech), which the server cuts into windows at pauses and whose windows it decodes again from the last
+timestamp where a decode stops short; a clip 40 dB down; silence and noise, which must give no words.
+
+The WER bounds sit a little above what the server and transformers' own long-form `generate` give on these clips
+(`service/bench/bench.py --real` prints both), so a change that loses or invents words fails here."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import openai
+import pytest
+
+from speech import Clip, corpus_word_error_rate, normalize_words, word_error_rate
+from whisper_server.decoding import SAMPLE_RATE, DecodeOptions
+from whisper_server.segmentation import decoded_until, split_windows
+from whisper_server.verify import reference_tokens
+
+LONG_CLIPS = {"0.7 s pauses": dict(pause=0.7, seed=0), "0.25 s pauses": dict(pause=0.25, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def sdk(tiny_en_server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tiny_en_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def transcribe(sdk: openai.OpenAI, clip: Clip):
+    with open(clip.path, "rb") as handle:
+        return sdk.audio.transcriptions.create(model="whisper-1", file=handle, response_format="verbose_json")
+
+
+def assert_segments_in_order_inside_the_audio(result, clip: Clip) -> None:
+    times = [time for segment in result.segments for time in (segment.start, segment.end)]
+    assert times == sorted(times), f"{clip.name}: segment times out of order: {times}"
+    assert 0 <= times[0] and times[-1] <= clip.duration, f"{clip.name}: segments outside 0-{clip.duration} s"
+    assert " ".join(segment.text for segment in result.segments) == result.text
+
+
+def lost_sentences(clip: Clip, hypothesis: str) -> list[str]:
+    """The reference sentences that lost more than half their words in the hypothesis (a Levenshtein alignment of
+    the clip's words to the transcript's: a sentence dropped at a window boundary shows as a run of deletions)."""
+    reference = [(index, word) for index, sentence in enumerate(clip.sentences)
+                 for word in normalize_words(sentence.text)]
+    hyp = normalize_words(hypothesis)
+    cost = np.zeros((len(reference) + 1, len(hyp) + 1), int)
+    cost[:, 0], cost[0, :] = np.arange(len(reference) + 1), np.arange(len(hyp) + 1)
+    for i, (_, word) in enumerate(reference, 1):
+        for j, other in enumerate(hyp, 1):
+            cost[i, j] = min(cost[i - 1, j] + 1, cost[i, j - 1] + 1, cost[i - 1, j - 1] + (word != other))
+    deleted: Counter[int] = Counter()
+    i, j = len(reference), len(hyp)
+    while i > 0:
+        if j > 0 and cost[i, j] == cost[i - 1, j - 1] + (reference[i - 1][1] != hyp[j - 1]):
+            i, j = i - 1, j - 1
+        elif cost[i, j] == cost[i - 1, j] + 1:
+            deleted[reference[i - 1][0]] += 1
+            i -= 1
+        else:
+            j -= 1
+    return [sentence.text for index, sentence in enumerate(clip.sentences)
+            if deleted[index] > len(normalize_words(sentence.text)) / 2]
+
+
+def repeated_phrases(clip: Clip, hypothesis: str, length: int = 4) -> list[str]:
+    """Runs of `length` words the transcript says more often than the reference does (a stretch decoded twice, as
+    at a window boundary, repeats every run in it)."""
+    def runs(words: list[str]) -> Counter[str]:
+        return Counter(" ".join(words[i:i + length]) for i in range(len(words) - length + 1))
+    said, meant = runs(normalize_words(hypothesis)), runs(normalize_words(clip.text))
+    return [phrase for phrase, count in said.items() if count > 1 and count > meant[phrase]]
+
+
+def test_short_sentences(sdk, speech):
+    clips = speech.short(count=12)
+    results = [transcribe(sdk, clip) for clip in clips]
+    for clip, result in zip(clips, results):
+        assert normalize_words(result.text), f"{clip.name}: empty transcript"
+        assert result.language == "english"
+        assert_segments_in_order_inside_the_audio(result, clip)
+    assert corpus_word_error_rate([c.text for c in clips], [r.text for r in results]) < 0.2
+
+
+@pytest.mark.parametrize("kind", LONG_CLIPS)
+def test_long_clip_loses_and_repeats_no_words(sdk, speech, kind):
+    clip = speech.long(**LONG_CLIPS[kind])
+    result = transcribe(sdk, clip)
+    assert_segments_in_order_inside_the_audio(result, clip)
+    assert result.segments[-1].end > clip.sentences[-1].start, "the last sentence is transcribed"
+    assert lost_sentences(clip, result.text) == [], result.text
+    assert repeated_phrases(clip, result.text) == [], result.text
+    assert word_error_rate(clip.text, result.text) < 0.15, result.text
+
+
+def test_quiet_clip_40_db_down(sdk, speech):
+    clip = speech.quiet()
+    result = transcribe(sdk, clip)
+    assert_segments_in_order_inside_the_audio(result, clip)
+    assert lost_sentences(clip, result.text) == [], result.text
+    assert word_error_rate(clip.text, result.text) < 0.15, result.text
+
+
+@pytest.mark.parametrize("kind", ["silence", "noise"])
+def test_silence_and_noise_give_no_words(sdk, speech, kind):
+    clip = getattr(speech, kind)()
+    result = transcribe(sdk, clip)
+    assert result.text == "" and result.segments == [], f"invented text on {kind}: {result.text!r}"
+    assert result.duration == pytest.approx(clip.duration)
+
+
+def test_tokens_equal_generate_on_the_servers_own_windows(sdk, speech, tiny_en_engine):
+    """The long clip's text tokens over HTTP are exactly what transformers' generate gives on the windows the server
+    cuts, each decoded again from its last complete timestamp where generate stops short: the real checkpoint's
+    suppress lists and timestamp rules, the seek and the joins of the windows' segments, all through the server."""
+    clip = speech.long(**LONG_CLIPS["0.25 s pauses"])
+    result = transcribe(sdk, clip)
+    assert {segment.temperature for segment in result.segments} == {0.0}, "no fallback decode on this clip"
+    timestamp_begin, end_of_text = tiny_en_engine.special.timestamp_begin, tiny_en_engine.special.end_of_text
+    expected, continuations = [], 0
+    for window in split_windows(clip.samples()):
+        samples = window.samples
+        while True:
+            tokens = reference_tokens(tiny_en_engine, samples, DecodeOptions())
+            kept, resume_at = decoded_until(tokens, timestamp_begin, len(samples) / SAMPLE_RATE)
+            expected += [token for token in tokens[:kept] if token < end_of_text]
+            if resume_at is None:
+                break
+            continuations += 1
+            samples = samples[round(resume_at * SAMPLE_RATE):]
+    assert [token for segment in result.segments for token in segment.tokens] == expected
+    assert continuations, "a window of this clip is decoded again from its last timestamp"
