@@ -406,3 +406,22 @@ def test_a_window_whose_prefix_is_known_joins_in_one_decoder_pass(engine, monkey
         slots = engine.admit([(noise(10), options), (noise(11), DecodeOptions(language="fr"))])
         assert len(passes) == expected, options
         engine.release(slots)
+
+
+@pytest.mark.parametrize("stage", ["encoder", "attach"])
+def test_an_admission_out_of_memory_gives_its_slots_back_and_the_engine_serves_on(engine, monkeypatch, stage):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    window = (np.zeros(SAMPLE_RATE, np.float32), DecodeOptions(language="en"))
+    free = engine.free_slots()
+    failing = (engine, "_encode") if stage == "encoder" else (engine.decoder, "attach")
+    with monkeypatch.context() as patched:
+        patched.setattr(*failing, out_of_memory)
+        with pytest.raises(OutOfMemory, match="out of memory"):
+            engine.admit([window, window])
+    assert engine.free_slots() == free, "the failed admission's slots are free again"
+    slots = engine.admit([window])
+    while engine.busy_slots():
+        engine.step()
+    assert engine.free_slots() == free and len(slots) == 1

@@ -6,7 +6,8 @@ of requests."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -287,8 +288,16 @@ class WhisperEngine:
                 start += piece.count
             return states
 
-        try:
+        with self._slots_released_on_failure(slots):
             states, encoded = self.admission_stream.run(encode_pieces)
+        return Admission(slots, windows, pieces, states, encoded, max_new_tokens)
+
+    @contextmanager
+    def _slots_released_on_failure(self, slots: list[int]) -> Iterator[None]:
+        """An admission that fails gives its slots back; a CUDA out-of-memory error becomes OutOfMemory, which fails
+        the admission's requests and leaves the engine serving the others."""
+        try:
+            yield
         except torch.OutOfMemoryError as error:
             self.decoder.release(slots)
             torch.cuda.empty_cache()
@@ -296,7 +305,6 @@ class WhisperEngine:
         except BaseException:
             self.decoder.release(slots)
             raise
-        return Admission(slots, windows, pieces, states, encoded, max_new_tokens)
 
     def encoded(self, admission: Admission) -> bool:
         """Whether the admission's encoder pass is done (attach() would not wait for it)."""
@@ -308,7 +316,7 @@ class WhisperEngine:
         where none was given, no_speech_prob, and their forced prefixes. Returns the slots, decoding from the next
         step."""
         slots, windows = admission.slots, admission.windows
-        try:
+        with self._slots_released_on_failure(slots):
             self.admission_stream.join(admission.encoded, admission.states)
             # no_speech_prob and the detected language come from the logits after <|startoftranscript|> alone, as in
             # OpenAI's decoder and transformers' detect_language. A piece whose prefixes are known already (language
@@ -336,13 +344,6 @@ class WhisperEngine:
                 self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part], temperatures[part],
                                      prefilled=prefilled is not None)
             self.decoder.joined(slots)
-        except torch.OutOfMemoryError as error:
-            self.decoder.release(slots)
-            torch.cuda.empty_cache()
-            raise OutOfMemory(str(error)) from error
-        except BaseException:
-            self.decoder.release(slots)
-            raise
         self.windows.update(zip(slots, admitted))
         return slots
 
