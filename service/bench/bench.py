@@ -334,12 +334,16 @@ def real_clips(args: argparse.Namespace) -> dict[str, list]:
     return {kind: make() for kind, make in made.items() if kind in args.classes}
 
 
-def server_transcriber(url: str, concurrency: int) -> Callable[[list], list[str]]:
-    """Our server over HTTP: `concurrency` clients, each posting one clip at a time (the clip's WAV file)."""
+def server_transcriber(url: str, concurrency: int, words: bool = False) -> Callable[[list], list[str]]:
+    """Our server over HTTP: `concurrency` clients, each posting one clip at a time (the clip's WAV file); with
+    `words`, asking for word timestamps too."""
+    fields = {"model": "whisper-1", **({"response_format": "verbose_json", "timestamp_granularities[]": "word"}
+                                       if words else {})}
+
     def transcribe(clips: list) -> list[str]:
         def one(clip) -> str:
             with httpx.Client(base_url=url, timeout=900) as http:
-                response = http.post("/v1/audio/transcriptions", data={"model": "whisper-1"},
+                response = http.post("/v1/audio/transcriptions", data=fields,
                                      files={"file": (clip.path.name, clip.path.read_bytes(), "audio/wav")})
             if response.status_code != 200:
                 raise RuntimeError(f"{clip.name}: HTTP {response.status_code}: {response.text[:200]}")
@@ -457,9 +461,10 @@ def run_real(args: argparse.Namespace) -> None:
     server = Server(server_args, workdir / "server.log")
     try:
         load_seconds["server"] = round(server.wait_ready(), 1)
-        transcribe = server_transcriber(server.url, concurrency)
-        transcribe(clips["short"][:2])  # warm-up
-        rows += measure_system(f"whisper-server, {concurrency} clients", transcribe, clips)
+        for words in (False, True):
+            transcribe = server_transcriber(server.url, concurrency, words)
+            transcribe(clips["short"][:2])  # warm-up
+            rows += measure_system(f"whisper-server, {concurrency} clients{', words' * words}", transcribe, clips)
     finally:
         server.stop()
     started = time.monotonic()

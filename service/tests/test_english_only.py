@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import openai
 import pytest
 
@@ -17,10 +18,12 @@ ENGLISH_ONLY = {"multilingual": False, "tasks": ["transcribe"], "languages": ["e
 
 
 def test_tokens_equal_transformers_generate_on_real_speech(tiny_en_engine, speech):
-    """Eight sentences through four slots, joining while others decode: each window's tokens are exactly
-    generate(..., return_timestamps=True)'s, suppress lists and timestamp rules of the real checkpoint included."""
+    """Eight sentences through four slots, joining while others decode, some after a prompt: each window's tokens
+    are exactly generate(..., return_timestamps=True)'s, suppress lists and timestamp rules of the real checkpoint
+    included."""
     clips = speech.short(count=8)
-    windows = [(clip.samples(), DecodeOptions(language="en" if index % 2 else None))
+    windows = [(clip.samples(), DecodeOptions(language="en" if index % 2 else None,
+                                              prompt="A test of the weather." if index % 3 == 0 else None))
                for index, clip in enumerate(clips)]
     expected = [reference_tokens(tiny_en_engine, samples, options) for samples, options in windows]
     got = decode_windows(tiny_en_engine, windows, joins=[0, 0, 2, 9, 9, 15, 30, 31])
@@ -84,3 +87,29 @@ def test_capabilities_in_models_and_startup_log(tiny_en_server):
 
 def served_model_id(server) -> str:
     return server.process.args[server.process.args.index("--model") + 1].rsplit("/", 1)[-1]
+
+
+def test_no_speech_prob_is_read_after_the_prompt_as_openai_reads_it(tiny_en_engine, speech):
+    """OpenAI's decoder reads no_speech_prob at <|startoftranscript|>, after the prompt when there is one: the
+    checkpoint's own forward pass over <|startofprev|>, the prompt and <|startoftranscript|> says what it must be.
+    Windows with and without a prompt join in one admission."""
+    import torch
+
+    engine = tiny_en_engine
+    clip = speech.short(count=1)[0].samples()
+    silence = np.zeros(3 * 16_000, np.float32)
+    windows = [(clip, DecodeOptions(prompt="The weather report for the coast.")), (clip, DecodeOptions()),
+               (silence, DecodeOptions(prompt="Quiet please."))]
+    slots = engine.admit(windows)
+    results = {}
+    while engine.busy_slots():
+        results.update(engine.step())
+    got = [results[slot].no_speech_prob for slot in slots]
+    with torch.inference_mode():
+        expected = []
+        for samples, options in windows:
+            tokens = engine._prompt_ids(options.prompt) + [engine.special.start_of_transcript]
+            logits = engine.model(input_features=engine.log_mel([samples]), decoder_input_ids=torch.tensor([tokens])).logits
+            expected.append(logits[0, -1].softmax(-1)[engine.special.no_speech].item())
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert abs(got[0] - got[1]) > 1e-4, "the prompt changes the probability, so the test tells the two apart"

@@ -357,13 +357,20 @@ class SlotDecoder:
         return self.model.proj_out(hidden[:piece.count, -1]).float()
 
     def prefill(self, piece: Piece, prefixes: list[list[int]], limits: list[int], min_lengths: list[int],
-                temperatures: list[float], prefilled: bool = False) -> None:
+                temperatures: list[float], prefilled: bool = False, read_at: list[int] | None = None
+                ) -> torch.Tensor | None:
         """Writes the KV of each window's forced prefix except its last token (the first step feeds that one), unless
-        attach() did (`prefilled`), and sets its row's state; the windows decode from the next step on."""
+        attach() did (`prefilled`), and sets its row's state; the windows decode from the next step on. With
+        `read_at` (a position in each prefix), the pass reaches those positions too and returns the logits there
+        (float32, [piece.count, vocab]): after a prompt, no_speech_prob reads them at <|startoftranscript|>."""
         rows = self._prefix_rows(piece, prefixes)
-        width = self._prefill_width(prefixes)
-        if width and not prefilled:
-            self._prefill_pass(piece, rows[:, :width])
+        width = self._prefill_width(prefixes, minimum=max(read_at) + 1 if read_at else 0)
+        logits = None
+        if width and (not prefilled or read_at):
+            hidden = self._prefill_pass(piece, rows[:, :width])
+            if read_at:
+                picked = hidden[torch.arange(piece.count, device=self.device), torch.tensor(read_at, device=self.device)]
+                logits = self.model.proj_out(picked).float()
         real = slice(piece.start, piece.start + piece.count)
         lengths = torch.tensor([len(prefix) for prefix in prefixes], device=self.device)
         self.tokens[real] = rows[:piece.count]
@@ -375,6 +382,7 @@ class SlotDecoder:
         self.last_timestamp[real] = -1
         self.done[real] = False
         self.active[real] = True
+        return logits
 
     def _prefix_rows(self, piece: Piece, prefixes: list[list[int]]) -> torch.Tensor:
         """[piece.size, 448] on the device: each window's prefix, then end of text (rows past piece.count: padding)."""

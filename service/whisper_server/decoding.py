@@ -64,7 +64,7 @@ class Segment:
 class WindowResult:
     """One decode of one window. The decode-level figures are OpenAI's: avg_logprob is the sum of every sampled
     token's log-probability (end of text included) over their count plus one, the compression ratio is the whole
-    text's; no_speech_prob is read after <|startoftranscript|> alone (OpenAI reads it after the prompt)."""
+    text's; no_speech_prob is the probability of <|nospeech|> at <|startoftranscript|>, after the prompt if any."""
 
     language: str | None
     segments: list[Segment] = field(default_factory=list)  # the finished ones, times within the window

@@ -318,9 +318,10 @@ class WhisperEngine:
         slots, windows = admission.slots, admission.windows
         with self._slots_released_on_failure(slots):
             self.admission_stream.join(admission.encoded, admission.states)
-            # no_speech_prob and the detected language come from the logits after <|startoftranscript|> alone, as in
-            # OpenAI's decoder and transformers' detect_language. A piece whose prefixes are known already (language
-            # given, no prompt) gets them from its prefill pass.
+            # The detected language comes from the logits after <|startoftranscript|> alone, as in OpenAI's decoder and
+            # transformers' detect_language, and so does no_speech_prob without a prompt (with one, OpenAI reads it at
+            # <|startoftranscript|> after the prompt: the prefill pass below). A piece whose prefixes are known
+            # already (language given, no prompt) gets them from its prefill pass.
             parts = [slice(piece.start - admission.pieces[0].start,
                            piece.start - admission.pieces[0].start + piece.count) for piece in admission.pieces]
             known = [self._known_prefixes([options for _, options in windows[part]]) for part in parts]
@@ -329,20 +330,27 @@ class WhisperEngine:
             no_speech = first.softmax(-1)[:, self.special.no_speech]
             detected = first.masked_fill(self.decoder.language_mask, float("-inf")).argmax(-1)
             no_speech, detected = no_speech.tolist(), detected.tolist()
-            prefixes, limits, min_lengths, admitted = [], [], [], []
+            prefixes, starts, limits, min_lengths, admitted = [], [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
                 start, language = self._start_of_transcript(options, detected_id)
-                prefix = self._prompt_ids(options.prompt) + start  # as _prefix() makes it
+                prompt = self._prompt_ids(options.prompt)
+                prefix = prompt + start  # as _prefix() makes it
                 limit = self._limit(len(prefix), admission.max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
+                starts.append(len(prompt))  # where <|startoftranscript|> sits
                 limits.append(limit)
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
                 admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, language, no_speech_prob, options.temperature,
                                            start, options.word_timestamps))
             temperatures = [options.temperature for _, options in windows]
             for piece, part, prefilled in zip(admission.pieces, parts, known):
-                self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part], temperatures[part],
-                                     prefilled=prefilled is not None)
+                after_prompt = self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part],
+                                                    temperatures[part], prefilled=prefilled is not None,
+                                                    read_at=starts[part] if any(starts[part]) else None)
+                if after_prompt is not None:
+                    for window, probability in zip(admitted[part],
+                                                   after_prompt.softmax(-1)[:, self.special.no_speech].tolist()):
+                        window.no_speech_prob = probability
             self.decoder.joined(slots)
         self.windows.update(zip(slots, admitted))
         return slots
