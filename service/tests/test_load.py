@@ -152,10 +152,13 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(start_server, audio):
     assert [r.status_code for r in responses] == [200] * count, "no in-flight request is lost"
     assert all(r.json()["text"] for r in responses)
     assert server.process.wait(timeout=30) == 0
-    events = {line["message"]: line for line in map(json.loads, server.log_path.read_text().splitlines())
-              if line.get("logger") == "whisper_server"}
+    log = server.log_path.read_text()
+    lines = [json.loads(line) for line in log.splitlines()]
+    events = {line["message"]: line for line in lines if line.get("logger") == "whisper_server"}
     assert events["draining"]["in_flight"] == count, "the requests were still in flight when SIGTERM came"
     assert events["drained"]["unfinished"] == 0
+    loud = [line for line in lines[lines.index(events["draining"]):] if line["level"] not in ("info", "debug")]
+    assert loud == [] and "Traceback" not in log, "a clean SIGTERM ends quietly: info-level lines, no traceback"
 
 
 @pytest.mark.parametrize("stream", [False, True])
