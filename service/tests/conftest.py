@@ -99,6 +99,10 @@ def model_dir(tmp_path_factory) -> Path:
     return folder
 
 
+# The held-out long clips of the real-weights tests (speech.long's arguments): sentences 0.7 s apart, and fluent
+# speech with 0.25 s between sentences.
+LONG_CLIPS = {"0.7 s pauses": dict(pause=0.7, seed=0), "0.25 s pauses": dict(pause=0.25, seed=1)}
+
 # With the slow model: each window decodes exactly 445 tokens (the 448 positions less the prefix), once.
 FIXED_LENGTH = ("--max-new-tokens", "445", "--fixed-new-tokens", "true")
 

@@ -12,6 +12,7 @@ every sentence's start and end in seconds, in `<name>.json` next to `<name>.wav`
     clips.silence(), clips.noise()              # 10 s each; no words are expected from either
     clip.samples()                              # float32 at 16 kHz, exactly what the WAV holds
     word_error_rate(clip.text, transcript)      # normalised words, Levenshtein distance / reference words
+    aligned_words(reference_words, words)       # which word went where (None: deleted or inserted)
     corpus_word_error_rate(references, texts)   # the same over many clips together
 
 Every clip is made from the held-out sentences unless `split="development"` is asked for: anything tuned on speech
@@ -65,16 +66,32 @@ def normalize_words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower().replace("-", " "))
 
 
+def aligned_words(reference: list[str], hypothesis: list[str]) -> list[tuple[int | None, int | None]]:
+    """A minimal edit alignment (Levenshtein) of two word sequences, in order: (reference index, hypothesis index)
+    for a match or a substitution, (index, None) for a deleted reference word, (None, index) for an inserted one."""
+    cost = np.zeros((len(reference) + 1, len(hypothesis) + 1), np.int32)
+    cost[:, 0], cost[0, :] = np.arange(len(reference) + 1), np.arange(len(hypothesis) + 1)
+    for i, word in enumerate(reference, 1):
+        for j, other in enumerate(hypothesis, 1):
+            cost[i, j] = min(cost[i - 1, j] + 1, cost[i, j - 1] + 1, cost[i - 1, j - 1] + (word != other))
+    pairs, i, j = [], len(reference), len(hypothesis)
+    while i or j:
+        if i and j and cost[i, j] == cost[i - 1, j - 1] + (reference[i - 1] != hypothesis[j - 1]):
+            i, j = i - 1, j - 1
+            pairs.append((i, j))
+        elif i and cost[i, j] == cost[i - 1, j] + 1:
+            i -= 1
+            pairs.append((i, None))
+        else:
+            j -= 1
+            pairs.append((None, j))
+    return pairs[::-1]
+
+
 def word_errors(reference: str, hypothesis: str) -> int:
     """Substitutions, insertions and deletions between the normalised word sequences (Levenshtein distance)."""
     ref, hyp = normalize_words(reference), normalize_words(hypothesis)
-    previous = list(range(len(hyp) + 1))
-    for i, word in enumerate(ref, 1):
-        current = [i]
-        for j, other in enumerate(hyp, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (word != other)))
-        previous = current
-    return previous[-1]
+    return sum(r is None or h is None or ref[r] != hyp[h] for r, h in aligned_words(ref, hyp))
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:

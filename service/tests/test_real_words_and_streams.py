@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
+from conftest import LONG_CLIPS
 from speech import Clip, word_error_rate
 
-LONG_CLIPS = {"0.7 s pauses": dict(pause=0.7, seed=0), "0.25 s pauses": dict(pause=0.25, seed=1)}
 ONSET_TOLERANCE = 0.4  # seconds between a sentence's onset and the nearest word start
 
 

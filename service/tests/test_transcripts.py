@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import openai
 import pytest
 
-from speech import Clip, corpus_word_error_rate, normalize_words, word_error_rate
+from conftest import LONG_CLIPS
+from speech import Clip, aligned_words, corpus_word_error_rate, normalize_words, word_error_rate
 from whisper_server.decoding import SAMPLE_RATE, DecodeOptions
 from whisper_server.segmentation import decoded_until, split_windows
 from whisper_server.verify import reference_tokens
-
-LONG_CLIPS = {"0.7 s pauses": dict(pause=0.7, seed=0), "0.25 s pauses": dict(pause=0.25, seed=1)}
 
 
 @pytest.fixture(scope="module")
@@ -40,26 +38,12 @@ def assert_segments_in_order_inside_the_audio(result, clip: Clip) -> None:
 
 
 def lost_sentences(clip: Clip, hypothesis: str) -> list[str]:
-    """The reference sentences that lost more than half their words in the hypothesis (a Levenshtein alignment of
-    the clip's words to the transcript's: a sentence dropped at a window boundary shows as a run of deletions)."""
+    """The reference sentences that lost more than half their words in the hypothesis (aligned word by word: a
+    sentence dropped at a window boundary shows as a run of deleted words)."""
     reference = [(index, word) for index, sentence in enumerate(clip.sentences)
                  for word in normalize_words(sentence.text)]
-    hyp = normalize_words(hypothesis)
-    cost = np.zeros((len(reference) + 1, len(hyp) + 1), int)
-    cost[:, 0], cost[0, :] = np.arange(len(reference) + 1), np.arange(len(hyp) + 1)
-    for i, (_, word) in enumerate(reference, 1):
-        for j, other in enumerate(hyp, 1):
-            cost[i, j] = min(cost[i - 1, j] + 1, cost[i, j - 1] + 1, cost[i - 1, j - 1] + (word != other))
-    deleted: Counter[int] = Counter()
-    i, j = len(reference), len(hyp)
-    while i > 0:
-        if j > 0 and cost[i, j] == cost[i - 1, j - 1] + (reference[i - 1][1] != hyp[j - 1]):
-            i, j = i - 1, j - 1
-        elif cost[i, j] == cost[i - 1, j] + 1:
-            deleted[reference[i - 1][0]] += 1
-            i -= 1
-        else:
-            j -= 1
+    pairs = aligned_words([word for _, word in reference], normalize_words(hypothesis))
+    deleted = Counter(reference[r][0] for r, h in pairs if h is None)
     return [sentence.text for index, sentence in enumerate(clip.sentences)
             if deleted[index] > len(normalize_words(sentence.text)) / 2]
 
