@@ -366,7 +366,7 @@ class SlotDecoder:
         rows = self._prefix_rows(piece, prefixes)
         width = self._prefill_width(prefixes, minimum=max(read_at) + 1 if read_at else 0)
         logits = None
-        if width and (not prefilled or read_at):
+        if width and not prefilled:  # prefilled prefixes have no prompt, so nothing to read after one
             hidden = self._prefill_pass(piece, rows[:, :width])
             if read_at:
                 picked = hidden[torch.arange(piece.count, device=self.device), torch.tensor(read_at, device=self.device)]
