@@ -29,16 +29,17 @@ def segment(start: float, end: float, text: str, temperature: float = 0.0) -> Se
 class StandInEngine:
     """Slots like the real engine's: a window labelled L decodes in `steps(L)` steps and answers its label as text
     (or a repetition loop where `loops(L, temperature)`), in the language given or else "xx", as a decode that
-    `resume(L, seconds)` says goes on at that many seconds into the window (None: done). Admitting a label in
+    `resume(L, seconds)` says goes on at that many seconds into the window (None: done), with the average
+    log-probability `logprob(L, temperature)`. Admitting a label in
     `fails`, or stepping while one in `step_fails` is in a slot, raises `error`; `healthy` is what the device answers
     after that. An encoder pass is done `encoding_steps` decode steps after it started. Records every admission,
     when each joined, and which labels each step ran."""
 
     def __init__(self, capacity: int, steps=lambda label: 1, loops=lambda label, temperature: False, fails=(),
                  step_fails=(), error: Exception = OutOfMemory("the stand-in ran out of memory"), healthy: bool = True,
-                 resume=lambda label, seconds: None):
+                 resume=lambda label, seconds: None, logprob=lambda label, temperature: -0.2):
         self.capacity, self.steps_for, self.loops, self.fails = capacity, steps, loops, set(fails)
-        self.resume = resume
+        self.resume, self.logprob = resume, logprob
         self.step_fails, self.error, self.is_healthy = set(step_fails), error, healthy
         self.slots: dict[int, list] = {}  # slot -> [label, options, steps left]
         self.admissions: list[list[tuple[float, DecodeOptions]]] = []
@@ -87,7 +88,8 @@ class StandInEngine:
                 label, options, _, seconds = self.slots.pop(slot)
                 text = LOOPING if self.loops(label, options.temperature) else f"{label:g}"
                 finished.append((slot, WindowResult(
-                    options.language or "xx", [segment(0, 1, text, options.temperature)], avg_logprob=-0.2,
+                    options.language or "xx", [segment(0, 1, text, options.temperature)],
+                    avg_logprob=self.logprob(label, options.temperature),
                     compression_ratio=compression_ratio(text), temperature=options.temperature, duration=seconds,
                     resume_at=self.resume(label, seconds))))
         return finished
@@ -251,6 +253,24 @@ def test_a_looping_window_is_retried_hotter_and_keeps_its_request_s_place():
         [(1, 0.0), (7, 0.0)], [(1, 0.2), (8, 0.0)], [(1, 0.4), (9, 0.0)]]
     assert harness.texts(0) == ["1"] and harness.done[0][0].segments[0].temperature == 0.4
     assert harness.texts(1) == ["7", "8", "9"]
+
+
+def test_when_every_temperature_fails_the_likeliest_try_that_does_not_loop_is_kept():
+    """Window 1 is unsure at every temperature (and loops, with the best log-probability of all, at 0.2): the try at
+    0.6 is kept, as faster-whisper keeps it, not the last one at 1.0. Window 2 loops at every temperature: the
+    likeliest loop is kept."""
+    logprobs = {0.0: -1.5, 0.2: -0.5, 0.4: -1.3, 0.6: -1.1, 0.8: -1.4, 1.0: -2.0}
+    engine = StandInEngine(capacity=2, loops=lambda label, temperature: label == 2 or temperature == 0.2,
+                           logprob=lambda label, temperature: logprobs[temperature] if label == 1 else
+                           -0.3 - temperature)
+    harness = Harness(engine)
+    harness.submit(0, [1, 2])
+    harness.run()
+    assert len(engine.admissions) == 6, "each window is tried at all six temperatures"
+    kept = harness.done[0]
+    assert (kept[0].temperature, kept[0].avg_logprob, harness.texts(0)[0]) == (0.6, -1.1, "1")
+    assert (kept[1].temperature, harness.texts(0)[1]) == (0.0, LOOPING)
+    assert harness.scheduler.idle and not harness.scheduler.requests
 
 
 def test_fixed_length_decoding_has_no_fallback():

@@ -54,6 +54,7 @@ class Request:
     finished: int = 0
     last_served: int = -1  # when a window of it last got a slot (-1: not since it arrived or a window was retried)
     detecting: bool = False  # a window is being admitted to detect the request's language; the others wait for it
+    tries: dict[int, list[WindowResult]] = field(default_factory=dict)  # window -> its decodes that fell back
 
 
 def is_silence(result: WindowResult) -> bool:
@@ -65,6 +66,14 @@ def needs_fallback(result: WindowResult) -> bool:
     """OpenAI's fallback rule: a repetition loop or an unsure decode, unless the window is silence."""
     failed = result.compression_ratio > COMPRESSION_RATIO_THRESHOLD or result.avg_logprob < LOGPROB_THRESHOLD
     return failed and not is_silence(result)
+
+
+def best_try(tries: list[WindowResult]) -> WindowResult:
+    """When every temperature fails the fallback rules, the decode kept (faster-whisper's choice; OpenAI keeps the
+    last, at temperature 1.0, the likeliest to be noise): the highest average log-probability among the tries that
+    are no repetition loop, or among all of them when every one loops."""
+    candidates = [result for result in tries if result.compression_ratio <= COMPRESSION_RATIO_THRESHOLD] or tries
+    return max(candidates, key=lambda result: result.avg_logprob)
 
 
 @dataclass
@@ -256,11 +265,16 @@ class SlotScheduler:
             window = request.windows[index]
             result.offset = window.offset
             if not self.fixed_length:
-                if temperature < 1.0 and needs_fallback(result):
-                    request.waiting.appendleft((index, round(min(1.0, temperature + TEMPERATURE_STEP), 2)))
-                    request.last_served = -1
-                    self.waiting_since = self.waiting_since or now
-                    continue
+                if needs_fallback(result):
+                    tries = request.tries.setdefault(index, [])
+                    tries.append(result)
+                    if temperature < 1.0:
+                        request.waiting.appendleft((index, round(min(1.0, temperature + TEMPERATURE_STEP), 2)))
+                        request.last_served = -1
+                        self.waiting_since = self.waiting_since or now
+                        continue
+                    result = best_try(tries)
+                request.tries.pop(index, None)
                 if is_silence(result):
                     result.segments, result.resume_at = [], None
                 elif result.resume_at is not None:
