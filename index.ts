@@ -36,7 +36,7 @@ function createEksCluster() {
     const karpenter = installKarpenter(
         name,
         {
-            clusterName: name,
+            clusterName: cluster.name,
             region: config.region,
             gpu: config.gpu,
             podTerminationGracePeriodSeconds: terminationGracePeriodSeconds(serverSettings),

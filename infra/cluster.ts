@@ -155,7 +155,8 @@ export function createCluster(
             },
             labels: systemNodeSelector,
         },
-        { dependsOn: nodeAddons },
+        // The cluster itself, explicitly: a component passed as an input is no dependency the engine records.
+        { dependsOn: [cluster, ...nodeAddons] },
     );
 
     // Karpenter finds the security group for its nodes by this tag (subnets carry it too, network.ts): its nodes

@@ -7,6 +7,14 @@ import { Dtype } from "./catalog";
 export const projectName = "whisper-eks";
 
 /**
+ * The stack names a stack may have. The stack name goes into every AWS name (`whisper-eks-<stack>-...`), and AWS caps
+ * them: with Pulumi's 8-character auto-name suffix, the longest names the program makes (an EventBridge rule and IAM
+ * roles, 64 characters each) fit stack names of up to 20 characters, which test/aws-rules.spec.ts checks. Lowercase,
+ * because the ECR repository and the cluster's DNS-label uses allow nothing else.
+ */
+export const stackNameRule = { pattern: /^[a-z][a-z0-9-]*$/, maxLength: 20 } as const;
+
+/**
  * The Kubernetes minor versions a stack may run: those EKS still offers (1.31's extended support ends 2026-11-26),
  * all inside the range the pinned Karpenter release supports (karpenterRelease in infra/karpenter.ts).
  */

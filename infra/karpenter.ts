@@ -30,13 +30,17 @@ const rootDeviceName = "/dev/xvda";
 /** Beyond the server pod's own grace, how long a draining node waits before Karpenter terminates it regardless. */
 export const nodeDrainMarginSeconds = 60;
 
-/** The EventBridge rules of Karpenter's interruption handling (its getting-started CloudFormation template, v1.15). */
+/**
+ * The EventBridge rules of Karpenter's interruption handling (its getting-started CloudFormation template, v1.15). The
+ * rule ids are short because a rule's name (`<cluster>-karpenter-<rule>` plus Pulumi's 8-character suffix) may have
+ * at most 64 characters.
+ */
 export const interruptionEvents: readonly { rule: string; source: string; detailType: string }[] = [
-    { rule: "scheduled-change", source: "aws.health", detailType: "AWS Health Event" },
-    { rule: "spot-interruption", source: "aws.ec2", detailType: "EC2 Spot Instance Interruption Warning" },
+    { rule: "health", source: "aws.health", detailType: "AWS Health Event" },
+    { rule: "spot", source: "aws.ec2", detailType: "EC2 Spot Instance Interruption Warning" },
     { rule: "rebalance", source: "aws.ec2", detailType: "EC2 Instance Rebalance Recommendation" },
-    { rule: "instance-state-change", source: "aws.ec2", detailType: "EC2 Instance State-change Notification" },
-    { rule: "capacity-reservation-interruption", source: "aws.ec2", detailType: "EC2 Capacity Reservation Instance Interruption Warning" },
+    { rule: "state-change", source: "aws.ec2", detailType: "EC2 Instance State-change Notification" },
+    { rule: "reservation", source: "aws.ec2", detailType: "EC2 Capacity Reservation Instance Interruption Warning" },
 ];
 
 export interface KarpenterPolicyScope {
@@ -175,7 +179,7 @@ export function interruptionQueuePolicy(queueArn: string): string {
 }
 
 /** The interruption queue (named after the cluster, as Karpenter's template names it) and the rules that feed it. */
-function createInterruptionQueue(name: string, clusterName: string, tags: Record<string, string>): aws.sqs.Queue {
+function createInterruptionQueue(name: string, clusterName: pulumi.Input<string>, tags: Record<string, string>): aws.sqs.Queue {
     // Karpenter acts on an interruption within seconds; an event older than five minutes is about a node long gone.
     const queue = new aws.sqs.Queue(`${name}-karpenter-interruption`, { name: clusterName, messageRetentionSeconds: 300, sqsManagedSseEnabled: true, tags });
     new aws.sqs.QueuePolicy(`${name}-karpenter-interruption`, { queueUrl: queue.url, policy: queue.arn.apply(interruptionQueuePolicy) });
@@ -252,7 +256,8 @@ export function gpuNodeClassSpec(args: { gpu: GpuConfig; clusterName: string; ro
 }
 
 export interface KarpenterArgs {
-    clusterName: string;
+    /** The cluster's name as the cluster outputs it: the access entry and Pod Identity association wait for the cluster. */
+    clusterName: pulumi.Output<string>;
     region: string;
     gpu: GpuConfig;
     /** The server pod's terminationGracePeriodSeconds: a draining GPU node waits at least that long. */
@@ -279,8 +284,8 @@ export function installKarpenter(name: string, args: KarpenterArgs, context: Add
     const partition = aws.getPartitionOutput().partition;
     const accountId = aws.getCallerIdentityOutput().accountId;
     const policy = pulumi
-        .all([partition, accountId, nodeRole.arn, interruptionQueue.arn])
-        .apply(([partition, accountId, nodeRoleArn, queueArn]) =>
+        .all([partition, accountId, clusterName, nodeRole.arn, interruptionQueue.arn])
+        .apply(([partition, accountId, clusterName, nodeRoleArn, queueArn]) =>
             karpenterControllerPolicy({ partition, region: args.region, accountId, clusterName, nodeRoleArn, queueArn }),
         );
     const { association } = podIdentityForServiceAccount(`${name}-karpenter`, {
@@ -327,7 +332,7 @@ export function installKarpenter(name: string, args: KarpenterArgs, context: Add
         "EC2NodeClass",
         "karpenter.k8s.aws/v1",
         gpuNodeClassName,
-        nodeRole.name.apply((role) => gpuNodeClassSpec({ gpu: args.gpu, clusterName, role, tags })),
+        pulumi.all([nodeRole.name, clusterName]).apply(([role, clusterName]) => gpuNodeClassSpec({ gpu: args.gpu, clusterName, role, tags })),
     );
     const nodePool = customResource("NodePool", "karpenter.sh/v1", gpuNodePoolName, gpuNodePoolSpec(args.gpu, args.podTerminationGracePeriodSeconds));
     return { controller, nodePool, nodeClass, interruptionQueue, nodeRole };

@@ -22,6 +22,7 @@ import {
     scalingMetrics,
     ServiceConfig,
     StackConfig,
+    stackNameRule,
     systemNodeAmiType,
     TrafficConfig,
     WorkloadConfig,
@@ -256,6 +257,12 @@ function readRegion(): { region: string; problems: string[] } {
 export function loadConfig(): StackConfig {
     const reader = new ConfigReader(projectName);
     const stack = pulumi.getStack();
+    if (!stackNameRule.pattern.test(stack) || stack.length > stackNameRule.maxLength) {
+        reader.problems.push(
+            `stack name "${stack}" (${stack.length} characters): must be at most ${stackNameRule.maxLength} characters of lowercase ` +
+                `letters, digits and hyphens, starting with a letter: it goes into AWS names (IAM roles, EventBridge rules) of at most 64 characters`,
+        );
+    }
     const { region, problems: regionProblems } = readRegion();
     reader.problems.push(...regionProblems);
     const config: StackConfig = {

@@ -19,6 +19,11 @@ export interface RecordedResource {
     /** The URN of the parent resource, when the program gave one. */
     parent?: string;
     urn?: string;
+    /**
+     * The URNs the engine records this resource as depending on: explicit dependsOn plus every resource behind its
+     * inputs' values (a remote component such as eks.Cluster counts as itself), as the monitor receives them.
+     */
+    dependencies: string[];
     custom: boolean;
     /** The state the mock returned: what the program sees as the resource's outputs. */
     state: Record<string, any>;
@@ -117,7 +122,7 @@ export class OfflineMocks implements pulumi.runtime.Mocks {
 
     newResource(args: pulumi.runtime.MockResourceArgs): { id: string; state: Record<string, any> } {
         const state = this.stateFor(args);
-        this.recorded.push({ type: args.type, name: args.name, inputs: plainInputs(args.inputs), custom: args.custom ?? true, state });
+        this.recorded.push({ type: args.type, name: args.name, inputs: plainInputs(args.inputs), dependencies: [], custom: args.custom ?? true, state });
         return { id: state.id ?? `${args.name}-id`, state };
     }
 
@@ -341,23 +346,34 @@ async function resolveOutputs(exported: Record<string, unknown>): Promise<{ outp
  * Evaluates the program for a stack. Never throws for the program's own failure: it returns the error
  * together with whatever was declared before it, so a spec can check that a bad config declared nothing.
  */
-export async function tryEvaluateStack(stack: string, overrides: ConfigOverrides = {}): Promise<StackEvaluation & { error?: Error }> {
+export async function tryEvaluateStack(
+    stack: string,
+    overrides: ConfigOverrides = {},
+    /** The stack's name as the program sees it, when other than the stack whose Pulumi.<stack>.yaml is read. */
+    stackName: string = stack,
+): Promise<StackEvaluation & { error?: Error }> {
     const { values, secretKeys } = stackConfig(stack, overrides);
-    const mocks = new OfflineMocks(String(values["aws:region"] ?? "us-east-1"), stack);
-    await pulumi.runtime.setMocks(mocks, projectName, stack, false);
+    const mocks = new OfflineMocks(String(values["aws:region"] ?? "us-east-1"), stackName);
+    await pulumi.runtime.setMocks(mocks, projectName, stackName, false);
     const asConfigString = (value: unknown) => (typeof value === "string" ? value : JSON.stringify(value));
     pulumi.runtime.setAllConfig(
         Object.fromEntries(Object.entries(values).map(([key, value]) => [key, asConfigString(value)])),
         secretKeys,
     );
 
-    // The mock is not told a resource's parent: note it where the request passes the monitor.
-    const parents = new Map<string, { parent?: string; urn?: string }>();
+    // The mock is told neither a resource's parent nor its dependencies: note them where the request passes the monitor.
+    const registrations = new Map<string, { parent?: string; urn?: string; dependencies: string[] }>();
     const monitor = pulumi.runtime.getMonitor() as any;
     const registerResource = monitor.registerResource.bind(monitor);
     monitor.registerResource = (request: any, callback: (err: unknown, response: any) => void) =>
         registerResource(request, (err: unknown, response: any) => {
-            parents.set(`${request.getType()}::${request.getName()}`, { parent: request.getParent() || undefined, urn: response?.getUrn() });
+            const propertyDependencies: string[] = [];
+            request.getPropertydependenciesMap().forEach((urns: any) => propertyDependencies.push(...urns.getUrnsList()));
+            registrations.set(`${request.getType()}::${request.getName()}`, {
+                parent: request.getParent() || undefined,
+                urn: response?.getUrn(),
+                dependencies: [...new Set([...request.getDependenciesList(), ...propertyDependencies])],
+            });
             callback(err, response);
         });
 
@@ -373,13 +389,13 @@ export async function tryEvaluateStack(stack: string, overrides: ConfigOverrides
     } catch (caught) {
         error = caught instanceof Error ? caught : new Error(String(caught));
     }
-    const resources = mocks.recorded.map((resource) => ({ ...resource, ...parents.get(`${resource.type}::${resource.name}`) }));
+    const resources = mocks.recorded.map((resource) => ({ ...resource, ...registrations.get(`${resource.type}::${resource.name}`) }));
     return { stack, config: values, resources, outputs, secretOutputs, error };
 }
 
 /** Evaluates the program for a stack; throws the program's error if it fails. */
-export async function evaluateStack(stack: string, overrides: ConfigOverrides = {}): Promise<StackEvaluation> {
-    const { error, ...evaluation } = await tryEvaluateStack(stack, overrides);
+export async function evaluateStack(stack: string, overrides: ConfigOverrides = {}, stackName: string = stack): Promise<StackEvaluation> {
+    const { error, ...evaluation } = await tryEvaluateStack(stack, overrides, stackName);
     if (error) throw error;
     return evaluation;
 }

@@ -20,6 +20,8 @@ const digest = "a".repeat(64);
 interface BadConfig {
     what: string;
     stack?: string;
+    /** The stack's name, when it is what is wrong. */
+    stackName?: string;
     overrides: ConfigOverrides;
     /** Substrings the error message must contain: the key, the value, what is allowed. */
     expected: string[];
@@ -211,6 +213,18 @@ const badConfigs: BadConfig[] = [
         expected: ['aws:region = "Virginia"', "must be an AWS region"],
     },
     {
+        what: "a stack name too long for the AWS names it goes into",
+        stackName: "production-eu-west-1a",
+        overrides: {},
+        expected: ['stack name "production-eu-west-1a" (21 characters)', "at most 20 characters", "at most 64 characters"],
+    },
+    {
+        what: "a stack name AWS names cannot carry",
+        stackName: "Prod_EU",
+        overrides: {},
+        expected: ['stack name "Prod_EU"', "lowercase letters, digits and hyphens"],
+    },
+    {
         what: "a missing key",
         overrides: { gpuMaxSize: undefined },
         expected: ["whisper-eks:gpuMaxSize is not set"],
@@ -220,7 +234,7 @@ const badConfigs: BadConfig[] = [
 describe("config: bad stack configurations", () => {
     for (const bad of badConfigs) {
         it(`refuses ${bad.what}, naming key, value and what is allowed, and declares nothing`, async () => {
-            const { error, resources } = await tryEvaluateStack(bad.stack ?? "dev", bad.overrides);
+            const { error, resources } = await tryEvaluateStack(bad.stack ?? "dev", bad.overrides, bad.stackName);
             assert.ok(error, "the program must fail");
             assert.equal(error.name, "ConfigError");
             // Pulumi prints a RunError's message alone: no stack trace for the user.

@@ -279,7 +279,7 @@ describe("foundation: dev and prod", () => {
         const prod = await evaluateStack("prod");
         const normalise = (evaluation: StackEvaluation, stack: string) =>
             JSON.parse(
-                JSON.stringify({ resources: evaluation.resources.map(({ urn, parent, ...rest }) => rest), outputs: evaluation.outputs })
+                JSON.stringify({ resources: evaluation.resources.map(({ urn, parent, dependencies, ...rest }) => rest), outputs: evaluation.outputs })
                     .split(`whisper-eks-${stack}`)
                     .join("whisper-eks-STACK")
                     .split(`"${stack}"`)
