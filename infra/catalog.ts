@@ -18,6 +18,13 @@ export interface GpuInstanceType {
     vcpu: number;
     /** Host memory, GiB. */
     memoryGiB: number;
+    /**
+     * Network interfaces of the default network card and IPv4 addresses per interface: the VPC CNI's pod limit, which
+     * is the node's max pods on AL2023 and in Karpenter's estimate (aws/karpenter-provider-aws,
+     * pkg/providers/instancetype/zz_generated.vpclimits.go; AWS's eni-max-pods.txt gives the same max pods).
+     */
+    networkInterfaces: number;
+    ipv4PerInterface: number;
 }
 
 const t4 = { gpuModel: "NVIDIA T4", accelerator: "nvidia-tesla-t4", karpenterGpuName: "t4", gpuMemoryGiB: 16, computeCapability: 7.5 };
@@ -27,25 +34,25 @@ const l40s = { gpuModel: "NVIDIA L40S", accelerator: "nvidia-l40s", karpenterGpu
 const a100 = { gpuModel: "NVIDIA A100", accelerator: "nvidia-tesla-a100", karpenterGpuName: "a100", gpuMemoryGiB: 40, computeCapability: 8.0 };
 const h100 = { gpuModel: "NVIDIA H100", accelerator: "nvidia-h100", karpenterGpuName: "h100", gpuMemoryGiB: 80, computeCapability: 9.0 };
 
-/** Figures from the AWS EC2 accelerated-computing instance specifications. */
+/** Figures from the AWS EC2 accelerated-computing instance specifications; network limits as networkInterfaces says. */
 export const gpuInstanceTypes: Readonly<Record<string, GpuInstanceType>> = {
-    "g4dn.xlarge": { ...t4, gpuCount: 1, vcpu: 4, memoryGiB: 16 },
-    "g4dn.2xlarge": { ...t4, gpuCount: 1, vcpu: 8, memoryGiB: 32 },
-    "g4dn.12xlarge": { ...t4, gpuCount: 4, vcpu: 48, memoryGiB: 192 },
-    "g5.xlarge": { ...a10g, gpuCount: 1, vcpu: 4, memoryGiB: 16 },
-    "g5.2xlarge": { ...a10g, gpuCount: 1, vcpu: 8, memoryGiB: 32 },
-    "g5.4xlarge": { ...a10g, gpuCount: 1, vcpu: 16, memoryGiB: 64 },
-    "g5.12xlarge": { ...a10g, gpuCount: 4, vcpu: 48, memoryGiB: 192 },
-    "g5.48xlarge": { ...a10g, gpuCount: 8, vcpu: 192, memoryGiB: 768 },
-    "g6.xlarge": { ...l4, gpuCount: 1, vcpu: 4, memoryGiB: 16 },
-    "g6.2xlarge": { ...l4, gpuCount: 1, vcpu: 8, memoryGiB: 32 },
-    "g6.4xlarge": { ...l4, gpuCount: 1, vcpu: 16, memoryGiB: 64 },
-    "g6.12xlarge": { ...l4, gpuCount: 4, vcpu: 48, memoryGiB: 192 },
-    "g6e.xlarge": { ...l40s, gpuCount: 1, vcpu: 4, memoryGiB: 32 },
-    "g6e.2xlarge": { ...l40s, gpuCount: 1, vcpu: 8, memoryGiB: 64 },
-    "g6e.12xlarge": { ...l40s, gpuCount: 4, vcpu: 48, memoryGiB: 384 },
-    "p4d.24xlarge": { ...a100, gpuCount: 8, vcpu: 96, memoryGiB: 1152 },
-    "p5.48xlarge": { ...h100, gpuCount: 8, vcpu: 192, memoryGiB: 2048 },
+    "g4dn.xlarge": { ...t4, gpuCount: 1, vcpu: 4, memoryGiB: 16, networkInterfaces: 3, ipv4PerInterface: 10 },
+    "g4dn.2xlarge": { ...t4, gpuCount: 1, vcpu: 8, memoryGiB: 32, networkInterfaces: 3, ipv4PerInterface: 10 },
+    "g4dn.12xlarge": { ...t4, gpuCount: 4, vcpu: 48, memoryGiB: 192, networkInterfaces: 8, ipv4PerInterface: 30 },
+    "g5.xlarge": { ...a10g, gpuCount: 1, vcpu: 4, memoryGiB: 16, networkInterfaces: 4, ipv4PerInterface: 15 },
+    "g5.2xlarge": { ...a10g, gpuCount: 1, vcpu: 8, memoryGiB: 32, networkInterfaces: 4, ipv4PerInterface: 15 },
+    "g5.4xlarge": { ...a10g, gpuCount: 1, vcpu: 16, memoryGiB: 64, networkInterfaces: 8, ipv4PerInterface: 30 },
+    "g5.12xlarge": { ...a10g, gpuCount: 4, vcpu: 48, memoryGiB: 192, networkInterfaces: 15, ipv4PerInterface: 50 },
+    "g5.48xlarge": { ...a10g, gpuCount: 8, vcpu: 192, memoryGiB: 768, networkInterfaces: 7, ipv4PerInterface: 50 },
+    "g6.xlarge": { ...l4, gpuCount: 1, vcpu: 4, memoryGiB: 16, networkInterfaces: 4, ipv4PerInterface: 15 },
+    "g6.2xlarge": { ...l4, gpuCount: 1, vcpu: 8, memoryGiB: 32, networkInterfaces: 4, ipv4PerInterface: 15 },
+    "g6.4xlarge": { ...l4, gpuCount: 1, vcpu: 16, memoryGiB: 64, networkInterfaces: 8, ipv4PerInterface: 30 },
+    "g6.12xlarge": { ...l4, gpuCount: 4, vcpu: 48, memoryGiB: 192, networkInterfaces: 8, ipv4PerInterface: 30 },
+    "g6e.xlarge": { ...l40s, gpuCount: 1, vcpu: 4, memoryGiB: 32, networkInterfaces: 4, ipv4PerInterface: 15 },
+    "g6e.2xlarge": { ...l40s, gpuCount: 1, vcpu: 8, memoryGiB: 64, networkInterfaces: 4, ipv4PerInterface: 15 },
+    "g6e.12xlarge": { ...l40s, gpuCount: 4, vcpu: 48, memoryGiB: 384, networkInterfaces: 10, ipv4PerInterface: 30 },
+    "p4d.24xlarge": { ...a100, gpuCount: 8, vcpu: 96, memoryGiB: 1152, networkInterfaces: 15, ipv4PerInterface: 50 },
+    "p5.48xlarge": { ...h100, gpuCount: 8, vcpu: 192, memoryGiB: 2048, networkInterfaces: 2, ipv4PerInterface: 50 },
 };
 
 export type Dtype = "float16" | "bfloat16" | "float32";
@@ -123,36 +130,51 @@ export interface PodResources {
 }
 
 /**
- * CPU reserved for kubelet and the system on an EKS node, millicores: 6% of the first core, 1% of the second,
- * 0.5% of the third and fourth, 0.25% of every further core (the formula of the EKS AMIs).
+ * Karpenter's share of a node's memory it assumes the hypervisor keeps (its `vmMemoryOverheadPercent` setting, whose
+ * chart default we keep): it launches a node only for pods that fit what is left.
  */
-function kubeReservedCpuMillicores(vcpu: number): number {
-    const shares = [60, 10, 5, 5];
-    let reserved = 0;
-    for (let core = 0; core < vcpu; core++) reserved += core < shares.length ? shares[core] : 2.5;
-    return Math.ceil(reserved);
+export const karpenterVmMemoryOverheadPercent = 0.075;
+
+/** Max pods of a node of the type: the VPC CNI's ENI limit, interfaces x (addresses per interface - 1) + 2. */
+export const eniLimitedMaxPods = (type: GpuInstanceType): number => type.networkInterfaces * (type.ipv4PerInterface - 1) + 2;
+
+/**
+ * Karpenter's estimate of what a node of the type can give pods, before it launches one (aws/karpenter-provider-aws
+ * pkg/providers/instancetype/types.go: memory(), kubeReservedResources(), evictionThreshold()): memory less the VM
+ * overhead, less kube-reserved (11 MiB per max pod + 255 MiB) and the 100 MiB hard-eviction threshold; CPU less
+ * kube-reserved (6% of the first core, 1% of the second, 0.5% of the next two, 0.25% of the rest). A pod that does not
+ * fit this estimate never gets a node, however much the real node would have had.
+ */
+export function karpenterAllocatable(type: GpuInstanceType): { cpuMillicores: number; memoryMiB: number } {
+    const memoryMiB = type.memoryGiB * 1024;
+    const vmOverheadMiB = Math.ceil(memoryMiB * karpenterVmMemoryOverheadPercent);
+    const kubeReservedMiB = 11 * eniLimitedMaxPods(type) + 255;
+    const evictionMiB = 100;
+    const cpuMillicores = type.vcpu * 1000;
+    const cpuShares = [
+        { from: 0, to: 1000, share: 0.06 },
+        { from: 1000, to: 2000, share: 0.01 },
+        { from: 2000, to: 4000, share: 0.005 },
+        { from: 4000, to: Infinity, share: 0.0025 },
+    ];
+    const kubeReservedCpu = cpuShares
+        .filter(({ from }) => cpuMillicores >= from)
+        .reduce((sum, { from, to, share }) => sum + Math.floor((Math.min(cpuMillicores, to) - from) * share), 0);
+    return { cpuMillicores: cpuMillicores - kubeReservedCpu, memoryMiB: memoryMiB - vmOverheadMiB - kubeReservedMiB - evictionMiB };
 }
 
 /**
- * Memory reserved for kubelet and the system, MiB: 255 MiB + 11 MiB per pod (the EKS AMIs' formula), counted for
- * 110 pods (250 on nodes with more than 30 vCPUs), plus the 100 MiB hard-eviction threshold.
- */
-function kubeReservedMemoryMiB(vcpu: number): number {
-    const maxPods = vcpu > 30 ? 250 : 110;
-    return 255 + 11 * maxPods + 100;
-}
-
-/**
- * CPU and memory requests for one server pod per GPU that always fit the given instance types: allocatable
- * capacity after the kubelet/system reserve and the DaemonSets, divided by the GPU count, on the smallest type.
+ * CPU and memory requests for one server pod per GPU that always fit the given instance types: Karpenter's estimate
+ * of allocatable capacity (karpenterAllocatable) less the DaemonSets, divided by the GPU count, on the smallest type.
  * Rounded down to 100 millicores and 256 MiB.
  */
 export function podResourcesPerGpu(instanceTypes: readonly string[]): PodResources {
     const perType = instanceTypes.map((name) => {
         const type = gpuInstanceTypes[name];
         if (!type) throw new Error(`unknown GPU instance type ${name}`);
-        const cpu = type.vcpu * 1000 - kubeReservedCpuMillicores(type.vcpu) - gpuNodeDaemonSetReserve.cpuMillicores;
-        const memory = type.memoryGiB * 1024 - kubeReservedMemoryMiB(type.vcpu) - gpuNodeDaemonSetReserve.memoryMiB;
+        const allocatable = karpenterAllocatable(type);
+        const cpu = allocatable.cpuMillicores - gpuNodeDaemonSetReserve.cpuMillicores;
+        const memory = allocatable.memoryMiB - gpuNodeDaemonSetReserve.memoryMiB;
         return {
             cpuMillicores: Math.floor(cpu / type.gpuCount / 100) * 100,
             memoryMiB: Math.floor(memory / type.gpuCount / 256) * 256,

@@ -202,8 +202,8 @@ export function gpuNodeLabels(gpu: GpuConfig): Record<string, string> {
 /**
  * The GPU NodePool: the configured types (and their GPU, by Karpenter's instance-gpu-name label) and capacity types,
  * the GPU taint and labels, a GPU limit of gpuMaxSize nodes. Disruption never cuts a request: only empty nodes are
- * consolidated, once empty for consolidateAfter; any other disruption (drift after an AMI change, expiry) drains one
- * node at a time, within the PDB, and gives each pod its whole grace period before the node goes.
+ * consolidated, once empty for consolidateAfter; drift (after a gpuAmiAlias change) replaces one node at a time, within
+ * the PDB, and gives each pod its whole grace period before the node goes. Nodes never expire.
  */
 export function gpuNodePoolSpec(gpu: GpuConfig, podTerminationGracePeriodSeconds: number): INodePoolSpec {
     const gpuNames = [...new Set(gpu.instanceTypes.map((type) => gpuInstanceTypes[type].karpenterGpuName))];
@@ -219,9 +219,10 @@ export function gpuNodePoolSpec(gpu: GpuConfig, podTerminationGracePeriodSeconds
                     { key: "kubernetes.io/arch", operator: "In", values: ["amd64"] },
                 ],
                 taints: [{ ...gpuTaint }],
-                // Expiry replaces a node after 30 days (kernel and driver fixes arrive with the pinned AMI's successors);
-                // like drift it waits for the drain, up to the termination grace period.
-                expireAfter: "720h",
+                // Never expire (Karpenter's default is 720h): expiry is forced, ignores the budgets below and starts no
+                // replacement first, so nodes launched together would all leave together. Nodes are renewed by drift
+                // instead, when gpuAmiAlias moves, and drift replaces one node at a time within the budget.
+                expireAfter: "Never",
                 terminationGracePeriod: `${podTerminationGracePeriodSeconds + nodeDrainMarginSeconds}s`,
             },
         },

@@ -3,8 +3,10 @@
 // type fits the server pod and its DaemonSets in Karpenter's own estimate of the node; and no NodePool setting lets
 // every GPU node leave at once. Each test finds the next defect of its kind, not just the one it was written for.
 import { strict as assert } from "assert";
-import { stackNameRule } from "../infra/config";
-import { evaluateStack, RecordedResource, StackEvaluation } from "../scripts/offline-stack";
+import { eniLimitedMaxPods, gpuInstanceTypes, gpuNodeDaemonSetReserve, podResourcesPerGpu } from "../infra/catalog";
+import { GpuConfig, stackNameRule } from "../infra/config";
+import { gpuNodePoolSpec } from "../infra/karpenter";
+import { evaluateStack, RecordedResource, StackEvaluation, stackConfig } from "../scripts/offline-stack";
 
 const stacks = ["dev", "prod"];
 
@@ -113,6 +115,123 @@ describe("AWS and Karpenter rules the mocks do not know", function () {
                     [],
                     "created while EKS still creates the cluster, these fail with ResourceNotFoundException",
                 );
+            });
+        }
+    });
+
+    describe("Karpenter's arithmetic: the server pod and the GPU node's DaemonSets fit Karpenter's estimate of every catalog type", function () {
+        /**
+         * Karpenter's estimate of a node's allocatable resources before it launches one, as its Go code computes it
+         * (aws/karpenter-provider-aws pkg/providers/instancetype/types.go: memory(), kubeReservedResources(),
+         * evictionThreshold(), ENILimitedPods(); vmMemoryOverheadPercent 0.075 from pkg/operator/options), written here
+         * independently of infra/catalog.ts so that the catalog cannot be edited back over the line.
+         */
+        function karpenterEstimate(typeName: string): { cpuMillicores: number; memoryMiB: number; maxPods: number } {
+            const type = gpuInstanceTypes[typeName];
+            const maxPods = type.networkInterfaces * (type.ipv4PerInterface - 1) + 2;
+            const capacityMiB = type.memoryGiB * 1024;
+            const memoryMiB = capacityMiB - Math.ceil(capacityMiB * 0.075) - (11 * maxPods + 255) - 100;
+            const milli = type.vcpu * 1000;
+            let reserved = 0;
+            for (const [start, end, percentage] of [
+                [0, 1000, 0.06],
+                [1000, 2000, 0.01],
+                [2000, 4000, 0.005],
+                [4000, 2 ** 31, 0.0025],
+            ]) {
+                if (milli >= start) reserved += Math.trunc((Math.min(milli, end) - start) * percentage);
+            }
+            return { cpuMillicores: milli - reserved, memoryMiB, maxPods };
+        }
+
+        it("reproduces Karpenter's published figures: max pods from AWS's eni-max-pods and g6e.xlarge's 29,317 MiB", function () {
+            // eni-max-pods.txt (awslabs/amazon-eks-ami): the VPC CNI's max pods per type.
+            const published: Record<string, number> = { "g4dn.xlarge": 29, "g5.xlarge": 58, "g5.48xlarge": 345, "g6e.xlarge": 58, "g6e.12xlarge": 292, "p4d.24xlarge": 737, "p5.48xlarge": 100 };
+            for (const [name, maxPods] of Object.entries(published)) {
+                assert.equal(karpenterEstimate(name).maxPods, maxPods, name);
+                assert.equal(eniLimitedMaxPods(gpuInstanceTypes[name]), maxPods, `catalog ${name}`);
+            }
+            assert.deepEqual(karpenterEstimate("g6e.xlarge"), { cpuMillicores: 3920, memoryMiB: 29317, maxPods: 58 });
+        });
+
+        it("the GPU DaemonSets the program configures fit the reserve the catalog sizes pods around", async function () {
+            const evaluation = await evaluateStack("prod");
+            const gpuDaemonSets = evaluation.resources.filter(
+                (resource) =>
+                    resource.type === "kubernetes:helm.sh/v3:Release" &&
+                    (resource.inputs.values?.tolerations ?? []).some((toleration: any) => toleration.key === "nvidia.com/gpu"),
+            );
+            assert.ok(gpuDaemonSets.length >= 2, "the device plugin and the DCGM exporter");
+            const requested = (quantity: string | undefined, unit: "m" | "Mi") =>
+                quantity === undefined ? 0 : quantity.endsWith(unit) ? Number(quantity.slice(0, -unit.length)) : unit === "m" ? Number(quantity) * 1000 : Number(quantity.replace("Gi", "")) * 1024;
+            const cpu = gpuDaemonSets.reduce((sum, release) => sum + requested(release.inputs.values.resources?.requests?.cpu, "m"), 0);
+            const memory = gpuDaemonSets.reduce((sum, release) => sum + requested(release.inputs.values.resources?.requests?.memory, "Mi"), 0);
+            assert.ok(cpu <= gpuNodeDaemonSetReserve.cpuMillicores && memory <= gpuNodeDaemonSetReserve.memoryMiB, `${cpu}m, ${memory}Mi`);
+        });
+
+        for (const [name, type] of Object.entries(gpuInstanceTypes)) {
+            it(`${name}: ${type.gpuCount} server pod${type.gpuCount > 1 ? "s" : ""} and the DaemonSets fit, without wasting the node`, function () {
+                const estimate = karpenterEstimate(name);
+                const pod = podResourcesPerGpu([name]);
+                const cpu = type.gpuCount * pod.cpuMillicores + gpuNodeDaemonSetReserve.cpuMillicores;
+                const memory = type.gpuCount * pod.memoryMiB + gpuNodeDaemonSetReserve.memoryMiB;
+                assert.ok(cpu <= estimate.cpuMillicores, `cpu: ${cpu}m requested > ${estimate.cpuMillicores}m Karpenter expects`);
+                assert.ok(memory <= estimate.memoryMiB, `memory: ${memory}Mi requested > ${estimate.memoryMiB}Mi Karpenter expects`);
+                assert.ok(type.gpuCount + 10 <= estimate.maxPods, "pod slots for the server and the DaemonSets");
+                // Rounding costs at most one step per pod: the pod gets what the node has, not a token share.
+                assert.ok(estimate.cpuMillicores - cpu < 100 * type.gpuCount, `cpu left unused: ${estimate.cpuMillicores - cpu}m`);
+                assert.ok(estimate.memoryMiB - memory < 256 * type.gpuCount, `memory left unused: ${estimate.memoryMiB - memory}Mi`);
+            });
+        }
+
+        for (const stack of stacks) {
+            it(`${stack}: the Deployment's requests fit Karpenter's estimate of each of its GPU types`, async function () {
+                const evaluation = await evaluateStack(stack);
+                const deployment = evaluation.resources.find((resource) => resource.type === "kubernetes:apps/v1:Deployment")!;
+                const pod = deployment.inputs.spec.template.spec;
+                const sum = (unit: "cpu" | "memory") =>
+                    [...pod.containers, ...(pod.initContainers ?? [])]
+                        .filter((container: any) => container.resources?.requests?.[unit])
+                        .reduce((total: number, container: any) => {
+                            const quantity: string = container.resources.requests[unit];
+                            return Math.max(total, unit === "cpu" ? (quantity.endsWith("m") ? Number(quantity.slice(0, -1)) : Number(quantity) * 1000) : Number(quantity.replace("Mi", "")));
+                        }, 0);
+                for (const name of stackConfig(stack).values["whisper-eks:gpuInstanceTypes"] as string[]) {
+                    const estimate = karpenterEstimate(name);
+                    const gpus = gpuInstanceTypes[name].gpuCount;
+                    assert.ok(gpus * sum("memory") + gpuNodeDaemonSetReserve.memoryMiB <= estimate.memoryMiB, `${name}: ${sum("memory")}Mi per pod`);
+                    assert.ok(gpus * sum("cpu") + gpuNodeDaemonSetReserve.cpuMillicores <= estimate.cpuMillicores, `${name}: ${sum("cpu")}m per pod`);
+                }
+            });
+        }
+    });
+
+    describe("disruption: no NodePool setting lets every GPU node leave at once", function () {
+        /** The most nodes a budget lets leave at once out of `nodes` (Karpenter rounds a percentage up). */
+        const allowed = (budget: string, nodes: number) => (budget.endsWith("%") ? Math.ceil((nodes * Number(budget.slice(0, -1))) / 100) : Number(budget));
+
+        for (const stack of stacks) {
+            it(`${stack}, and its config at every gpuMaxSize from 2 to 100`, function () {
+                const values = stackConfig(stack).values;
+                const gpu: GpuConfig = {
+                    instanceTypes: values["whisper-eks:gpuInstanceTypes"] as string[],
+                    capacityTypes: values["whisper-eks:gpuCapacityTypes"] as GpuConfig["capacityTypes"],
+                    maxNodes: values["whisper-eks:gpuMaxSize"] as number,
+                    diskSizeGiB: values["whisper-eks:gpuDiskSizeGiB"] as number,
+                    amiAlias: values["whisper-eks:gpuAmiAlias"] as string,
+                    consolidateAfterMinutes: values["whisper-eks:gpuConsolidateAfterMinutes"] as number,
+                };
+                for (let maxNodes = 2; maxNodes <= 100; maxNodes++) {
+                    const spec = gpuNodePoolSpec({ ...gpu, maxNodes }, 600);
+                    // Expiry is forced: budgets do not hold it, and nodes launched together expire together. Karpenter's
+                    // default, when unset, is 720h.
+                    assert.equal(spec.template.spec.expireAfter, "Never", "expireAfter must be Never");
+                    const budgets = spec.disruption?.budgets ?? [];
+                    assert.ok(budgets.length > 0, "explicit budgets (Karpenter's default is 10%)");
+                    for (const budget of budgets) {
+                        assert.ok(allowed(String(budget.nodes), maxNodes) < maxNodes, `budget ${budget.nodes} of ${maxNodes} nodes`);
+                    }
+                }
             });
         }
     });

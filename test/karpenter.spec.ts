@@ -184,7 +184,6 @@ describe("Karpenter", function () {
                 assert.equal(seconds(disruption.consolidateAfter), config("gpuConsolidateAfterMinutes") * 60);
                 assert.deepEqual(disruption.budgets, [{ nodes: "1" }]);
                 assert.ok(seconds(template.spec.terminationGracePeriod) >= podGrace(), `terminationGracePeriod ${template.spec.terminationGracePeriod} >= ${podGrace()} s`);
-                assert.match(template.spec.expireAfter, /^\d+h$/);
                 const pdb = resource("kubernetes:policy/v1:PodDisruptionBudget").inputs.spec;
                 assert.equal(pdb.maxUnavailable, 1, "Karpenter's drains evict through the PDB");
             });
