@@ -26,11 +26,22 @@ if [[ ! -f "$stack_file" ]]; then
     exit 2
 fi
 
-# A stack that names a prebuilt image (whisper-eks:imageReference) builds nothing and needs no Docker.
+# A stack that names a prebuilt image (whisper-eks:imageReference) builds nothing and needs no Docker. A stack whose
+# GPU nodes may be spot (spot in whisper-eks:gpuCapacityTypes, as a block or a flow list) needs the Spot role.
 needs_docker=true
+uses_spot=false
+in_capacity_types=false
 while IFS= read -r line; do
     if [[ "$line" =~ ^[[:space:]]*whisper-eks:imageReference:[[:space:]]*[\"\']?([^\"\'[:space:]#]+) ]]; then
         needs_docker=false
+    fi
+    if [[ "$line" =~ ^[[:space:]]*whisper-eks:gpuCapacityTypes:(.*)$ ]]; then
+        in_capacity_types=true
+        [[ "${BASH_REMATCH[1]}" =~ [\[,[:space:]\"\']spot[\],[:space:]\"\'] ]] && uses_spot=true
+    elif [[ "$in_capacity_types" == true && "$line" =~ ^[[:space:]]+-[[:space:]]*[\"\']?spot[\"\']?[[:space:]]*(#.*)?$ ]]; then
+        uses_spot=true
+    elif [[ ! "$line" =~ ^[[:space:]]+- ]]; then
+        in_capacity_types=false
     fi
 done <"$stack_file"
 
@@ -56,6 +67,15 @@ else
     fi
     if ! identity_error="$(aws sts get-caller-identity --output text 2>&1 >/dev/null)"; then
         problems+=("no valid AWS credentials ('aws sts get-caller-identity' failed: ${identity_error//$'\n'/ }); run 'aws configure', 'aws sso login' or set AWS_PROFILE")
+    elif [[ "$uses_spot" == true ]]; then
+        # An account that never used Spot lacks this role: Karpenter then finds spot unavailable, and the stack runs on-demand.
+        if ! role_error="$(aws iam get-role --role-name AWSServiceRoleForEC2Spot --output text 2>&1 >/dev/null)"; then
+            if [[ "$role_error" == *NoSuchEntity* ]]; then
+                problems+=("stack \"${stack}\" may run GPU nodes on spot (whisper-eks:gpuCapacityTypes), but this account has no EC2 Spot service-linked role: Karpenter would find spot unavailable and run every node on-demand; create it once per account: aws iam create-service-linked-role --aws-service-name spot.amazonaws.com")
+            else
+                echo "deploy: could not check for the EC2 Spot service-linked role ('aws iam get-role --role-name AWSServiceRoleForEC2Spot' failed: ${role_error//$'\n'/ }); without it spot nodes cannot launch" >&2
+            fi
+        fi
     fi
 fi
 if [[ "$needs_docker" == true ]]; then

@@ -95,6 +95,8 @@ describe("scripts/deploy.sh", () => {
         const backend = `file://${result.home}/.pulumi-local`;
         assert.deepEqual(fs.readFileSync(log, "utf8").trim().split("\n"), [
             "aws sts get-caller-identity --output text",
+            // dev's GPU nodes may be spot.
+            "aws iam get-role --role-name AWSServiceRoleForEC2Spot --output text",
             "docker info",
             "npm ci --no-audit --no-fund",
             `pulumi login ${backend}`,
@@ -102,6 +104,20 @@ describe("scripts/deploy.sh", () => {
             "pulumi up --stack dev --yes",
         ]);
         assert.ok(fs.statSync(`${result.home}/.pulumi-local`).isDirectory());
+    });
+
+    it("refuses a spot stack in an account without the EC2 Spot service-linked role, printing the command that creates it", () => {
+        const log = path.join(temporaryDir("deploy-log-"), "calls");
+        const noSpotRole =
+            'if [[ "$1" == iam ]]; then echo "An error occurred (NoSuchEntity) when calling the GetRole operation: The role with name AWSServiceRoleForEC2Spot cannot be found." >&2; exit 254; fi';
+        const dir = binDir({ pulumi: recording(log, "pulumi"), npm: recording(log, "npm"), aws: awsCli("2.27.50", noSpotRole), docker: "exit 0" });
+        const result = deploy(["dev"], dir, { PULUMI_CONFIG_PASSPHRASE: "" });
+        assert.equal(result.status, 1, result.stderr);
+        assert.match(result.stderr, /stack "dev" may run GPU nodes on spot .*no EC2 Spot service-linked role/);
+        assert.match(result.stderr, /aws iam create-service-linked-role --aws-service-name spot\.amazonaws\.com/);
+        assert.equal(fs.existsSync(log), false, "neither npm ci nor pulumi ran");
+        // prod's GPU nodes are on-demand only: the role is not asked for.
+        assert.equal(deploy(["prod"], dir, { PULUMI_CONFIG_PASSPHRASE: "" }).status, 0);
     });
 
     it("honours PULUMI_BACKEND_URL", () => {
