@@ -10,7 +10,13 @@ import { AddonContext, installChart } from "./helm";
  * HPA it can take the Deployment to zero pods and back (a cron trigger brings it back on a schedule). Chart 2.20.2
  * (kedacore/charts release v2.20.2, app v2.20.2), tested by KEDA against Kubernetes 1.33 to 1.35.
  */
-export const kedaChart = { chart: "keda", version: "2.20.2", repository: "https://kedacore.github.io/charts" };
+export const kedaChart = {
+    chart: "keda",
+    version: "2.20.2",
+    repository: "https://kedacore.github.io/charts",
+    // KEDA's Kubernetes compatibility table (kedacore/keda-docs, content/docs/2.20/operate/cluster.md).
+    kubernetes: { min: "1.33", max: "1.35" },
+};
 export const kedaNamespace = "keda";
 
 /**

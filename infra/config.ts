@@ -15,10 +15,13 @@ export const projectName = "whisper-eks";
 export const stackNameRule = { pattern: /^[a-z][a-z0-9-]*$/, maxLength: 20 } as const;
 
 /**
- * The Kubernetes minor versions a stack may run: those EKS still offers (1.31's extended support ends 2026-11-26),
- * all inside the range the pinned Karpenter release supports (karpenterRelease in infra/karpenter.ts).
+ * The Kubernetes minor versions a stack may run: those every pinned component supports by its own compatibility
+ * notes, each stated beside the component's version (`kubernetes: { min, max }`). KEDA 2.20 limits the range: it is
+ * tested on 1.33 to 1.35 only (infra/autoscaling.ts). Karpenter 1.15 takes 1.31 to 1.37; the AWS Load Balancer
+ * Controller, kube-prometheus-stack, the DCGM exporter and the NVIDIA device plugin state only a minimum, all below
+ * 1.33. test/aws-rules.spec.ts checks that this list is exactly the versions inside every range.
  */
-export const kubernetesVersions = ["1.32", "1.33", "1.34", "1.35"] as const;
+export const kubernetesVersions = ["1.33", "1.34", "1.35"] as const;
 export type KubernetesVersion = (typeof kubernetesVersions)[number];
 /** Karpenter's capacity types (the values of its `karpenter.sh/capacity-type` label). */
 export type CapacityType = "spot" | "on-demand";

@@ -8,6 +8,8 @@ export const nvidiaDevicePluginChart = {
     chart: "nvidia-device-plugin",
     version: "0.18.0",
     repository: "https://nvidia.github.io/k8s-device-plugin",
+    // Its Chart.yaml's kubeVersion: ">= 1.10.0-0".
+    kubernetes: { min: "1.10" },
 };
 
 /** Node affinity for DaemonSets that belong on every GPU node, and only there. */

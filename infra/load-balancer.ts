@@ -9,13 +9,16 @@ import { podIdentityForServiceAccount } from "./pod-identity";
 
 export const loadBalancerControllerChart = {
     chart: "aws-load-balancer-controller",
-    // Controller v2.13.4: NLB listener attributes (the TCP idle timeout) need v2.10 or later.
-    version: "1.13.4",
+    // Controller v3.5.0 (NLB listener attributes, the TCP idle timeout, need v2.10 or later). Its IAM policy is the one
+    // of v2.13 unchanged, and every value set below is still the chart's.
+    version: "3.5.0",
     repository: "https://aws.github.io/eks-charts",
+    // "v2.5.0+ requires Kubernetes 1.22+" (docs/deploy/installation.md, "Supported Kubernetes versions", at v3.5.0).
+    kubernetes: { min: "1.22" },
 };
 const serviceAccount = "aws-load-balancer-controller";
 
-/** The controller's IAM policy as published for v2.13 (docs/install/iam_policy.json), vendored: nothing is fetched at run time. */
+/** The controller's IAM policy as published for v2.13 to v3.5 (docs/install/iam_policy.json), vendored: nothing is fetched at run time. */
 export const loadBalancerControllerPolicy = fs.readFileSync(path.join(__dirname, "policies", "aws-load-balancer-controller.json"), "utf8");
 
 export interface LoadBalancerControllerArgs {

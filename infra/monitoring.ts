@@ -10,11 +10,18 @@ import { AddonContext, installChart } from "./helm";
 export const monitoringNamespace = "monitoring";
 export const kubePrometheusStackChart = {
     chart: "kube-prometheus-stack",
-    version: "75.15.0",
+    // Prometheus Operator v0.93; its Chart.yaml's kubeVersion is ">=1.25.0-0".
+    version: "88.5.3",
     repository: "https://prometheus-community.github.io/helm-charts",
+    kubernetes: { min: "1.25" },
 };
-/** Chart version = the exporter's own version (image 4.2.3-4.1.3: DCGM 4.2.3, exporter 4.1.3). */
-export const dcgmExporterChart = { chart: "dcgm-exporter", version: "4.1.3", repository: "https://nvidia.github.io/dcgm-exporter/helm-charts" };
+/** Chart version = the exporter's own version (image 4.5.3-4.8.2: DCGM 4.5.3, exporter 4.8.2); kubeVersion ">= 1.19.0-0". */
+export const dcgmExporterChart = {
+    chart: "dcgm-exporter",
+    version: "4.8.2",
+    repository: "https://nvidia.github.io/dcgm-exporter/helm-charts",
+    kubernetes: { min: "1.19" },
+};
 
 /** Release name and fullnameOverride: every object the chart makes, the Prometheus Service included, is named from it. */
 export const kubePrometheusStackRelease = "kube-prometheus-stack";
@@ -134,6 +141,8 @@ export function installMonitoring(name: string, args: MonitoringArgs, context: A
                       // The chart's defaults neither tolerate the GPU taint nor select GPU nodes.
                       nodeSelector: gpuNodeSelector,
                       tolerations: [gpuToleration],
+                      // The chart's defaults, stated: the GPU node's DaemonSet reserve (infra/catalog.ts) counts them.
+                      resources: { requests: { cpu: "100m", memory: "128Mi" }, limits: { cpu: "200m", memory: "512Mi" } },
                       serviceMonitor: { enabled: true, interval: "15s", honorLabels: false },
                   },
               },

@@ -3,9 +3,13 @@
 // type fits the server pod and its DaemonSets in Karpenter's own estimate of the node; and no NodePool setting lets
 // every GPU node leave at once. Each test finds the next defect of its kind, not just the one it was written for.
 import { strict as assert } from "assert";
+import { kedaChart } from "../infra/autoscaling";
 import { eniLimitedMaxPods, gpuInstanceTypes, gpuNodeDaemonSetReserve, podResourcesPerGpu } from "../infra/catalog";
-import { GpuConfig, stackNameRule } from "../infra/config";
-import { gpuNodePoolSpec } from "../infra/karpenter";
+import { GpuConfig, kubernetesVersions, stackNameRule } from "../infra/config";
+import { nvidiaDevicePluginChart } from "../infra/gpu";
+import { gpuNodePoolSpec, karpenterRelease } from "../infra/karpenter";
+import { loadBalancerControllerChart } from "../infra/load-balancer";
+import { dcgmExporterChart, kubePrometheusStackChart } from "../infra/monitoring";
 import { evaluateStack, RecordedResource, StackEvaluation, stackConfig } from "../scripts/offline-stack";
 
 const stacks = ["dev", "prod"];
@@ -234,5 +238,30 @@ describe("AWS and Karpenter rules the mocks do not know", function () {
                 }
             });
         }
+    });
+
+    describe("versions: config accepts exactly the Kubernetes versions every pinned component supports", function () {
+        const components: Record<string, { version: string; kubernetes: { min: string; max?: string } }> = {
+            karpenter: karpenterRelease,
+            keda: kedaChart,
+            "aws-load-balancer-controller": loadBalancerControllerChart,
+            "kube-prometheus-stack": kubePrometheusStackChart,
+            "dcgm-exporter": dcgmExporterChart,
+            "nvidia-device-plugin": nvidiaDevicePluginChart,
+        };
+        const minor = (version: string) => Number(version.split(".")[1]);
+
+        it("every accepted version is inside every component's range, and every version inside all of them is accepted", function () {
+            const lowest = Math.max(...Object.values(components).map((component) => minor(component.kubernetes.min)));
+            const highest = Math.min(...Object.values(components).map((component) => minor(component.kubernetes.max ?? "1.99")));
+            const supported = Array.from({ length: highest - lowest + 1 }, (_, index) => `1.${lowest + index}`);
+            assert.deepEqual([...kubernetesVersions], supported);
+            for (const [name, component] of Object.entries(components)) {
+                for (const version of kubernetesVersions) {
+                    assert.ok(minor(version) >= minor(component.kubernetes.min), `${name} ${component.version} supports ${version}`);
+                    assert.ok(minor(version) <= minor(component.kubernetes.max ?? "1.99"), `${name} ${component.version} supports ${version}`);
+                }
+            }
+        });
     });
 });

@@ -134,12 +134,12 @@ const badConfigs: BadConfig[] = [
     {
         what: "a malformed Kubernetes version",
         overrides: { kubernetesVersion: "1.28" },
-        expected: ['whisper-eks:kubernetesVersion = "1.28"', '"1.32", "1.33", "1.34", "1.35"'],
+        expected: ['whisper-eks:kubernetesVersion = "1.28"', '"1.33", "1.34", "1.35"'],
     },
     {
         what: "a Kubernetes version past those the stack supports",
         overrides: { kubernetesVersion: "1.36" },
-        expected: ['whisper-eks:kubernetesVersion = "1.36"', 'allowed values are "1.32"'],
+        expected: ['whisper-eks:kubernetesVersion = "1.36"', 'allowed values are "1.33"'],
     },
     {
         what: "a single availability zone",
