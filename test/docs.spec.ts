@@ -60,8 +60,9 @@ describe("operations guide (docs/operations.md)", () => {
         });
     }
 
+    // Not `repo:acme/whisper-eks:environment:dev`, an OIDC subject in the CI/CD setup.
     it("names only config keys the program reads", () => {
-        const named = new Set([...guide.matchAll(/whisper-eks:([A-Za-z][A-Za-z0-9]*)/g)].map((match) => match[1]));
+        const named = new Set([...guide.matchAll(/(?<![\w/-])whisper-eks:([A-Za-z][A-Za-z0-9]*)/g)].map((match) => match[1]));
         const unknown = [...named].filter((key) => !(key in projectConfig) && !configSource.includes(`Secret("${key}")`));
         assert.deepEqual(unknown, [], `keys in the guide that neither Pulumi.yaml declares nor infra/load-config.ts reads as secrets: ${unknown.join(", ")}`);
         assert.ok(named.size >= 10, "the guide shows the stack's config keys with their namespace");
@@ -99,5 +100,35 @@ describe("operations guide (docs/operations.md)", () => {
 
     it("is linked from the README", () => {
         assert.match(fs.readFileSync(path.join(repoRoot, "README.md"), "utf8"), /\]\(docs\/operations\.md\)/);
+    });
+});
+
+describe("server reference (docs/server.md)", () => {
+    const page = fs.readFileSync(path.join(repoRoot, "docs", "server.md"), "utf8");
+    const settings = fs.readFileSync(path.join(repoRoot, "service", "whisper_server", "settings.py"), "utf8");
+    const metrics = fs.readFileSync(path.join(repoRoot, "service", "whisper_server", "metrics.py"), "utf8");
+
+    it("lists every server setting with its flag and WHISPER_ variable", () => {
+        const fields = [...settings.matchAll(/^ {4}([a-z][a-z0-9_]*): [^=\n]+=/gm)].map((match) => match[1]);
+        assert.ok(fields.length >= 20, "settings.py declares the server's settings as dataclass fields");
+        const rows = page.split("\n").filter((line) => line.startsWith("| `--"));
+        for (const field of fields) {
+            const flag = `\`--${field.replace(/_/g, "-")}\``;
+            const row = rows.find((line) => line.split("|")[1].includes(flag));
+            assert.ok(row, `the settings table has a row for ${flag}`);
+            assert.ok(row.includes(`WHISPER_${field.toUpperCase()}`), `${flag}'s row names WHISPER_${field.toUpperCase()}`);
+        }
+    });
+
+    it("names every metric the server exports", () => {
+        const names = [...metrics.matchAll(/(?:Counter|Gauge|Histogram)\(\s*"([a-z_]+)"/g)].map((match) => match[1]);
+        assert.ok(names.length >= 10, "metrics.py declares the metrics");
+        // prometheus_client adds _total to a counter's name.
+        const counters = new Set([...metrics.matchAll(/Counter\(\s*"([a-z_]+)"/g)].map((match) => match[1]));
+        assert.ok(counters.size > 0);
+        for (const name of names) {
+            const exported = counters.has(name) ? `${name}_total` : name;
+            assert.ok(page.includes(`\`${exported}`), `docs/server.md names ${exported}`);
+        }
     });
 });

@@ -268,8 +268,8 @@ describe("GitHub Actions workflows", () => {
                 }
             });
 
-            it("the README sets up prod-preview with required reviewers and per-environment backend secrets", () => {
-                const readme = fs.readFileSync(path.join(repoRoot, "README.md"), "utf8");
+            it("the CI/CD setup (docs/operations.md) makes prod-preview need reviewers, with per-environment backend secrets", () => {
+                const readme = fs.readFileSync(path.join(repoRoot, "docs", "operations.md"), "utf8");
                 const row = readme.split("\n").find((line) => /^\s*\| `prod-preview` \|/.test(line));
                 assert.ok(row, "the environments table has a prod-preview row");
                 assert.match(row, /Required reviewers/);

@@ -92,7 +92,7 @@ def test_an_error_after_the_stream_started_ends_it_with_an_error_event(start_ser
 
 
 def test_subtitles_with_word_timestamps_take_the_word_aligned_segment_times(server, audio):
-    """The README's choice for subtitles: cues stay segments; asked for words, their times are the segments' word-
+    """docs/server.md's choice for subtitles: cues stay segments; asked for words, their times are the segments' word-
     aligned times (verbose_json with words), not the decoder's timestamps."""
     words = {"timestamp_granularities[]": "word"}
     aligned = post_audio(server.client, audio["speech.wav"], response_format="verbose_json", **words).json()["segments"]
