@@ -132,3 +132,27 @@ describe("server reference (docs/server.md)", () => {
         }
     });
 });
+
+describe("chart versions in the docs", () => {
+    // Required here, not imported at the top: these modules declare Pulumi resources only when called.
+    const charts: { chart: string; version: string }[] = [
+        require("../infra/load-balancer").loadBalancerControllerChart,
+        require("../infra/monitoring").kubePrometheusStackChart,
+        require("../infra/monitoring").dcgmExporterChart,
+        require("../infra/gpu").nvidiaDevicePluginChart,
+        require("../infra/autoscaling").kedaChart,
+        { chart: "karpenter", version: require("../infra/karpenter").karpenterRelease.version },
+    ];
+    const pages = ["README.md", ...fs.readdirSync(path.join(repoRoot, "docs")).filter((file) => file.endsWith(".md")).map((file) => `docs/${file}`)];
+    const text = Object.fromEntries(pages.map((page) => [page, fs.readFileSync(path.join(repoRoot, page), "utf8")]));
+
+    for (const { chart, version } of charts) {
+        it(`${chart}: docs/architecture.md names ${version}, and no page names another version`, () => {
+            const mention = new RegExp(`\\b(?:chart \`${chart}\`|${chart === "karpenter" ? "Karpenter" : chart}) (\\d+\\.\\d+\\.\\d+)`, "g");
+            assert.ok([...text["docs/architecture.md"].matchAll(mention)].some((match) => match[1] === version), `docs/architecture.md names ${chart} ${version}`);
+            for (const [page, source] of Object.entries(text)) {
+                for (const match of source.matchAll(mention)) assert.equal(match[1], version, `${page} names ${chart} ${match[1]}`);
+            }
+        });
+    }
+});
