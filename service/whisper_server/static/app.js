@@ -1,5 +1,6 @@
 // The page for people: picks or records audio, calls the public /v1/audio API with stream=true (the transcript
-// shows as it is decoded), plays the audio back with the spoken word highlighted, exports the transcript.
+// shows as it is decoded), plays the audio back with the spoken word highlighted, exports the transcript. Live mode
+// streams the microphone to /v1/realtime (OpenAI's Realtime protocol) and shows captions turn by turn.
 'use strict';
 
 (() => {
@@ -39,6 +40,12 @@
     recordButton: byId('record-button'),
     recordLabel: byId('record-label'),
     recordNote: byId('record-note'),
+    liveButton: byId('live-button'),
+    liveLabel: byId('live-label'),
+    liveNote: byId('live-note'),
+    translateOption: byId('translate-option'),
+    languageField: byId('language-field'),
+    capabilityNote: byId('capability-note'),
     chosen: byId('chosen-audio'),
     language: byId('language'),
     outputFormat: byId('output-format'),
@@ -58,6 +65,7 @@
     errorMessage: byId('error-message'),
     errorDetail: byId('error-detail'),
     segments: byId('segments'),
+    captions: byId('captions'),
     formatted: byId('formatted'),
     player: byId('player'),
     copy: byId('copy-button'),
@@ -141,7 +149,7 @@
   }
 
   function showOnly(element) {
-    for (const el of [ui.placeholder, ui.errorBox, ui.segments, ui.formatted]) el.hidden = el !== element;
+    for (const el of [ui.placeholder, ui.errorBox, ui.segments, ui.captions, ui.formatted]) el.hidden = el !== element;
   }
 
   // On a phone the transcript area is below the fold: bring the answer into view once it arrives.
@@ -353,12 +361,35 @@
       if (model) {
         state.modelId = model.id;
         ui.modelLine.textContent = `Model: ${model.id}`;
+        if (model.capabilities) offerCapabilities(model.capabilities);
       } else {
         ui.modelLine.textContent = 'The server lists no model.';
       }
     } catch (err) {
       ui.modelLine.textContent = `Cannot reach the server: ${err.message}`;
     }
+  }
+
+  // The options the model can honour, from /v1/models' capabilities (a server that lists none gets every option):
+  // English-only checkpoints neither translate nor take a language other than English, so neither is offered.
+  function offerCapabilities(capabilities) {
+    const translates = capabilities.tasks.includes('translate');
+    ui.translateOption.hidden = !translates;
+    ui.form.elements.task[1].disabled = !translates;
+    if (!translates && task() === 'translate') {
+      ui.form.elements.task[0].checked = true;
+      ui.form.dispatchEvent(new Event('change'));
+    }
+    const names = new Map(LANGUAGES);
+    const chosen = ui.language.value;
+    ui.language.replaceChildren(new Option('Detect automatically', ''),
+      ...capabilities.languages.map((code) => [code, names.get(code) || code])
+        .sort((a, b) => a[1].localeCompare(b[1])).map(([code, name]) => new Option(name, code)));
+    ui.language.value = capabilities.languages.includes(chosen) ? chosen : '';
+    ui.languageField.hidden = !capabilities.multilingual;
+    ui.capabilityNote.hidden = capabilities.multilingual;
+    ui.capabilityNote.textContent = capabilities.multilingual ? ''
+      : 'This model is English-only: it transcribes English speech and does not translate.';
   }
 
   // ---- choosing audio ---------------------------------------------------------------------
@@ -629,8 +660,304 @@
     xhr.send(buildForm());
   }
 
-  ui.form.addEventListener('submit', submit);
+  ui.form.addEventListener('submit', (event) => {
+    if (live.socket) event.preventDefault();
+    else submit(event);
+  });
   ui.cancel.addEventListener('click', () => state.request && state.request.abort());
+
+  // ---- live captions ----------------------------------------------------------------------
+
+  const LIVE_RATE = 24000; // the Realtime API's audio/pcm rate
+  const LIVE_MAX_QUEUED_BYTES = 2 * 1024 * 1024; // ~16 s of audio the network has not taken: past it, give up
+  const live = {
+    socket: null,
+    stream: null,
+    context: null,
+    node: null,
+    configured: false, // session.updated received: the server reads 24 kHz PCM16 from here on
+    waiting: [], // chunks captured before then
+    speaking: false, // between speech_started and speech_stopped
+    pending: new Set(), // committed turns not yet completed or failed
+    turns: new Map(), // item_id -> its caption element
+    stopping: false,
+    ticker: null,
+  };
+
+  function setUpLive() {
+    if (!window.isSecureContext || !navigator.mediaDevices || !window.AudioWorkletNode) {
+      ui.liveButton.disabled = true;
+      ui.liveNote.textContent = window.isSecureContext
+        ? 'This browser cannot capture live audio.'
+        : 'Live captions need HTTPS or localhost.';
+      return;
+    }
+    ui.liveButton.addEventListener('click', () => (live.socket ? stopLive() : startLive()));
+  }
+
+  function base64(buffer) {
+    const bytes = new Uint8Array(buffer);
+    let text = '';
+    for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+    return btoa(text);
+  }
+
+  function sendLive(event) {
+    if (live.socket && live.socket.readyState === WebSocket.OPEN) live.socket.send(JSON.stringify(event));
+  }
+
+  function sendAudio(buffer) {
+    if (live.socket.bufferedAmount > LIVE_MAX_QUEUED_BYTES) {
+      stopLive('The connection cannot keep up with the microphone: live captions stopped.');
+      return;
+    }
+    sendLive({ type: 'input_audio_buffer.append', audio: base64(buffer) });
+  }
+
+  // A browser cannot put a key in a WebSocket's headers: with a key, the page trades it for a short-lived secret
+  // that travels as a subprotocol, as OpenAI's browser clients do.
+  async function liveProtocols() {
+    if (!ui.apiKey.value.trim()) return ['realtime'];
+    const response = await fetch('v1/realtime/client_secrets', {
+      method: 'POST',
+      headers: { ...authHeaders(), 'Content-Type': 'application/json' },
+      body: JSON.stringify({ session: { type: 'transcription' } }),
+    });
+    if (!response.ok) {
+      let error = { message: `HTTP ${response.status}` };
+      try { error = (await response.json()).error || error; } catch (_) { /* not JSON */ }
+      const failure = new Error(error.message);
+      failure.heading = errorHeading(response.status, error.code, response.headers.get('Retry-After'));
+      failure.status = response.status;
+      throw failure;
+    }
+    return ['realtime', `openai-insecure-api-key.${(await response.json()).value}`];
+  }
+
+  function sessionUpdate() {
+    const transcription = { model: state.modelId || 'whisper-1' };
+    if (ui.language.value && !ui.languageField.hidden) transcription.language = ui.language.value;
+    if (ui.prompt.value.trim()) transcription.prompt = ui.prompt.value.trim();
+    return {
+      type: 'session.update',
+      session: {
+        type: 'transcription',
+        audio: { input: { format: { type: 'audio/pcm', rate: LIVE_RATE }, transcription, turn_detection: { type: 'server_vad' } } },
+      },
+    };
+  }
+
+  function caption(itemId) {
+    let item = live.turns.get(itemId);
+    if (!item) {
+      item = document.createElement('li');
+      item.dataset.itemId = itemId;
+      item.className = 'speaking';
+      live.turns.set(itemId, item);
+      ui.captions.append(item);
+      showOnly(ui.captions);
+    }
+    return item;
+  }
+
+  function followCaptions() {
+    ui.output.scrollTop = ui.output.scrollHeight;
+  }
+
+  function onLiveEvent(event) {
+    switch (event.type) {
+      case 'session.created':
+        sendLive(sessionUpdate());
+        break;
+      case 'session.updated':
+        if (live.configured) break;
+        live.configured = true;
+        for (const buffer of live.waiting.splice(0)) sendAudio(buffer);
+        setStatus('Live: listening.');
+        break;
+      case 'input_audio_buffer.speech_started':
+        live.speaking = true;
+        caption(event.item_id);
+        followCaptions();
+        break;
+      case 'input_audio_buffer.speech_stopped':
+        live.speaking = false;
+        break;
+      case 'input_audio_buffer.committed':
+        live.pending.add(event.item_id);
+        caption(event.item_id).className = 'decoding';
+        break;
+      case 'conversation.item.input_audio_transcription.delta':
+        caption(event.item_id).textContent += event.delta;
+        followCaptions();
+        break;
+      case 'conversation.item.input_audio_transcription.completed': {
+        live.pending.delete(event.item_id);
+        const item = caption(event.item_id);
+        item.textContent = event.transcript.trim();
+        item.className = 'final';
+        if (!item.textContent) item.remove(); // a turn with no words (a cough, a door) leaves no empty line
+        const count = ui.captions.querySelectorAll('li.final').length;
+        setStatus(`Live: ${count} turn${count === 1 ? '' : 's'} captioned.`);
+        followCaptions();
+        break;
+      }
+      case 'conversation.item.input_audio_transcription.failed': {
+        live.pending.delete(event.item_id);
+        const item = caption(event.item_id);
+        item.className = 'failed';
+        item.textContent = `(not transcribed: ${(event.error && event.error.message) || 'the server failed'})`;
+        break;
+      }
+      case 'error':
+        // The session goes on after an error event unless the server closes it, which onclose reports.
+        setStatus(`Live: the server says: ${(event.error && event.error.message) || 'error'}`);
+        break;
+      default:
+        break;
+    }
+    live.checkDone?.();
+  }
+
+  async function startCapture() {
+    live.stream = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
+    });
+    // 24 kHz where the browser can: its resampler then does the work, and the worklet passes samples through.
+    try {
+      live.context = new AudioContext({ sampleRate: LIVE_RATE });
+    } catch (_) {
+      live.context = new AudioContext();
+    }
+    await live.context.audioWorklet.addModule('static/live-capture.js');
+    live.node = new AudioWorkletNode(live.context, 'pcm16-capture', { numberOfInputs: 1, numberOfOutputs: 1 });
+    live.node.port.onmessage = (message) => {
+      if (message.data.pcm16) {
+        if (live.configured) sendAudio(message.data.pcm16);
+        else live.waiting.push(message.data.pcm16);
+      } else if (message.data.flushed) {
+        live.flushed?.();
+      }
+    };
+    live.context.createMediaStreamSource(live.stream).connect(live.node);
+    // Connected to the output so the browser runs it; it writes silence, so nothing is played back.
+    live.node.connect(live.context.destination);
+  }
+
+  function stopCapture() {
+    if (live.stream) live.stream.getTracks().forEach((track) => track.stop());
+    if (live.context) live.context.close();
+    live.stream = live.context = live.node = null;
+  }
+
+  function setLiveBusy(on) {
+    ui.liveButton.setAttribute('aria-pressed', String(on));
+    ui.liveLabel.textContent = on ? 'Stop live captions' : 'Start live captions';
+    ui.submit.disabled = on;
+    ui.recordButton.disabled = on || !window.MediaRecorder;
+    ui.dropZone.setAttribute('aria-disabled', String(on));
+    clearInterval(live.ticker);
+    if (on) {
+      const started = performance.now();
+      const tick = () => { ui.liveNote.textContent = `Live… ${formatDuration((performance.now() - started) / 1000)}`; };
+      tick();
+      live.ticker = setInterval(tick, 500);
+    }
+  }
+
+  async function startLive() {
+    if (state.request || live.socket) return;
+    if (!ui.keyField.hidden && !ui.apiKey.value.trim()) {
+      setStatus('Enter the API key first: this server requires one.');
+      ui.apiKey.focus();
+      return;
+    }
+    rememberKey();
+    Object.assign(live, { configured: false, waiting: [], speaking: false, stopping: false, problem: null, checkDone: null });
+    live.pending.clear();
+    live.turns.clear();
+    ui.captions.replaceChildren();
+    showPlaceholder('Speak: captions appear here as you talk.');
+    setActionsEnabled(false);
+    ui.meta.textContent = '\u00a0';
+    setStatus('Live: connecting…');
+    let protocols;
+    try {
+      await startCapture();
+      protocols = await liveProtocols();
+    } catch (err) {
+      stopCapture();
+      if (err.heading) {
+        showError(err.heading, err.message, `HTTP ${err.status} · POST /v1/realtime/client_secrets`);
+      } else {
+        const denied = err.name === 'NotAllowedError';
+        setStatus(denied ? 'Live: microphone permission was denied.' : `Live: no microphone: ${err.message}`);
+      }
+      return;
+    }
+    const url = new URL('v1/realtime?intent=transcription', window.location.href);
+    url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+    const socket = new WebSocket(url, protocols);
+    live.socket = socket;
+    setLiveBusy(true);
+    let opened = false;
+    socket.addEventListener('open', () => { opened = true; });
+    socket.addEventListener('message', (message) => {
+      if (typeof message.data === 'string') onLiveEvent(JSON.parse(message.data));
+    });
+    socket.addEventListener('close', (event) => endLive(event, opened));
+  }
+
+  // Stops the microphone; the turn being spoken is committed, and the captions of committed turns are awaited
+  // (up to 15 s) before the socket closes.
+  async function stopLive(problem) {
+    if (!live.socket || live.stopping) return;
+    live.stopping = true;
+    live.problem = problem;
+    ui.liveButton.disabled = true;
+    setStatus(problem || 'Live: finishing the last turn…');
+    if (live.node && live.configured && !problem) {
+      await new Promise((resolve) => {
+        live.flushed = resolve;
+        live.node.port.postMessage('flush');
+        setTimeout(resolve, 1000);
+      });
+      if (live.speaking) sendLive({ type: 'input_audio_buffer.commit' });
+    }
+    stopCapture();
+    const socket = live.socket;
+    await new Promise((resolve) => {
+      live.checkDone = () => { if (live.pending.size === 0 && !live.speaking) resolve(); };
+      if (problem) resolve();
+      else live.checkDone();
+      setTimeout(resolve, 15000);
+    });
+    live.checkDone = null;
+    socket.close(1000, 'done');
+  }
+
+  function endLive(event, opened) {
+    const asked = live.stopping;
+    stopCapture();
+    clearInterval(live.ticker);
+    live.socket = null;
+    setLiveBusy(false);
+    ui.liveButton.disabled = false;
+    const count = ui.captions.querySelectorAll('li.final').length;
+    ui.liveNote.textContent = count ? `${count} turn${count === 1 ? '' : 's'} captioned.` : '';
+    if (!opened) {
+      showError('No live connection', 'The server refused the live connection or could not be reached.',
+        'Check the API key and that the server serves /v1/realtime.');
+    } else if (!asked) {
+      // 1012: the server is restarting (a drain); another replica takes a new connection.
+      const why = event.code === 1012 ? 'the server is restarting; start again to reconnect'
+        : `the connection closed (code ${event.code}${event.reason ? `: ${event.reason}` : ''})`;
+      setStatus(`Live stopped: ${why}.`);
+    } else if (!live.problem) {
+      setStatus(`Live stopped: ${count} turn${count === 1 ? '' : 's'} captioned.`);
+    }
+    if (!count && opened) showPlaceholder('No speech was captioned.');
+  }
 
   // ---- using the transcript ---------------------------------------------------------------
 
@@ -701,5 +1028,6 @@
     revealKeyField();
   }
   setUpRecording();
+  setUpLive();
   loadModel();
 })();
