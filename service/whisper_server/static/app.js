@@ -678,6 +678,7 @@
     configured: false, // session.updated received: the server reads 24 kHz PCM16 from here on
     waiting: [], // chunks captured before then
     speaking: false, // between speech_started and speech_stopped
+    awaitingCommit: false, // the stop's commit is sent, its answer not yet received
     pending: new Set(), // committed turns not yet completed or failed
     turns: new Map(), // item_id -> its caption element
     stopping: false,
@@ -784,6 +785,7 @@
         live.speaking = false;
         break;
       case 'input_audio_buffer.committed':
+        live.awaitingCommit = false;
         live.pending.add(event.item_id);
         caption(event.item_id).className = 'decoding';
         break;
@@ -810,6 +812,7 @@
         break;
       }
       case 'error':
+        live.awaitingCommit = false; // a refused commit (nothing to commit) leaves nothing to wait for
         // The session goes on after an error event unless the server closes it, which onclose reports.
         setStatus(`Live: the server says: ${(event.error && event.error.message) || 'error'}`);
         break;
@@ -820,9 +823,7 @@
   }
 
   async function startCapture() {
-    live.stream = await navigator.mediaDevices.getUserMedia({
-      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
-    });
+    live.stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
     // 24 kHz where the browser can: its resampler then does the work, and the worklet passes samples through.
     try {
       live.context = new AudioContext({ sampleRate: LIVE_RATE });
@@ -873,7 +874,8 @@
       return;
     }
     rememberKey();
-    Object.assign(live, { configured: false, waiting: [], speaking: false, stopping: false, problem: null, checkDone: null });
+    Object.assign(live, { configured: false, waiting: [], speaking: false, awaitingCommit: false, stopping: false, problem: null,
+      checkDone: null });
     live.pending.clear();
     live.turns.clear();
     ui.captions.replaceChildren();
@@ -922,12 +924,16 @@
         live.node.port.postMessage('flush');
         setTimeout(resolve, 1000);
       });
-      if (live.speaking) sendLive({ type: 'input_audio_buffer.commit' });
+      if (live.speaking) {
+        live.speaking = false;
+        live.awaitingCommit = true;
+        sendLive({ type: 'input_audio_buffer.commit' });
+      }
     }
     stopCapture();
     const socket = live.socket;
     await new Promise((resolve) => {
-      live.checkDone = () => { if (live.pending.size === 0 && !live.speaking) resolve(); };
+      live.checkDone = () => { if (live.pending.size === 0 && !live.awaitingCommit) resolve(); };
       if (problem) resolve();
       else live.checkDone();
       setTimeout(resolve, 15000);
