@@ -17,7 +17,8 @@ const stacks = ["dev", "prod"];
 /**
  * How each AWS resource type the program declares is named, and the longest name its service takes. Pulumi names a
  * resource without an explicit name `<logical name>-<7 random characters>`. Limits are pulumi-aws's AutoName table
- * (provider/resources.go) where it has one, else the service's API limit, whichever is smaller.
+ * (provider/resource_overrides.go in v7, provider/resources.go before) where it has one, and the service's API limit
+ * where that is smaller or the table has none.
  */
 const nameRules: Record<string, { property: string; maxLength: number; why: string } | "unnamed"> = {
     "aws:iam/role:Role": { property: "name", maxLength: 64, why: 'pulumi-aws AutoName("name", 64)' },
