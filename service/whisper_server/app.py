@@ -10,7 +10,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import ExitStack, aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Match, Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .admission import Admission, Overloaded, Reservation
@@ -73,6 +73,8 @@ class ServerState:
     # of uploads queues for them instead of starving the event loop (64 threads at once stalled it for 400 ms).
     audio_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(os.cpu_count() or 1))
     started_at: int = field(default_factory=lambda: int(time.time()))
+    sessions: set = field(default_factory=set)  # live sessions open (realtime.RealtimeSession); drain waits for none
+    secret_key: bytes | None = None  # signs realtime client secrets when no API key is set (realtime.signing_key)
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -295,12 +297,12 @@ def server_sent_event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def token_usage(transcript: Transcript) -> dict:
-    """The done event's usage, in the SDK's token shape: the audio counted as the encoder's frames (50 a second),
-    the output as the tokens the model generated."""
-    audio_tokens = math.ceil(transcript.duration * 50)
-    return {"type": "tokens", "input_tokens": audio_tokens, "output_tokens": transcript.output_tokens,
-            "total_tokens": audio_tokens + transcript.output_tokens, "input_token_details": {"audio_tokens": audio_tokens}}
+def token_usage(seconds: float, output_tokens: int) -> dict:
+    """A transcript's usage, in the SDK's token shape: the audio counted as the encoder's frames (50 a second), the
+    output as the tokens the model generated."""
+    audio_tokens = math.ceil(seconds * 50)
+    return {"type": "tokens", "input_tokens": audio_tokens, "output_tokens": output_tokens,
+            "total_tokens": audio_tokens + output_tokens, "input_token_details": {"audio_tokens": audio_tokens}}
 
 
 async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, held: ExitStack,
@@ -335,7 +337,8 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
                         yield server_sent_event(event)
             transcript = builder.transcript()
             state.metrics.audio_seconds.inc(transcript.duration)
-            done = {"type": "transcript.text.done", "text": transcript.text, "usage": token_usage(transcript)}
+            done = {"type": "transcript.text.done", "text": transcript.text,
+                    "usage": token_usage(transcript.duration, transcript.output_tokens)}
             if transcript.language:
                 done["languages"] = [{"code": transcript.language}]
             yield server_sent_event(done)
@@ -508,8 +511,10 @@ class ObservedApp:
                 }})
 
 
-def create_app(state: ServerState) -> ObservedApp:
+def create_app(state: ServerState, live_routes: Sequence[BaseRoute] = ()) -> ObservedApp:
+    """The API; `live_routes` are the live transcription endpoints (realtime.ROUTES, which build on this module)."""
     routes = [
+        *live_routes,
         Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
         Route("/v1/audio/translations", translations, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),

@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import fields
 
+from .decoding import WINDOW_SECONDS
 from .settings import CHOICES, HELP, POSITIVE, Settings, env_name
 
 
@@ -62,6 +63,10 @@ def validate(settings: Settings, parser: argparse.ArgumentParser) -> None:
         # A bearer token is visible ASCII: a key with other characters (or spaces) could never be sent and matched.
         parser.error("--api-key (WHISPER_API_KEY) must be visible ASCII characters without spaces, "
                      "as an 'Authorization: Bearer' header carries it")
+    if settings.realtime_max_buffered_seconds <= WINDOW_SECONDS:
+        # A live turn's 30 s window is cut from the audio held: the bound must hold one window and a little more.
+        parser.error(f"--realtime-max-buffered-seconds must exceed {WINDOW_SECONDS:g} (a window), got "
+                     f"{settings.realtime_max_buffered_seconds:g}")
     if settings.metrics_port == settings.port:
         parser.error(f"--metrics-port must differ from --port (both {settings.port})")
 

@@ -1,7 +1,7 @@
 """The engine runs in its own process, so nothing the HTTP layer does (uploads, audio decoding, the event loop) holds
 up the decode loop, and the HTTP process never loads torch.
 
-Two one-way pipes connect them. HTTP process -> engine: ("submit", key, options, window offsets) followed by each
+Two one-way pipes connect them. HTTP process -> engine: ("submit", key, options, window offsets, live) followed by each
 window's float32 samples as raw bytes (no pickling of audio), ("cancel", key), ("stop",). Engine -> HTTP process:
 ("ready", EngineInfo) or ("load_failed", message) once, then per request ("window", key, index, result) as each
 window's result is final, in the order they finish, and ("done", key) after the last, or ("failed", key, kind,
@@ -132,10 +132,10 @@ class EngineLoop:
             while True:
                 message = self.requests.recv()
                 if message[0] == "submit":
-                    _, key, options, offsets = message
+                    _, key, options, offsets, live = message
                     windows = [Window(offset, np.frombuffer(self.requests.recv_bytes(), dtype=np.float32))
                                for offset in offsets]
-                    message = ("submit", key, options, windows)
+                    message = ("submit", key, options, windows, live)
                 self.inbox.put(message)
                 if message[0] == "stop":
                     return
@@ -253,22 +253,24 @@ class EngineProcess:
     def retry_after_seconds(self) -> int:
         return max(1, min(60, math.ceil(self.stats.expected_wait_seconds)))
 
-    async def transcribe(self, windows: list[Window], options: DecodeOptions) -> AsyncIterator[tuple[int, WindowResult]]:
+    async def transcribe(self, windows: list[Window], options: DecodeOptions,
+                         live: bool = False) -> AsyncIterator[tuple[int, WindowResult]]:
         """Decodes a request's windows, yielding (window index, result) as each is final, in the order they finish;
         a window whose decode stopped short names the window that decodes its rest (`result.continuation`, an index
         past the request's own windows). Leaving early (client gone, deadline passed, an error) cancels the request
-        in the engine: its slots are freed before the next step."""
+        in the engine: its slots are freed before the next step. A live session's turn (`live`) goes ahead of files
+        in the engine, and is not counted against --queue-size (--max-realtime-sessions bounds live turns)."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         key = next(self.keys)
         with self.lock:
             if self.lost:
                 raise EngineUnavailable("the engine process exited")
-            if len(self.pending) >= self.settings.queue_size:
+            if not live and len(self.pending) >= self.settings.queue_size:
                 raise QueueFull(self.retry_after_seconds())
             self.pending[key] = (loop, inbox)
         samples = [np.ascontiguousarray(window.samples, dtype=np.float32) for window in windows]
-        self.outgoing.put((("submit", key, options, [window.offset for window in windows]), samples))
+        self.outgoing.put((("submit", key, options, [window.offset for window in windows], live), samples))
         finished = False
         try:
             while (item := await inbox.get()) is not None:

@@ -31,6 +31,14 @@ class Metrics:
         self.first_delta = Histogram(
             "whisper_stream_first_delta_seconds", "Time from a streamed request's arrival to its first text delta",
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600), registry=self.registry)
+        self.realtime_sessions = Gauge("whisper_realtime_sessions", "Live transcription sessions open (/v1/realtime)",
+                                       registry=self.registry)
+        self.realtime_turn_latency = Histogram(
+            "whisper_realtime_turn_latency_seconds",
+            "Time from a live turn's end (speech stopped, or the client's commit) to its completed transcript",
+            buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30), registry=self.registry)
+        self.realtime_audio_seconds = Counter("whisper_realtime_audio_seconds",
+                                              "Seconds of audio received by live sessions", registry=self.registry)
         self.model_load = Gauge("whisper_model_load_seconds", "Time taken to load the model", registry=self.registry)
 
     def on_queue_change(self, windows: int, seconds: float) -> None:

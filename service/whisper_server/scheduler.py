@@ -55,6 +55,7 @@ class Request:
     last_served: int = -1  # when a window of it last got a slot (-1: not since it arrived or a window was retried)
     detecting: bool = False  # a window is being admitted to detect the request's language; the others wait for it
     tries: dict[int, list[WindowResult]] = field(default_factory=dict)  # window -> its decodes that fell back
+    live: bool = False  # a live session's turn: its windows take free slots ahead of files'
 
 
 def is_silence(result: WindowResult) -> bool:
@@ -109,9 +110,9 @@ class SlotScheduler:
         # on), with its picks; they join their slots once the encoder is done. One at a time.
         self.joining: tuple[object, list[tuple[Request, int, float]]] | None = None
 
-    def submit(self, key: int, options: DecodeOptions, windows: list[Window]) -> None:
+    def submit(self, key: int, options: DecodeOptions, windows: list[Window], live: bool = False) -> None:
         request = Request(key, options, windows, next(self.sequence),
-                          waiting=deque((index, options.temperature) for index in range(len(windows))))
+                          waiting=deque((index, options.temperature) for index in range(len(windows))), live=live)
         self.requests[key] = request
         if not windows:
             self._finish(request)
@@ -230,12 +231,19 @@ class SlotScheduler:
         those round-robin (the one served longest ago, the oldest among the unserved), so a 2-hour file holds no
         more slots than the clips that arrive after it. A window retried at a higher temperature goes back to the
         head of its request, which counts as unserved: it keeps its place ahead of newer requests. A request whose
-        language is still to be detected gives one window to this admission."""
+        language is still to be detected gives one window to this admission.
+        Live turns go first (a caption never waits behind a long file), but while file windows wait, live windows
+        hold at most all slots but one: files still progress."""
         picks = []
         waiting = [request for request in self.requests.values() if request.waiting and not request.detecting]
+        live_room = max(1, self.engine.capacity - 1)
+        live_busy = sum(request.live for request, _, _ in self.owners.values())
         while len(picks) < free and waiting:
-            request = min(waiting, key=lambda r: (r.busy, r.last_served, r.sequence))
+            files = [request for request in waiting if not request.live]
+            eligible = files if files and live_busy >= live_room else waiting
+            request = min(eligible, key=lambda r: (not r.live, r.busy, r.last_served, r.sequence))
             index, temperature = request.waiting.popleft()
+            live_busy += request.live
             request.busy += 1
             request.last_served = next(self.picks)
             picks.append((request, index, temperature))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,34 @@ class VoiceActivity:
                 ["speech_probs", "hn", "cn"], {"input": inputs[first:first + BLOCK_FRAMES], "h": hidden, "c": cell})
             probabilities.append(block.reshape(-1))
         return np.concatenate(probabilities) if probabilities else np.zeros(0, np.float32)
+
+
+class SpeechStream:
+    """Silero over audio that arrives in pieces (a live session): the model's state and the previous frame's context
+    carry over from one piece to the next, and the level each frame is brought to is set from the frames of the last
+    LEVEL_HISTORY_SECONDS, as speech_probabilities sets it from a whole file's."""
+
+    LEVEL_HISTORY_FRAMES = round(30.0 * SAMPLE_RATE / FRAME)
+
+    def __init__(self, activity: VoiceActivity):
+        self.session = activity.session
+        self.hidden = self.cell = np.zeros((1, 1, 128), np.float32)
+        self.context = np.zeros(CONTEXT, np.float32)
+        self.peaks: deque[float] = deque(maxlen=self.LEVEL_HISTORY_FRAMES)
+
+    def probabilities(self, frames: np.ndarray) -> np.ndarray:
+        """The probability of speech in each of these [count, FRAME] frames, which follow the frames given before."""
+        self.peaks.extend(np.abs(frames).max(axis=1).tolist())
+        level = max(float(np.percentile(np.fromiter(self.peaks, np.float32), LEVEL_PERCENTILE)), LEVEL_FLOOR)
+        scaled = frames * np.float32(TARGET_PEAK / level)
+        context = np.empty((len(frames), CONTEXT), np.float32)
+        context[0] = self.context
+        context[1:] = scaled[:-1, -CONTEXT:]
+        self.context = scaled[-1, -CONTEXT:].copy()
+        probabilities, self.hidden, self.cell = self.session.run(
+            ["speech_probs", "hn", "cn"],
+            {"input": np.concatenate([context, scaled], axis=1), "h": self.hidden, "c": self.cell})
+        return probabilities.reshape(-1)
 
 
 def model_path() -> Path:

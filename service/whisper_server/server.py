@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 from .app import ServerState, create_app, drain_expired, engine_unavailable, server_stopping
 from .engine_process import EngineProcess
 from .logs import configure_logging
+from .realtime import ROUTES as REALTIME_ROUTES
 from .settings import Settings
 
 log = logging.getLogger("whisper_server")
@@ -58,7 +59,9 @@ class DrainingServer(uvicorn.Server):
 
     async def drain(self) -> None:
         deadline = time.monotonic() + self.state.settings.drain_seconds
-        while self.state.in_flight > 0 and time.monotonic() < deadline:
+        for session in list(self.state.sessions):  # each is told, finishes its committed turns and closes (1012)
+            session.drain()
+        while (self.state.in_flight > 0 or self.state.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         unfinished = self.state.in_flight
         # Past the deadline the unfinished requests are answered 503 with Retry-After, not dropped with the process.
@@ -73,7 +76,7 @@ class DrainingServer(uvicorn.Server):
         self.forced = self.forced or forced
         self.state.abandon(error)
         answered_by = time.monotonic() + ANSWER_SECONDS
-        while self.state.in_flight > 0 and time.monotonic() < answered_by:
+        while (self.state.in_flight > 0 or self.state.sessions) and time.monotonic() < answered_by:
             await asyncio.sleep(0.05)
         self.should_exit, self.force_exit = True, self.force_exit or forced
 
@@ -117,8 +120,11 @@ def start_engine(state: ServerState, server: DrainingServer) -> None:
 def run(settings: Settings) -> int:
     configure_logging()
     state = ServerState(settings)
-    config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, log_config=None,
+    config = uvicorn.Config(create_app(state, REALTIME_ROUTES), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=75,
+                            # A live session's event past --realtime-max-message-mb (by up to 1 MiB) gets an error
+                            # event and the session goes on; a larger frame is refused by the WebSocket layer (1009).
+                            ws_max_size=int((settings.realtime_max_message_mb + 1) * 2**20),
                             proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
     server = DrainingServer(config, state)
     # Prometheus scrapes its own port (the load balancer forwards only the API port), from a thread of its own, so

@@ -35,6 +35,12 @@ class Settings:
     max_new_tokens: int | None = None
     fixed_new_tokens: bool = False
     cuda_graphs: bool = True
+    max_realtime_sessions: int = 64
+    realtime_idle_seconds: float = 60.0
+    realtime_max_session_seconds: float = 3600.0
+    realtime_max_message_mb: float = 15.0
+    realtime_max_buffered_seconds: float = 120.0
+    realtime_max_pending_events: int = 256
 
 
 CHOICES = {"device": ("auto", "cuda", "cpu"), "dtype": ("auto", "float16", "bfloat16", "float32")}
@@ -78,11 +84,23 @@ HELP = {
                          "no silence drop and no seek"),
     "cuda_graphs": ("on cuda, capture the decode step once per slot-count bucket as a CUDA graph and replay it; "
                     "false runs the same step eagerly (slower; for diagnosis)"),
+    "max_realtime_sessions": "most live transcription sessions (/v1/realtime WebSockets) at once; more are refused",
+    "realtime_idle_seconds": ("a live session that sends nothing for this long, with no turn being transcribed, is "
+                              "closed"),
+    "realtime_max_session_seconds": "longest a live session may last (OpenAI's limit is 60 minutes)",
+    "realtime_max_message_mb": "largest client event a live session takes (OpenAI's 15 MiB per append)",
+    "realtime_max_buffered_seconds": ("most seconds of a live session's audio held ahead of the decoder (not yet "
+                                      "committed, or committed and not yet transcribed); appends beyond it are "
+                                      "refused"),
+    "realtime_max_pending_events": ("most server events queued for a live session's client; a client that stops "
+                                    "reading past it is disconnected"),
 }
 POSITIVE = {"port", "metrics_port", "max_batch_size", "max_upload_mb", "max_audio_seconds", "queue_size",
             "max_queued_audio_seconds", "max_concurrent_uploads", "max_spool_mb", "request_timeout_seconds",
             "max_new_tokens", "cpu_threads", "max_uploads_per_client", "upload_timeout_seconds", "upload_idle_seconds",
-            "upload_min_bytes_per_second"}
+            "upload_min_bytes_per_second", "max_realtime_sessions", "realtime_idle_seconds",
+            "realtime_max_session_seconds", "realtime_max_message_mb", "realtime_max_buffered_seconds",
+            "realtime_max_pending_events"}
 
 
 

@@ -99,7 +99,7 @@ def assemble(results: list[WindowResult], duration: float) -> Transcript:
 
 async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
                             audio_work: asyncio.Semaphore, builder: TranscriptBuilder,
-                            detect_speech: bool = True) -> AsyncIterator[Piece]:
+                            detect_speech: bool = True, live: bool = False) -> AsyncIterator[Piece]:
     """The transcript piece by piece in audio order, each as soon as its window and all before it are final (a
     window whose decode stopped short is followed by the decode of its rest). Only speech reaches the model: the
     voice-activity detector's silence is never decoded (Whisper tends to invent text for it). Cutting runs off the
@@ -121,7 +121,7 @@ async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options:
                 yield await asyncio.to_thread(builder.add, result)
 
     if windows:
-        async with aclosing(engine.transcribe(windows, options)) as results:
+        async with aclosing(engine.transcribe(windows, options, live)) as results:
             async for index, result in results:
                 finished[index] = result
                 async for piece in ready():

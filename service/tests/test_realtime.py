@@ -1,0 +1,362 @@
+"""Live transcription over OpenAI's Realtime protocol (/v1/realtime?intent=transcription), with the official OpenAI
+SDK's realtime client against a real server on OpenAI's real tiny.en: espeak-ng sentences with pauses, streamed as
+24 kHz PCM16 in 100 ms chunks (at real-time pace where pacing matters), every server event parsed with openai's own
+types. The last test drains the module's server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import websockets
+import websockets.sync.client
+from openai.types.realtime.realtime_server_event import RealtimeServerEvent
+from pydantic import TypeAdapter
+
+from speech import SAMPLE_RATE, corpus_word_error_rate
+
+API_KEY = "live-test-key"
+SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
+CHUNK_SECONDS = 0.1
+PAUSE_SECONDS = 1.0  # between sentences: longer than server_vad's default 500 ms of silence
+MAX_WER = 0.3  # over a test's turns: tiny.en on espeak-ng's voices (as test_english_only); a lost or leaked
+# sentence breaks it
+
+
+@pytest.fixture(scope="module")
+def live_server(start_server, tiny_en):
+    return start_server("--max-batch-size", "8", "--api-key", API_KEY, "--max-realtime-sessions", "4",
+                        "--realtime-idle-seconds", "4", "--realtime-max-message-mb", "1",
+                        "--realtime-max-buffered-seconds", "45", "--realtime-max-pending-events", "64",
+                        "--drain-seconds", "30", model=tiny_en)
+
+
+@pytest.fixture(scope="module")
+def sentences(speech):
+    return speech.short(count=6)
+
+
+def pcm24k(samples: np.ndarray, codec: str = "s16le") -> bytes:
+    """16 kHz float samples as ffmpeg writes them at 24 kHz PCM16 (or 8 kHz G.711 for mulaw/alaw)."""
+    rate = "24000" if codec == "s16le" else "8000"
+    source = (np.clip(samples, -1, 32767 / 32768) * 32768).astype("<i2").tobytes()
+    return subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "s16le", "-ar", str(SAMPLE_RATE), "-ac", "1",
+                           "-i", "pipe:0", "-ar", rate, "-f", codec, "pipe:1"],
+                          input=source, capture_output=True, check=True).stdout
+
+
+def spoken(clips, pause: float = PAUSE_SECONDS) -> np.ndarray:
+    gap = np.zeros(int(pause * SAMPLE_RATE), np.float32)
+    return np.concatenate([part for clip in clips for part in (clip.samples(), gap)])
+
+
+def connect(server, **options):
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
+    return client.realtime.connect(extra_query={"intent": "transcription"}, **options)
+
+
+async def receive(connection, timeout: float = 60) -> dict:
+    """The next server event, checked against openai-python's types (every field name and shape), as a dict."""
+    raw = await asyncio.wait_for(connection.recv_bytes(), timeout)
+    SERVER_EVENT.validate_json(raw)
+    return json.loads(raw)
+
+
+async def events_until(connection, done, timeout: float = 120) -> list[dict]:
+    events = []
+    deadline = time.monotonic() + timeout
+    while not events or not done(events[-1], events):
+        events.append(await receive(connection, max(0.1, deadline - time.monotonic())))
+    return events
+
+
+def completed_count(count: int):
+    return lambda event, events: sum(e["type"].endswith("transcription.completed") for e in events) == count
+
+
+async def stream(connection, audio: bytes, pace: float | None, chunk_bytes: int = int(24_000 * 2 * CHUNK_SECONDS)):
+    """Appends in 100 ms chunks, at `pace` x real time (None: as fast as the socket takes them)."""
+    started = time.monotonic()
+    for index, offset in enumerate(range(0, len(audio), chunk_bytes)):
+        await connection.input_audio_buffer.append(audio=base64.b64encode(audio[offset:offset + chunk_bytes]).decode())
+        if pace:
+            await asyncio.sleep(max(0.0, started + (index + 1) * CHUNK_SECONDS / pace - time.monotonic()))
+
+
+def turns(events: list[dict]) -> dict[str, dict]:
+    """Per item: its deltas joined, its completed transcript, and the order of its events."""
+    items: dict[str, dict] = {}
+    for event in events:
+        if "item_id" in event:
+            item = items.setdefault(event["item_id"], {"deltas": "", "types": []})
+            item["types"].append(event["type"])
+            if event["type"].endswith("transcription.delta"):
+                item["deltas"] += event["delta"]
+            elif event["type"].endswith("transcription.completed"):
+                item["transcript"] = event["transcript"]
+    return items
+
+
+def test_server_vad_finds_each_turn_of_live_speech_and_transcribes_it(live_server, sentences):
+    clips = sentences[:3]
+    audio = pcm24k(spoken(clips))
+    latency_before = live_server.metric("whisper_realtime_turn_latency_seconds_count")
+
+    async def run():
+        async with connect(live_server) as connection:
+            created = await receive(connection)
+            assert created["type"] == "session.created"
+            assert created["session"]["audio"]["input"]["turn_detection"] == {
+                "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+            sender = asyncio.create_task(stream(connection, audio, pace=1.0))  # real time: the test of pacing
+            events = await events_until(connection, completed_count(3))
+            await sender
+            return events
+
+    events = asyncio.run(run())
+    items = turns(events)
+    assert len(items) == 3, [e["type"] for e in events]
+    for item, clip in zip(items.values(), clips):
+        assert item["types"][:3] == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                                     "input_audio_buffer.committed"]
+        assert item["types"][-1].endswith("transcription.completed")
+        assert item["deltas"] == item["transcript"], "the deltas add up to the completed transcript"
+    assert_words(clips, items)
+    starts = [e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    onsets, at = [], 0.0
+    for clip in clips:  # each clip's speech starts after its 0.3 s of edge silence
+        onsets.append(at + clip.sentences[0].start)
+        at += clip.duration + PAUSE_SECONDS
+    assert all(abs(start / 1000 - (onset - 0.3)) < 0.3 for start, onset in zip(starts, onsets)), (starts, onsets)
+    committed = [e for e in events if e["type"] == "input_audio_buffer.committed"]
+    assert [e["previous_item_id"] for e in committed] == [None, *[e["item_id"] for e in committed[:-1]]]
+    assert live_server.metric("whisper_realtime_turn_latency_seconds_count") == latency_before + 3
+    assert live_server.metric("whisper_realtime_audio_seconds_total") >= len(audio) / 48_000 - 0.01
+
+
+def assert_words(clips, items: dict[str, dict]) -> None:
+    texts = [item["transcript"] for item in items.values()]
+    assert corpus_word_error_rate([clip.text for clip in clips], texts) < MAX_WER, texts
+
+
+def test_manual_commits_in_each_audio_format(live_server, sentences):
+    async def run():
+        async with connect(live_server) as connection:
+            await receive(connection)
+            results = []
+            for clip, codec, audio_format in ((sentences[3], "mulaw", {"type": "audio/pcmu"}),
+                                              (sentences[4], "alaw", {"type": "audio/pcma"}),
+                                              (sentences[5], "s16le", {"type": "audio/pcm", "rate": 24000})):
+                await connection.session.update(session={"type": "transcription", "audio": {"input": {
+                    "format": audio_format, "turn_detection": None, "transcription": {"model": "whisper-1"}}}})
+                updated = await receive(connection)
+                assert updated["type"] == "session.updated"
+                assert updated["session"]["audio"]["input"]["format"] == audio_format
+                assert updated["session"]["audio"]["input"]["turn_detection"] is None
+                audio = pcm24k(clip.samples(), codec)
+                await stream(connection, audio, pace=None, chunk_bytes=len(audio) // 7 + 1)
+                await connection.input_audio_buffer.commit()
+                results.append(await events_until(connection, completed_count(1)))
+            return results
+
+    results = asyncio.run(run())
+    for events in results:
+        assert [e["type"] for e in events][0] == "input_audio_buffer.committed"
+        assert not any(e["type"].startswith("input_audio_buffer.speech") for e in events), "no VAD: no speech events"
+        (item,) = turns(events).values()
+        assert item["deltas"] == item["transcript"]
+    assert_words(sentences[3:], {key: item for events in results for key, item in turns(events).items()})
+
+
+def error_of(event: dict) -> dict:
+    assert event["type"] == "error", event
+    return event["error"]
+
+
+def test_every_bad_input_gets_an_error_event_and_the_session_goes_on(live_server, sentences):
+    clip = sentences[0]
+    big_append = json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (1 << 20)})
+
+    async def run():
+        async with connect(live_server) as bystander, connect(live_server) as connection:
+            await receive(bystander)
+            await receive(connection)
+            await connection.session.update(session={"type": "transcription",
+                                                     "audio": {"input": {"turn_detection": None}}})
+            await receive(connection)
+            errors = {}
+            for name, raw in (("json", "{not json"), ("type", json.dumps({"type": "response.create"})),
+                              ("base64", json.dumps({"type": "input_audio_buffer.append", "audio": "%%%"})),
+                              ("format", json.dumps({"type": "session.update", "session": {
+                                  "type": "transcription", "audio": {"input": {"format": {"type": "audio/g729"}}}}})),
+                              ("rate", json.dumps({"type": "session.update", "session": {
+                                  "type": "transcription", "audio": {"input": {"format": {
+                                      "type": "audio/pcm", "rate": 16000}}}}})),
+                              ("empty commit", json.dumps({"type": "input_audio_buffer.commit", "event_id": "c1"})),
+                              ("binary", b"\x00\x01"), ("too large", big_append)):
+                await connection.send_raw(raw)
+                errors[name] = error_of(await receive(connection))
+            # More audio than --realtime-max-buffered-seconds (45 s) ahead of the decoder: the excess append is refused.
+            second = base64.b64encode(bytes(48_000)).decode()
+            for _ in range(45):
+                await connection.input_audio_buffer.append(audio=second)
+            await connection.input_audio_buffer.append(audio=second)
+            errors["buffer"] = error_of(await receive(connection))
+            await connection.input_audio_buffer.clear()
+            assert (await receive(connection))["type"] == "input_audio_buffer.cleared"
+            # The session still transcribes, with the format it had.
+            await stream(connection, pcm24k(clip.samples()), pace=None)
+            await connection.input_audio_buffer.commit()
+            events = await events_until(connection, completed_count(1))
+            with pytest.raises(asyncio.TimeoutError):  # the bystander heard nothing of the other's errors
+                await receive(bystander, timeout=0.5)
+            return errors, events
+
+    errors, events = asyncio.run(run())
+    assert {name: error["code"] for name, error in errors.items()} == {
+        "json": "invalid_json", "type": "unknown_event_type", "base64": "invalid_base64",
+        "format": "unsupported_format", "rate": "unsupported_format", "empty commit": "input_audio_buffer_commit_empty",
+        "binary": "invalid_frame", "too large": "message_too_large", "buffer": "buffer_full"}
+    assert errors["empty commit"]["event_id"] == "c1", "the error names the client event that caused it"
+    assert "--realtime-max-message-mb" in errors["too large"]["message"]
+    assert "--realtime-max-buffered-seconds" in errors["buffer"]["message"]
+    assert all(error["type"] == "invalid_request_error" for error in errors.values())
+    assert_words([clip], turns(events))
+
+
+def test_sessions_beside_a_file_request_each_get_their_own_words(live_server, sentences, speech):
+    pairs = [sentences[0:2], sentences[2:4], sentences[4:6]]
+    long_clip = speech.short(count=8)[6]
+
+    async def session(clips):
+        async with connect(live_server) as connection:
+            await receive(connection)
+            sender = asyncio.create_task(stream(connection, pcm24k(spoken(clips)), pace=4.0))
+            events = await events_until(connection, completed_count(len(clips)))
+            await sender
+            return events
+
+    async def run():
+        file_request = asyncio.to_thread(httpx.post, live_server.url + "/v1/audio/transcriptions", timeout=120,
+                                         headers={"Authorization": f"Bearer {API_KEY}"},
+                                         files={"file": ("clip.wav", long_clip.path.read_bytes())})
+        return await asyncio.gather(file_request, *(session(clips) for clips in pairs))
+
+    answer, *sessions = asyncio.run(run())
+    assert answer.status_code == 200
+    assert corpus_word_error_rate([long_clip.text], [answer.json()["text"]]) < MAX_WER
+    for clips, events in zip(pairs, sessions):  # each session's own words, nothing of another's
+        assert len(turns(events)) == len(clips)
+        assert_words(clips, turns(events))
+
+
+def test_limits_sessions_idle_and_a_client_that_stops_reading(live_server):
+    async def run():
+        async with connect(live_server) as first, connect(live_server) as second, connect(live_server) as third, \
+                connect(live_server) as fourth:
+            for connection in (first, second, third, fourth):
+                await receive(connection)
+            async with connect(live_server) as fifth:
+                refused = error_of(await receive(fifth))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await fifth.recv_bytes()
+            assert closed.value.rcvd.code == 1013
+        # An idle session is told, then closed.
+        async with connect(live_server) as idle:
+            await receive(idle)
+            idle_error = error_of(await receive(idle, timeout=10))
+            with pytest.raises(websockets.ConnectionClosed):
+                await idle.recv_bytes()
+        return refused, idle_error
+
+    refused, idle_error = asyncio.run(run())
+    assert refused["code"] == "session_limit" and "--max-realtime-sessions" in refused["message"]
+    assert idle_error["code"] == "idle_timeout" and "--realtime-idle-seconds" in idle_error["message"]
+
+    # A client that sends events but never reads the answers: past 64 queued events its session is closed.
+    sessions_before = live_server.metric("whisper_realtime_sessions")
+    with socket.create_connection(("127.0.0.1", live_server.port)) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with websockets.sync.client.connect(f"ws://127.0.0.1:{live_server.port}/v1/realtime?intent=transcription",
+                                            sock=raw, additional_headers={"Authorization": f"Bearer {API_KEY}"},
+                                            max_queue=1) as stalled:
+            assert live_server.metric("whisper_realtime_sessions") == sessions_before + 1
+            unknown = json.dumps({"type": "x" * 4000})
+            deadline = time.monotonic() + 60
+            while live_server.metric("whisper_realtime_sessions") > sessions_before and time.monotonic() < deadline:
+                for _ in range(50):
+                    stalled.send(unknown)
+            assert live_server.metric("whisper_realtime_sessions") == sessions_before
+    assert "its client stopped reading" in live_server.log_path.read_text()
+
+
+def test_client_secret_opens_a_browser_session_and_bad_keys_are_refused(live_server):
+    minted = httpx.post(live_server.url + "/v1/realtime/client_secrets", headers={"Authorization": f"Bearer {API_KEY}"},
+                        json={"expires_after": {"anchor": "created_at", "seconds": 60},
+                              "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}}})
+    assert minted.status_code == 200, minted.text
+    secret = minted.json()
+    assert secret["value"].startswith("ek_") and API_KEY not in secret["value"]
+    assert 55 <= secret["expires_at"] - time.time() <= 61
+    assert httpx.post(live_server.url + "/v1/realtime/client_secrets").status_code == 401
+
+    url = f"ws://127.0.0.1:{live_server.port}/v1/realtime?intent=transcription"
+
+    async def run():
+        browser = ["realtime", "openai-insecure-api-key." + secret["value"]]
+        async with websockets.connect(url, subprotocols=browser) as ws:
+            assert ws.subprotocol == "realtime"
+            created = json.loads(await ws.recv())
+        statuses = []
+        for protocols, query in ((["realtime", "openai-insecure-api-key.ek_forged.sig"], "intent=transcription"),
+                                 (["realtime"], "intent=transcription"),
+                                 (["realtime", "openai-insecure-api-key." + secret["value"]], "model=gpt-realtime")):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(url.split("?")[0] + "?" + query, subprotocols=protocols):
+                    pass
+            statuses.append(refused.value.response.status_code)
+        return created, statuses
+
+    created, statuses = asyncio.run(run())
+    SERVER_EVENT.validate_python(created)
+    assert created["session"]["audio"]["input"]["turn_detection"] is None, "the secret's session applies"
+    assert statuses == [401, 401, 400]
+
+
+def test_drain_tells_each_session_finishes_committed_turns_and_closes_1012(live_server, sentences):
+    """Last: SIGTERM stops the module's server."""
+    audio = pcm24k(spoken(sentences[:4], pause=0.3))
+
+    async def run():
+        async with connect(live_server) as connection:
+            await receive(connection)
+            await connection.session.update(session={"type": "transcription",
+                                                     "audio": {"input": {"turn_detection": None}}})
+            await receive(connection)
+            await stream(connection, audio, pace=None)
+            await connection.input_audio_buffer.commit()
+            events = [await receive(connection)]
+            assert events[0]["type"] == "input_audio_buffer.committed"
+            live_server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    events.append(await receive(connection))
+            return events, closed.value.rcvd.code
+
+    events, code = asyncio.run(run())
+    types = [event["type"] for event in events]
+    assert code == 1012
+    assert types.index("error") < types.index("conversation.item.input_audio_transcription.completed"), types
+    assert error_of(events[types.index("error")])["code"] == "server_shutting_down"
+    (item,) = turns(events).values()
+    assert corpus_word_error_rate([" ".join(clip.text for clip in sentences[:4])], [item["transcript"]]) < MAX_WER
+    assert live_server.process.wait(timeout=60) == 0
