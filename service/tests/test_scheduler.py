@@ -427,21 +427,23 @@ def test_each_window_is_reported_when_final_not_when_its_request_ends():
     assert harness.texts(0) == ["1", "2", "3"]
 
 
-def test_live_turns_go_ahead_of_a_file_which_still_progresses():
-    """A file holds every slot; six live turns arrive: each slot that frees goes to a live turn, except one that stays
-    the file's while its windows wait, so the captions come first and the file never stops."""
+def test_live_turns_go_ahead_of_files_which_still_progress():
+    """A file holds every slot and four clips wait; six live turns arrive: each slot that frees goes to a live turn,
+    except one that stays the files' while their windows wait, so the captions come first and files never stop."""
     harness = Harness(StandInEngine(capacity=4, steps=lambda label: 3))
     harness.submit(0, [100 + i for i in range(12)])
     harness.run(steps=1)
-    for key in range(1, 7):
+    for key in range(1, 5):
+        harness.submit(key, [200 + key])
+    for key in range(11, 17):
         harness.scheduler.submit(key, DecodeOptions(language="en"), [labelled(key)], live=True)
     arrived = len(harness.engine.steps)
     harness.run()
-    live_done = max(harness.finished_at[key] for key in range(1, 7))
+    live_done = max(harness.finished_at[key] for key in range(11, 17))
     # The file's windows in slots finish their 2 remaining steps, then two rounds of three live windows (3 steps
-    # each), ahead of the file's eight waiting windows.
+    # each), ahead of the clips that arrived before them.
     assert live_done == arrived + 2 + 2 * 3
     during = harness.engine.steps[arrived:live_done]
-    assert all(any(label >= 100 for label in step) for step in during), "the file decodes at every step meanwhile"
+    assert all(any(label >= 100 for label in step) for step in during), "files decode at every step meanwhile"
     assert max(sum(label < 100 for label in step) for step in during) == 3, "live turns hold all slots but one"
     assert harness.texts(0) == [str(100 + i) for i in range(12)]
