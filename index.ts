@@ -111,6 +111,7 @@ const monitoring = installMonitoring(
             queueSize: config.workload.queueSize,
             p95LatencySeconds: config.monitoring.alertP95LatencySeconds,
             errorRatio: config.monitoring.alertErrorRatio,
+            realtimeTurnLatencyP95Seconds: config.monitoring.alertRealtimeTurnLatencyP95Seconds,
         },
     },
     { ...addons, dependsOn: [...addons.dependsOn, ...(eks ? [eks.blockStorage.storageClass] : [])] },

@@ -35,6 +35,15 @@ export function scalingQuery(metric: ScalingMetric, namespace: string): string {
     }
 }
 
+/**
+ * Live sessions open across the service (whisper_realtime_sessions, a gauge per pod), as a second trigger beside the
+ * chosen metric: the HPA follows whichever asks for more pods. The minute's highest count, not its average, so a
+ * burst of new sessions scales out before the pods refuse them (--max-realtime-sessions).
+ */
+export function realtimeSessionsQuery(namespace: string): string {
+    return `sum(max_over_time(whisper_realtime_sessions{namespace="${namespace}"}[1m]))`;
+}
+
 /** A preferred (not required: dev has one system node) anti-affinity that keeps a KEDA component's replicas on different nodes. */
 const onDifferentNodes = (app: string) => ({
     podAntiAffinity: {

@@ -156,6 +156,14 @@ function checkWorkload(reader: ConfigReader, config: StackConfig): void {
             `active hours only matter when the service may scale to zero: set minReplicas to 0, or leave activeHoursStart, activeHoursEnd and activeHoursTimezone empty`,
         );
     }
+    if (autoscaling.targetRealtimeSessions > workload.realtime.maxSessions) {
+        reader.problem(
+            "targetRealtimeSessions",
+            autoscaling.targetRealtimeSessions,
+            `is more live sessions per pod than a pod admits (maxRealtimeSessions ${workload.realtime.maxSessions}): the autoscaler ` +
+                `would add pods only after sessions are refused; set it to ${workload.realtime.maxSessions} or less`,
+        );
+    }
     const albLongestRequest = albIdleTimeoutSeconds.max - idleMarginSeconds;
     if (traffic.certificateArn !== undefined && workload.requestTimeoutSeconds > albLongestRequest) {
         reader.problem(

@@ -104,6 +104,8 @@ export interface WorkloadConfig {
     uploadIdleSeconds: number;
     uploadMinBytesPerSecond: number;
     requestTimeoutSeconds: number;
+    /** Live transcription sessions (/v1/realtime): the per-pod limits that hold under abuse. */
+    realtime: RealtimeLimits;
     /** Set as secret config; when absent and required, the program generates one. */
     apiKey?: pulumi.Output<string>;
     requireApiKey: boolean;
@@ -111,6 +113,21 @@ export interface WorkloadConfig {
     modelCacheSizeGiB: number;
     /** An existing StorageClass for the cache (existing-cluster mode): nothing is created for it. */
     modelCacheStorageClass?: string;
+}
+
+/** The server's limits on live sessions (WHISPER_MAX_REALTIME_SESSIONS, WHISPER_REALTIME_*). */
+export interface RealtimeLimits {
+    /** Sessions one pod holds at once; past it a new one is refused. */
+    maxSessions: number;
+    /** A session that sends nothing this long is closed; the load balancers keep a silent WebSocket open longer. */
+    idleSeconds: number;
+    maxSessionSeconds: number;
+    /** The largest client message (OpenAI allows 15 MiB per append), MiB. */
+    maxMessageMb: number;
+    /** Audio a session may hold ahead of the decoder, seconds. */
+    maxBufferedSeconds: number;
+    /** Server events queued for a client that does not read; past it the session is closed. */
+    maxPendingEvents: number;
 }
 
 export interface TrafficConfig {
@@ -128,6 +145,8 @@ export interface MonitoringConfig {
     grafanaAdminPassword?: pulumi.Output<string>;
     alertP95LatencySeconds: number;
     alertErrorRatio: number;
+    /** WhisperRealtimeTurnLatencyP95 fires above this p95 of live turn latency, seconds. */
+    alertRealtimeTurnLatencyP95Seconds: number;
 }
 
 /**
@@ -147,6 +166,8 @@ export interface AutoscalingConfig {
     metric: ScalingMetric;
     /** The per-pod target of the chosen metric (from the key for that metric). */
     targetAverageValue: number;
+    /** Live sessions per pod the autoscaler keeps, beside the chosen metric (whichever asks for more pods wins). */
+    targetRealtimeSessions: number;
     activeHours?: ActiveHours;
 }
 

@@ -42,6 +42,10 @@ export const pinnedImagePattern =
 
 /** The longest request: the load balancer's idle timeout (requestTimeoutSeconds + 60) is at most 6000 s (an NLB's). */
 export const requestTimeoutSecondsRange = { min: 30, max: nlbTcpIdleTimeoutSeconds.max - idleMarginSeconds };
+/** A live session's idle timeout: the load balancers keep a silent WebSocket open longer (the ALB up to 4000 s). */
+export const realtimeIdleSecondsRange = { min: 5, max: 3600 };
+/** The live turn latency alert's threshold, ms: below the turn-latency histogram's largest finite bucket (30 s). */
+export const alertRealtimeTurnLatencyP95MsRange = { min: 100, max: 20000 };
 /** The p95 latency alert's threshold: no request outlasts the longest request timeout. */
 export const alertP95LatencySecondsRange = { min: 1, max: requestTimeoutSecondsRange.max };
 
@@ -164,6 +168,14 @@ function readWorkload(reader: ConfigReader): WorkloadConfig {
         uploadIdleSeconds: reader.integer("uploadIdleSeconds", { min: 1, max: 60 }),
         uploadMinBytesPerSecond: reader.integer("uploadMinBytesPerSecond", { min: 1, max: 100 * 2 ** 20 }),
         requestTimeoutSeconds: reader.integer("requestTimeoutSeconds", requestTimeoutSecondsRange),
+        realtime: {
+            maxSessions: reader.integer("maxRealtimeSessions", { min: 1, max: 10000 }),
+            idleSeconds: reader.integer("realtimeIdleSeconds", realtimeIdleSecondsRange),
+            maxSessionSeconds: reader.integer("realtimeMaxSessionSeconds", { min: 60, max: 24 * 3600 }),
+            maxMessageMb: reader.integer("realtimeMaxMessageMb", { min: 1, max: 64 }),
+            maxBufferedSeconds: reader.integer("realtimeMaxBufferedSeconds", { min: 5, max: 3600 }),
+            maxPendingEvents: reader.integer("realtimeMaxPendingEvents", { min: 16, max: 100000 }),
+        },
         apiKey: reader.optionalSecret("apiKey"),
         requireApiKey: reader.boolean("requireApiKey"),
         modelCacheStorage: reader.oneOf("modelCacheStorage", modelCacheStorages),
@@ -196,6 +208,7 @@ function readMonitoring(reader: ConfigReader): MonitoringConfig {
         grafanaAdminPassword: reader.optionalSecret("grafanaAdminPassword"),
         alertP95LatencySeconds: reader.integer("alertP95LatencySeconds", alertP95LatencySecondsRange),
         alertErrorRatio: errorPercent / 100,
+        alertRealtimeTurnLatencyP95Seconds: reader.integer("alertRealtimeTurnLatencyP95Ms", alertRealtimeTurnLatencyP95MsRange) / 1000,
     };
 }
 
@@ -240,6 +253,7 @@ function readAutoscaling(reader: ConfigReader): AutoscalingConfig {
         maxReplicas,
         metric,
         targetAverageValue: targets[metric],
+        targetRealtimeSessions: reader.integer("targetRealtimeSessions", { min: 1, max: 10000 }),
         activeHours: readActiveHours(reader),
     };
 }

@@ -50,6 +50,8 @@ export interface ServiceAlertThresholds {
     queueSize: number;
     p95LatencySeconds: number;
     errorRatio: number;
+    /** p95 of a live turn's latency (speech stopped or commit to completed transcript), seconds. */
+    realtimeTurnLatencyP95Seconds: number;
 }
 
 export interface Monitoring {
@@ -225,6 +227,14 @@ export function serviceAlertGroups(t: ServiceAlertThresholds): object[] {
                     "15m",
                     "warning",
                     `95th percentile transcription latency is above ${t.p95LatencySeconds} s.`,
+                ),
+                alert(
+                    "WhisperRealtimeTurnLatencyP95",
+                    // No live turn in the window: the division is empty and the alert stays quiet.
+                    `histogram_quantile(0.95, sum by (le) (rate(whisper_realtime_turn_latency_seconds_bucket{${inNamespace}}[5m]))) > ${t.realtimeTurnLatencyP95Seconds}`,
+                    "10m",
+                    "warning",
+                    `95th percentile live turn latency (speech stopped to completed transcript) is above ${t.realtimeTurnLatencyP95Seconds} s: captions lag behind speech. Check GPU load (whisper_batch_size) and that KEDA can add pods.`,
                 ),
                 alert(
                     "WhisperQueueSaturated",

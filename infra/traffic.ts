@@ -1,6 +1,7 @@
 // The load balancer in front of the service, made by the AWS Load Balancer Controller and chosen for long requests:
-// while a file is transcribed the connection is silent for up to requestTimeoutSeconds, so the load balancer's idle
-// timeout must outlast the longest request. Plain HTTP: an NLB TCP listener (idle timeout 60-6000 s). TLS: an NLB TLS
+// while a file is transcribed the connection is silent for up to requestTimeoutSeconds, and a live session's WebSocket
+// for up to its idle timeout, so the load balancer's idle timeout must outlast both (the server, not the load balancer,
+// ends a silent session, with an error event that says why). Plain HTTP: an NLB TCP listener (idle timeout 60-6000 s). TLS: an NLB TLS
 // listener's idle timeout is fixed at 350 s, so the service gets an ALB with an HTTPS listener instead (idle timeout
 // 1-4000 s). Limits from the Elastic Load Balancing guides ("Update the TCP idle timeout", LoadBalancerAttribute).
 import { LoadBalancerScheme } from "./config";
@@ -12,9 +13,10 @@ export interface TrafficSettings {
     certificateArn?: string;
 }
 
-/** What the load balancer needs to know of the server: the longest request, its drain, and its probes. */
+/** What the load balancer needs to know of the server: the longest request, a live session's idle timeout, its drain, and its probes. */
 export interface Backend {
     requestTimeoutSeconds: number;
+    realtimeIdleSeconds: number;
     drainSeconds: number;
     readinessPath: string;
 }
@@ -34,9 +36,9 @@ export const albIngressClass = "alb";
 /** TLS 1.3 and 1.2 with forward secrecy only. */
 export const albSslPolicy = "ELBSecurityPolicy-TLS13-1-2-2021-06";
 
-/** The idle timeout the load balancer gets: the longest request and a margin, within the listener's range. */
+/** The idle timeout the load balancer gets: the longest silence (a request, an idle live session) and a margin, within the listener's range. */
 export const idleTimeoutSeconds = (backend: Backend, range: { min: number; max: number }): number =>
-    Math.min(range.max, Math.max(range.min, backend.requestTimeoutSeconds + idleMarginSeconds));
+    Math.min(range.max, Math.max(range.min, Math.max(backend.requestTimeoutSeconds, backend.realtimeIdleSeconds) + idleMarginSeconds));
 
 /** A deregistered pod keeps its open connections until the server's drain is over. */
 const deregistrationDelay = (backend: Backend) => `deregistration_delay.timeout_seconds=${Math.min(maxDeregistrationDelaySeconds, backend.drainSeconds)}`;

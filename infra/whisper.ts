@@ -5,8 +5,8 @@ import * as k8s from "@pulumi/kubernetes";
 import * as pulumi from "@pulumi/pulumi";
 import * as random from "@pulumi/random";
 import { Dtype, PodResources } from "./catalog";
-import { scalingQuery } from "./autoscaling";
-import { ActiveHours, ScalingMetric } from "./config";
+import { realtimeSessionsQuery, scalingQuery } from "./autoscaling";
+import { ActiveHours, RealtimeLimits, ScalingMetric } from "./config";
 import { gpuNodeSelector, gpuToleration } from "./conventions";
 import { VolumeAccessMode } from "./model-cache";
 import { serverLimits } from "./server-limits";
@@ -93,6 +93,7 @@ export interface ServerSettings {
     uploadMinBytesPerSecond: number;
     /** The longest a request may run: the server's deadline, and the base of every timeout around it. */
     requestTimeoutSeconds: number;
+    realtime: RealtimeLimits;
     /** The GPU nodes may be spot instances (gpuCapacityTypes has spot): every drain must end within a reclaim's notice. */
     mayRunOnSpot: boolean;
 }
@@ -106,6 +107,8 @@ export interface ScalingSettings {
     metric: ScalingMetric;
     /** The per-pod average of the metric the autoscaler keeps. */
     targetAverageValue: number;
+    /** Live sessions per pod: a second trigger, so a pod full of live sessions scales out whatever the metric. */
+    targetRealtimeSessions: number;
     /** When at least one pod runs although the load metric is zero (or absent, with no pod to report it). */
     activeHours?: ActiveHours;
     /** Where KEDA reads the metric: the Prometheus that scrapes the server, `http://host:port`. */
@@ -204,6 +207,12 @@ export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number
         WHISPER_UPLOAD_MIN_BYTES_PER_SECOND: String(server.uploadMinBytesPerSecond),
         WHISPER_REQUEST_TIMEOUT_SECONDS: String(server.requestTimeoutSeconds),
         WHISPER_DRAIN_SECONDS: String(drainSeconds(server)),
+        WHISPER_MAX_REALTIME_SESSIONS: String(server.realtime.maxSessions),
+        WHISPER_REALTIME_IDLE_SECONDS: String(server.realtime.idleSeconds),
+        WHISPER_REALTIME_MAX_SESSION_SECONDS: String(server.realtime.maxSessionSeconds),
+        WHISPER_REALTIME_MAX_MESSAGE_MB: String(server.realtime.maxMessageMb),
+        WHISPER_REALTIME_MAX_BUFFERED_SECONDS: String(server.realtime.maxBufferedSeconds),
+        WHISPER_REALTIME_MAX_PENDING_EVENTS: String(server.realtime.maxPendingEvents),
         HF_HOME: `${modelCacheMountPath}/hf`,
     };
 }
@@ -280,7 +289,12 @@ export class WhisperService extends pulumi.ComponentResource {
         const spread = (topologyKey: string) => ({ maxSkew: 1, topologyKey, whenUnsatisfiable: "ScheduleAnyway", labelSelector: { matchLabels: labels } });
 
         // Plain HTTP: the Service is an NLB. TLS: the Service only names the pods, an ALB Ingress sends to their IPs.
-        const backend = { requestTimeoutSeconds: server.requestTimeoutSeconds, drainSeconds: drainSeconds(server), readinessPath: probePaths.readiness };
+        const backend = {
+            requestTimeoutSeconds: server.requestTimeoutSeconds,
+            realtimeIdleSeconds: server.realtime.idleSeconds,
+            drainSeconds: drainSeconds(server),
+            readinessPath: probePaths.readiness,
+        };
         const afterController = {
             ...k8sOpts,
             dependsOn: args.after.loadBalancerController ? [args.after.loadBalancerController] : [],
@@ -483,6 +497,16 @@ export class WhisperService extends pulumi.ComponentResource {
                                 serverAddress: scaling.prometheusAddress,
                                 query: scalingQuery(scaling.metric, whisperNamespace),
                                 threshold: String(scaling.targetAverageValue),
+                            },
+                        },
+                        // Live sessions are load the file metrics do not see (a session between turns queues nothing).
+                        {
+                            type: "prometheus",
+                            metricType: "AverageValue",
+                            metadata: {
+                                serverAddress: scaling.prometheusAddress,
+                                query: realtimeSessionsQuery(whisperNamespace),
+                                threshold: String(scaling.targetRealtimeSessions),
                             },
                         },
                         // With no pod there is no load metric: the schedule brings the first pod back.

@@ -50,6 +50,15 @@ export function whisperPanels(namespace: string): Panel[] {
                 { expr: `histogram_quantile(0.95, sum by (le) (rate(whisper_batch_size_bucket{${ns}}[5m])))`, legend: "p95" },
             ],
         },
+        {
+            title: "Live sessions and turn latency",
+            unit: "none",
+            targets: [
+                { expr: `sum by (pod) (whisper_realtime_sessions{${ns}})`, legend: "sessions {{pod}}" },
+                { expr: `histogram_quantile(0.95, sum by (le) (rate(whisper_realtime_turn_latency_seconds_bucket{${ns}}[5m])))`, legend: "turn latency p95 (s)" },
+                { expr: `sum(rate(whisper_realtime_audio_seconds_total{${ns}}[5m]))`, legend: "live audio s/s" },
+            ],
+        },
         { title: "GPU utilisation", unit: "percent", targets: [{ expr: "DCGM_FI_DEV_GPU_UTIL", legend: "{{Hostname}} gpu {{gpu}}" }] },
         { title: "GPU memory used", unit: "percentunit", targets: [{ expr: gpuMemoryRatio, legend: "{{Hostname}} gpu {{gpu}}" }] },
         { title: "Ready replicas", unit: "none", targets: [{ expr: `kube_deployment_status_replicas_ready{${ns}}`, legend: "{{deployment}}" }] },
