@@ -173,7 +173,8 @@ function readWorkload(reader: ConfigReader): WorkloadConfig {
             idleSeconds: reader.integer("realtimeIdleSeconds", realtimeIdleSecondsRange),
             maxSessionSeconds: reader.integer("realtimeMaxSessionSeconds", { min: 60, max: 24 * 3600 }),
             maxMessageMb: reader.integer("realtimeMaxMessageMb", { min: 1, max: 64 }),
-            maxBufferedSeconds: reader.integer("realtimeMaxBufferedSeconds", { min: 5, max: 3600 }),
+            // More than one 30 s window: whisper-server refuses to start with less (a long turn must fit).
+            maxBufferedSeconds: reader.integer("realtimeMaxBufferedSeconds", { min: 31, max: 3600 }),
             maxPendingEvents: reader.integer("realtimeMaxPendingEvents", { min: 16, max: 100000 }),
         },
         apiKey: reader.optionalSecret("apiKey"),

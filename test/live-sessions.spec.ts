@@ -65,7 +65,7 @@ describe("live sessions (/v1/realtime) on the cluster", function () {
             assert.equal(Number(serverEnv(prod)[`WHISPER_${setting.toUpperCase()}`]), config(prod, key), key);
             assert.equal(config(prod, key), defaults.get(setting), `${key} defaults to whisper-server's own default`);
         }
-        const changed = { maxRealtimeSessions: 10, realtimeIdleSeconds: 30, realtimeMaxSessionSeconds: 600, realtimeMaxMessageMb: 2, realtimeMaxBufferedSeconds: 20, realtimeMaxPendingEvents: 64, targetRealtimeSessions: 8 };
+        const changed = { maxRealtimeSessions: 10, realtimeIdleSeconds: 30, realtimeMaxSessionSeconds: 600, realtimeMaxMessageMb: 2, realtimeMaxBufferedSeconds: 45, realtimeMaxPendingEvents: 64, targetRealtimeSessions: 8 };
         const variables = serverEnv(await evaluateStack("prod", changed));
         for (const [key, setting] of Object.entries(realtimeKeys)) {
             assert.equal(variables[`WHISPER_${setting.toUpperCase()}`], String(changed[key as keyof typeof changed]), key);
@@ -132,6 +132,8 @@ describe("live sessions (/v1/realtime) on the cluster", function () {
         { what: "a session idle timeout past what the ALB can hold", overrides: { realtimeIdleSeconds: 3601 }, expected: ["whisper-eks:realtimeIdleSeconds = 3601", "from 5 to 3600"] },
         { what: "a latency threshold the histogram cannot reach", overrides: { alertRealtimeTurnLatencyP95Ms: 60000 }, expected: ["whisper-eks:alertRealtimeTurnLatencyP95Ms = 60000", "from 100 to 20000"] },
         { what: "no live sessions at all", overrides: { maxRealtimeSessions: 0 }, expected: ["whisper-eks:maxRealtimeSessions = 0"] },
+        // whisper-server refuses to start with a buffer no longer than a 30 s window: the pods would crash-loop.
+        { what: "a live buffer shorter than a window", overrides: { realtimeMaxBufferedSeconds: 30 }, expected: ["whisper-eks:realtimeMaxBufferedSeconds = 30", "from 31 to 3600"] },
     ];
     for (const { what, overrides, expected } of refused) {
         it(`refuses ${what}, before declaring anything`, async function () {
