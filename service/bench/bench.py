@@ -323,22 +323,27 @@ def real_clips(args: argparse.Namespace) -> dict[str, list]:
     sys.path.insert(0, str(HERE.parent / "tests"))
     from speech import SpeechClips
 
-    clips = SpeechClips(args.clips_dir)
+    clips, split = SpeechClips(args.clips_dir), args.split
     made = {
-        "short": lambda: clips.short(count=args.short_clips),
-        "long": lambda: [clips.long(pause=(0.7, 0.25)[index % 2], seconds=args.long_seconds, seed=index)
+        "short": lambda: clips.short(split, count=args.short_clips),
+        "long": lambda: [clips.long(pause=(0.7, 0.25)[index % 2], split=split, seconds=args.long_seconds, seed=index)
                          for index in range(args.long_clips)],
-        "quiet": lambda: [clips.quiet(seconds=args.quiet_seconds)],
+        "quiet": lambda: [clips.quiet(split, seconds=args.quiet_seconds)],
         SILENT_CLASS: lambda: [clips.silence(), clips.noise()],
     }
     return {kind: make() for kind, make in made.items() if kind in args.classes}
 
 
-def server_transcriber(url: str, concurrency: int, words: bool = False) -> Callable[[list], list[str]]:
-    """Our server over HTTP: `concurrency` clients, each posting one clip at a time (the clip's WAV file); with
-    `words`, asking for word timestamps too."""
-    fields = {"model": "whisper-1", **({"response_format": "verbose_json", "timestamp_granularities[]": "word"}
-                                       if words else {})}
+# What the server is asked for, by --server-formats: json (decoded without timestamps by default), verbose_json
+# (segment times: timestamps decoded, with OpenAI's seek) and verbose_json with word timestamps too.
+SERVER_FORMATS = {"json": {}, "verbose_json": {"response_format": "verbose_json"},
+                  "words": {"response_format": "verbose_json", "timestamp_granularities[]": "word"}}
+
+
+def server_transcriber(url: str, concurrency: int, answer: str = "json") -> Callable[[list], list[str]]:
+    """Our server over HTTP: `concurrency` clients, each posting one clip at a time (the clip's WAV file), asking
+    for the SERVER_FORMATS `answer`."""
+    fields = {"model": "whisper-1", **SERVER_FORMATS[answer]}
 
     def transcribe(clips: list) -> list[str]:
         def one(clip) -> str:
@@ -393,20 +398,23 @@ def transformers_transcribers(checkpoint: str, pipeline_batch_size: int | None) 
 def faster_whisper_transcribers(ct2_model: str, cpu_threads: int, batch_size: int) -> dict[str, Callable[[list], list[str]]]:
     """faster-whisper on the original CTranslate2 weights (float32 on CPU, as ours), with its defaults: sequential
     transcribe (beam 5, temperature fallback, conditioned on the previous text) and BatchedInferencePipeline (silero
-    VAD segments, batched, beam 5)."""
+    VAD segments, batched, beam 5, no timestamps); and both at beam 1 (greedy, like ours)."""
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     model = WhisperModel(ct2_model, device="cpu", compute_type="float32", cpu_threads=cpu_threads)
     batched = BatchedInferencePipeline(model)
 
-    def sequential(clips: list) -> list[str]:
-        return [" ".join(s.text.strip() for s in model.transcribe(clip.samples())[0]) for clip in clips]
+    def sequential(beam_size: int) -> Callable[[list], list[str]]:
+        return lambda clips: [" ".join(s.text.strip() for s in model.transcribe(clip.samples(), beam_size=beam_size)[0])
+                              for clip in clips]
 
-    def in_batches(clips: list) -> list[str]:
-        return [" ".join(s.text.strip() for s in batched.transcribe(clip.samples(), batch_size=batch_size)[0])
-                for clip in clips]
+    def in_batches(beam_size: int) -> Callable[[list], list[str]]:
+        return lambda clips: [" ".join(s.text.strip() for s in batched.transcribe(
+            clip.samples(), batch_size=batch_size, beam_size=beam_size)[0]) for clip in clips]
 
-    return {"faster-whisper transcribe": sequential, f"faster-whisper batched, batch {batch_size}": in_batches}
+    return {"faster-whisper transcribe": sequential(5), "faster-whisper transcribe, beam 1": sequential(1),
+            f"faster-whisper batched, batch {batch_size}": in_batches(5),
+            f"faster-whisper batched, batch {batch_size}, beam 1": in_batches(1)}
 
 
 def measure_system(name: str, transcribe: Callable[[list], list[str]], clips: dict[str, list]) -> list[dict]:
@@ -458,18 +466,25 @@ def run_real(args: argparse.Namespace) -> None:
     longest = max(clip.duration for members in clips.values() for clip in members)
     server_args += admission_args(concurrency, b"\0" * int(longest * 2 * SAMPLE_RATE), longest)
     rows, load_seconds = [], {}
-    server = Server(server_args, workdir / "server.log")
-    try:
-        load_seconds["server"] = round(server.wait_ready(), 1)
-        for words in (False, True):
-            transcribe = server_transcriber(server.url, concurrency, words)
-            transcribe(clips["short"][:2])  # warm-up
-            rows += measure_system(f"whisper-server, {concurrency} clients{', words' * words}", transcribe, clips)
-    finally:
-        server.stop()
+    for label, flags in args.server_variant or [("", "")]:
+        server = Server(server_args + flags.split(), workdir / "server.log")
+        try:
+            load_seconds[f"server{label and ' ' + label}"] = round(server.wait_ready(), 1)
+            for answer in args.server_formats:
+                transcribe = server_transcriber(server.url, concurrency, answer)
+                transcribe(clips["short"][:2])  # warm-up
+                name = ", ".join(part for part in (f"whisper-server{label and ' ' + label}", f"{concurrency} clients",
+                                                   answer if answer != "json" else "") if part)
+                rows += measure_system(name, transcribe, clips)
+        finally:
+            server.stop()
     started = time.monotonic()
-    systems = transformers_transcribers(checkpoint, args.pipeline_batch_sizes[0] if args.pipeline_batch_sizes else None)
-    systems.update(faster_whisper_transcribers(ct2_model, args.cpu_threads, args.max_batch_size))
+    systems = {}
+    if "transformers" in args.peers:
+        systems.update(transformers_transcribers(checkpoint, args.pipeline_batch_sizes[0] if args.pipeline_batch_sizes
+                                                 else None))
+    if "faster-whisper" in args.peers:
+        systems.update(faster_whisper_transcribers(ct2_model, args.cpu_threads, args.max_batch_size))
     load_seconds["peers"] = round(time.monotonic() - started, 1)
     for name, transcribe in systems.items():
         transcribe(clips["short"][:1])  # warm-up
@@ -479,7 +494,7 @@ def run_real(args: argparse.Namespace) -> None:
         "clips": {kind: {"count": len(m), "audio_seconds": round(sum(c.duration for c in m), 1),
                          "references": [c.text for c in m]} for kind, m in clips.items()},
         "cpu_threads": args.cpu_threads, "server_args": server_args[2:], "load_seconds": load_seconds,
-        "command": args.command,
+        "command": args.command, "split": args.split,
         "machine": machine(), "results": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -494,7 +509,7 @@ def real_markdown(report: dict) -> str:
     header = ", ".join(f"{kind}: {c['count']} clip{'s' * (c['count'] != 1)}, {c['audio_seconds']:g} s"
                        for kind, c in clips.items())
     lines = [f"{report['model'].split(' (')[0]} on CPU ({report['machine']['cpus']} CPUs, {report['cpu_threads']} "
-             f"threads, load average after {report['machine']['load_average_after'][0]}); held-out espeak-ng clips "
+             f"threads, load average after {report['machine']['load_average_after'][0]}); {report['split']} espeak-ng clips "
              f"({header})", "",
              "| system | " + " | ".join(f"{kind} WER | {kind} RTFx" for kind in CLIP_CLASSES)
              + " | words on silence and noise |",
@@ -547,6 +562,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--long-clips", type=int, default=4, help="--real: long clips, pauses alternating 0.7 and 0.25 s")
     parser.add_argument("--long-seconds", type=float, default=75.0, help="--real: length of each long clip")
     parser.add_argument("--quiet-seconds", type=float, default=40.0, help="--real: length of the clip 40 dB down")
+    parser.add_argument("--split", choices=("held out", "development"), default="held out",
+                        help="--real: the sentences the clips speak (tune on development, report held out)")
+    parser.add_argument("--server-variant", nargs=2, action="append", metavar=("LABEL", "FLAGS"),
+                        help="--real: a server run with these extra serve flags (repeatable; default: one, the "
+                             "defaults), e.g. --server-variant 'reference padding' '--feature-padding reference'")
+    parser.add_argument("--server-formats", nargs="+", choices=tuple(SERVER_FORMATS), default=list(SERVER_FORMATS),
+                        help="--real: what each server run is asked for")
+    parser.add_argument("--peers", nargs="*", choices=("transformers", "faster-whisper"),
+                        default=["transformers", "faster-whisper"], help="--real: the other systems run beside it")
     parser.add_argument("--clips-dir", type=Path, default=HERE.parents[1] / "test-artifacts" / "speech",
                         help="--real: where the espeak-ng clips are made (shared with the tests)")
     parser.add_argument("--clip-seconds", type=float, help="each request's audio (default 1 on CPU, 30 on GPU)")

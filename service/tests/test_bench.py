@@ -107,7 +107,7 @@ def test_gpu_memory_sampler_keeps_the_peak_of_nvidia_smi(tmp_path, monkeypatch):
 
 
 def test_real_benchmark_puts_every_peer_on_the_same_real_clips(tiny_en, tmp_path):
-    """--real on a few short clips: our server (with and without word timestamps), transformers (long-form generate and the pipeline) and faster-whisper
+    """--real on a few short clips: our server (json, verbose_json, and word timestamps), transformers (long-form generate and the pipeline) and faster-whisper
     (sequential and batched, on the wheel's CTranslate2 file) each transcribe every clip class, and the WER it
     reports is the one its own texts give."""
     from speech import normalize_words, word_errors
@@ -118,8 +118,10 @@ def test_real_benchmark_puts_every_peer_on_the_same_real_clips(tiny_en, tmp_path
                     "--max-batch-size", "2", "--pipeline-batch-sizes", "2", "--cpu-threads", "1",
                     "--output", str(tmp_path / "real")], check=True, timeout=1200)
     report = json.loads((tmp_path / "real.json").read_text())
-    systems = {"whisper-server, 2 clients", "whisper-server, 2 clients, words", "transformers generate, long-form", "transformers pipeline, batch 2",
-               "faster-whisper transcribe", "faster-whisper batched, batch 2"}
+    systems = {"whisper-server, 2 clients", "whisper-server, 2 clients, verbose_json", "whisper-server, 2 clients, words",
+               "transformers generate, long-form", "transformers pipeline, batch 2",
+               "faster-whisper transcribe", "faster-whisper transcribe, beam 1", "faster-whisper batched, batch 2",
+               "faster-whisper batched, batch 2, beam 1"}
     rows = {(r["system"], r["class"]): r for r in report["results"]}
     assert set(rows) == {(s, c) for s in systems for c in ("short", "long", "quiet")}
     assert report["clips"]["long"]["audio_seconds"] > 30 and report["clips"]["short"]["count"] == 2
@@ -131,6 +133,7 @@ def test_real_benchmark_puts_every_peer_on_the_same_real_clips(tiny_en, tmp_path
         assert row["empty"] == sum(not normalize_words(t) for t in row["texts"])
     server_short = rows[("whisper-server, 2 clients", "short")]
     assert all(normalize_words(t) for t in server_short["texts"]), "real speech gets real words"
-    assert rows[("whisper-server, 2 clients, words", "long")]["texts"] == rows[("whisper-server, 2 clients", "long")]["texts"]
+    assert (rows[("whisper-server, 2 clients, words", "long")]["texts"]
+            == rows[("whisper-server, 2 clients, verbose_json", "long")]["texts"]), "words change no text"
     table = (tmp_path / "real.md").read_text()
     assert all(f"| {system} |" in table for system in systems)

@@ -18,12 +18,13 @@ ENGLISH_ONLY = {"multilingual": False, "tasks": ["transcribe"], "languages": ["e
 
 
 def test_tokens_equal_transformers_generate_on_real_speech(tiny_en_engine, speech):
-    """Eight sentences through four slots, joining while others decode, some after a prompt: each window's tokens
-    are exactly generate(..., return_timestamps=True)'s, suppress lists and timestamp rules of the real checkpoint
-    included."""
+    """Eight sentences through four slots, joining while others decode, some after a prompt, two without
+    timestamps: each window's tokens are exactly generate(..., return_timestamps=...)'s, suppress lists and timestamp
+    rules of the real checkpoint included."""
     clips = speech.short(count=8)
     windows = [(clip.samples(), DecodeOptions(language="en" if index % 2 else None,
-                                              prompt="A test of the weather." if index % 3 == 0 else None))
+                                              prompt="A test of the weather." if index % 3 == 0 else None,
+                                              timestamps=index % 4 != 1))
                for index, clip in enumerate(clips)]
     expected = [reference_tokens(tiny_en_engine, samples, options) for samples, options in windows]
     got = decode_windows(tiny_en_engine, windows, joins=[0, 0, 2, 9, 9, 15, 30, 31])
@@ -59,7 +60,8 @@ def test_transcribes_real_speech_over_http_with_the_openai_sdk(tiny_en_server, s
     # OpenAI's fallback samples an unsure decode again (average log-probability below -1): 0.26 on these clips.
     assert corpus_word_error_rate([c.text for c in clips], texts) < 0.3, texts
     with open(clips[0].path, "rb") as handle:
-        given = sdk.audio.transcriptions.create(model="whisper-1", file=handle, language="en")
+        given = sdk.audio.transcriptions.create(model="whisper-1", file=handle, language="en",
+                                                response_format="verbose_json")
     assert given.text == texts[0]
 
 
@@ -113,3 +115,22 @@ def test_no_speech_prob_is_read_after_the_prompt_as_openai_reads_it(tiny_en_engi
             expected.append(logits[0, -1].softmax(-1)[engine.special.no_speech].item())
     assert got == pytest.approx(expected, abs=1e-5)
     assert abs(got[0] - got[1]) > 1e-4, "the prompt changes the probability, so the test tells the two apart"
+
+
+def test_feature_padding_reference_and_zeros(tiny_en_engine, speech):
+    """A short window's features: the speech frames are the same either way; after them, "reference" holds the
+    log-mel floor (the audio padded with silence, as transformers' feature extractor gives) and "zeros" holds 0.0
+    exactly as faster-whisper's features padded by its pad_or_trim."""
+    from faster_whisper.audio import pad_or_trim
+    from faster_whisper.feature_extractor import FeatureExtractor
+
+    samples = speech.short(count=1)[0].samples()
+    frames = len(samples) // 160
+    reference = tiny_en_engine.log_mel([samples], padding="reference")[0].numpy()
+    zeros = tiny_en_engine.log_mel([samples], padding="zeros")[0].numpy()
+    transformers_features = tiny_en_engine.processor.feature_extractor(samples, sampling_rate=16_000).input_features[0]
+    faster_whisper_features = pad_or_trim(FeatureExtractor()(samples)[..., :-1])
+    assert np.abs(reference - transformers_features).max() < 1e-4
+    assert np.abs(zeros - faster_whisper_features).max() < 1e-4
+    assert np.array_equal(reference[:, :frames - 1], zeros[:, :frames - 1])
+    assert (zeros[:, frames:] == 0).all() and np.allclose(reference[:, frames + 2:], reference.max() - 2.0)

@@ -45,6 +45,10 @@ FIXED = [  # (seed, seconds, options): lengths, languages given and detected, bo
     (6, 8.0, DecodeOptions(language="fr", prompt=PROMPTS[2])),
     (7, 29.5, DecodeOptions(language="ja")),
     (8, 3.0, DecodeOptions(prompt=PROMPTS[0], task="translate")),
+    # Without timestamps: <|notimestamps|> forced, no timestamp rules (beside windows that have them)
+    (9, 6.0, DecodeOptions(language="en", timestamps=False)),
+    (10, 21.0, DecodeOptions(task="translate", timestamps=False)),
+    (11, 9.0, DecodeOptions(prompt=PROMPTS[2], timestamps=False)),
 ]
 
 
@@ -55,8 +59,8 @@ def test_tokens_equal_transformers_alone_and_batched(engine):
     assert len({tuple(tokens) for tokens in expected}) == len(expected), "each window decodes to its own tokens"
     alone = [decode(engine, [window], [0])[0] for window in windows]
     assert alone == expected
-    # Four slots, eight windows: the first four start together, the rest join as slots free up, mid-decode.
-    together = decode(engine, windows, joins=[0, 0, 3, 5, 7, 7, 9, 20])
+    # Four slots, eleven windows: the first four start together, the rest join as slots free up, mid-decode.
+    together = decode(engine, windows, joins=[0, 0, 3, 5, 7, 7, 9, 20, 20, 21, 30])
     assert together == expected
 
 
@@ -84,7 +88,7 @@ def test_random_windows_mostly_equal_transformers(engine):
     windows = []
     for seed in range(100, 140):
         options = DecodeOptions(task=rng.choice(("transcribe", "translate")), language=rng.choice(LANGUAGES),
-                                prompt=rng.choice((None, None) + PROMPTS))
+                                prompt=rng.choice((None, None) + PROMPTS), timestamps=rng.random() < 0.75)
         if options.task == "translate" and rng.random() < 0.5:
             options = replace(options, language=None)
         windows.append((clip(seed, rng.uniform(0.5, 30.0)), options))

@@ -115,3 +115,18 @@ def test_tokens_equal_generate_on_the_servers_own_windows(sdk, speech, tiny_en_e
             samples = samples[round(resume_at * SAMPLE_RATE):]
     assert [token for segment in result.segments for token in segment.tokens] == expected
     assert continuations, "a window of this clip is decoded again from its last timestamp"
+
+
+def test_json_decodes_the_servers_windows_without_timestamps_as_generate_does(sdk, speech, tiny_en_engine):
+    """A json answer needs no segment times: each window the server cuts is decoded once after <|notimestamps|>
+    (no seek), its text exactly transformers' generate(..., return_timestamps=False) on that window, and no sentence
+    is lost or said twice."""
+    clip = speech.long(**LONG_CLIPS["0.7 s pauses"])
+    with open(clip.path, "rb") as handle:
+        text = sdk.audio.transcriptions.create(model="whisper-1", file=handle).text
+    decode = tiny_en_engine.processor.tokenizer.decode
+    windows = [decode(reference_tokens(tiny_en_engine, window.samples, DecodeOptions(timestamps=False))).strip()
+               for window in split_windows(clip.samples())]
+    assert text == " ".join(window for window in windows if window)
+    assert lost_sentences(clip, text) == [] and repeated_phrases(clip, text) == [], text
+    assert word_error_rate(clip.text, text) < 0.15, text

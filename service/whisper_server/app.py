@@ -199,9 +199,14 @@ def decode_options(form, task: str, state: ServerState) -> Asked:
         raise ApiError(400, f"language must be an ISO-639-1 code the model knows (such as en, de, fr); got '{language}'.",
                        param="language", code="invalid_language")
     prompt = (form.get("prompt") or "").strip() or None
+    segments_in_stream = stream and "segment" in granularities
+    # Timestamp tokens are decoded only where the answer shows segment times: elsewhere decoding without them makes
+    # fewer word errors and fewer tokens (docs/server.md, "Decoding").
+    timestamps = (state.settings.decode_timestamps == "always" or response_format in ("verbose_json", "srt", "vtt")
+                  or segments_in_stream or "word" in granularities)
     options = DecodeOptions(task=task, language=language, prompt=prompt, temperature=temperature,
-                            word_timestamps="word" in granularities)
-    return Asked(options, response_format, stream, segments_in_stream=stream and "segment" in granularities)
+                            word_timestamps="word" in granularities, timestamps=timestamps)
+    return Asked(options, response_format, stream, segments_in_stream=segments_in_stream)
 
 
 async def receive_audio(request: Request, state: ServerState, task: str,

@@ -222,6 +222,7 @@ class SlotDecoder:
         self.limit = torch.full((slots,), self.positions, dtype=torch.long, device=device)  # most tokens in the sequence
         self.min_length = torch.zeros(slots, dtype=torch.long, device=device)  # end of text is banned below this
         self.temperature = torch.zeros(slots, device=device)
+        self.timestamps = torch.ones(slots, dtype=torch.bool, device=device)  # the timestamp rules apply
         self.last_timestamp = torch.full((slots,), -1, dtype=torch.long, device=device)  # -1: none generated yet
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
         self.done = torch.zeros(slots, dtype=torch.bool, device=device)  # finished in the last step
@@ -238,14 +239,15 @@ class SlotDecoder:
         initial = self.is_timestamp.clone()
         if special.max_initial_timestamp_index is not None:
             initial &= self.vocab <= special.timestamp_begin + special.max_initial_timestamp_index
-        self.first_banned |= ~initial  # the first token is a timestamp, at most max_initial_timestamp_index in
+        self.not_initial = ~initial  # with timestamps, the first token is one, at most max_initial_timestamp_index in
         self.language_mask = ~self._mask(special.languages)
 
     def _row_state(self) -> list[tuple[torch.Tensor, int]]:
         """Every per-row tensor, with the dimension its rows are on."""
         caches = [(cache, 1) for cache in (self.self_keys, self.self_values, self.cross_keys, self.cross_values)]
         return caches + [(state, 0) for state in (self.tokens, self.logprobs, self.length, self.begin, self.limit,
-                                                   self.min_length, self.temperature, self.last_timestamp,
+                                                   self.min_length, self.temperature, self.timestamps,
+                                                   self.last_timestamp,
                                                    self.active, self.done)]
 
     def _mask(self, token_ids) -> torch.Tensor:
@@ -357,8 +359,8 @@ class SlotDecoder:
         return self.model.proj_out(hidden[:piece.count, -1]).float()
 
     def prefill(self, piece: Piece, prefixes: list[list[int]], limits: list[int], min_lengths: list[int],
-                temperatures: list[float], prefilled: bool = False, read_at: list[int] | None = None
-                ) -> torch.Tensor | None:
+                temperatures: list[float], timestamps: list[bool] | None = None, prefilled: bool = False,
+                read_at: list[int] | None = None) -> torch.Tensor | None:
         """Writes the KV of each window's forced prefix except its last token (the first step feeds that one), unless
         attach() did (`prefilled`), and sets its row's state; the windows decode from the next step on. With
         `read_at` (a position in each prefix), the pass reaches those positions too and returns the logits there
@@ -379,6 +381,8 @@ class SlotDecoder:
         self.limit[real] = torch.tensor(limits, device=self.device)
         self.min_length[real] = torch.tensor(min_lengths, device=self.device)
         self.temperature[real] = torch.tensor(temperatures, dtype=torch.float32, device=self.device)
+        self.timestamps[real] = torch.tensor([True] * piece.count if timestamps is None else timestamps,
+                                             device=self.device)
         self.last_timestamp[real] = -1
         self.done[real] = False
         self.active[real] = True
@@ -487,9 +491,11 @@ class SlotDecoder:
 
     def _apply_rules(self, logits: torch.Tensor, size: int) -> torch.Tensor:
         """Whisper's decoding rules for every slot at once, as transformers' Whisper generation applies them
-        (SuppressTokensAtBegin, SuppressTokens, WhisperTimeStampLogitsProcessor), before the token is chosen."""
+        (SuppressTokensAtBegin, SuppressTokens, and WhisperTimeStampLogitsProcessor where the slot decodes timestamps),
+        before the token is chosen."""
         special = self.special
         length, tokens = self.length[:size, None], self.tokens[:size]
+        timestamps = self.timestamps[:size, None]
         generated = length - self.begin[:size, None]
         first = generated == 0
         last = tokens.gather(1, (length - 1).clamp(min=0))
@@ -501,20 +507,25 @@ class SlotDecoder:
         previous = self.last_timestamp[:size, None]
         floor = torch.where(previous < 0, special.timestamp_begin,
                             torch.where(last_is_timestamp & ~before_is_timestamp, previous, previous + 1))
+        timestamp_rules = timestamps & (
+            (first & self.not_initial)
+            | (last_is_timestamp & before_is_timestamp & self.is_timestamp)  # a pair closed: text or end next
+            | (last_is_timestamp & ~before_is_timestamp & self.is_text)  # a pair open: a timestamp or end next
+            | (self.is_timestamp & (self.vocab < floor))
+        )
         banned = (
             self.always_banned
             | (first & self.first_banned)
             | (self.is_end & (length < self.min_length[:size, None]))
-            | (last_is_timestamp & before_is_timestamp & self.is_timestamp)  # a pair closed: text or end next
-            | (last_is_timestamp & ~before_is_timestamp & self.is_text)  # a pair open: a timestamp or end next
-            | (self.is_timestamp & (self.vocab < floor))
+            | timestamp_rules
         )
         scores = logits.masked_fill(banned, NEGATIVE_INFINITY)
         # When the timestamps together are likelier than any single text token, a timestamp comes next.
         logprobs = scores.log_softmax(-1)
         timestamp_mass = logprobs[:, special.timestamp_begin:].logsumexp(-1)
         best_text = logprobs[:, :special.timestamp_begin].max(-1).values
-        return scores.masked_fill((timestamp_mass > best_text)[:, None] & ~self.is_timestamp, NEGATIVE_INFINITY)
+        timestamp_next = timestamps & (timestamp_mass > best_text)[:, None]
+        return scores.masked_fill(timestamp_next & ~self.is_timestamp, NEGATIVE_INFINITY)
 
     @staticmethod
     def _choose(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:

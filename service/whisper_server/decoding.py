@@ -32,6 +32,9 @@ class DecodeOptions:
     prompt: str | None = None
     temperature: float = 0.0
     word_timestamps: bool = False  # the engine aligns the window's final tokens to its audio (alignment.py)
+    # Decode timestamp tokens (segments within the window, and OpenAI's seek from the last one). Without them the
+    # prefix ends in <|notimestamps|>, a window is one segment spanning its audio, and there is no seek.
+    timestamps: bool = True
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ from .decoding import SAMPLE_RATE, TIME_PRECISION, Capabilities, DecodeOptions, 
 from .segmentation import decoded_until
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# How a window shorter than 30 s is padded to the encoder's 3000 frames: "reference" pads the audio with silence, as
+# OpenAI's Whisper and transformers do (the padding frames hold the log-mel floor, the peak - 8); "zeros" pads the
+# log-mel features with 0.0 after the audio's frames, as faster-whisper does.
+FEATURE_PADDINGS = ("reference", "zeros")
 # Memory left beside the KV caches for the encoder's activations and the step graphs, as a share of free memory.
 ACTIVATION_RESERVE = 0.2
 
@@ -113,12 +117,13 @@ class SlotWindow:
     temperature: float
     start_of_transcript: list[int]  # the forced prefix after any prompt: what the alignment pass starts from
     word_timestamps: bool
+    timestamps: bool  # decoded with timestamp tokens (else: one segment, no seek)
 
 
 class WhisperEngine:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", offline: bool = False,
                  max_new_tokens: int | None = None, fixed_new_tokens: bool = False, cpu_threads: int | None = None,
-                 slots: int = 16, cuda_graphs: bool = True):
+                 slots: int = 16, cuda_graphs: bool = True, feature_padding: str = "reference"):
         self.model_name = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -129,6 +134,9 @@ class WhisperEngine:
         self.cpu_threads = cpu_threads
         self.capacity = slots
         self.cuda_graphs = cuda_graphs
+        if feature_padding not in FEATURE_PADDINGS:
+            raise ValueError(f"feature_padding must be one of {', '.join(FEATURE_PADDINGS)}, got {feature_padding!r}")
+        self.feature_padding = feature_padding
         self.load_seconds: float | None = None
         self.windows: dict[int, SlotWindow] = {}
         self.attention_backends: dict[str, list[str]] = {}  # per attention, the backends it ran on at warm-up
@@ -334,18 +342,19 @@ class WhisperEngine:
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
                 start, language = self._start_of_transcript(options, detected_id)
                 prompt = self._prompt_ids(options.prompt)
-                prefix = prompt + start  # as _prefix() makes it
+                prefix = prompt + start + self._timestamp_mode(options)  # as _prefix() makes it
                 limit = self._limit(len(prefix), admission.max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
                 starts.append(len(prompt))  # where <|startoftranscript|> sits
                 limits.append(limit)
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
                 admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, language, no_speech_prob, options.temperature,
-                                           start, options.word_timestamps))
+                                           start, options.word_timestamps, options.timestamps))
             temperatures = [options.temperature for _, options in windows]
+            timestamps = [options.timestamps for _, options in windows]
             for piece, part, prefilled in zip(admission.pieces, parts, known):
                 after_prompt = self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part],
-                                                    temperatures[part], prefilled=prefilled is not None,
+                                                    temperatures[part], timestamps[part], prefilled=prefilled is not None,
                                                     read_at=starts[part] if any(starts[part]) else None)
                 if after_prompt is not None:
                     for window, probability in zip(admitted[part],
@@ -369,10 +378,15 @@ class WhisperEngine:
         return ([self.special.start_of_transcript, language_id, self.task_ids[options.task]],
                 self.id_to_language[language_id])
 
+    def _timestamp_mode(self, options: DecodeOptions) -> list[int]:
+        """What follows the start of transcript: nothing when timestamps are decoded, else <|notimestamps|>."""
+        return [] if options.timestamps else [self.special.no_timestamps]
+
     def _prefix(self, options: DecodeOptions, detected_id: int | None) -> tuple[list[int], str]:
-        """The forced prefix (the prompt, if any, then the start of transcript) and the window's language."""
+        """The forced prefix (the prompt, if any, the start of transcript, and <|notimestamps|> where timestamps are
+        not decoded) and the window's language."""
         start, language = self._start_of_transcript(options, detected_id)
-        return self._prompt_ids(options.prompt) + start, language
+        return self._prompt_ids(options.prompt) + start + self._timestamp_mode(options), language
 
     def _known_prefixes(self, options: list[DecodeOptions]) -> list[list[int]] | None:
         """The windows' prefixes when they need nothing from the model first (each names its language, or the
@@ -412,7 +426,7 @@ class WhisperEngine:
             window.language, tokens=tokens, avg_logprob=sum_logprob / (len(tokens) + 1),
             compression_ratio=compression_ratio(text), no_speech_prob=window.no_speech_prob,
             temperature=window.temperature, duration=window.duration)
-        kept, result.resume_at = ((len(tokens), None) if self.fixed_new_tokens
+        kept, result.resume_at = ((len(tokens), None) if self.fixed_new_tokens or not window.timestamps
                                   else decoded_until(tokens, self.special.timestamp_begin, window.duration))
         result.segments = self._segments(tokens[:kept], result)
         return result
@@ -439,10 +453,11 @@ class WhisperEngine:
 
     # Front end and results ----------------------------------------------------------------------------------------
 
-    def log_mel(self, windows: list[np.ndarray]) -> torch.Tensor:
+    def log_mel(self, windows: list[np.ndarray], padding: str | None = None) -> torch.Tensor:
         """Whisper's log-mel features, as its feature extractor computes them for audio zero-padded to 30 s, but with
         the STFT run only over the audio (plus one FFT of zeros) and the all-zero frames filled in: a 1 s clip costs
-        1/30 of the work. Batched, on the model's device."""
+        1/30 of the work. Batched, on the model's device. With `padding` (default: the engine's feature_padding)
+        "zeros", the frames after each window's audio are 0.0 instead, as faster-whisper pads them."""
         extractor = self.processor.feature_extractor
         frames = extractor.nb_max_frames  # 3000
         longest = max(len(w) for w in windows) + extractor.n_fft
@@ -457,7 +472,11 @@ class WhisperEngine:
         log_spec = torch.full((len(windows), computed.shape[1], frames), -10.0, device=self.device)
         log_spec[..., :computed.shape[2]] = computed
         peak = log_spec.amax(dim=(1, 2), keepdim=True)
-        return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+        features = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+        if (padding or self.feature_padding) == "zeros":  # faster-whisper keeps len // hop frames of the audio
+            audio_frames = torch.tensor([len(window) // extractor.hop_length for window in windows], device=self.device)
+            features.masked_fill_(torch.arange(frames, device=self.device) >= audio_frames[:, None, None], 0.0)
+        return features
 
     def _prompt_ids(self, prompt: str | None) -> list[int]:
         """<|startofprev|> and the prompt's last tokens: at most half the decoder's context, as OpenAI keeps it. The

@@ -41,9 +41,12 @@ class Settings:
     realtime_max_message_mb: float = 15.0
     realtime_max_buffered_seconds: float = 120.0
     realtime_max_pending_events: int = 256
+    feature_padding: str = "reference"
+    decode_timestamps: str = "when-needed"
 
 
-CHOICES = {"device": ("auto", "cuda", "cpu"), "dtype": ("auto", "float16", "bfloat16", "float32")}
+CHOICES = {"device": ("auto", "cuda", "cpu"), "dtype": ("auto", "float16", "bfloat16", "float32"),
+           "feature_padding": ("reference", "zeros"), "decode_timestamps": ("when-needed", "always")}
 HELP = {
     "model": "Hugging Face model id (downloaded once into HF_HOME) or a local checkpoint directory",
     "device": "where the model runs; auto picks cuda when a GPU is visible",
@@ -94,6 +97,14 @@ HELP = {
                                       "refused"),
     "realtime_max_pending_events": ("most server events queued for a live session's client; a client that stops "
                                     "reading past it is disconnected"),
+    "feature_padding": ("how a window shorter than 30 s is padded to the encoder's 30 s: reference pads the audio "
+                        "with silence, as OpenAI's Whisper and transformers do (their exact tokens, and fewer word "
+                        "errors on our development clips); zeros pads the log-mel features with 0.0, as faster-whisper "
+                        "does"),
+    "decode_timestamps": ("when-needed decodes timestamp tokens only for answers with segment times (verbose_json, "
+                          "srt, vtt, segment or word granularities); json, text and plain streams decode without them "
+                          "(fewer word errors and tokens), a window's text timed by its voice-activity window; always "
+                          "decodes them for every request, as OpenAI's reference does"),
 }
 POSITIVE = {"port", "metrics_port", "max_batch_size", "max_upload_mb", "max_audio_seconds", "queue_size",
             "max_queued_audio_seconds", "max_concurrent_uploads", "max_spool_mb", "request_timeout_seconds",

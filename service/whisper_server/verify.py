@@ -21,11 +21,12 @@ def synthetic_clip(seed: int, seconds: float) -> np.ndarray:
 
 
 def reference_tokens(engine: WhisperEngine, samples: np.ndarray, options: DecodeOptions) -> list[int]:
-    """transformers' greedy tokens with timestamps for one window alone (generate(..., return_timestamps=True,
+    """transformers' greedy tokens for one window alone (generate(..., return_timestamps=options.timestamps,
     force_unique_generate_call=True) under the engine's length rule), forced prefix and end of text dropped."""
-    forced = 3 if engine.capabilities.multilingual else 1  # <|startoftranscript|>(, language, task)
+    # <|startoftranscript|>(, language, task)(, <|notimestamps|>)
+    forced = (3 if engine.capabilities.multilingual else 1) + (not options.timestamps)
     prefix_length = len(engine._prompt_ids(options.prompt)) + forced
-    arguments = dict(return_timestamps=True, force_unique_generate_call=True,
+    arguments = dict(return_timestamps=options.timestamps, force_unique_generate_call=True,
                      max_new_tokens=engine._limit(prefix_length, engine.max_new_tokens) - prefix_length)
     if engine.capabilities.multilingual:  # generate refuses a task or language for English-only checkpoints
         arguments.update(task=options.task, language=options.language)
@@ -33,8 +34,10 @@ def reference_tokens(engine: WhisperEngine, samples: np.ndarray, options: Decode
         arguments["prompt_ids"] = torch.tensor(engine._prompt_ids(options.prompt), device=engine.device)
     with torch.inference_mode():
         sequence = engine.model.generate(engine.log_mel([samples]).to(engine.dtype), **arguments)[0].tolist()
-    # <|startoftranscript|>, then the language and the task on multilingual checkpoints
-    start = sequence.index(engine.special.start_of_transcript) + (3 if engine.capabilities.multilingual else 1)
+    start = sequence.index(engine.special.start_of_transcript) + forced - (not options.timestamps)
+    if not options.timestamps:
+        assert sequence[start] == engine.special.no_timestamps, "generate forces <|notimestamps|> without timestamps"
+        start += 1
     generated = sequence[start:]
     end_of_text = engine.special.end_of_text
     return generated[:generated.index(end_of_text)] if end_of_text in generated else generated
