@@ -85,10 +85,16 @@ export const gpuMemoryHeadroomGiB = 2;
  * GPU memory the server needs, GiB: weights at the dtype, plus one activation/KV budget per batch item,
  * plus fixed headroom. Deliberately simple and on the safe side; a GPU with less is refused.
  */
-export function requiredGpuMemoryGiB(modelId: string, dtype: Dtype, maxBatchSize: number): number {
-    const perItemGiB = whisperModels[modelId].perItemGiB16Bit * (bytesPerParameter[dtype] / 2);
+export function requiredGpuMemoryGiB(modelId: string, dtype: Dtype, maxBatchSize: number, beamSize = 1): number {
+    const perItemGiB = whisperModels[modelId].perItemGiB16Bit * (bytesPerParameter[dtype] / 2) * beamCacheFactor(beamSize);
     return weightsGiB(modelId, dtype) + perItemGiB * maxBatchSize + gpuMemoryHeadroomGiB;
 }
+
+/**
+ * A slot's KV cache with `beamSize` beams over its cache with one: every beam has its own self-attention cache over
+ * the decoder's 448 positions, while the cross-attention K/V over the encoder's 1500 frames is the window's, shared.
+ */
+export const beamCacheFactor = (beamSize: number): number => (beamSize * 448 + 1500) / (448 + 1500);
 
 /** The model's weights at a dtype, GiB. */
 const weightsGiB = (modelId: string, dtype: Dtype): number => (whisperModels[modelId].parametersBillions * 1e9 * bytesPerParameter[dtype]) / 2 ** 30;

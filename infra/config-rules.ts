@@ -40,8 +40,8 @@ function checkClusterAccess(reader: ConfigReader, cluster: ClusterConfig): void 
 
 /** The GPUs must support the dtype and hold the model at the configured batch size. */
 function checkGpuFitsService(reader: ConfigReader, gpu: GpuConfig, service: ServiceConfig): void {
-    if (!whisperModels[service.modelId] || !dtypes.includes(service.dtype) || Number.isNaN(service.maxBatchSize)) return;
-    const needGiB = requiredGpuMemoryGiB(service.modelId, service.dtype, service.maxBatchSize);
+    if (!whisperModels[service.modelId] || !dtypes.includes(service.dtype) || Number.isNaN(service.maxBatchSize) || Number.isNaN(service.beamSize)) return;
+    const needGiB = requiredGpuMemoryGiB(service.modelId, service.dtype, service.maxBatchSize, service.beamSize);
     gpu.instanceTypes.forEach((name, index) => {
         const type = gpuInstanceTypes[name];
         if (!type) return;
@@ -58,8 +58,8 @@ function checkGpuFitsService(reader: ConfigReader, gpu: GpuConfig, service: Serv
                 `gpuInstanceTypes[${index}]`,
                 name,
                 `its ${type.gpuModel} has ${type.gpuMemoryGiB} GiB but ${service.modelId} at ${service.dtype} ` +
-                    `with maxBatchSize ${service.maxBatchSize} needs about ${needGiB.toFixed(1)} GiB; ` +
-                    `choose a larger GPU, a smaller maxBatchSize or a 16-bit modelDtype`,
+                    `with maxBatchSize ${service.maxBatchSize} and beamSize ${service.beamSize} needs about ${needGiB.toFixed(1)} GiB; ` +
+                    `choose a larger GPU, a smaller maxBatchSize or beamSize, or a 16-bit modelDtype`,
             );
         }
     });

@@ -89,6 +89,8 @@ export interface ServiceConfig {
     modelId: string;
     dtype: Dtype;
     maxBatchSize: number;
+    /** Sequences per window: 1 greedy, more a beam search (and best-of sampling at the fallback temperatures). */
+    beamSize: number;
 }
 
 /** The server's settings beyond the model (WHISPER_* environment), its API key and its model cache. */

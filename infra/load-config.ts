@@ -152,6 +152,7 @@ function readService(reader: ConfigReader): ServiceConfig {
         modelId: reader.string("modelId", { allowed: Object.keys(whisperModels) }),
         dtype: reader.oneOf("modelDtype", dtypes),
         maxBatchSize: reader.integer("maxBatchSize", { min: 1, max: 256 }),
+        beamSize: reader.integer("beamSize", { min: 1, max: 8 }),
     };
 }
 

@@ -81,6 +81,7 @@ export interface ServerSettings {
     modelId: string;
     dtype: Dtype;
     maxBatchSize: number;
+    beamSize: number;
     batchWaitMs: number;
     maxUploadMb: number;
     maxAudioSeconds: number;
@@ -191,6 +192,7 @@ export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number
         WHISPER_PORT: String(containerPort),
         WHISPER_METRICS_PORT: String(metricsPort),
         WHISPER_MAX_BATCH_SIZE: String(server.maxBatchSize),
+        WHISPER_BEAM_SIZE: String(server.beamSize),
         WHISPER_BATCH_WAIT_MS: String(server.batchWaitMs),
         WHISPER_MAX_UPLOAD_MB: String(server.maxUploadMb),
         WHISPER_MAX_AUDIO_SECONDS: String(server.maxAudioSeconds),

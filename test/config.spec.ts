@@ -97,6 +97,18 @@ const badConfigs: BadConfig[] = [
         expected: ['whisper-eks:gpuInstanceTypes[0] = "g4dn.xlarge"', "has 16 GiB", "openai/whisper-large-v3 at float32", "maxBatchSize 32", "GiB"],
     },
     {
+        // 16 slots fit a T4 greedy (12.9 GiB); five beams add four self-attention caches to each slot (20.2 GiB).
+        what: "beams that no longer fit the GPU",
+        stack: "prod",
+        overrides: { gpuInstanceTypes: ["g4dn.xlarge"], modelDtype: "float16", maxBatchSize: 16, beamSize: 5 },
+        expected: ['whisper-eks:gpuInstanceTypes[0] = "g4dn.xlarge"', "has 16 GiB", "maxBatchSize 16 and beamSize 5", "20.2 GiB"],
+    },
+    {
+        what: "a beam size out of range",
+        overrides: { beamSize: 0 },
+        expected: ["whisper-eks:beamSize = 0"],
+    },
+    {
         what: "an unknown capacity type",
         overrides: { gpuCapacityTypes: ["ON_DEMAND"] },
         expected: ['whisper-eks:gpuCapacityTypes[0] = "ON_DEMAND"', '"spot", "on-demand"'],

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from whisper_server import decoder as decoder_module
 from whisper_server.decoder import (DECODER_CROSS_ATTENTION, DECODER_SELF_ATTENTION, ENCODER_SELF_ATTENTION,
                                     Piece, admission_pieces, admission_sizes, attention_context, bucket_for,
-                                    bucket_sizes, capture_graphs, prefill_widths)
+                                    SlotDecoder, bucket_sizes, capture_graphs, prefill_widths)
 from whisper_server.decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
 from whisper_server.engine import AdmissionStream, WhisperEngine
 from whisper_server.test_model import make_test_model
@@ -202,7 +202,10 @@ def test_a_slot_freed_mid_decode_stops_at_the_next_step(engine):
 def test_slots_that_cannot_fit_are_refused_at_start_with_the_size_that_fits(engine, monkeypatch):
     """The CUDA-only sizing check, run on CPU with the device's free memory stood in."""
     per_slot = engine.bytes_per_slot
-    assert per_slot == 2 * 2 * 64 * (448 + 1500) * 4 + 448 * 12, "tiny model: 2 layers, d_model 64, float32"
+    # tiny model: 2 layers, d_model 64, float32; the histories of its sequence and of two beam-candidate rows
+    assert per_slot == 2 * 2 * 64 * (448 + 1500) * 4 + 3 * 448 * 12
+    five_beams = SlotDecoder.bytes_per_slot(engine.model.config, torch.float32, group=5)
+    assert five_beams == 2 * 2 * 64 * (5 * 448 + 1500) * 4 + 11 * 448 * 12, "each beam its own self-attention KV"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(9.5 * per_slot), 100 * per_slot))
     monkeypatch.setattr(engine, "device", "cuda")
     with pytest.raises(OutOfMemory) as refused:

@@ -90,8 +90,9 @@ class SpecialTokens:
 @dataclass
 class Finished:
     """A window that finished in the last step: its generated tokens (end of text excluded), their log-probs, and
-    the sum of every sampled token's log-prob, end of text included (OpenAI's avg_logprob counts it). `row` holds
-    its caches until the next step or admission (rows are compacted only then)."""
+    the sum of every sampled token's log-prob, end of text included (OpenAI's avg_logprob counts it). With beams or
+    several samples, the one OpenAI's ranker picks (the highest sum over its length). `row` holds its cross-attention
+    caches until the next step or admission (rows are compacted only then)."""
 
     slot: int
     row: int
@@ -176,11 +177,19 @@ def capture_graphs(functions: dict, device: torch.device) -> dict:
 
 
 class SlotDecoder:
-    def __init__(self, model, tokens: SpecialTokens, slots: int):
+    """`group` sequences per slot (1: greedy, or one sample at a fallback temperature). With a group of N, a window
+    decodes N sequences at once in N rows of the self-attention caches that share its one row of cross-attention K/V:
+    at temperature 0 a beam search (OpenAI's BeamSearchDecoder: N beams, `patience` x N finished candidates), above
+    it N independent samples (OpenAI's best_of); the ranker keeps the sequence with the best sum of log-probs over
+    its length."""
+
+    def __init__(self, model, tokens: SpecialTokens, slots: int, group: int = 1, patience: float = 1.0):
         config = model.config
         self.model = model
         self.special = tokens
         self.slots = slots
+        self.group = group
+        self.candidates = max(1, round(group * patience))  # finished beams a window collects before it is done
         self.device, self.dtype = model.device, model.dtype
         decoder = model.model.decoder
         self.layers = decoder.layers
@@ -200,37 +209,50 @@ class SlotDecoder:
         self._allocate()
 
     @staticmethod
-    def bytes_per_slot(config, dtype: torch.dtype) -> int:
-        """Device memory one slot holds: self-attention KV over 448 positions and cross-attention KV over 1500 frames
-        in every decoder layer, plus its token and log-prob history."""
+    def bytes_per_slot(config, dtype: torch.dtype, group: int = 1) -> int:
+        """Device memory one slot holds: self-attention KV over 448 positions per sequence of its group and
+        cross-attention KV over 1500 frames in every decoder layer, plus the token and log-prob histories of its
+        sequences and of its beam search's finished candidates (a group's worth, and a spare)."""
         element = torch.finfo(dtype).bits // 8
-        kv = 2 * config.decoder_layers * config.d_model * (config.max_target_positions + config.max_source_positions)
-        return kv * element + config.max_target_positions * (8 + 4)
+        kv = 2 * config.decoder_layers * config.d_model * (group * config.max_target_positions
+                                                           + config.max_source_positions)
+        return kv * element + (2 * group + 1) * config.max_target_positions * (8 + 4)
 
     def _allocate(self) -> None:
         layers, slots, device = len(self.layers), self.slots, self.device
+        sequences = slots * self.group  # sequence rows: slot row r holds rows [r * group, (r + 1) * group)
         cache = dict(device=device, dtype=self.dtype)
-        self.self_keys = torch.zeros(layers, slots, self.heads, self.positions, self.head_dim, **cache)
+        self.self_keys = torch.zeros(layers, sequences, self.heads, self.positions, self.head_dim, **cache)
         self.self_values = torch.zeros_like(self.self_keys)
         self.cross_keys = torch.zeros(layers, slots, self.heads, self.frames, self.head_dim, **cache)
         self.cross_values = torch.zeros_like(self.cross_keys)
-        # Per-row decoding state. `length` tokens are in the sequence; the next goes at index `length`.
-        self.tokens = torch.full((slots, self.positions), self.special.end_of_text, dtype=torch.long, device=device)
-        self.logprobs = torch.zeros(slots, self.positions, device=device)
-        self.length = torch.ones(slots, dtype=torch.long, device=device)
-        self.begin = torch.ones(slots, dtype=torch.long, device=device)  # where the generated tokens start
-        self.limit = torch.full((slots,), self.positions, dtype=torch.long, device=device)  # most tokens in the sequence
-        self.min_length = torch.zeros(slots, dtype=torch.long, device=device)  # end of text is banned below this
-        self.temperature = torch.zeros(slots, device=device)
-        self.timestamps = torch.ones(slots, dtype=torch.bool, device=device)  # the timestamp rules apply
-        self.last_timestamp = torch.full((slots,), -1, dtype=torch.long, device=device)  # -1: none generated yet
-        self.active = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.done = torch.zeros(slots, dtype=torch.bool, device=device)  # finished in the last step
+        # Per-sequence decoding state. `length` tokens are in the sequence; the next goes at index `length`.
+        self.tokens = torch.full((sequences, self.positions), self.special.end_of_text, dtype=torch.long,
+                                 device=device)
+        self.logprobs = torch.zeros(sequences, self.positions, device=device)
+        self.score = torch.zeros(sequences, device=device)  # sum of the sequence's log-probs (-inf: no beam)
+        # A beam search's finished candidates per slot row (one spare column takes the ones not kept).
+        candidates = self.candidates + 1
+        self.finished_tokens = torch.full((slots, candidates, self.positions), self.special.end_of_text,
+                                          dtype=torch.long, device=device)
+        self.finished_logprobs = torch.zeros(slots, candidates, self.positions, device=device)
+        self.finished_score = torch.zeros(slots, candidates, device=device)
+        self.finished_count = torch.zeros(slots, dtype=torch.long, device=device)
+        self.length = torch.ones(sequences, dtype=torch.long, device=device)
+        self.begin = torch.ones(sequences, dtype=torch.long, device=device)  # where the generated tokens start
+        self.limit = torch.full((sequences,), self.positions, dtype=torch.long, device=device)  # most tokens in it
+        self.min_length = torch.zeros(sequences, dtype=torch.long, device=device)  # end of text is banned below this
+        self.temperature = torch.zeros(sequences, device=device)
+        self.timestamps = torch.ones(sequences, dtype=torch.bool, device=device)  # the timestamp rules apply
+        self.last_timestamp = torch.full((sequences,), -1, dtype=torch.long, device=device)  # -1: none generated yet
+        self.active = torch.zeros(sequences, dtype=torch.bool, device=device)
+        self.done = torch.zeros(sequences, dtype=torch.bool, device=device)  # its window finished in the last step
         # Constants of the rules, built once.
         special = self.special
         self.vocab = torch.arange(self.vocab_size, device=device)
         self.key_positions = torch.arange(self.positions, device=device)
-        self.row_index = torch.arange(slots, device=device)
+        self.row_index = torch.arange(sequences, device=device)
+        self.beam = self.row_index % self.group  # each sequence row's place in its slot's group
         self.always_banned = self._mask(special.suppress + (special.no_timestamps,))
         self.first_banned = self._mask(special.begin_suppress)
         self.is_timestamp = self.vocab >= special.timestamp_begin
@@ -242,13 +264,20 @@ class SlotDecoder:
         self.not_initial = ~initial  # with timestamps, the first token is one, at most max_initial_timestamp_index in
         self.language_mask = ~self._mask(special.languages)
 
-    def _row_state(self) -> list[tuple[torch.Tensor, int]]:
-        """Every per-row tensor, with the dimension its rows are on."""
-        caches = [(cache, 1) for cache in (self.self_keys, self.self_values, self.cross_keys, self.cross_values)]
-        return caches + [(state, 0) for state in (self.tokens, self.logprobs, self.length, self.begin, self.limit,
-                                                   self.min_length, self.temperature, self.timestamps,
-                                                   self.last_timestamp,
-                                                   self.active, self.done)]
+    def _row_state(self) -> list[tuple[torch.Tensor, int, int]]:
+        """Every per-row tensor, with the dimension its rows are on and its rows per slot."""
+        group = self.group
+        return ([(cache, 1, group) for cache in (self.self_keys, self.self_values)]
+                + [(cache, 1, 1) for cache in (self.cross_keys, self.cross_values)]
+                + [(state, 0, 1) for state in (self.finished_tokens, self.finished_logprobs, self.finished_score,
+                                               self.finished_count)]
+                + [(state, 0, group) for state in (self.tokens, self.logprobs, self.score, self.length, self.begin,
+                                                   self.limit, self.min_length, self.temperature, self.timestamps,
+                                                   self.last_timestamp, self.active, self.done)])
+
+    def _sequences(self, rows: slice) -> slice:
+        """The sequence rows of these slot rows."""
+        return slice(rows.start * self.group, rows.stop * self.group)
 
     def _mask(self, token_ids) -> torch.Tensor:
         mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
@@ -285,7 +314,7 @@ class SlotDecoder:
         if not slots:
             return
         rows = [self.row_of.pop(slot) for slot in slots]
-        self.active[torch.tensor(rows, device=self.device)] = False
+        self.active.view(self.slots, self.group)[torch.tensor(rows, device=self.device)] = False
         for row in rows:
             self.slot_at[row] = None
         self.joining.difference_update(slots)
@@ -320,10 +349,11 @@ class SlotDecoder:
             return
         movers = [row for row in range(busy, self.slots) if self.slot_at[row] is not None]
         for hole, mover in zip(holes, movers):
-            for state, dim in self._row_state():  # row to row through views: no temporary copy of the caches
-                state.narrow(dim, hole, 1).copy_(state.narrow(dim, mover, 1))
-            self.active[mover] = False
-            self.done[mover] = False
+            for state, dim, rows in self._row_state():  # row to row through views: no temporary copy of the caches
+                state.narrow(dim, hole * rows, rows).copy_(state.narrow(dim, mover * rows, rows))
+            sequences = self._sequences(slice(mover, mover + 1))
+            self.active[sequences] = False
+            self.done[sequences] = False
             slot = self.slot_at[mover]
             self.slot_at[hole], self.slot_at[mover], self.row_of[slot] = slot, None, hole
 
@@ -343,20 +373,21 @@ class SlotDecoder:
         rows = slice(piece.start, piece.start + piece.size)
         # A row starts clean: attention gives the positions a window has not written weight 0, but 0 x NaN is NaN,
         # so one non-finite window's leftovers would poison every later window in its row.
-        self.self_keys[:, rows] = 0
-        self.self_values[:, rows] = 0
+        self.self_keys[:, self._sequences(rows)] = 0
+        self.self_values[:, self._sequences(rows)] = 0
         for layer_index, layer in enumerate(self.layers):
             attention = layer.encoder_attn
             self.cross_keys[layer_index, rows] = self._heads(attention.k_proj(encoder_states))
             self.cross_values[layer_index, rows] = self._heads(attention.v_proj(encoder_states))
+        group = self.group
         if prefixes is not None:
             tokens = self._prefix_rows(piece, prefixes)
             hidden = self._prefill_pass(piece, tokens[:, :self._prefill_width(prefixes, minimum=1)])
-            return self.model.proj_out(hidden[:piece.count, 0]).float()
-        start = torch.full((piece.size, 1), self.special.start_of_transcript, device=self.device)
-        positions = torch.zeros(piece.size, 1, dtype=torch.long, device=self.device)
+            return self.model.proj_out(hidden[:piece.count * group:group, 0]).float()
+        start = torch.full((piece.size * group, 1), self.special.start_of_transcript, device=self.device)
+        positions = torch.zeros(piece.size * group, 1, dtype=torch.long, device=self.device)
         hidden = self._decode(start, positions, rows)
-        return self.model.proj_out(hidden[:piece.count, -1]).float()
+        return self.model.proj_out(hidden[:piece.count * group:group, -1]).float()
 
     def prefill(self, piece: Piece, prefixes: list[list[int]], limits: list[int], min_lengths: list[int],
                 temperatures: list[float], timestamps: list[bool] | None = None, prefilled: bool = False,
@@ -365,35 +396,44 @@ class SlotDecoder:
         attach() did (`prefilled`), and sets its row's state; the windows decode from the next step on. With
         `read_at` (a position in each prefix), the pass reaches those positions too and returns the logits there
         (float32, [piece.count, vocab]): after a prompt, no_speech_prob reads them at <|startoftranscript|>."""
+        group = self.group
         rows = self._prefix_rows(piece, prefixes)
         width = self._prefill_width(prefixes, minimum=max(read_at) + 1 if read_at else 0)
         logits = None
         if width and not prefilled:  # prefilled prefixes have no prompt, so nothing to read after one
             hidden = self._prefill_pass(piece, rows[:, :width])
             if read_at:
-                picked = hidden[torch.arange(piece.count, device=self.device), torch.tensor(read_at, device=self.device)]
+                picked = hidden[torch.arange(piece.count, device=self.device) * group,
+                                torch.tensor(read_at, device=self.device)]
                 logits = self.model.proj_out(picked).float()
-        real = slice(piece.start, piece.start + piece.count)
-        lengths = torch.tensor([len(prefix) for prefix in prefixes], device=self.device)
-        self.tokens[real] = rows[:piece.count]
+        real = self._sequences(slice(piece.start, piece.start + piece.count))
+
+        def each(values, **kind) -> torch.Tensor:  # a window's value for every sequence of its group
+            return torch.tensor(values, device=self.device, **kind).repeat_interleave(group)
+
+        lengths = each([len(prefix) for prefix in prefixes])
+        self.tokens[real] = rows[:piece.count * group]
         self.length[real] = lengths
         self.begin[real] = lengths
-        self.limit[real] = torch.tensor(limits, device=self.device)
-        self.min_length[real] = torch.tensor(min_lengths, device=self.device)
-        self.temperature[real] = torch.tensor(temperatures, dtype=torch.float32, device=self.device)
-        self.timestamps[real] = torch.tensor([True] * piece.count if timestamps is None else timestamps,
-                                             device=self.device)
+        self.limit[real] = each(limits)
+        self.min_length[real] = each(min_lengths)
+        self.temperature[real] = each(temperatures, dtype=torch.float32)
+        self.timestamps[real] = each([True] * piece.count if timestamps is None else timestamps)
         self.last_timestamp[real] = -1
+        # A beam search starts from one beam (the others would repeat it); samples start together.
+        self.score[real] = torch.where((self.beam[real] == 0) | (self.temperature[real] > 0), 0.0, NEGATIVE_INFINITY)
+        self.finished_count[piece.start:piece.start + piece.count] = 0
         self.done[real] = False
         self.active[real] = True
         return logits
 
     def _prefix_rows(self, piece: Piece, prefixes: list[list[int]]) -> torch.Tensor:
-        """[piece.size, 448] on the device: each window's prefix, then end of text (rows past piece.count: padding)."""
+        """[piece.size x group, 448] on the device: each window's prefix in each sequence of its group, then end of
+        text (rows past piece.count: padding)."""
         rows = torch.full((piece.size, self.positions), self.special.end_of_text, dtype=torch.long)
         for row, prefix in enumerate(prefixes):
             rows[row, :len(prefix)] = torch.tensor(prefix)
-        return rows.to(self.device)
+        return rows.repeat_interleave(self.group, 0).to(self.device)
 
     def _prefill_width(self, prefixes: list[list[int]], minimum: int = 0) -> int:
         """The width bucket of the longest prefix but its last token (0: nothing to prefill)."""
@@ -401,10 +441,10 @@ class SlotDecoder:
         return bucket_for(width, self.widths) if width else 0
 
     def _prefill_pass(self, piece: Piece, tokens: torch.Tensor) -> torch.Tensor:
-        """The decoder over `tokens` ([piece.size, width]) at positions [0, width), writing their KV into the rows.
-        Rows with shorter prefixes write padding KV past their own prefix: the step overwrites or masks it."""
+        """The decoder over `tokens` ([piece.size x group, width]) at positions [0, width), writing their KV into the
+        rows. Rows with shorter prefixes write padding KV past their own prefix: the step overwrites or masks it."""
         width = tokens.shape[1]
-        positions = torch.arange(width, device=self.device).expand(piece.size, width)
+        positions = torch.arange(width, device=self.device).expand(tokens.shape[0], width)
         return self._decode(tokens, positions, slice(piece.start, piece.start + piece.size))
 
     def warm_up_admissions(self, encode: Callable[[int], torch.Tensor]) -> None:
@@ -416,7 +456,7 @@ class SlotDecoder:
             piece = Piece(0, size, size)
             self.attach(piece, encode(size))
             for width in self.widths:
-                filler = torch.full((size, width), self.special.start_of_transcript, device=self.device)
+                filler = torch.full((size * self.group, width), self.special.start_of_transcript, device=self.device)
                 self._prefill_pass(piece, filler)
 
     # The step -----------------------------------------------------------------------------------------------------
@@ -436,7 +476,7 @@ class SlotDecoder:
             states = encode(1)
         with decoder:  # per layer: self-attention, then cross-attention
             self.attach(piece, states)
-            self._prefill_pass(piece, torch.full((1, self.widths[0]), self.special.start_of_transcript,
+            self._prefill_pass(piece, torch.full((self.group, self.widths[0]), self.special.start_of_transcript,
                                                  device=self.device))
             self._step(1)
         return {ENCODER_SELF_ATTENTION: sorted(set(encoder.backends)),
@@ -452,42 +492,152 @@ class SlotDecoder:
             graph.replay()
         else:
             self._step(size)
-        finished = self.done[:size].cpu().nonzero().flatten().tolist()  # the step's one read-back: which rows finished
+        # The step's one read-back: which slot rows finished (every sequence of a finished window is marked).
+        finished = self.done[:size * self.group:self.group].cpu().nonzero().flatten().tolist()
         if not finished:
             return []
-        index = torch.tensor(finished, device=self.device)
-        tokens, logprobs = self.tokens[index].tolist(), self.logprobs[index].tolist()
-        begins, lengths = self.begin[index].tolist(), self.length[index].tolist()
-        results = []
-        for i, row in enumerate(finished):
-            end = lengths[i] - (tokens[i][lengths[i] - 1] == self.special.end_of_text)
-            results.append(Finished(self.slot_at[row], row, tokens[i][begins[i]:end], logprobs[i][begins[i]:end],
-                                    sum(logprobs[i][begins[i]:lengths[i]])))
+        results = [self._finished(row) for row in finished]
         self.release([result.slot for result in results])
         return results
 
+    def _finished(self, row: int) -> Finished:
+        """A finished window's sequence: its one sequence, or among its group's (the beam search's finished
+        candidates, topped up with its live beams when it stopped at its length limit with fewer than a group's worth;
+        or its samples) the one with the highest sum of log-probs over its length (OpenAI's MaximumLikelihoodRanker,
+        length_penalty None), ties to the first."""
+        group, end_of_text = self.group, self.special.end_of_text
+        rows = self._sequences(slice(row, row + 1))
+        begin = int(self.begin[rows.start])
+        # (tokens, their log-probs, sum of log-probs) of each candidate, end of text included where it ended so.
+        candidates = []
+        if group > 1 and float(self.temperature[rows.start]) == 0:
+            count = min(int(self.finished_count[row]), self.candidates)
+            for tokens, logprobs, score in zip(self.finished_tokens[row, :count].tolist(),
+                                               self.finished_logprobs[row, :count].tolist(),
+                                               self.finished_score[row, :count].tolist()):
+                end = tokens.index(end_of_text, begin) + 1
+                candidates.append((tokens[begin:end], logprobs[begin:end], score))
+            if len(candidates) < group:  # OpenAI's finalize: the live beams, best first, up to a group's worth
+                scores = self.score[rows].tolist()
+                live = sorted(range(group), key=lambda beam: -scores[beam])[:group - len(candidates)]
+                tokens, logprobs = self.tokens[rows].tolist(), self.logprobs[rows].tolist()
+                length = int(self.length[rows.start])
+                candidates += [(tokens[beam][begin:length], logprobs[beam][begin:length], scores[beam])
+                               for beam in live if scores[beam] > NEGATIVE_INFINITY]
+        else:
+            tokens, logprobs = self.tokens[rows].tolist(), self.logprobs[rows].tolist()
+            for sequence, lengths in zip(range(group), self.length[rows].tolist()):
+                candidates.append((tokens[sequence][begin:lengths], logprobs[sequence][begin:lengths],
+                                   sum(logprobs[sequence][begin:lengths])))
+
+        def text_length(candidate) -> int:  # the ranker's length: the tokens before end of text
+            return len(candidate[0]) - (bool(candidate[0]) and candidate[0][-1] == end_of_text)
+
+        best = max(candidates, key=lambda candidate: candidate[2] / max(text_length(candidate), 1)) \
+            if group > 1 else candidates[0]
+        tokens, logprobs, score = best
+        kept = text_length(best)
+        return Finished(self.slot_at[row], row, tokens[:kept], logprobs[:kept], score)
+
     def _step(self, size: int) -> None:
-        """One decode step over rows [0, size): fixed shapes, state read and written in place, no host sync."""
-        active, length = self.active[:size], self.length[:size]
-        tokens = self.tokens[:size]
+        """One decode step over slot rows [0, size) (all their sequences): fixed shapes, state read and written in
+        place, no host sync."""
+        group, vocab = self.group, self.vocab_size
+        rows = size * group
+        active, length = self.active[:rows], self.length[:rows]
+        tokens = self.tokens[:rows]
         position = (length - 1).clamp(min=0)[:, None]
         hidden = self._decode(tokens.gather(1, position), position, slice(0, size))
         logits = self.model.proj_out(hidden[:, -1]).float()
-        scores = self._apply_rules(logits, size)
-        chosen = self._choose(scores, self.temperature[:size])
+        scores = self._apply_rules(logits, rows)
+        chosen = self._choose(scores, self.temperature[:rows])
         chosen_logprob = scores.gather(1, chosen[:, None]).squeeze(1) - scores.logsumexp(-1)
+        new_score = self.score[:rows] + chosen_logprob
+        if group > 1:
+            chosen, chosen_logprob, new_score, searching = self._beam_search(
+                scores.log_softmax(-1), chosen, chosen_logprob, new_score, size)
         # Free rows compute too (fixed shapes) but write back what was there.
         at = length.clamp(max=self.positions - 1)[:, None]
         tokens.scatter_(1, at, torch.where(active, chosen, tokens.gather(1, at).squeeze(1))[:, None])
-        history = self.logprobs[:size]
+        history = self.logprobs[:rows]
         history.scatter_(1, at, torch.where(active, chosen_logprob, history.gather(1, at).squeeze(1))[:, None])
+        self.score[:rows] = torch.where(active, new_score, self.score[:rows])
         is_timestamp = chosen >= self.special.timestamp_begin
-        self.last_timestamp[:size] = torch.where(active & is_timestamp, chosen, self.last_timestamp[:size])
+        self.last_timestamp[:rows] = torch.where(active & is_timestamp, chosen, self.last_timestamp[:rows])
         new_length = length + active.long()
-        finished = active & ((chosen == self.special.end_of_text) | (new_length >= self.limit[:size]))
-        self.length[:size] = new_length
-        self.active[:size] = active & ~finished
-        self.done[:size] = finished
+        ended = active & ((chosen == self.special.end_of_text) | (new_length >= self.limit[:rows]))
+        if group > 1:  # a beam search ends with enough finished candidates
+            ended |= searching & self._each_sequence(self.finished_count[:size] >= self.candidates)
+        # A window is done once none of its sequences is active.
+        still = (active & ~ended).view(size, group).any(-1)
+        window_done = active.view(size, group).any(-1) & ~still
+        self.length[:rows] = new_length
+        self.active[:rows] = active & ~ended
+        self.done[:rows] = self._each_sequence(window_done)
+
+    def _each_sequence(self, per_window: torch.Tensor) -> torch.Tensor:
+        """A value per slot row repeated for each sequence of its group (a view: no host sync in the step)."""
+        return per_window[:, None].expand(-1, self.group).reshape(-1)
+
+    def _beam_search(self, logprobs: torch.Tensor, sampled: torch.Tensor, sampled_logprob: torch.Tensor,
+                     sampled_score: torch.Tensor, size: int):
+        """OpenAI's BeamSearchDecoder.update for every slot at temperature 0, on the device with fixed shapes: each
+        beam's candidates are its sum of log-probs plus the next token's; the best `group` that do not end the text
+        become the next beams (their self-attention caches and histories reordered to follow their source beams),
+        and the candidates ending the text that rank above the last of them join the window's finished candidates,
+        best first, up to `patience` x group. Slots above temperature 0 keep their `group` samples. Returns each row's
+        token, its log-prob, its new sum, and which rows are searching beams."""
+        group, vocab, end_of_text = self.group, self.vocab_size, self.special.end_of_text
+        rows = size * group
+        searching = (self.temperature[:rows] == 0) & self.active[:rows]
+        candidates = (self.score[:rows, None] + logprobs).view(size, group * vocab)
+        top_score, top_index = candidates.topk(2 * group, dim=-1)  # sorted: at most `group` of them end the text
+        source, token = top_index // vocab, top_index % vocab
+        ends = token == end_of_text
+        continues = ~ends
+        rank = continues.long().cumsum(-1) - 1  # among the candidates that continue
+        # The next beams: the first `group` continuing candidates, in order (a spare column takes the rest).
+        place = torch.where(continues & (rank < group), rank, group)
+        order = torch.full((size, group + 1), 0, dtype=torch.long, device=self.device)
+        order.scatter_(1, place, torch.arange(2 * group, device=self.device).expand(size, -1))
+        order = order[:, :group]
+        next_source = source.gather(1, order)
+        next_token, next_score = token.gather(1, order), top_score.gather(1, order)
+        # Finished candidates: the ones ending the text ranked before the last next beam, appended best first.
+        before_last = (continues.long().cumsum(-1) - continues.long()) < group
+        finishing = ends & before_last & torch.isfinite(top_score)
+        slot_searching = searching.view(size, group).any(-1)
+        finishing &= slot_searching[:, None]
+        count = self.finished_count[:size]
+        position = count[:, None] + finishing.long().cumsum(-1) - 1
+        keep = finishing & (position < self.candidates)
+        position = torch.where(keep, position, self.candidates)  # the spare column
+        first_row = (torch.arange(size, device=self.device) * group)[:, None]
+        parent = first_row + source  # [size, 2 group] global rows
+        length = self.length[:rows].view(size, group)[:, :1].clamp(max=self.positions - 1)
+        ended_tokens = self.tokens[:rows][parent.flatten()].view(size, 2 * group, self.positions)
+        ended_tokens.scatter_(2, length[:, :, None].expand(-1, 2 * group, 1), end_of_text)
+        ended_logprobs = self.logprobs[:rows][parent.flatten()].view(size, 2 * group, self.positions)
+        eot_logprob = logprobs.view(size, group, vocab)[:, :, end_of_text].gather(1, source)
+        ended_logprobs.scatter_(2, length[:, :, None].expand(-1, 2 * group, 1), eot_logprob[:, :, None])
+        at = position[:, :, None].expand(-1, -1, self.positions)
+        self.finished_tokens[:size].scatter_(1, at, ended_tokens)
+        self.finished_logprobs[:size].scatter_(1, at, ended_logprobs)
+        self.finished_score[:size].scatter_(1, position, top_score)
+        self.finished_count[:size] = (count + keep.long().sum(-1)).clamp(max=self.candidates)
+        # Reorder the searching slots' sequences to follow their sources (sampling slots keep theirs).
+        next_rows = (first_row + next_source).flatten()
+        identity = self.row_index[:rows]
+        follow = torch.where(searching, next_rows, identity)
+        for state in (self.tokens, self.logprobs, self.last_timestamp):
+            state[:rows] = state[:rows][follow]
+        for cache in (self.self_keys, self.self_values):
+            cache[:, :rows] = cache[:, :rows][:, follow]
+        beam_logprob = logprobs[next_rows, next_token.flatten()]
+        chosen = torch.where(searching, next_token.flatten(), sampled)
+        chosen_logprob = torch.where(searching, beam_logprob, sampled_logprob)
+        new_score = torch.where(searching, next_score.flatten(), sampled_score)
+        return chosen, chosen_logprob, new_score, searching
 
     def _apply_rules(self, logits: torch.Tensor, size: int) -> torch.Tensor:
         """Whisper's decoding rules for every slot at once, as transformers' Whisper generation applies them
@@ -547,7 +697,9 @@ class SlotDecoder:
         the caches are read and written through views, never gathered). Writes each token's self-attention KV into
         the cache at its position. Arithmetic as in transformers' WhisperAttention (query scaled before SDPA)."""
         decoder = self.model.model.decoder
-        local = self.row_index[:rows.stop - rows.start, None]
+        group, windows = self.group, rows.stop - rows.start
+        sequences = self._sequences(rows)
+        local = self.row_index[:windows * group, None]
         self_mask = self._causal_mask(positions)
         hidden = decoder.embed_tokens(tokens) + decoder.embed_positions.weight[positions]
         for layer_index, layer in enumerate(self.layers):
@@ -555,7 +707,7 @@ class SlotDecoder:
             residual = hidden
             normed = layer.self_attn_layer_norm(hidden)
             query = self._heads(attention.q_proj(normed) * attention.scaling)
-            keys, values = self.self_keys[layer_index, rows], self.self_values[layer_index, rows]
+            keys, values = self.self_keys[layer_index, sequences], self.self_values[layer_index, sequences]
             keys[local, :, positions] = self._heads(attention.k_proj(normed)).transpose(1, 2)
             values[local, :, positions] = self._heads(attention.v_proj(normed)).transpose(1, 2)
             with attention_context(DECODER_SELF_ATTENTION, self.device):
@@ -565,9 +717,16 @@ class SlotDecoder:
             cross = layer.encoder_attn
             residual = hidden
             query = self._heads(cross.q_proj(layer.encoder_attn_layer_norm(hidden)) * cross.scaling)
+            if group > 1:  # a window's sequences are queries side by side against its one cross-attention K/V
+                length = query.shape[2]
+                query = query.view(windows, group, self.heads, length, self.head_dim).transpose(1, 2).reshape(
+                    windows, self.heads, group * length, self.head_dim)
             with attention_context(DECODER_CROSS_ATTENTION, self.device):
                 attended = F.scaled_dot_product_attention(
                     query, self.cross_keys[layer_index, rows], self.cross_values[layer_index, rows], scale=1.0)
+            if group > 1:
+                attended = attended.view(windows, self.heads, group, length, self.head_dim).transpose(1, 2).reshape(
+                    windows * group, self.heads, length, self.head_dim)
             hidden = residual + cross.out_proj(self._merge(attended))
 
             residual = hidden

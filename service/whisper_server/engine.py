@@ -123,7 +123,7 @@ class SlotWindow:
 class WhisperEngine:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", offline: bool = False,
                  max_new_tokens: int | None = None, fixed_new_tokens: bool = False, cpu_threads: int | None = None,
-                 slots: int = 16, cuda_graphs: bool = True, feature_padding: str = "reference"):
+                 slots: int = 16, cuda_graphs: bool = True, feature_padding: str = "reference", beam_size: int = 1):
         self.model_name = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -137,6 +137,9 @@ class WhisperEngine:
         if feature_padding not in FEATURE_PADDINGS:
             raise ValueError(f"feature_padding must be one of {', '.join(FEATURE_PADDINGS)}, got {feature_padding!r}")
         self.feature_padding = feature_padding
+        # Sequences per window: beam_size beams at temperature 0 and as many samples at the fallback temperatures
+        # (OpenAI's beam_size and best_of); 1 is greedy.
+        self.beam_size = beam_size
         self.load_seconds: float | None = None
         self.windows: dict[int, SlotWindow] = {}
         self.attention_backends: dict[str, list[str]] = {}  # per attention, the backends it ran on at warm-up
@@ -185,13 +188,13 @@ class WhisperEngine:
             if self.capacity * self.bytes_per_slot > free * (1 - ACTIVATION_RESERVE):
                 raise OutOfMemory(self._sizing_advice())
         try:
-            return SlotDecoder(self.model, self.special, self.capacity)
+            return SlotDecoder(self.model, self.special, self.capacity, group=self.beam_size)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(self._sizing_advice()) from error
 
     @property
     def bytes_per_slot(self) -> int:
-        return SlotDecoder.bytes_per_slot(self.model.config, self.dtype)
+        return SlotDecoder.bytes_per_slot(self.model.config, self.dtype, self.beam_size)
 
     def _sizing_advice(self) -> str:
         per_slot = self.bytes_per_slot

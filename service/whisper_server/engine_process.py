@@ -90,7 +90,8 @@ def engine_main(settings: Settings, requests, events) -> None:
     transformers.logging.disable_progress_bar()
     engine = WhisperEngine(settings.model, settings.device, settings.dtype, settings.offline, settings.max_new_tokens,
                            settings.fixed_new_tokens, settings.cpu_threads, slots=settings.max_batch_size,
-                           cuda_graphs=settings.cuda_graphs, feature_padding=settings.feature_padding)
+                           cuda_graphs=settings.cuda_graphs, feature_padding=settings.feature_padding,
+                           beam_size=settings.beam_size)
     try:
         engine.load()
         engine.warm_up()

@@ -43,6 +43,7 @@ class Settings:
     realtime_max_pending_events: int = 256
     feature_padding: str = "reference"
     decode_timestamps: str = "when-needed"
+    beam_size: int = 1
 
 
 CHOICES = {"device": ("auto", "cuda", "cpu"), "dtype": ("auto", "float16", "bfloat16", "float32"),
@@ -101,6 +102,10 @@ HELP = {
                         "with silence, as OpenAI's Whisper and transformers do (their exact tokens, and fewer word "
                         "errors on our development clips); zeros pads the log-mel features with 0.0, as faster-whisper "
                         "does"),
+    "beam_size": ("sequences a window decodes at once: at temperature 0 a beam search of this many beams (OpenAI's "
+                  "BeamSearchDecoder, patience 1), at the fallback temperatures this many samples, the likeliest kept "
+                  "(best_of); 1 is greedy. Each beam holds its own self-attention cache (the window's cross-attention "
+                  "K/V is shared), so a slot's memory grows with it"),
     "decode_timestamps": ("when-needed decodes timestamp tokens only for answers with segment times (verbose_json, "
                           "srt, vtt, segment or word granularities); json, text and plain streams decode without them "
                           "(fewer word errors and tokens), a window's text timed by its voice-activity window; always "
@@ -111,7 +116,7 @@ POSITIVE = {"port", "metrics_port", "max_batch_size", "max_upload_mb", "max_audi
             "max_new_tokens", "cpu_threads", "max_uploads_per_client", "upload_timeout_seconds", "upload_idle_seconds",
             "upload_min_bytes_per_second", "max_realtime_sessions", "realtime_idle_seconds",
             "realtime_max_session_seconds", "realtime_max_message_mb", "realtime_max_buffered_seconds",
-            "realtime_max_pending_events"}
+            "realtime_max_pending_events", "beam_size"}
 
 
 

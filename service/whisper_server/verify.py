@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from transformers.generation.logits_process import (SuppressTokensAtBeginLogitsProcessor,
+                                                    SuppressTokensLogitsProcessor, WhisperTimeStampLogitsProcessor)
 
 from .decoding import SAMPLE_RATE, DecodeOptions
 from .engine import WhisperEngine
@@ -61,3 +63,67 @@ def decode_windows(engine: WhisperEngine, windows: list[tuple[np.ndarray, Decode
                 results[owner.pop(slot)] = result.tokens
         step += 1
     return [results[i] for i in range(len(windows))]
+
+
+@torch.inference_mode()
+def reference_beam_tokens(engine, samples: np.ndarray, options: DecodeOptions, beam_size: int = 5,
+                          patience: float = 1.0) -> list[int]:
+    """OpenAI's BeamSearchDecoder for one window alone (whisper/decoding.py: update, finalize, and the
+    MaximumLikelihoodRanker with length_penalty None), run step by step over transformers' model without a cache and
+    with transformers' own Whisper logits processors (suppress lists, timestamp rules): the reference the slot
+    decoder's beam search must equal. Generated tokens, end of text dropped."""
+    model, generation, eot = engine.model, engine.model.generation_config, engine.special.end_of_text
+    prefix = engine._prefix(options, None)[0]
+    begin = len(prefix)
+    processors = [SuppressTokensLogitsProcessor(generation.suppress_tokens),
+                  SuppressTokensAtBeginLogitsProcessor(generation.begin_suppress_tokens, begin)]
+    if options.timestamps:
+        processors.append(WhisperTimeStampLogitsProcessor(generation, begin))
+    else:
+        processors.append(SuppressTokensLogitsProcessor([engine.special.no_timestamps]))
+    encoded = model.model.encoder(engine.log_mel([samples]).to(engine.dtype)).last_hidden_state
+    max_candidates = round(beam_size * patience)
+    tokens = [list(prefix)] * beam_size
+    sum_logprobs = [0.0] * beam_size
+    finished: dict[tuple, float] = {}
+    for _ in range(engine._limit(begin, engine.max_new_tokens) - begin):
+        ids = torch.tensor(tokens)
+        logits = model(encoder_outputs=(encoded.expand(len(tokens), -1, -1),), decoder_input_ids=ids).logits[:, -1]
+        logits = logits.float()
+        for processor in processors:
+            logits = processor(ids, logits)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        scores, sources = {}, {}
+        for j in range(beam_size):
+            for logprob, token in zip(*logprobs[j].topk(beam_size + 1)):
+                sequence = tuple(tokens[j] + [token.item()])
+                scores[sequence] = sum_logprobs[j] + logprob.item()
+                sources[sequence] = j
+        next_tokens, next_sums, newly = [], [], {}
+        for sequence in sorted(scores, key=scores.get, reverse=True):
+            if sequence[-1] == eot:
+                newly[sequence] = scores[sequence]
+            else:
+                next_tokens.append(list(sequence))
+                next_sums.append(scores[sequence])
+                if len(next_tokens) == beam_size:
+                    break
+        for sequence in sorted(newly, key=newly.get, reverse=True):
+            if len(finished) >= max_candidates:
+                break
+            finished[sequence] = newly[sequence]
+        tokens, sum_logprobs = next_tokens, next_sums
+        if len(finished) >= max_candidates:
+            break
+    if len(finished) < beam_size:
+        for j in list(np.argsort(sum_logprobs))[::-1]:
+            finished[tuple(tokens[j] + [eot])] = sum_logprobs[j]
+            if len(finished) >= beam_size:
+                break
+
+    def generated(sequence: tuple) -> list[int]:
+        text = list(sequence[begin:])
+        return text[:text.index(eot)] if eot in text else text
+
+    best = max(finished, key=lambda sequence: finished[sequence] / max(len(generated(sequence)), 1))
+    return generated(best)
