@@ -1,13 +1,15 @@
 """Live transcription over OpenAI's Realtime protocol (/v1/realtime?intent=transcription), with the official OpenAI
 SDK's realtime client against a real server on OpenAI's real tiny.en: espeak-ng sentences with pauses, streamed as
 24 kHz PCM16 in 100 ms chunks (at real-time pace where pacing matters), every server event parsed with openai's own
-types."""
+types. The last test drains the module's server."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import signal
+import socket
 import subprocess
 import time
 
@@ -15,6 +17,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import websockets
 from openai.types.realtime.realtime_server_event import RealtimeServerEvent
 from pydantic import TypeAdapter
 
@@ -32,7 +35,7 @@ MAX_WER = 0.3  # over a test's turns: tiny.en on espeak-ng's voices (as test_eng
 def live_server(start_server, tiny_en):
     return start_server("--max-batch-size", "8", "--api-key", API_KEY, "--max-realtime-sessions", "4",
                         "--realtime-idle-seconds", "4", "--realtime-max-message-mb", "1",
-                        "--realtime-max-buffered-seconds", "45", "--realtime-max-pending-events", "64",
+                        "--realtime-max-buffered-seconds", "90", "--realtime-max-pending-events", "64",
                         "--drain-seconds", "30", model=tiny_en)
 
 
@@ -223,9 +226,9 @@ def test_every_bad_input_gets_an_error_event_and_the_session_goes_on(live_server
                               ("binary", b"\x00\x01"), ("too large", big_append)):
                 await connection.send_raw(raw)
                 errors[name] = error_of(await receive(connection))
-            # More audio than --realtime-max-buffered-seconds (45 s) ahead of the decoder: the excess append is refused.
+            # More audio than --realtime-max-buffered-seconds (90 s) ahead of the decoder: the excess append is refused.
             second = base64.b64encode(bytes(48_000)).decode()
-            for _ in range(45):
+            for _ in range(90):
                 await connection.input_audio_buffer.append(audio=second)
             await connection.input_audio_buffer.append(audio=second)
             errors["buffer"] = error_of(await receive(connection))
@@ -250,3 +253,163 @@ def test_every_bad_input_gets_an_error_event_and_the_session_goes_on(live_server
     assert "--realtime-max-buffered-seconds" in errors["buffer"]["message"]
     assert all(error["type"] == "invalid_request_error" for error in errors.values())
     assert_words([clip], turns(events))
+
+
+def test_a_long_monologue_is_cut_into_windows_that_decode_while_it_goes_on(live_server, speech):
+    """75 s of fluent speech (0.25 s between sentences, under server_vad's 500 ms) is one turn: its 30 s windows,
+    cut in pauses, are transcribed while the speaker goes on, not after."""
+    clip = speech.long(pause=0.25, seed=1)
+
+    async def run():
+        async with connect(live_server) as connection:
+            await receive(connection)
+            sender = asyncio.create_task(stream(connection, pcm24k(spoken([clip])), pace=4.0))
+            events = await events_until(connection, completed_count(1))
+            await sender
+            return events
+
+    events = asyncio.run(run())
+    types = [event["type"] for event in events]
+    (item,) = turns(events).values()
+    assert types.count("input_audio_buffer.speech_started") == 1 and types.count("input_audio_buffer.committed") == 1
+    assert types.count("conversation.item.input_audio_transcription.delta") >= 3, "a delta per window at least"
+    assert types.index("conversation.item.input_audio_transcription.delta") < types.index(
+        "input_audio_buffer.speech_stopped"), "the first window's text comes while the speaker goes on"
+    assert item["deltas"] == item["transcript"]
+    assert corpus_word_error_rate([clip.text], [item["transcript"]]) < MAX_WER
+
+
+def wait_for_no_sessions(server) -> None:
+    """Until the sessions of earlier tests, closed by their clients, have left the server."""
+    deadline = time.monotonic() + 10
+    while server.metric("whisper_realtime_sessions") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("whisper_realtime_sessions") == 0
+
+
+def raw_websocket(port: int) -> socket.socket:
+    """A WebSocket handshake on a socket with a 4 KB receive buffer, whose frames the test never reads."""
+    connection = socket.socket()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.connect(("127.0.0.1", port))
+    connection.sendall(b"GET /v1/realtime?intent=transcription HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                       b"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer " + API_KEY.encode() + b"\r\n\r\n")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += connection.recv(1)  # the head only: the frames after it stay unread
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return connection
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A client's masked text frame (RFC 6455), for payloads under 64 KiB."""
+    mask = b"\x01\x02\x03\x04"
+    size = len(payload)
+    length = bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    return b"\x81" + length + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+
+
+def test_limits_sessions_idle_and_a_client_that_stops_reading(live_server):
+    wait_for_no_sessions(live_server)
+
+    async def run():
+        async with connect(live_server) as first, connect(live_server) as second, connect(live_server) as third, \
+                connect(live_server) as fourth:
+            for connection in (first, second, third, fourth):
+                await receive(connection)
+            async with connect(live_server) as fifth:
+                refused = error_of(await receive(fifth))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await fifth.recv_bytes()
+            assert closed.value.rcvd.code == 1013
+        # An idle session is told, then closed.
+        async with connect(live_server) as idle:
+            await receive(idle)
+            idle_error = error_of(await receive(idle, timeout=10))
+            with pytest.raises(websockets.ConnectionClosed):
+                await idle.recv_bytes()
+        return refused, idle_error
+
+    refused, idle_error = asyncio.run(run())
+    assert refused["code"] == "session_limit" and "--max-realtime-sessions" in refused["message"]
+    assert idle_error["code"] == "idle_timeout" and "--realtime-idle-seconds" in idle_error["message"]
+
+    # A client that sends events but never reads the answers: past 64 queued events its session is closed.
+    wait_for_no_sessions(live_server)
+    with raw_websocket(live_server.port) as stalled:
+        stalled.settimeout(2)
+        assert live_server.metric("whisper_realtime_sessions") == 1
+        unknown = text_frame(json.dumps({"type": "x" * 4000}).encode())  # each answered by a 4 KB error event
+        deadline = time.monotonic() + 60
+        while live_server.metric("whisper_realtime_sessions") and time.monotonic() < deadline:
+            try:
+                for _ in range(50):
+                    stalled.sendall(unknown)
+            except (TimeoutError, OSError):  # the server no longer reads this connection
+                time.sleep(0.1)
+        assert live_server.metric("whisper_realtime_sessions") == 0
+    assert "its client stopped reading" in live_server.log_path.read_text()
+
+
+def test_client_secret_opens_a_browser_session_and_bad_keys_are_refused(live_server):
+    minted = httpx.post(live_server.url + "/v1/realtime/client_secrets", headers={"Authorization": f"Bearer {API_KEY}"},
+                        json={"expires_after": {"anchor": "created_at", "seconds": 60},
+                              "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}}})
+    assert minted.status_code == 200, minted.text
+    secret = minted.json()
+    assert secret["value"].startswith("ek_") and API_KEY not in secret["value"]
+    assert 55 <= secret["expires_at"] - time.time() <= 61
+    assert httpx.post(live_server.url + "/v1/realtime/client_secrets").status_code == 401
+
+    url = f"ws://127.0.0.1:{live_server.port}/v1/realtime?intent=transcription"
+
+    async def run():
+        browser = ["realtime", "openai-insecure-api-key." + secret["value"]]
+        async with websockets.connect(url, subprotocols=browser) as ws:
+            assert ws.subprotocol == "realtime"
+            created = json.loads(await ws.recv())
+        statuses = []
+        for protocols, query in ((["realtime", "openai-insecure-api-key.ek_forged.sig"], "intent=transcription"),
+                                 (["realtime"], "intent=transcription"),
+                                 (["realtime", "openai-insecure-api-key." + secret["value"]], "model=gpt-realtime")):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                async with websockets.connect(url.split("?")[0] + "?" + query, subprotocols=protocols):
+                    pass
+            statuses.append(refused.value.response.status_code)
+        return created, statuses
+
+    created, statuses = asyncio.run(run())
+    SERVER_EVENT.validate_python(created)
+    assert created["session"]["audio"]["input"]["turn_detection"] is None, "the secret's session applies"
+    assert statuses == [401, 401, 400]
+
+
+def test_drain_tells_each_session_finishes_committed_turns_and_closes_1012(live_server, sentences):
+    """Last: SIGTERM stops the module's server."""
+    audio = pcm24k(spoken(sentences[:4], pause=0.3))
+
+    async def run():
+        async with connect(live_server) as connection:
+            await receive(connection)
+            await connection.session.update(session={"type": "transcription",
+                                                     "audio": {"input": {"turn_detection": None}}})
+            await receive(connection)
+            await stream(connection, audio, pace=None)
+            await connection.input_audio_buffer.commit()
+            events = [await receive(connection)]
+            assert events[0]["type"] == "input_audio_buffer.committed"
+            live_server.process.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    events.append(await receive(connection))
+            return events, closed.value.rcvd.code
+
+    events, code = asyncio.run(run())
+    types = [event["type"] for event in events]
+    assert code == 1012
+    assert types.index("error") < types.index("conversation.item.input_audio_transcription.completed"), types
+    assert error_of(events[types.index("error")])["code"] == "server_shutting_down"
+    (item,) = turns(events).values()
+    assert corpus_word_error_rate([" ".join(clip.text for clip in sentences[:4])], [item["transcript"]]) < MAX_WER
+    assert live_server.process.wait(timeout=60) == 0
