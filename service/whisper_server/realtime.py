@@ -619,7 +619,9 @@ class RealtimeSession:
         return turn
 
     def options(self) -> DecodeOptions:
-        return DecodeOptions(task="transcribe", language=self.config.language, prompt=self.config.prompt)
+        # Live transcripts show no segment times: decoded as json answers are (--decode-timestamps).
+        return DecodeOptions(task="transcribe", language=self.config.language, prompt=self.config.prompt,
+                             timestamps=self.settings.decode_timestamps == "always")
 
     async def commit(self, event: dict) -> None:
         held = len(self.frames) * FRAME + len(self.partial)
