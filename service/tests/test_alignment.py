@@ -151,3 +151,29 @@ def test_engine_alignment_pass_matches_transformers_cross_attention(tmp_path):
         filtered = np.median(np.lib.stride_tricks.sliding_window_view(padded, 7, axis=-1), axis=-1)
         expected = filtered.mean(0)[len(start):len(sequence) - 1]
         np.testing.assert_allclose(result.alignment.astype(np.float32), expected, atol=0.02)
+
+
+def timed(pieces: list[tuple[str, list[int]]]) -> list[Word]:
+    """Words from split_words, a quarter second each."""
+    return [Word(text, index / 4, (index + 1) / 4, tokens) for index, (text, tokens) in enumerate(pieces)]
+
+
+def test_a_word_split_across_segments_leaves_the_later_words_in_their_own_segments():
+    """" hel" ends the first segment and "lo" begins the second: the word belongs to the first, and the words after
+    it stay with their own segments and inside their times."""
+    token_bytes = [b" a", b" b", b" hel", b"lo", b" c", b" d", b" e", b" f"]
+    aligned = timed(split_words(list(range(8)), token_bytes, "en"))
+    assert [w.word for w in aligned] == [" a", " b", " hello", " c", " d", " e", " f"]
+    segments = [segment(0.0, 0.75, "a b hel", [0, 1, 2]), segment(0.75, 1.25, "lo c d", [3, 4, 5]),
+                segment(1.25, 1.75, "e f", [6, 7])]
+    placed = place_words(segments, aligned, 0.0)
+    assert [[w.word for w in ws] for _, ws in placed] == [[" a", " b", " hello"], [" c", " d"], [" e", " f"]]
+    for placed_segment, placed_words in placed:
+        assert all(placed_segment.start <= w.start <= w.end <= placed_segment.end for w in placed_words)
+
+
+def test_a_lone_space_token_is_no_word():
+    token_bytes = [b" a", b" b", b" ", b" c", b" "]
+    aligned = timed(split_words(list(range(5)), token_bytes, "en"))
+    placed = place_words([segment(0.0, 1.25, "a b c", list(range(5)))], aligned, 0.0)
+    assert [w.word.strip() for w in placed[0][1]] == ["a", "b", "c"]

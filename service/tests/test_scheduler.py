@@ -447,3 +447,17 @@ def test_live_turns_go_ahead_of_files_which_still_progress():
     assert all(any(label >= 100 for label in step) for step in during), "files decode at every step meanwhile"
     assert max(sum(label < 100 for label in step) for step in during) == 3, "live turns hold all slots but one"
     assert harness.texts(0) == [str(100 + i) for i in range(12)]
+
+
+def test_a_request_whose_windows_keep_falling_back_pays_from_its_own_share():
+    """One slot; request 0's windows repeat themselves at every temperature (six decodes each, ten steps a decode),
+    request 1's decode once. Request 1 arrives after request 0's first decode and still gets every other decode:
+    it finishes within twice its own work, not after request 0's retries."""
+    engine = StandInEngine(capacity=1, steps=lambda label: 10, loops=lambda label, temperature: label < 10)
+    harness = Harness(engine)
+    harness.submit(0, [1, 2, 3])
+    harness.run(steps=10)
+    harness.submit(1, [11, 12, 13])
+    harness.run()
+    assert harness.finished_at[1] <= 10 + 2 * 30 + 10, harness.finished_at
+    assert harness.texts(1) == ["11", "12", "13"] and harness.texts(0) == [LOOPING] * 3

@@ -254,15 +254,21 @@ def place_words(segments: list[Segment], words: list[Word], last_speech: float) 
                     words[index].end = words[index].start + longest
                 elif words[index - 1].word in SENTENCE_END_MARKS:
                     words[index].start = words[index].end - longest
-    merged = iter(merge_punctuations(words))
-    placed = []
+    merged = merge_punctuations(words)
+    placed, taken, word_token, segment_end = [], 0, 0, 0
     for segment in segments:
         segment = replace(segment)
-        mine, tokens_seen = [], 0
-        while tokens_seen < len(segment.tokens) and (word := next(merged, None)) is not None:
-            if word.word:
+        mine = []
+        # A segment's words are those whose first token is among its tokens: a word split across two segments
+        # belongs to the first, and the next segment's words are counted from its own first token, not from the end
+        # of the split word (counting per segment shifted every later word into the segment after its own).
+        segment_end += len(segment.tokens)
+        while taken < len(merged) and word_token < segment_end:
+            word = merged[taken]
+            if word.word.strip():  # merged marks leave empty entries; a lone space token is no word
                 mine.append(replace(word, start=round(word.start, 2), end=round(word.end, 2)))
-            tokens_seen += len(word.tokens)
+            taken += 1
+            word_token += len(word.tokens)
         if mine:
             first, last = mine[0], mine[-1]
             if first.end - last_speech > median * 4 and (first.end - first.start > longest or (

@@ -229,6 +229,7 @@ async def receive_audio(request: Request, state: ServerState, task: str,
             asked = decode_options(form, task, state)
             async with state.audio_work:
                 samples = await run_in_threadpool(decode_audio, form.file_path, settings.max_audio_seconds,
+                                                  settings.max_audio_seconds_per_mb,
                                                   lambda total: audio.grow_to(total / SAMPLE_RATE))
         except AudioError as error:
             raise ApiError(error.status, error.message, param="file", code=error.code) from error

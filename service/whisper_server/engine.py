@@ -58,6 +58,20 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def last_tokens(backend, text: str, count: int) -> list[int]:
+    """The last `count` tokens of the text (a tokenizers backend's byte-level BPE), tokenizing only as much of its end
+    as they need, so a 60 KB prompt costs each window what its last tokens cost. A tail cut mid-word may split
+    differently from the whole text at the cut, so its first two pieces are dropped; the rest split as the whole's."""
+    tail = 16 * count
+    while True:
+        cut = max(0, len(text) - tail)
+        pieces = backend.pre_tokenizer.pre_tokenize_str(text[cut:])[2 if cut else 0:]
+        ids = [token.id for piece, _ in pieces for token in backend.model.tokenize(piece)]
+        if not cut or len(ids) >= count:
+            return ids[-count:]
+        tail *= 4
+
+
 T = TypeVar("T")
 
 
@@ -489,9 +503,7 @@ class WhisperEngine:
         if not prompt:
             return []
         backend = self.processor.tokenizer.backend_tokenizer  # its byte-level BPE alone, without added tokens
-        pieces = backend.pre_tokenizer.pre_tokenize_str(" " + prompt.strip())
-        ids = [token.id for piece, _ in pieces for token in backend.model.tokenize(piece)]
-        return [self.start_of_previous] + ids[-(self.positions // 2 - 1):]
+        return [self.start_of_previous] + last_tokens(backend, " " + prompt.strip(), self.positions // 2 - 1)
 
     def _segments(self, tokens: list[int], result: WindowResult) -> list[Segment]:
         """Splits a decode's tokens into segments at timestamp tokens, clamped to the window and kept in order; each

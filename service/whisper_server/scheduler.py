@@ -52,7 +52,10 @@ class Request:
     waiting: deque[tuple[int, float]] = field(default_factory=deque)  # (window, temperature) not yet in a slot
     busy: int = 0  # windows in slots now
     finished: int = 0
-    last_served: int = -1  # when a window of it last got a slot (-1: not since it arrived or a window was retried)
+    last_served: int = -1  # when a window of it last got a slot (-1: not since it arrived)
+    # Decode work: slot-steps its windows took, retries at a higher temperature included. A request starts at the
+    # least work of those in the scheduler, so it competes from now on, owed nothing for the past.
+    work: int = 0
     detecting: bool = False  # a window is being admitted to detect the request's language; the others wait for it
     tries: dict[int, list[WindowResult]] = field(default_factory=dict)  # window -> its decodes that fell back
     live: bool = False  # a live session's turn: its windows take free slots ahead of files'
@@ -112,7 +115,8 @@ class SlotScheduler:
 
     def submit(self, key: int, options: DecodeOptions, windows: list[Window], live: bool = False) -> None:
         request = Request(key, options, windows, next(self.sequence),
-                          waiting=deque((index, options.temperature) for index in range(len(windows))), live=live)
+                          waiting=deque((index, options.temperature) for index in range(len(windows))), live=live,
+                          work=min((other.work for other in self.requests.values()), default=0))
         self.requests[key] = request
         if not windows:
             self._finish(request)
@@ -228,10 +232,12 @@ class SlotScheduler:
 
     def _pick(self, free: int) -> list[tuple[Request, int, float]]:
         """Fair shares: each free slot goes to the waiting request with the fewest windows in slots, and among
-        those round-robin (the one served longest ago, the oldest among the unserved), so a 2-hour file holds no
-        more slots than the clips that arrive after it. A window retried at a higher temperature goes back to the
-        head of its request, which counts as unserved: it keeps its place ahead of newer requests. A request whose
-        language is still to be detected gives one window to this admission.
+        those to the one that has had the least decode work (then round-robin: the one served longest ago, the
+        oldest among the unserved), so a 2-hour file holds no more slots than the clips that arrive after it, and a
+        request whose windows keep falling back (a repetition loop at every temperature: six decodes a window) pays
+        for its retries from its own share, not from others'. A window retried at a higher temperature goes back to
+        the head of its request. A request whose language is still to be detected gives one window to this
+        admission.
         Live turns go first (a caption never waits behind a long file), but while file windows wait, live windows
         hold at most all slots but one: files still progress."""
         picks = []
@@ -241,7 +247,7 @@ class SlotScheduler:
         while len(picks) < free and waiting:
             files = [request for request in waiting if not request.live]
             eligible = files if files and live_busy >= live_room else waiting
-            request = min(eligible, key=lambda r: (not r.live, r.busy, r.last_served, r.sequence))
+            request = min(eligible, key=lambda r: (not r.live, r.busy, r.work, r.last_served, r.sequence))
             index, temperature = request.waiting.popleft()
             live_busy += request.live
             request.busy += 1
@@ -266,6 +272,8 @@ class SlotScheduler:
             return
         now = time.monotonic()
         self.events.on_step(busy, now - started)
+        for request, _, _ in self.owners.values():
+            request.work += 1
         for slot, result in finished:
             request, index, temperature = self.owners.pop(slot)
             self.window_seconds = 0.9 * self.window_seconds + 0.1 * (now - self.admitted_at.pop(slot))
@@ -278,7 +286,6 @@ class SlotScheduler:
                     tries.append(result)
                     if temperature < 1.0:
                         request.waiting.appendleft((index, round(min(1.0, temperature + TEMPERATURE_STEP), 2)))
-                        request.last_served = -1
                         self.waiting_since = self.waiting_since or now
                         continue
                     result = best_try(tries)

@@ -64,23 +64,40 @@ class VoiceActivity:
     def speech_probabilities(self, samples: np.ndarray) -> np.ndarray:
         """The probability of speech in each 32 ms frame (the last one zero-padded), of the audio brought to one
         level first: Silero misses the softer words of speech 40 dB down, and hears the same speech at any level
-        once it is normalised."""
+        once it is normalised. Runs block by block: beyond the audio, it holds one block's inputs (1.2 MB), never a
+        full-length copy."""
         count = -(-len(samples) // FRAME)
-        frames = np.zeros((count, FRAME), np.float32)
-        frames.reshape(-1)[:len(samples)] = samples
-        if count:
-            level = max(float(np.percentile(np.abs(frames).max(axis=1), LEVEL_PERCENTILE)), LEVEL_FLOOR)
-            frames *= np.float32(TARGET_PEAK / level)
-        context = np.zeros((count, CONTEXT), np.float32)
-        context[1:] = frames[:-1, -CONTEXT:]
-        inputs = np.concatenate([context, frames], axis=1)
+        if not count:
+            return np.zeros(0, np.float32)
+        scale = np.float32(TARGET_PEAK / level(samples))
         hidden = cell = np.zeros((1, 1, 128), np.float32)
-        probabilities = []
+        probabilities = np.empty(count, np.float32)
         for first in range(0, count, BLOCK_FRAMES):
-            block, hidden, cell = self.session.run(
-                ["speech_probs", "hn", "cn"], {"input": inputs[first:first + BLOCK_FRAMES], "h": hidden, "c": cell})
-            probabilities.append(block.reshape(-1))
-        return np.concatenate(probabilities) if probabilities else np.zeros(0, np.float32)
+            frames = min(BLOCK_FRAMES, count - first)
+            inputs = np.zeros((frames, CONTEXT + FRAME), np.float32)
+            block = samples[first * FRAME:(first + frames) * FRAME]
+            whole = len(block) // FRAME
+            inputs[:whole, CONTEXT:] = block[:whole * FRAME].reshape(whole, FRAME)
+            inputs[whole:, CONTEXT:CONTEXT + len(block) - whole * FRAME] = block[whole * FRAME:]
+            inputs[1:, :CONTEXT] = inputs[:-1, -CONTEXT:]
+            if first:
+                inputs[0, :CONTEXT] = samples[first * FRAME - CONTEXT:first * FRAME]
+            inputs *= scale
+            output, hidden, cell = self.session.run(["speech_probs", "hn", "cn"],
+                                                    {"input": inputs, "h": hidden, "c": cell})
+            probabilities[first:first + frames] = output.reshape(-1)
+        return probabilities
+
+
+def level(samples: np.ndarray) -> float:
+    """The audio's level for the detector: the LEVEL_PERCENTILE of its frames' peaks, at least LEVEL_FLOOR; computed
+    block by block."""
+    whole = len(samples) // FRAME
+    peaks = [np.abs(samples[first * FRAME:min(first + BLOCK_FRAMES, whole) * FRAME].reshape(-1, FRAME)).max(axis=1)
+             for first in range(0, whole, BLOCK_FRAMES)]
+    if len(samples) > whole * FRAME:
+        peaks.append(np.abs(samples[whole * FRAME:]).max(keepdims=True))
+    return max(float(np.percentile(np.concatenate(peaks), LEVEL_PERCENTILE)), LEVEL_FLOOR)
 
 
 class SpeechStream:

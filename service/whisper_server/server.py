@@ -15,6 +15,7 @@ import uvicorn
 from prometheus_client import start_http_server
 
 from .app import ServerState, create_app, drain_expired, engine_unavailable, server_stopping
+from .audio import map_large_buffers
 from .engine_process import EngineProcess
 from .logs import configure_logging
 from .realtime import ROUTES as REALTIME_ROUTES
@@ -119,6 +120,7 @@ def start_engine(state: ServerState, server: DrainingServer) -> None:
 
 def run(settings: Settings) -> int:
     configure_logging()
+    map_large_buffers()
     state = ServerState(settings)
     config = uvicorn.Config(create_app(state, REALTIME_ROUTES), host=settings.host, port=settings.port, log_config=None,
                             access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=75,

@@ -18,6 +18,7 @@ class Settings:
     batch_wait_ms: float = 10.0
     max_upload_mb: float = 100.0
     max_audio_seconds: float = 7200.0
+    max_audio_seconds_per_mb: float = 4000.0
     queue_size: int = 64
     max_queued_audio_seconds: float = 14400.0
     max_concurrent_uploads: int = 64
@@ -59,6 +60,9 @@ HELP = {
                       "(an idle engine starts a window at once)"),
     "max_upload_mb": "largest request body, enforced while it is received (413 beyond it)",
     "max_audio_seconds": "longest audio accepted after decoding (400 beyond it)",
+    "max_audio_seconds_per_mb": ("most seconds of audio one MB (2^20 bytes) of upload may decode to, so a request's cost "
+                                 "follows its upload (400 beyond it); the default, 2 kbit/s, is below any speech "
+                                 "codec's bit rate"),
     "queue_size": "most requests admitted and unfinished; more get 503 with Retry-After",
     "max_queued_audio_seconds": ("most seconds of decoded audio held at once, counted while files decode, across "
                                  "requests (64 KB each in this process and again in the engine's); more get 503"),
@@ -111,7 +115,8 @@ HELP = {
                           "(fewer word errors and tokens), a window's text timed by its voice-activity window; always "
                           "decodes them for every request, as OpenAI's reference does"),
 }
-POSITIVE = {"port", "metrics_port", "max_batch_size", "max_upload_mb", "max_audio_seconds", "queue_size",
+POSITIVE = {"port", "metrics_port", "max_batch_size", "max_upload_mb", "max_audio_seconds", "max_audio_seconds_per_mb",
+            "queue_size",
             "max_queued_audio_seconds", "max_concurrent_uploads", "max_spool_mb", "request_timeout_seconds",
             "max_new_tokens", "cpu_threads", "max_uploads_per_client", "upload_timeout_seconds", "upload_idle_seconds",
             "upload_min_bytes_per_second", "max_realtime_sessions", "realtime_idle_seconds",
