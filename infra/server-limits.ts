@@ -3,7 +3,8 @@
 // (--max-queued-audio-seconds, --max-spool-mb, --max-concurrent-uploads) instead of being OOM-killed or evicted.
 import { Dtype, serverHostMemoryGiB } from "./catalog";
 
-/** Decoded audio: 16 kHz mono float32. */
+/** Decoded audio: 16 kHz mono float32, as measured in the HTTP process (service/bench/audio_memory.py, and
+ * service/tests/test_hostile_audio.py on a real server: decoding and voice detection run block by block). */
 export const decodedAudioKiBPerSecond = 64;
 /** The server holds each second twice: in the HTTP process and again in the engine process. */
 export const heldAudioCopies = 2;

@@ -20,9 +20,12 @@ from .decoding import SAMPLE_RATE
 MIN_SAMPLE_RATE = 8_000
 # Decoded samples gather in blocks of this many (4 MiB, 65 s), each its own allocation, joined once at the end.
 BLOCK_SAMPLES = 2**20
-# What decoded audio costs the HTTP process per second it holds (16 kHz float32); measured by service/bench/audio_memory.py
-# and asserted on a real server process by tests/test_hostile_audio.py.
+# What decoded audio costs the HTTP process per second it holds (16 kHz float32: 62.5 KiB), and what a file costs
+# besides while it decodes and its speech is found (a block of samples, the detector's block and working memory).
+# Measured by bench/audio_memory.py (62.9 KiB a second and 8.6 MiB), asserted on a real server by
+# tests/test_hostile_audio.py.
 DECODED_BYTES_PER_SECOND = 4 * SAMPLE_RATE
+DECODING_BYTES_PER_FILE = 16 * 2**20
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

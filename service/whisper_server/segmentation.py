@@ -67,11 +67,9 @@ class VoiceActivity:
         once it is normalised. Runs block by block: beyond the audio, it holds one block's inputs (1.2 MB), never a
         full-length copy."""
         count = -(-len(samples) // FRAME)
-        if not count:
-            return np.zeros(0, np.float32)
-        scale = np.float32(TARGET_PEAK / level(samples))
+        scale = np.float32(TARGET_PEAK / level(samples)) if count else np.float32(0)
         hidden = cell = np.zeros((1, 1, 128), np.float32)
-        probabilities = np.empty(count, np.float32)
+        probabilities = []
         for first in range(0, count, BLOCK_FRAMES):
             frames = min(BLOCK_FRAMES, count - first)
             inputs = np.zeros((frames, CONTEXT + FRAME), np.float32)
@@ -85,19 +83,8 @@ class VoiceActivity:
             inputs *= scale
             output, hidden, cell = self.session.run(["speech_probs", "hn", "cn"],
                                                     {"input": inputs, "h": hidden, "c": cell})
-            probabilities[first:first + frames] = output.reshape(-1)
-        return probabilities
-
-
-def level(samples: np.ndarray) -> float:
-    """The audio's level for the detector: the LEVEL_PERCENTILE of its frames' peaks, at least LEVEL_FLOOR; computed
-    block by block."""
-    whole = len(samples) // FRAME
-    peaks = [np.abs(samples[first * FRAME:min(first + BLOCK_FRAMES, whole) * FRAME].reshape(-1, FRAME)).max(axis=1)
-             for first in range(0, whole, BLOCK_FRAMES)]
-    if len(samples) > whole * FRAME:
-        peaks.append(np.abs(samples[whole * FRAME:]).max(keepdims=True))
-    return max(float(np.percentile(np.concatenate(peaks), LEVEL_PERCENTILE)), LEVEL_FLOOR)
+            probabilities.append(output.reshape(-1))
+        return np.concatenate(probabilities) if probabilities else np.zeros(0, np.float32)
 
 
 class SpeechStream:
@@ -217,3 +204,14 @@ def decoded_until(tokens: list[int], timestamp_begin: int, duration: float) -> t
     if resume_at <= 0 or duration - resume_at < MIN_REMAINDER_SECONDS:
         return len(tokens), None
     return kept, round(resume_at, 2)
+
+
+def level(samples: np.ndarray) -> float:
+    """The audio's level for the detector: the LEVEL_PERCENTILE of its frames' peaks, at least LEVEL_FLOOR; computed
+    block by block."""
+    whole = len(samples) // FRAME
+    peaks = [np.abs(samples[first * FRAME:min(first + BLOCK_FRAMES, whole) * FRAME].reshape(-1, FRAME)).max(axis=1)
+             for first in range(0, whole, BLOCK_FRAMES)]
+    if len(samples) > whole * FRAME:
+        peaks.append(np.abs(samples[whole * FRAME:]).max(keepdims=True))
+    return max(float(np.percentile(np.concatenate(peaks), LEVEL_PERCENTILE)), LEVEL_FLOOR)
