@@ -37,8 +37,8 @@ export interface ServerLimits {
 
 /**
  * The bounds that make the worst case fit the pod. Audio: what is left of the limit after the margin, the server's
- * processes and model, and one more copy of the longest file (made briefly as its decoding finishes), at 128 KiB a
- * second. Spool: the /tmp volume less its reserve. A bound below one request at its largest (maxAudioSeconds,
+ * processes and model, and one more copy of the longest file (room for the files being decoded: 16 MiB each, one per
+ * core, measured), at 128 KiB a second. Spool: the /tmp volume less its reserve. A bound below one request at its largest (maxAudioSeconds,
  * maxUploadMb) means the pod cannot serve that request at all: config refuses it (infra/config-rules.ts).
  */
 export function serverLimits(input: ServerLimitsInput): ServerLimits {
