@@ -47,7 +47,8 @@ def test_words_spell_the_text_and_start_at_every_sentence(tiny_en_server, speech
               if min(abs(start - sentence.start) for start in starts) > ONSET_TOLERANCE]
     assert missed == [], f"no word starts within {ONSET_TOLERANCE} s of these sentences"
     with open(clip.path, "rb") as handle:
-        plain = sdk(tiny_en_server).audio.transcriptions.create(model="whisper-1", file=handle)
+        plain = sdk(tiny_en_server).audio.transcriptions.create(model="whisper-1", file=handle,
+                                                                response_format="verbose_json")
     assert plain.text == result.text, "asking for words changes no text"
 
 
