@@ -38,6 +38,9 @@ if not (checkpoint / "model.safetensors").is_file():
 print(checkpoint)
 `;
 
+// The live test's microphone: two sentences with pauses, which the server's voice-activity detection finds as two turns.
+const LIVE_SENTENCES = ["The kitchen needs a new fridge before the summer starts.", "Please send the report to the office by Friday."];
+
 interface Segment { start: number; end: number; text: string }
 interface StreamEvent { type: string; delta?: string; text?: string; segments?: Segment[]; error?: { message: string } }
 interface Box { top: number; left: number; width: number; height: number }
@@ -109,6 +112,21 @@ function srtTime(seconds: number): string {
     return `${pad(Math.floor(ms / 3_600_000))}:${pad(Math.floor(ms / 60_000) % 60)}:${pad(Math.floor(ms / 1000) % 60)},${pad(ms % 1000, 3)}`;
 }
 
+// Word error rate of a hypothesis against a reference, after lower-casing and dropping punctuation.
+function wordErrorRate(reference: string, hypothesis: string): number {
+    const words = (text: string) => text.toLowerCase().replace(/[^a-z0-9' ]+/g, " ").split(/\s+/).filter(Boolean);
+    const [ref, hyp] = [words(reference), words(hypothesis)];
+    let previous = Array.from({ length: hyp.length + 1 }, (_, j) => j);
+    for (let i = 1; i <= ref.length; i += 1) {
+        const current = [i];
+        for (let j = 1; j <= hyp.length; j += 1) {
+            current.push(Math.min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref[i - 1] === hyp[j - 1] ? 0 : 1)));
+        }
+        previous = current;
+    }
+    return previous[hyp.length] / ref.length;
+}
+
 // M:SS.s, as the page shows a segment's start and end.
 function shortTime(seconds: number): string {
     const tenths = Math.round(seconds * 10);
@@ -122,6 +140,7 @@ describe("web page (headless Chromium against a real whisper-server)", function 
     let speechWav = "";
     let notAudio = "";
     let tooLargeWav = "";
+    let liveWav = "";
     // One server asks for a key and has a 1 MB upload limit; the other is open, as an internal deployment may be.
     const servers: Promise<TestServer>[] = [];
     let baseUrl = "";
@@ -228,6 +247,16 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         notAudio = path.join(workDir, "notes.txt");
         tooLargeWav = path.join(workDir, "long-tone.wav");
         execFileSync("espeak-ng", ["-w", speechWav, "Hello from the web page test. The quick brown fox jumps over the lazy dog."]);
+        // 1 s of silence, a sentence, 2 s of silence, the other, 3 s of silence: Chromium plays it as the microphone, looped.
+        liveWav = path.join(workDir, "live.wav");
+        const sentenceWavs = LIVE_SENTENCES.map((sentence, i) => {
+            const file = path.join(workDir, `live-${i}.wav`);
+            execFileSync("espeak-ng", ["-w", file, sentence]);
+            return file;
+        });
+        execFileSync("ffmpeg", ["-loglevel", "error", "-f", "lavfi", "-t", "1", "-i", "anullsrc=r=22050:cl=mono", "-i", sentenceWavs[0],
+            "-f", "lavfi", "-t", "2", "-i", "anullsrc=r=22050:cl=mono", "-i", sentenceWavs[1], "-f", "lavfi", "-t", "3", "-i", "anullsrc=r=22050:cl=mono",
+            "-filter_complex", "[0:a][1:a][2:a][3:a][4:a]concat=n=5:v=0:a=1", "-ar", "48000", "-c:a", "pcm_s16le", liveWav]);
         fs.writeFileSync(notAudio, "These are meeting notes, not audio.\n");
         // 40 s of 16 kHz mono 16-bit tone is 1.28 MB: over the 1 MB upload limit the server is started with.
         execFileSync("ffmpeg", ["-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=40",
@@ -531,6 +560,68 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         assert.ok(await page.locator("#language").isVisible());
         assert.ok(await page.locator("#capability-note").isHidden());
         assert.ok((await page.locator("#language option").count()) > 90);
+    });
+
+    it("captions live speech from the microphone turn by turn, as the deltas arrive, over /v1/realtime", async function () {
+        // A browser whose microphone plays the two sentences (a WAV file, looped).
+        const liveBrowser = await chromium.launch({ executablePath: CHROMIUM, chromiumSandbox: false,
+            args: [...CHROMIUM_ARGS, `--use-file-for-fake-audio-capture=${liveWav}`] });
+        try {
+            const livePage = await newPage(await liveBrowser.newContext({ viewport: { width: 1280, height: 900 } }));
+            const sent: any[] = [];
+            const received: any[] = [];
+            let socketUrl = "";
+            livePage.on("websocket", (socket) => {
+                socketUrl = socket.url();
+                socket.on("framesent", (frame) => sent.push(JSON.parse(String(frame.payload))));
+                socket.on("framereceived", (frame) => received.push(JSON.parse(String(frame.payload))));
+            });
+            const cspViolations: string[] = [];
+            livePage.on("console", (message) => { if (/Content Security Policy/.test(message.text())) cspViolations.push(message.text()); });
+            await livePage.goto(`${englishBaseUrl}/`);
+            await livePage.locator("#api-key").fill(API_KEY);
+            await livePage.locator("#api-key").dispatchEvent("change");
+            await livePage.locator("#model-line").filter({ hasText: /^Model: / }).waitFor();
+
+            await livePage.getByRole("button", { name: "Start live captions" }).click();
+            await livePage.locator("#status-line").filter({ hasText: /^Live: listening\.$/ }).waitFor({ timeout: 30_000 });
+            // Both sentences, each its own turn, each final: the file loops, so wait for the first two turns.
+            const finals = livePage.locator("#captions li.final");
+            await finals.nth(1).waitFor({ timeout: 90_000 });
+            await shot("12-live-captions", livePage);
+            await livePage.getByRole("button", { name: "Stop live captions" }).click();
+            await livePage.locator("#status-line").filter({ hasText: /^Live stopped: \d+ turns? captioned\.$/ }).waitFor({ timeout: 30_000 });
+
+            const captions = await finals.allInnerTexts();
+            const heard = captions.slice(0, 2);
+            heard.forEach((caption, i) => {
+                const wer = wordErrorRate(LIVE_SENTENCES[i], caption);
+                assert.ok(wer <= 0.25, `caption ${i + 1} "${caption}" holds "${LIVE_SENTENCES[i]}" (WER ${wer.toFixed(2)})`);
+            });
+            assert.deepStrictEqual(cspViolations, [], "the page's CSP admits the worklet and the WebSocket");
+
+            // The wire: 24 kHz PCM16 in 100 ms appends; the key itself never in the URL (the page sent a short-lived secret).
+            assert.ok(!socketUrl.includes(API_KEY) && socketUrl.endsWith("/v1/realtime?intent=transcription"), socketUrl);
+            const update = sent.find((event) => event.type === "session.update");
+            assert.deepStrictEqual(update.session.audio.input.format, { type: "audio/pcm", rate: 24000 });
+            assert.deepStrictEqual(update.session.audio.input.turn_detection, { type: "server_vad" });
+            const appends = sent.filter((event) => event.type === "input_audio_buffer.append");
+            assert.ok(appends.length >= 50, `${appends.length} appends`);
+            assert.ok(appends.slice(0, -1).every((event) => Buffer.from(event.audio, "base64").length === 4800), "100 ms of 24 kHz PCM16 each");
+            // Captions came as the deltas did: each shown turn's deltas add up to its completed transcript, which came last.
+            const completed = received.filter((event) => event.type === "conversation.item.input_audio_transcription.completed");
+            for (const [i, caption] of heard.entries()) {
+                const done = completed.find((event) => event.transcript.trim() === caption) ?? assert.fail(`a completed event for "${caption}"`);
+                const item = received.filter((event) => event.item_id === done.item_id);
+                const deltas = item.filter((event) => event.type === "conversation.item.input_audio_transcription.delta");
+                assert.ok(deltas.length > 0, `turn ${i + 1} had deltas`);
+                assert.strictEqual(deltas.map((event) => event.delta).join(""), done.transcript);
+                assert.ok(item.indexOf(deltas[0]) < item.indexOf(done), "the deltas came before the completed transcript");
+            }
+            assert.deepStrictEqual(received.filter((event) => event.type === "error"), [], "no error event");
+        } finally {
+            await liveBrowser.close();
+        }
     });
 
     it("asks no key of an open server, and fits a 390 px wide phone screen with a transcript on it", async function () {
