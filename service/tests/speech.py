@@ -10,6 +10,8 @@ every sentence's start and end in seconds, in `<name>.json` next to `<name>.wav`
     clips.long(pause=0.7)                       # 60-90 s: sentences with 0.7 s pauses (0.25 s: fluent speech)
     clips.quiet()                               # a 40 s clip 40 dB down, as from a far microphone
     clips.silence(), clips.noise()              # 10 s each; no words are expected from either
+    clips.foreign_short("de", count=4)          # other languages (data/multilingual.txt): clip.language, and
+    clips.foreign_long("de")                    # clip.english, the English translation; 40 s long clips
     clip.samples()                              # float32 at 16 kHz, exactly what the WAV holds
     word_error_rate(clip.text, transcript)      # normalised words, Levenshtein distance / reference words
     aligned_words(reference_words, words)       # which word went where (None: deleted or inserted)
@@ -35,6 +37,8 @@ import numpy as np
 
 SAMPLE_RATE = 16_000
 SENTENCES_FILE = Path(__file__).parent / "data" / "sentences.txt"
+# Sentences in other languages, each with its English translation; its sections are ISO-639-1 codes and voices.
+FOREIGN_FILE = Path(__file__).parent / "data" / "multilingual.txt"
 # espeak-ng voices and speeds (words per minute), cycled over the sentences: several accents, male and female.
 VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-x-rp", "en-us+m3", "en-gb+f2")
 SPEEDS = (165, 150, 175, 160)
@@ -61,9 +65,16 @@ def load_sentences(path: Path = SENTENCES_FILE) -> dict[str, list[str]]:
     return splits
 
 
+def load_foreign(path: Path = FOREIGN_FILE) -> dict[str, list[tuple[str, str]]]:
+    """{language: [(sentence, English translation)]}, in file order (data/multilingual.txt)."""
+    return {language: [tuple(part.strip() for part in line.split(" | ")) for line in lines]
+            for language, lines in load_sentences(path).items()}
+
+
 def normalize_words(text: str) -> list[str]:
-    """Lower case, punctuation dropped (hyphens split words): what a word error rate compares."""
-    return re.findall(r"[a-z0-9']+", text.lower().replace("-", " "))
+    """Lower case, punctuation dropped (hyphens split words), letters of every script kept: what a word error rate
+    compares."""
+    return re.findall(r"(?:[^\W_]|')+", text.lower().replace("-", " "))
 
 
 def aligned_words(reference: list[str], hypothesis: list[str]) -> list[tuple[int | None, int | None]]:
@@ -120,6 +131,8 @@ class Clip:
     path: Path
     sentences: tuple[Sentence, ...]
     duration: float
+    language: str = "en"
+    english: str | None = None  # the English translation, for clips in other languages
 
     @property
     def text(self) -> str:
@@ -150,9 +163,10 @@ class SpeechClips:
         for tool in ("espeak-ng", "ffmpeg"):
             if shutil.which(tool) is None:
                 raise RuntimeError(f"{tool} is required for speech clips (apt-get install espeak-ng ffmpeg)")
-        self.corpus = load_sentences()
+        self.corpus, self.foreign = load_sentences(), load_foreign()
         espeak = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256(json.dumps([self.corpus, VOICES, SPEEDS, espeak, Path(__file__).read_text()]).encode())
+        key = hashlib.sha256(json.dumps([self.corpus, self.foreign, VOICES, SPEEDS, espeak,
+                                         Path(__file__).read_text()]).encode())
         self.folder = Path(folder) / key.hexdigest()[:16]
         self.folder.mkdir(parents=True, exist_ok=True)
         self._spoken: dict[tuple[str, int], np.ndarray] = {}
@@ -160,20 +174,21 @@ class SpeechClips:
     def sentences(self, split: str = "held out") -> list[str]:
         return self.corpus[split]
 
-    def speak(self, text: str, index: int) -> np.ndarray:
-        """One sentence at 16 kHz, espeak-ng's edge silence trimmed; the voice and speed follow from `index`."""
-        if (text, index) not in self._spoken:
-            voice, speed = VOICES[index % len(VOICES)], SPEEDS[index % len(SPEEDS)]
+    def speak(self, text: str, index: int, voice: str | None = None) -> np.ndarray:
+        """One sentence at 16 kHz, espeak-ng's edge silence trimmed; the speed (and the English voice unless one is
+        given) follows from `index`."""
+        if (text, index, voice) not in self._spoken:
+            voice, speed = voice or VOICES[index % len(VOICES)], SPEEDS[index % len(SPEEDS)]
             wav = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text],
                                  check=True, capture_output=True).stdout
             pcm = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", "pipe:0", "-ar", str(SAMPLE_RATE), "-ac", "1",
                                   "-f", "s16le", "pipe:1"], input=wav, check=True, capture_output=True).stdout
             samples = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768
             voiced = np.flatnonzero(np.abs(samples) > TRIM_LEVEL)
-            self._spoken[text, index] = samples[voiced[0]:voiced[-1] + 1]
-        return self._spoken[text, index]
+            self._spoken[text, index, voice] = samples[voiced[0]:voiced[-1] + 1]
+        return self._spoken[text, index, voice]
 
-    def _clip(self, name: str, build) -> Clip:
+    def _clip(self, name: str, build, language: str = "en", english: str | None = None) -> Clip:
         wav, reference = self.folder / f"{name}.wav", self.folder / f"{name}.json"
         if not (wav.is_file() and reference.is_file()):
             samples, sentences = build()
@@ -181,17 +196,19 @@ class SpeechClips:
             wav.with_suffix(".tmp").rename(wav)
             reference.write_text(json.dumps({
                 "text": " ".join(s.text for s in sentences), "duration": len(samples) / SAMPLE_RATE,
-                "sentences": [s.__dict__ for s in sentences]}, indent=1))
+                "sentences": [s.__dict__ for s in sentences], "language": language, "english": english},
+                indent=1, ensure_ascii=False))
         meta = json.loads(reference.read_text())
-        return Clip(name, wav, tuple(Sentence(**s) for s in meta["sentences"]), meta["duration"])
+        return Clip(name, wav, tuple(Sentence(**s) for s in meta["sentences"]), meta["duration"], meta["language"],
+                    meta["english"])
 
-    def _join(self, texts: list[str], first_index: int, pause: float, gain: float = 1.0):
+    def _join(self, texts: list[str], first_index: int, pause: float, gain: float = 1.0, voice: str | None = None):
         """Sentences one after another with `pause` seconds between them and edge silence around them."""
         edge = np.zeros(int(EDGE_SILENCE_SECONDS * SAMPLE_RATE), np.float32)
         gap = np.zeros(int(round(pause * SAMPLE_RATE)), np.float32)
         parts, sentences, at = [edge], [], len(edge)
         for offset, text in enumerate(texts):
-            spoken = self.speak(text, first_index + offset)
+            spoken = self.speak(text, first_index + offset, voice)
             if offset:
                 parts.append(gap)
                 at += len(gap)
@@ -231,13 +248,30 @@ class SpeechClips:
             return noise.astype(np.float32), []
         return self._clip(f"noise-{seconds:.0f}s{level_db:.0f}dB", build)
 
-    def _texts_for(self, split: str, seconds: float, pause: float, seed: int) -> list[str]:
-        """Sentences in a seeded order until their spoken length (with pauses) reaches `seconds`."""
-        pool = self.sentences(split)
+    def foreign_short(self, language: str, count: int | None = None) -> list[Clip]:
+        """One clip per sentence of `language` in data/multilingual.txt (the first `count`), in its espeak-ng voice."""
+        pairs = self.foreign[language][:count]
+        return [self._clip(f"short-{language}-{i:02d}", lambda i=i, text=text: self._join([text], i, 0.0, voice=language),
+                           language, english) for i, (text, english) in enumerate(pairs)]
+
+    def foreign_long(self, language: str, pause: float = 0.7, seconds: float = 40.0, seed: int = 0) -> Clip:
+        """About `seconds` of `language`'s sentences in a seeded order, `pause` seconds apart (two windows or more)."""
+        pairs = dict(self.foreign[language])
+        texts = self._texts_for(list(pairs), seconds, pause, seed, voice=language)
+        return self._clip(f"long-{language}-{pause:.2f}s-{seconds:.0f}s-seed{seed}",
+                          lambda: self._join(texts, seed * 7, pause, voice=language), language,
+                          " ".join(pairs[text] for text in texts))
+
+    def _texts_for(self, pool: str | list[str], seconds: float, pause: float, seed: int,
+                   voice: str | None = None) -> list[str]:
+        """Sentences of a split (or a list) in a seeded order until their spoken length (with pauses) reaches
+        `seconds`."""
+        pool = self.sentences(pool) if isinstance(pool, str) else pool
         order = np.random.default_rng(seed).permutation(len(pool))
         texts, total = [], 2 * EDGE_SILENCE_SECONDS
         while total < seconds:
             index = order[len(texts) % len(pool)]
-            total += len(self.speak(pool[index], seed * 7 + len(texts))) / SAMPLE_RATE + (pause if texts else 0.0)
+            total += (len(self.speak(pool[index], seed * 7 + len(texts), voice)) / SAMPLE_RATE
+                      + (pause if texts else 0.0))
             texts.append(pool[index])
         return texts

@@ -60,9 +60,12 @@ def test_transcribes_real_speech_over_http_with_the_openai_sdk(tiny_en_server, s
     # OpenAI's fallback samples an unsure decode again (average log-probability below -1): 0.26 on these clips.
     assert corpus_word_error_rate([c.text for c in clips], texts) < 0.3, texts
     with open(clips[0].path, "rb") as handle:
-        given = sdk.audio.transcriptions.create(model="whisper-1", file=handle, language="en",
+        given = sdk.audio.transcriptions.create(model="whisper-1", file=handle, language="english",
                                                 response_format="verbose_json")
     assert given.text == texts[0]
+    with open(speech.silence().path, "rb") as handle:  # no window at all: still English, never "unknown"
+        silent = sdk.audio.transcriptions.create(model="whisper-1", file=handle, response_format="verbose_json")
+    assert silent.text == "" and silent.language == "english"
 
 
 def test_refuses_other_languages_and_translation_with_openai_errors(tiny_en_server, sdk, speech):

@@ -47,6 +47,7 @@ class StandInEngine:
         self.released: list[int] = []
         self.encoding_steps = 0  # decode steps an encoder pass takes to finish beside them
         self.attached: list[int] = []  # the step count at each attach
+        self.detections: list[tuple[float, tuple[str, ...]]] = []  # (seconds of audio, candidates) per detection
 
     def free_slots(self) -> int:
         return self.capacity - len(self.slots)
@@ -76,6 +77,10 @@ class StandInEngine:
 
     def window_language(self, slot: int) -> str | None:
         return self.slots[slot][1].language or "xx"
+
+    def detect_language(self, samples, candidates) -> str:
+        self.detections.append((len(samples) / SAMPLE_RATE, candidates))
+        return candidates[-1] if candidates else "yy"
 
     def step(self):
         self.steps.append(sorted(entry[0] for entry in self.slots.values() if entry))
@@ -393,24 +398,51 @@ def test_a_decode_that_stops_short_continues_from_its_last_timestamp_beside_othe
     assert harness.texts(1) == ["7"]
 
 
-def test_the_language_is_detected_once_on_the_first_window():
+def test_a_first_window_of_30_s_detects_the_language_once_at_its_admission():
     engine = StandInEngine(capacity=4)
     harness = Harness(engine)
-    harness.submit(0, [1, 2, 3, 4], DecodeOptions())
+    harness.submit(0, [1, 2, 3, 4], DecodeOptions(), seconds=30.0)
     harness.run()
+    assert engine.detections == []
     assert [[(label, options.language) for label, options in admission] for admission in engine.admissions] == [
         [(1, None)], [(2, "xx"), (3, "xx"), (4, "xx")]]
     assert {found.language for found in harness.done[0]} == {"xx"}
 
 
+def test_the_language_is_detected_over_the_first_30_s_of_speech():
+    """Short first windows: the first 30 s of the windows' speech together decide, before any window queues, and
+    every window decodes in that language; a languages[] hint is passed on as the candidates."""
+    engine = StandInEngine(capacity=4)
+    harness = Harness(engine)
+    harness.submit(0, [1, 2, 3, 4], DecodeOptions(), seconds=12.0)
+    harness.submit(1, [5, 6], DecodeOptions(languages=("de", "fr")), seconds=3.0)
+    harness.submit(2, [7, 8], DecodeOptions(), seconds=0.5)  # the second window adds under 1 s: the first decides
+    harness.run()
+    assert engine.detections == [(30.0, ()), (6.0, ("de", "fr"))]
+    admitted = {label: options.language for admission in engine.admissions for label, options in admission}
+    assert admitted == {1: "yy", 2: "yy", 3: "yy", 4: "yy", 5: "fr", 6: "fr", 7: None, 8: "xx"}
+    assert [{found.language for found in harness.done[key]} for key in range(3)] == [{"yy"}, {"fr"}, {"xx"}]
+
+
 def test_assemble_offsets_windows_and_keeps_time_moving_forward_inside_the_audio():
-    results = [WindowResult("en", [segment(0, 10, "a"), segment(10, 28.5, "b")], offset=0.0),
-               WindowResult("en", [segment(0, 2, "c"), segment(5, 30, "d")], offset=28.0),
-               WindowResult("en", [segment(0, 4, "e")], offset=60.0)]
+    results = [WindowResult("en", [segment(0, 10, " a"), segment(10, 28.5, " b")], offset=0.0),
+               WindowResult("en", [segment(0, 2, " c"), segment(5, 30, " d")], offset=28.0),
+               WindowResult("en", [segment(0, 4, " e")], offset=60.0)]
     transcript = assemble(results, 63.0)
-    assert [(s.start, s.end, s.text) for s in transcript.segments] == [
-        (0, 10, "a"), (10, 28.5, "b"), (28.5, 30, "c"), (33, 58, "d"), (60, 63, "e")]
+    assert [(s.start, s.end, s.text, s.seek) for s in transcript.segments] == [
+        (0, 10, " a", 0), (10, 28.5, " b", 0), (28.5, 30, " c", 2800), (33, 58, " d", 2800), (60, 63, " e", 6000)]
     assert transcript.text == "a b c d e" and transcript.language == "en" and transcript.duration == 63.0
+
+
+def test_text_from_tokens_puts_no_space_between_segments_of_languages_without_spaces():
+    """Chinese and Japanese tokens spell no space between words, so none comes between segments or windows; a
+    segment keeps its own leading space, as OpenAI's do."""
+    results = [WindowResult("zh", [segment(0, 3, "今天天气很好。"), segment(3, 6, "我们去公园吧。")], offset=0.0),
+               WindowResult("zh", [segment(0, 2, "好的。")], offset=30.0)]
+    assert assemble(results, 33.0).text == "今天天气很好。我们去公园吧。好的。"
+    results = [WindowResult("en", [segment(0, 3, " Hello there."), segment(3, 6, " Good day.")], offset=0.0)]
+    transcript = assemble(results, 6.0)
+    assert transcript.text == "Hello there. Good day." and transcript.segments[0].text == " Hello there."
 
 
 def test_each_window_is_reported_when_final_not_when_its_request_ends():

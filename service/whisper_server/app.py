@@ -30,6 +30,7 @@ from .audio import AudioError, decode_audio
 from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
 from .engine_process import EngineProcess, EngineUnavailable, QueueFull
 from .errors import ApiError, error_body, error_response
+from .languages import parse_language
 from .formats import MEDIA_TYPES, RESPONSE_FORMATS, STREAMING_FORMATS, render, segment_json, word_json
 from .metrics import Metrics
 from .settings import Settings
@@ -184,20 +185,22 @@ def decode_options(form, task: str, state: ServerState) -> Asked:
         raise ApiError(400, f"response_format '{response_format}' cannot be streamed: stream=true sends the text as "
                        f"server-sent events, with response_format {' or '.join(STREAMING_FORMATS)}.",
                        param="response_format", code="unsupported_value")
-    language = (form.get("language") or "").strip().lower() or None
     capabilities = state.engine.capabilities
     if task not in capabilities.tasks:
         raise ApiError(400, f"The model '{state.model_id}' is English-only: it transcribes English speech and cannot "
                        "translate; serve a multilingual checkpoint for /v1/audio/translations.",
                        param="model", code="unsupported_task")
-    if task == "translate":
-        language = None  # translations detect the source language and always answer in English
-    elif language is not None and not capabilities.multilingual and language != "en":
-        raise ApiError(400, f"The model '{state.model_id}' is English-only: language must be 'en' or left out; "
-                       f"got '{language}'.", param="language", code="unsupported_language")
-    elif language is not None and language not in capabilities.languages:
-        raise ApiError(400, f"language must be an ISO-639-1 code the model knows (such as en, de, fr); got '{language}'.",
-                       param="language", code="invalid_language")
+    # Codes or English names; translations detect the source language too (OpenAI's take no language field).
+    language = (form.get("language") or "").strip() or None
+    language = parse_language(language, capabilities) if language and task == "transcribe" else None
+    # languages[]: the candidates detection chooses among (with one, it is the language).
+    candidates = tuple(dict.fromkeys(parse_language(value, capabilities, "languages[]")
+                                     for value in form.fields.get("languages[]", []) + form.fields.get("languages", [])
+                                     if value.strip()))
+    if not capabilities.multilingual:
+        language = "en"  # English-only checkpoints transcribe English, whatever was asked
+    elif language is None and len(candidates) == 1:
+        language = candidates[0]
     prompt = (form.get("prompt") or "").strip() or None
     segments_in_stream = stream and "segment" in granularities
     # Timestamp tokens are decoded only where the answer shows segment times: elsewhere decoding without them makes
@@ -205,7 +208,8 @@ def decode_options(form, task: str, state: ServerState) -> Asked:
     timestamps = (state.settings.decode_timestamps == "always" or response_format in ("verbose_json", "srt", "vtt")
                   or segments_in_stream or "word" in granularities)
     options = DecodeOptions(task=task, language=language, prompt=prompt, temperature=temperature,
-                            word_timestamps="word" in granularities, timestamps=timestamps)
+                            word_timestamps="word" in granularities, timestamps=timestamps,
+                            languages=candidates if language is None else ())
     return Asked(options, response_format, stream, segments_in_stream=segments_in_stream)
 
 

@@ -35,6 +35,7 @@ class DecodeOptions:
     # Decode timestamp tokens (segments within the window, and OpenAI's seek from the last one). Without them the
     # prefix ends in <|notimestamps|>, a window is one segment spanning its audio, and there is no seek.
     timestamps: bool = True
+    languages: tuple[str, ...] = ()  # with no language: the candidates detection chooses among (empty: any)
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,21 @@ class Capabilities:
 class Segment:
     start: float
     end: float
-    text: str
-    tokens: list[int]
+    text: str  # as its tokens spell it: a leading space where the language puts one between words
+    tokens: list[int]  # the text tokens
     avg_logprob: float
     compression_ratio: float
     no_speech_prob: float
     temperature: float
+    start_token: int | None = None  # the timestamp tokens around the text, as decoded (None: none there)
+    end_token: int | None = None
+    seek: int = 0  # where its window starts, in 10 ms frames (OpenAI's seek)
+
+    @property
+    def all_tokens(self) -> list[int]:
+        """The text tokens with the timestamp tokens around them, as OpenAI's segments list them."""
+        return ([self.start_token] if self.start_token is not None else []) + self.tokens + (
+            [self.end_token] if self.end_token is not None else [])
 
 
 @dataclass

@@ -237,6 +237,7 @@ class WhisperEngine:
                 self.admit([(noise, DecodeOptions(language="en"))] * count, max_new_tokens=4)
                 while self.decoder.busy:
                     self.step()
+            self.detect_language(noise)
         except (torch.OutOfMemoryError, OutOfMemory) as error:
             raise OutOfMemory(self._sizing_advice()) from error
 
@@ -355,6 +356,10 @@ class WhisperEngine:
             no_speech = first.softmax(-1)[:, self.special.no_speech]
             detected = first.masked_fill(self.decoder.language_mask, float("-inf")).argmax(-1)
             no_speech, detected = no_speech.tolist(), detected.tolist()
+            for row, (_, options) in enumerate(windows):  # a languages[] hint: the likeliest of its candidates
+                if options.languages and not options.language and self.capabilities.multilingual:
+                    candidates = [self.language_ids[code] for code in options.languages]
+                    detected[row] = candidates[int(first[row, candidates].argmax())]
             prefixes, starts, limits, min_lengths, admitted = [], [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
                 start, language = self._start_of_transcript(options, detected_id)
@@ -380,6 +385,18 @@ class WhisperEngine:
             self.decoder.joined(slots)
         self.windows.update(zip(slots, admitted))
         return slots
+
+    @torch.inference_mode()
+    def detect_language(self, samples: np.ndarray, candidates: tuple[str, ...] = ()) -> str:
+        """The likeliest language (of the candidates, if any) of up to 30 s of speech: one encoder pass and the logits
+        after <|startoftranscript|>, as OpenAI's detect_language reads them. English-only checkpoints: English."""
+        if not self.capabilities.multilingual:
+            return "en"
+        states = self._encode(self.log_mel([samples]).to(self.dtype))
+        start = torch.tensor([[self.special.start_of_transcript]], device=self.device)
+        logits = self.model(encoder_outputs=(states,), decoder_input_ids=start).logits[0, -1].float()
+        ids = [self.language_ids[code] for code in candidates] or list(self.language_ids.values())
+        return self.id_to_language[ids[int(logits[ids].argmax())]]
 
     def window_language(self, slot: int) -> str | None:
         """The language a busy slot's window decodes in (given, or detected at its admission)."""
@@ -511,34 +528,36 @@ class WhisperEngine:
         tokenizer = self.processor.tokenizer
         timestamp_begin, end_of_text, duration = self.special.timestamp_begin, self.special.end_of_text, result.duration
         segments: list[Segment] = []
-        start, text_tokens = None, []
+        start, start_token, text_tokens = None, None, []
 
-        def close(end: float) -> None:
-            nonlocal start, text_tokens
-            text = tokenizer.decode(text_tokens, skip_special_tokens=True).strip()
+        def close(end: float, end_token: int | None) -> None:
+            nonlocal start, start_token, text_tokens
+            # The text as the tokens spell it, leading space included (OpenAI's segments keep it; languages written
+            # without spaces get none between segments).
+            text = tokenizer.decode(text_tokens, skip_special_tokens=True)
             previous_end = segments[-1].end if segments else 0.0
             begin = min(max(start or 0.0, previous_end), duration)
-            if text and segments and begin >= duration:  # timestamps past the window's end: same segment
+            if text.strip() and segments and begin >= duration:  # timestamps past the window's end: same segment
                 last = segments[-1]
-                last.text, last.tokens = f"{last.text} {text}", last.tokens + text_tokens
-            elif text:
+                last.text, last.tokens, last.end_token = last.text + text, last.tokens + text_tokens, end_token
+            elif text.strip():
                 segments.append(Segment(
                     start=round(begin, 2), end=round(min(max(end, begin), duration), 2), text=text,
                     tokens=list(text_tokens), avg_logprob=result.avg_logprob,
                     compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
-                    temperature=result.temperature,
+                    temperature=result.temperature, start_token=start_token, end_token=end_token,
                 ))
-            start, text_tokens = None, []
+            start, start_token, text_tokens = None, None, []
 
         for token in tokens:
             if token >= timestamp_begin:
                 time_at = (token - timestamp_begin) * TIME_PRECISION
                 if text_tokens:
-                    close(time_at)
+                    close(time_at, token)
                 else:
-                    start = time_at
+                    start, start_token = time_at, token
             elif token < end_of_text:
                 text_tokens.append(token)
         if text_tokens:
-            close(duration)
+            close(duration, None)
         return segments

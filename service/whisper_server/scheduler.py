@@ -26,6 +26,10 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
 TEMPERATURE_STEP = 0.2
+# The language is detected over up to 30 s of speech (the first windows' together), unless the first window alone
+# holds all but this much of it.
+DETECTION_SECONDS = 30.0
+MIN_EXTRA_DETECTION_SECONDS = 1.0
 
 
 class Engine(Protocol):
@@ -39,6 +43,7 @@ class Engine(Protocol):
     def encoded(self, admission: object) -> bool: ...
     def attach(self, admission: object) -> list[int]: ...
     def window_language(self, slot: int) -> str | None: ...
+    def detect_language(self, samples: np.ndarray, candidates: tuple[str, ...]) -> str: ...
     def step(self) -> list[tuple[int, WindowResult]]: ...
     def release(self, slots: list[int]) -> None: ...
 
@@ -114,6 +119,8 @@ class SlotScheduler:
         self.joining: tuple[object, list[tuple[Request, int, float]]] | None = None
 
     def submit(self, key: int, options: DecodeOptions, windows: list[Window], live: bool = False) -> None:
+        if options.language is None and not self.fixed_length:
+            options = self._detected(options, windows)
         request = Request(key, options, windows, next(self.sequence),
                           waiting=deque((index, options.temperature) for index in range(len(windows))), live=live,
                           work=min((other.work for other in self.requests.values()), default=0))
@@ -122,6 +129,19 @@ class SlotScheduler:
             self._finish(request)
         elif self.waiting_since is None:
             self.waiting_since = self.clock()
+
+    def _detected(self, options: DecodeOptions, windows: list[Window]) -> DecodeOptions:
+        """The language detected over the first 30 s of speech, where the first window holds less of it than the
+        windows together (a short first phrase alone decides badly): one encoder pass before the request's windows
+        queue. Otherwise the first window detects it at its admission, at no extra cost."""
+        speech = np.concatenate([window.samples for window in windows])[:int(DETECTION_SECONDS * SAMPLE_RATE)]
+        if len(speech) - len(windows[0].samples) < MIN_EXTRA_DETECTION_SECONDS * SAMPLE_RATE:
+            return options
+        try:
+            return replace(options, language=self.engine.detect_language(speech, options.languages))
+        except Exception:  # noqa: BLE001 - the first window detects it instead, as it would anyway
+            log.warning("language detection over the first %.0f s of speech failed", DETECTION_SECONDS, exc_info=True)
+            return options
 
     def cancel(self, key: int) -> None:
         """A request whose client went away or timed out: its waiting windows are dropped and its slots freed before

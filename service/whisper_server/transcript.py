@@ -54,8 +54,8 @@ class TranscriptBuilder:
         if result.language:
             self.languages[result.language] += 1
         self.output_tokens += len(result.tokens)
-        shifted = [replace(segment, start=result.offset + segment.start, end=result.offset + segment.end)
-                   for segment in result.segments]
+        shifted = [replace(segment, start=result.offset + segment.start, end=result.offset + segment.end,
+                           seek=round(result.offset * 100)) for segment in result.segments]
         if self.token_bytes is not None and result.alignment is not None:
             text_tokens = [token for segment in shifted for token in segment.tokens]
             words = [replace(word, start=result.offset + word.start, end=result.offset + word.end)
@@ -74,14 +74,16 @@ class TranscriptBuilder:
                 self.words.append(word)
                 piece.words.append(word)
             self.last_speech = words[-1].end if words else self.last_speech
-            piece.delta += (" " if self.segments else "") + segment.text
+            # Text from the tokens: no space added between segments or windows (Chinese, Japanese), the leading
+            # space of the first one dropped, as OpenAI's text has it.
+            piece.delta += segment.text if self.segments else segment.text.lstrip()
             self.segments.append(segment)
             piece.segments.append(segment)
         return piece
 
     def transcript(self) -> Transcript:
         return Transcript(
-            text=" ".join(segment.text for segment in self.segments),
+            text="".join(segment.text for segment in self.segments).strip(),
             language=self.language or (self.languages.most_common(1)[0][0] if self.languages else None),
             duration=round(self.duration, 3),
             segments=self.segments,
