@@ -134,9 +134,14 @@ class SlotScheduler:
         """The language detected over the first 30 s of speech, where the first window holds less of it than the
         windows together (a short first phrase alone decides badly): one encoder pass before the request's windows
         queue. Otherwise the first window detects it at its admission, at no extra cost."""
-        speech = np.concatenate([window.samples for window in windows])[:int(DETECTION_SECONDS * SAMPLE_RATE)]
-        if len(speech) - len(windows[0].samples) < MIN_EXTRA_DETECTION_SECONDS * SAMPLE_RATE:
+        wanted, parts = int(DETECTION_SECONDS * SAMPLE_RATE), []
+        for window in windows:  # never more than the first 30 s (a 2-hour file has thousands of windows)
+            if sum(map(len, parts)) >= wanted:
+                break
+            parts.append(window.samples)
+        if not parts or min(sum(map(len, parts)), wanted) - len(parts[0]) < MIN_EXTRA_DETECTION_SECONDS * SAMPLE_RATE:
             return options
+        speech = np.concatenate(parts)[:wanted]
         try:
             return replace(options, language=self.engine.detect_language(speech, options.languages))
         except Exception:  # noqa: BLE001 - the first window detects it instead, as it would anyway
