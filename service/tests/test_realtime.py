@@ -279,6 +279,37 @@ def test_a_long_monologue_is_cut_into_windows_that_decode_while_it_goes_on(live_
     assert corpus_word_error_rate([clip.text], [item["transcript"]]) < MAX_WER
 
 
+def test_sessions_beside_a_file_request_each_get_their_own_words(live_server, sentences, speech):
+    pairs = [sentences[0:2], sentences[2:4], sentences[4:6]]
+    file_clip = speech.short(count=8)[6]
+
+    async def session(clips):
+        async with connect(live_server) as connection:
+            await receive(connection)
+            sender = asyncio.create_task(stream(connection, pcm24k(spoken(clips)), pace=4.0))
+            events = await events_until(connection, completed_count(len(clips)))
+            await sender
+            return events
+
+    async def run():
+        file_request = asyncio.to_thread(httpx.post, live_server.url + "/v1/audio/transcriptions", timeout=120,
+                                         headers={"Authorization": f"Bearer {API_KEY}"},
+                                         files={"file": ("clip.wav", file_clip.path.read_bytes())})
+        return await asyncio.gather(file_request, *(session(clips) for clips in pairs))
+
+    answer, *sessions = asyncio.run(run())
+    assert answer.status_code == 200
+    assert corpus_word_error_rate([file_clip.text], [answer.json()["text"]]) < 0.5  # one sentence (as test_real_words)
+    for index, (clips, events) in enumerate(zip(pairs, sessions)):  # each session's own words, nothing of another's
+        texts = [item["transcript"] for item in turns(events).values()]
+        assert len(texts) == len(clips)
+        own = corpus_word_error_rate([clip.text for clip in clips], texts)
+        others = [corpus_word_error_rate([clip.text for clip in other], texts)
+                  for other_index, other in enumerate(pairs) if other_index != index]
+        # Two sentences each: a sentence leaked from another session would add half again as many words.
+        assert own < 0.45 and own < min(others), texts
+
+
 def wait_for_no_sessions(server) -> None:
     """Until the sessions of earlier tests, closed by their clients, have left the server."""
     deadline = time.monotonic() + 10
