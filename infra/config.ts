@@ -105,6 +105,10 @@ export interface WorkloadConfig {
     uploadTimeoutSeconds: number;
     uploadIdleSeconds: number;
     uploadMinBytesPerSecond: number;
+    /** Connection deadlines and cap: a request head's, an idle keep-alive connection's, and the most held at once. */
+    headTimeoutSeconds: number;
+    keepAliveSeconds: number;
+    maxConnections: number;
     requestTimeoutSeconds: number;
     /** Live transcription sessions (/v1/realtime): the per-pod limits that hold under abuse. */
     realtime: RealtimeLimits;

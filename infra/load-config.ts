@@ -168,6 +168,10 @@ function readWorkload(reader: ConfigReader): WorkloadConfig {
         // Below any load balancer idle timeout (requestTimeoutSeconds + 60, at least 90 s).
         uploadIdleSeconds: reader.integer("uploadIdleSeconds", { min: 1, max: 60 }),
         uploadMinBytesPerSecond: reader.integer("uploadMinBytesPerSecond", { min: 1, max: 100 * 2 ** 20 }),
+        headTimeoutSeconds: reader.integer("headTimeoutSeconds", { min: 1, max: 60 }),
+        // Below the NLB's idle timeout (at least 90 s): else the NLB forgets a connection the client still reuses.
+        keepAliveSeconds: reader.integer("keepAliveSeconds", { min: 1, max: 60 }),
+        maxConnections: reader.integer("maxConnections", { min: 64, max: 65536 }),
         requestTimeoutSeconds: reader.integer("requestTimeoutSeconds", requestTimeoutSecondsRange),
         realtime: {
             maxSessions: reader.integer("maxRealtimeSessions", { min: 1, max: 10000 }),

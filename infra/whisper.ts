@@ -10,7 +10,7 @@ import { ActiveHours, RealtimeLimits, ScalingMetric } from "./config";
 import { gpuNodeSelector, gpuToleration } from "./conventions";
 import { VolumeAccessMode } from "./model-cache";
 import { serverLimits } from "./server-limits";
-import { albAnnotations, albIngressClass, nlbAnnotations, TrafficSettings } from "./traffic";
+import { albAnnotations, albIdleTimeoutSeconds as albIdleTimeoutRange, albIngressClass, idleTimeoutSeconds, nlbAnnotations, TrafficSettings } from "./traffic";
 
 export const whisperNamespace = "whisper";
 export const deploymentName = "whisper";
@@ -92,6 +92,10 @@ export interface ServerSettings {
     uploadTimeoutSeconds: number;
     uploadIdleSeconds: number;
     uploadMinBytesPerSecond: number;
+    /** Connection deadlines and cap: a request head's, an idle keep-alive connection's (behind the NLB), the most held at once. */
+    headTimeoutSeconds: number;
+    keepAliveSeconds: number;
+    maxConnections: number;
     /** The longest a request may run: the server's deadline, and the base of every timeout around it. */
     requestTimeoutSeconds: number;
     realtime: RealtimeLimits;
@@ -174,11 +178,21 @@ export function podLabels(stack: string): Record<string, string> {
  */
 export interface ClientIdentity {
     forwardedBy?: string[];
+    /**
+     * Behind the ALB: its idle timeout. The ALB keeps its connections to a pod open and reuses them; a pod that closed
+     * an idle one first would race the ALB's next request on it (a 502), so the pod's keep-alive outlasts the ALB's.
+     */
+    albIdleTimeoutSeconds?: number;
 }
 
+/** Seconds the pod keeps an idle connection open beyond the ALB's idle timeout. */
+export const albKeepAliveMarginSeconds = 5;
+
 /** The ALB's X-Forwarded-For, trusted from where the ALB sends (the VPC); none behind the NLB or from unknown sources. */
-export function clientIdentity(args: Pick<WhisperServiceArgs, "traffic" | "loadBalancerSourceCidrs">): ClientIdentity {
-    return args.traffic.certificateArn !== undefined && args.loadBalancerSourceCidrs ? { forwardedBy: args.loadBalancerSourceCidrs } : {};
+export function clientIdentity(args: Pick<WhisperServiceArgs, "traffic" | "loadBalancerSourceCidrs" | "server">): ClientIdentity {
+    if (args.traffic.certificateArn === undefined) return {};
+    const albIdleTimeoutSeconds = idleTimeoutSeconds({ requestTimeoutSeconds: args.server.requestTimeoutSeconds }, albIdleTimeoutRange);
+    return args.loadBalancerSourceCidrs ? { forwardedBy: args.loadBalancerSourceCidrs, albIdleTimeoutSeconds } : { albIdleTimeoutSeconds };
 }
 
 /** The server's settings as its WHISPER_<NAME> environment. */
@@ -201,12 +215,19 @@ export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number
         WHISPER_MAX_QUEUED_AUDIO_SECONDS: String(limits.maxQueuedAudioSeconds),
         WHISPER_MAX_CONCURRENT_UPLOADS: String(limits.maxConcurrentUploads),
         WHISPER_MAX_SPOOL_MB: String(limits.maxSpoolMb),
+        // Behind the ALB its connections (trusted proxies) pass the per-client connection cap by; behind the NLB every
+        // connection comes from the NLB's own addresses, so a per-client cap would be everyone's.
         ...(clients.forwardedBy
             ? { WHISPER_FORWARDED_ALLOW_IPS: clients.forwardedBy.join(",") }
-            : { WHISPER_MAX_UPLOADS_PER_CLIENT: String(limits.maxConcurrentUploads) }),
+            : { WHISPER_MAX_UPLOADS_PER_CLIENT: String(limits.maxConcurrentUploads), WHISPER_MAX_CONNECTIONS_PER_CLIENT: String(server.maxConnections) }),
         WHISPER_UPLOAD_TIMEOUT_SECONDS: String(server.uploadTimeoutSeconds),
         WHISPER_UPLOAD_IDLE_SECONDS: String(server.uploadIdleSeconds),
         WHISPER_UPLOAD_MIN_BYTES_PER_SECOND: String(server.uploadMinBytesPerSecond),
+        WHISPER_HEAD_TIMEOUT_SECONDS: String(server.headTimeoutSeconds),
+        WHISPER_KEEP_ALIVE_SECONDS: String(
+            clients.albIdleTimeoutSeconds === undefined ? server.keepAliveSeconds : clients.albIdleTimeoutSeconds + albKeepAliveMarginSeconds,
+        ),
+        WHISPER_MAX_CONNECTIONS: String(server.maxConnections),
         WHISPER_REQUEST_TIMEOUT_SECONDS: String(server.requestTimeoutSeconds),
         WHISPER_DRAIN_SECONDS: String(drainSeconds(server)),
         WHISPER_MAX_REALTIME_SESSIONS: String(server.realtime.maxSessions),
@@ -287,7 +308,10 @@ export class WhisperService extends pulumi.ComponentResource {
             ...Object.entries(serverEnvironment(server, args.resources.memoryMiB, clientIdentity(args))).map(([envName, value]) => ({ name: envName, value })),
             ...(apiKeySecret ? [{ name: "WHISPER_API_KEY", valueFrom: { secretKeyRef: { name: apiKeySecretName, key: "api-key" } } }] : []),
         ];
-        const probe = (path: string) => ({ httpGet: { path, port: httpPortName } });
+        // The kubelet probes the metrics port, which a thread of its own serves: a pod whose API port is saturated by
+        // connections (refused at once past --max-connections) is neither restarted nor taken out for it. The VPC CNI's
+        // policy agent always admits the node's own address, whatever the NetworkPolicy says.
+        const probe = (path: string) => ({ httpGet: { path, port: metricsPortName } });
         const spread = (topologyKey: string) => ({ maxSkew: 1, topologyKey, whenUnsatisfiable: "ScheduleAnyway", labelSelector: { matchLabels: labels } });
 
         // Plain HTTP: the Service is an NLB. TLS: the Service only names the pods, an ALB Ingress sends to their IPs.

@@ -174,13 +174,15 @@ describe("workload", function () {
                 assert.equal(limits.memory, requests.memory, "memory limit = request: the pod is never the first to be OOM-killed");
             });
 
-            it("probes the server's real endpoints and allows at least 5 minutes for the first model download", function () {
-                const routes = serverRoutes();
+            it("probes the server's real endpoints on its metrics port and allows at least 5 minutes for the first model download", function () {
+                // The metrics port's thread answers the probes while the API port is saturated (service/whisper_server/probes.py).
+                const metricsPortPaths = fs.readFileSync(path.join(repoRoot, "service", "whisper_server", "probes.py"), "utf8");
                 const probes = container(evaluation());
                 for (const probe of [probes.startupProbe, probes.readinessProbe, probes.livenessProbe]) {
-                    assert.ok(routes.get(probe.httpGet.path)?.includes("GET"), `${probe.httpGet.path} is a GET route of the server`);
-                    assert.equal(probe.httpGet.port, "http");
+                    assert.ok(metricsPortPaths.includes(`path == "${probe.httpGet.path}"`), `${probe.httpGet.path} is served on the metrics port`);
+                    assert.equal(probe.httpGet.port, "metrics");
                 }
+                assert.ok(probes.ports.some((port: any) => port.name === "metrics" && port.containerPort === 9090));
                 assert.equal(probes.readinessProbe.httpGet.path, "/readyz");
                 assert.equal(probes.livenessProbe.httpGet.path, "/healthz");
                 assert.ok(probes.startupProbe.failureThreshold * probes.startupProbe.periodSeconds >= 300);
@@ -672,11 +674,22 @@ describe("workload", function () {
             const variables = env(evaluation);
             assert.equal(variables.WHISPER_FORWARDED_ALLOW_IPS, config(evaluation, "vpcCidr"));
             assert.equal(variables.WHISPER_MAX_UPLOADS_PER_CLIENT, undefined, "the server's default share per client");
+            assert.equal(variables.WHISPER_MAX_CONNECTIONS_PER_CLIENT, undefined, "the ALB's connections pass the per-client cap by");
+            // The ALB reuses its idle connections to the pod: the pod must not close one first.
+            assert.ok(Number(variables.WHISPER_KEEP_ALIVE_SECONDS) > effectiveIdleTimeoutSeconds(evaluation));
         });
 
         it("gives the server its upload deadlines from config; behind the NLB, where no client is named, no per-client share", async function () {
-            const evaluation = await evaluateStack("prod", { uploadTimeoutSeconds: 1200, uploadIdleSeconds: 20, uploadMinBytesPerSecond: 8192 });
+            const evaluation = await evaluateStack("prod", {
+                uploadTimeoutSeconds: 1200, uploadIdleSeconds: 20, uploadMinBytesPerSecond: 8192, headTimeoutSeconds: 5, keepAliveSeconds: 30, maxConnections: 2048,
+            });
             const variables = env(evaluation);
+            assert.equal(variables.WHISPER_HEAD_TIMEOUT_SECONDS, "5");
+            assert.equal(variables.WHISPER_MAX_CONNECTIONS, "2048");
+            // Behind the NLB the client's own connection reaches the pod: closed idle before the NLB forgets it.
+            assert.equal(variables.WHISPER_KEEP_ALIVE_SECONDS, "30");
+            assert.ok(Number(variables.WHISPER_KEEP_ALIVE_SECONDS) < effectiveIdleTimeoutSeconds(evaluation));
+            assert.equal(variables.WHISPER_MAX_CONNECTIONS_PER_CLIENT, variables.WHISPER_MAX_CONNECTIONS);
             assert.equal(variables.WHISPER_UPLOAD_TIMEOUT_SECONDS, "1200");
             assert.equal(variables.WHISPER_UPLOAD_IDLE_SECONDS, "20");
             assert.equal(variables.WHISPER_UPLOAD_MIN_BYTES_PER_SECOND, "8192");

@@ -11,11 +11,14 @@ import json
 import os
 import resource
 import select
+import selectors
 import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -292,3 +295,195 @@ def test_a_second_signal_answers_what_is_left_503_and_exits_143(start_server, sl
         assert_error(response, 503, "server_stopping")
         assert response.headers["retry-after"]
     assert server.process.wait(timeout=30) == 128 + signal.SIGTERM
+
+
+# Connection floods: a server under a 1,024 open-files limit (soft and hard, so that raising soft to hard cannot
+# escape it), which leaves it 448 API connections after its descriptor reserve; 100 per client address. Attackers
+# come from 127.0.0.2 and up (all of 127/8 reaches the loopback); everyone else from 127.0.0.1.
+OPEN_FILES = 1024
+HEAD_SECONDS = 6.0
+KEEP_ALIVE_SECONDS = 3.0
+PER_CLIENT = 100
+MOST_CONNECTIONS = 448
+PAD = b"X-Pad: " + b"p" * 2000 + b"\r\n"  # about 2 KB of headers, and never the blank line that ends them
+STALLED_HEADS = {
+    "transcription": b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                     b"boundary=b\r\n" + PAD,
+    "websocket handshake": b"GET /v1/realtime?intent=transcription HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" + PAD,
+}
+
+
+def few_open_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
+
+
+@pytest.fixture(scope="module")
+def crowded(start_server):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:  # this process holds every attacking connection
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 2000, "the test needs 2,000 open files"
+    server = start_server("--max-batch-size", "4", "--head-timeout-seconds", str(HEAD_SECONDS),
+                          "--keep-alive-seconds", str(KEEP_ALIVE_SECONDS),
+                          "--max-connections-per-client", str(PER_CLIENT), preexec_fn=few_open_files)
+    limits = next(line for line in log_lines(server) if line["message"] == "connection limits")
+    assert limits["open_files_soft_limit"] == limits["open_files_hard_limit"] == OPEN_FILES
+    assert limits["max_connections"] == MOST_CONNECTIONS
+    return server
+
+
+def crowd(server, addresses: list[str], each: int, payload: bytes) -> dict[socket.socket, float]:
+    """`each` connections from every address, each sent the payload: {connection: when it was opened}. A connection
+    refused before it is sent stays in (its outcome is the close)."""
+    connections = {}
+    for address in addresses:
+        for _ in range(each):
+            connection = socket.socket()
+            connection.bind((address, 0))
+            connection.connect(("127.0.0.1", server.port))
+            connections[connection] = time.monotonic()
+            try:
+                connection.sendall(payload)
+            except OSError:
+                pass
+    return connections
+
+
+def outcomes(connections, within: float) -> dict[socket.socket, tuple[bytes, float]]:
+    """Each connection's next bytes from the server (b"" for a close) and when they came, as they come."""
+    selector = selectors.DefaultSelector()  # epoll: select() stops at descriptor 1,024
+    for connection in connections:
+        connection.setblocking(False)
+        selector.register(connection, selectors.EVENT_READ)
+    found: dict[socket.socket, tuple[bytes, float]] = {}
+    deadline = time.monotonic() + within
+    while len(found) < len(connections) and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.1):
+            try:
+                data = key.fileobj.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            found[key.fileobj] = (data, time.monotonic())
+            selector.unregister(key.fileobj)
+    selector.close()
+    return found
+
+
+class Bystander:
+    """Probes on both ports and transcriptions from 127.0.0.1, in a thread, for as long as an attack lasts."""
+
+    def __init__(self, server, speech: Path):
+        self.server, self.speech, self.failures, self.answers = server, speech, [], Counter()
+        self.api_port_open = True
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+        self.thread.start()
+
+    def run(self) -> None:
+        probes = f"http://127.0.0.1:{self.server.metrics_port}"
+        with httpx.Client(timeout=5) as client:
+            while not self.stopped.is_set():
+                for url in (f"{probes}/healthz", f"{probes}/readyz"):
+                    self.check(url, client.get(url).status_code == 200)
+                if self.api_port_open:
+                    response = transcribe(self.server, self.speech, "127.0.0.1")
+                    self.check("transcription", response.status_code == 200 and response.json()["text"])
+
+    def check(self, what: str, answered: bool) -> None:
+        self.answers[what] += 1
+        if not answered:
+            self.failures.append(what)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        assert self.failures == [], self.failures
+        assert self.answers["transcription"] >= 1 and min(self.answers.values()) >= 2, self.answers
+
+
+def status_of(data: bytes) -> int | None:
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
+
+
+def open_descriptors(server) -> int:
+    return len(os.listdir(f"/proc/{server.process.pid}/fd"))
+
+
+@pytest.mark.parametrize("head", STALLED_HEADS)
+def test_stalled_heads_are_capped_and_cut_at_the_deadline_while_everyone_else_is_served(crowded, audio, head):
+    """1,160 stalled heads from four addresses: 100 each are held, the rest refused at once; 200 more from two
+    addresses fill the server's 448, and a newcomer is refused at once. The probes answer throughout on the metrics
+    port, transcriptions are served until the API port is full, and every held head is answered 408 at its deadline;
+    the log stays short."""
+    before = {reason: refusals(crowded, reason)
+              for reason in ("head_timeout", "client_connections_full", "connections_full")}
+    log_before = len(crowded.log_path.read_text().splitlines())
+    bystander = Bystander(crowded, audio["speech.wav"])
+    first, second = {}, {}
+    try:
+        first = crowd(crowded, [f"127.0.0.{n}" for n in range(2, 6)], 290, STALLED_HEADS[head])
+        refused_first = outcomes(first, 1.0)
+        assert len(first) - len(refused_first) == 4 * PER_CLIENT, "each address holds its cap, no more"
+        for connection, (data, when) in refused_first.items():
+            assert when - first[connection] < 1.0, "refused at once"
+            if data:  # a flood of refusals is partly closed without an answer
+                assert_error(data, 503, "client_connections_full")
+                assert b"retry-after: 5" in data.lower()
+        assert refusals(crowded, "client_connections_full") - before["client_connections_full"] == len(refused_first)
+        bystander.api_port_open = False  # the next attackers fill the API port's connections
+        time.sleep(0.5)  # the bystander's transcription in progress finishes
+        second = crowd(crowded, ["127.0.0.6", "127.0.0.7"], 100, STALLED_HEADS[head])
+        refused_second = outcomes(second, 0.5)
+        assert refused_second and len(second) - len(refused_second) <= MOST_CONNECTIONS - 4 * PER_CLIENT
+        with socket.create_connection(("127.0.0.1", crowded.port), timeout=2) as newcomer:
+            newcomer.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert_error(read_response(newcomer)[1], 503, "connections_full")
+        assert open_descriptors(crowded) < OPEN_FILES - 100
+        held = {c: opened for c, opened in [*first.items(), *second.items()] if c not in refused_first | refused_second}
+        cut = outcomes(held, 2 * HEAD_SECONDS)
+    finally:
+        bystander.stop()
+        for connection in [*first, *second]:
+            connection.close()
+    assert len(cut) == len(held), "every held head is answered at its deadline"
+    for connection, (data, when) in cut.items():
+        assert HEAD_SECONDS - 0.1 < when - held[connection] < HEAD_SECONDS + 3
+        error = assert_error(data, 408, "head_timeout")
+        assert f"{HEAD_SECONDS:g} s" in error["message"]
+    assert refusals(crowded, "head_timeout") - before["head_timeout"] == len(held)
+    assert refusals(crowded, "connections_full") - before["connections_full"] >= len(refused_second) + 1
+    transcribed = transcribe(crowded, audio["speech.wav"], "127.0.0.2")
+    assert transcribed.status_code == 200, "the attackers' address is served again once its heads are gone"
+    lines = crowded.log_path.read_text().splitlines()[log_before:]
+    assert len(lines) < 200, f"{len(lines)} log lines"
+    assert not any("out of system resource" in line for line in lines)
+
+
+def test_idle_keep_alive_connections_are_capped_and_closed_after_their_deadline(crowded, audio):
+    """1,100 connections from four addresses ask for /healthz once and then idle: 100 each are answered and closed
+    after the keep-alive deadline, the rest refused at once; the probes and transcriptions are answered throughout."""
+    before = {reason: refusals(crowded, reason) for reason in ("keep_alive_timeout", "client_connections_full")}
+    log_before = len(crowded.log_path.read_text().splitlines())
+    bystander = Bystander(crowded, audio["speech.wav"])
+    idle = {}
+    try:
+        idle = crowd(crowded, [f"127.0.0.{n}" for n in range(2, 6)], 275, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = outcomes(idle, 2 * KEEP_ALIVE_SECONDS / 3)
+        assert len(answers) == len(idle)
+        statuses = Counter(status_of(data) for data, _ in answers.values())
+        assert statuses[200] == 4 * PER_CLIENT and statuses[200] + statuses[503] + statuses[None] == len(idle)
+        kept = {connection: when for connection, (data, when) in answers.items() if status_of(data) == 200}
+        closed = outcomes(kept, 3 * KEEP_ALIVE_SECONDS)
+    finally:
+        bystander.stop()
+        for connection in idle:
+            connection.close()
+    assert len(closed) == len(kept) and all(data == b"" for data, _ in closed.values()), "closed, not answered"
+    for connection, (_, when) in closed.items():
+        assert KEEP_ALIVE_SECONDS - 0.1 < when - kept[connection] < KEEP_ALIVE_SECONDS + 3
+    assert refusals(crowded, "keep_alive_timeout") - before["keep_alive_timeout"] >= len(kept)
+    assert refusals(crowded, "client_connections_full") - before["client_connections_full"] == len(idle) - len(kept)
+    lines = crowded.log_path.read_text().splitlines()[log_before:]
+    assert len(lines) < 200, f"{len(lines)} log lines"

@@ -418,13 +418,18 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-async def readyz(request: Request) -> Response:
-    state: ServerState = request.app.state.server
+def readiness(state: ServerState) -> tuple[int, dict]:
+    """/readyz's answer, on the API port and the metrics port alike: (status, body)."""
     if state.draining:
-        return JSONResponse({"status": "draining"}, status_code=503)
+        return 503, {"status": "draining"}
     if not state.ready:
-        return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ready", "model": state.model_id})
+        return 503, {"status": "loading"}
+    return 200, {"status": "ready", "model": state.model_id}
+
+
+async def readyz(request: Request) -> Response:
+    status, body = readiness(request.app.state.server)
+    return JSONResponse(body, status_code=status)
 
 
 async def index(request: Request) -> Response:

@@ -6,18 +6,20 @@ second signal gave up on requests in flight (each answered 503)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
 import time
 
 import uvicorn
-from prometheus_client import start_http_server
 
 from .app import ServerState, create_app, drain_expired, engine_unavailable, server_stopping
 from .audio import map_large_buffers
+from .connections import ACCEPT_BURST, ConnectionGuard, GuardedH11Protocol, connection_limit, guarded_websocket_protocol, raise_open_files_limit
 from .engine_process import EngineProcess
 from .logs import configure_logging
+from .probes import ProbeServer
 from .realtime import ROUTES as REALTIME_ROUTES
 from .settings import Settings
 
@@ -31,16 +33,20 @@ class DrainingServer(uvicorn.Server):
     """On SIGTERM: readiness off and new work refused at once, in-flight requests finish (up to the drain grace),
     then uvicorn's own shutdown. A second signal answers what is left 503 and stops at once."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState):
+    def __init__(self, config: uvicorn.Config, state: ServerState, probes: ProbeServer):
         super().__init__(config)
-        self.state = state
+        self.state, self.probes = state, probes
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_signal: int | None = None
         self.forced = False  # a second signal gave up on the requests in flight
 
     async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        heartbeat = self.loop.create_task(self.probes.heartbeat())
+        try:
+            await super().serve(sockets)
+        finally:
+            heartbeat.cancel()
 
     def handle_exit(self, sig: int, frame) -> None:
         if self.loop is None:
@@ -122,20 +128,31 @@ def run(settings: Settings) -> int:
     configure_logging()
     map_large_buffers()
     state = ServerState(settings)
+    soft_before, open_files, hard = raise_open_files_limit()
+    guard = ConnectionGuard(settings, state.metrics, connection_limit(settings.max_connections, open_files))
+    log.info("connection limits", extra={"fields": {
+        "open_files_soft_limit_at_start": soft_before, "open_files_soft_limit": open_files,
+        "open_files_hard_limit": hard, "max_connections": guard.max_connections,
+        "max_connections_per_client": guard.max_per_client, "head_timeout_seconds": settings.head_timeout_seconds,
+        "keep_alive_seconds": settings.keep_alive_seconds}})
     config = uvicorn.Config(create_app(state, REALTIME_ROUTES), host=settings.host, port=settings.port, log_config=None,
-                            access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=75,
+                            access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=settings.keep_alive_seconds,
                             # A live session's event past --realtime-max-message-mb (by up to 1 MiB) gets an error
                             # event and the session goes on; a larger frame is refused by the WebSocket layer (1009).
                             ws_max_size=int((settings.realtime_max_message_mb + 1) * 2**20),
-                            proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
-    server = DrainingServer(config, state)
-    # Prometheus scrapes its own port (the load balancer forwards only the API port), from a thread of its own, so
-    # scrapes carry on through the model load and the drain.
-    metrics_server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=state.metrics.registry)
+                            proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
+                            http=functools.partial(GuardedH11Protocol, guard=guard), backlog=ACCEPT_BURST)
+    config.load()
+    if config.ws_protocol_class is not None:  # the connection after a WebSocket upgrade is the guard's to release
+        config.ws_protocol_class = guarded_websocket_protocol(config.ws_protocol_class, guard)
+    # Prometheus scrapes its own port (the load balancer forwards only the API port), and the kubelet probes it, from
+    # a thread of its own: scrapes and probes carry on through the model load, the drain and a saturated API port.
+    probes = ProbeServer(state, settings.host, settings.metrics_port)
+    server = DrainingServer(config, state, probes)
     # The engine loads while the server already answers /healthz, so liveness holds during a long first download.
     threading.Thread(target=start_engine, args=(state, server), name="engine-starter", daemon=True).start()
     server.run()
     if state.engine:
         state.engine.stop()
-    metrics_server.shutdown()
+    probes.shutdown()
     return server.exit_code()

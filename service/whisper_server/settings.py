@@ -27,6 +27,10 @@ class Settings:
     upload_timeout_seconds: float = 900.0
     upload_idle_seconds: float = 30.0
     upload_min_bytes_per_second: float = 16384.0
+    head_timeout_seconds: float = 10.0
+    keep_alive_seconds: float = 15.0
+    max_connections: int = 1024
+    max_connections_per_client: int = 128
     forwarded_allow_ips: str = "127.0.0.1"
     api_key: str | None = None
     request_timeout_seconds: float = 600.0
@@ -78,6 +82,15 @@ HELP = {
     "upload_idle_seconds": "longest wait for the next part of a request body (408 beyond it)",
     "upload_min_bytes_per_second": ("slowest average a request body may arrive at, judged once it has been arriving "
                                     "for --upload-idle-seconds (408 below it: a trickle cannot hold an upload slot)"),
+    "head_timeout_seconds": ("deadline for a request's head (its line and headers, a WebSocket handshake's too), from "
+                             "the connection's start or its next request's first byte (408, or a close where nothing "
+                             "came)"),
+    "keep_alive_seconds": ("how long an idle keep-alive connection stays open between requests (behind an ALB: more "
+                           "than the ALB's idle timeout)"),
+    "max_connections": ("most connections open at once on the API port, WebSockets included (fewer where the "
+                        "open-files limit leaves less after a reserve); more are answered 503 with Retry-After at once"),
+    "max_connections_per_client": ("most connections one client address holds at once (trusted proxies, "
+                                   "--forwarded-allow-ips, pass by); more are answered 503 at once"),
     "forwarded_allow_ips": ("proxies (addresses or CIDRs, comma-separated, or *) whose X-Forwarded-For names the "
                             "client, for the per-client bounds and the request log"),
     "api_key": "when set, /v1/* requires 'Authorization: Bearer <key>'",
@@ -121,7 +134,8 @@ POSITIVE = {"port", "metrics_port", "max_batch_size", "max_upload_mb", "max_audi
             "max_new_tokens", "cpu_threads", "max_uploads_per_client", "upload_timeout_seconds", "upload_idle_seconds",
             "upload_min_bytes_per_second", "max_realtime_sessions", "realtime_idle_seconds",
             "realtime_max_session_seconds", "realtime_max_message_mb", "realtime_max_buffered_seconds",
-            "realtime_max_pending_events", "beam_size"}
+            "realtime_max_pending_events", "beam_size", "head_timeout_seconds",
+            "keep_alive_seconds", "max_connections", "max_connections_per_client"}
 
 
 
