@@ -430,7 +430,8 @@ class Bystander:
         self.stopped.set()
         self.thread.join()
         assert self.failures == [], self.failures
-        assert self.answers["transcription"] >= 1 and min(self.answers.values()) >= 2, self.answers
+        assert self.answers["transcription"] >= 1 and len(self.answers) == 3 and min(self.answers.values()) >= 1, \
+            self.answers
 
 
 def status_of(data: bytes) -> int | None:
@@ -459,7 +460,7 @@ def test_stalled_heads_are_capped_and_cut_at_the_deadline_while_everyone_else_is
         assert len(first) - len(refused_first) == 4 * PER_CLIENT, "each address holds its cap, no more"
         for connection in refused_first:
             assert crowd.delay(connection) < AT_ONCE_SECONDS, "refused at once"
-            if crowd.answers[connection][0]:  # a flood of refusals is partly closed without an answer
+            if crowd.answers[connection][0]:  # past 64 refusals at once, the oldest are cut short
                 assert_error(crowd.answers[connection][0], 503, "client_connections_full")
                 assert b"retry-after: 5" in crowd.answers[connection][0].lower()
         assert refusals(crowded, "client_connections_full") - before["client_connections_full"] == len(refused_first)

@@ -31,7 +31,8 @@ ACCEPT_BURST = 128
 # A refused connection is answered at once; what the client sends meanwhile is read and dropped for this long, so
 # that closing with unread data does not reset the connection and lose the answer.
 REFUSAL_LINGER_SECONDS = 1.0
-# Past this many refusals lingering at once (a flood), further ones are closed without an answer.
+# Past this many refusals lingering at once (a flood), the oldest is cut short for the newest: stalled attackers
+# linger longest, and a client that connects in the middle of a flood still hears why it is refused.
 MAX_LINGERING_REFUSALS = 64
 # Descriptors kept free of admitted API connections: the process's own (libraries, the engine's pipes, spool files,
 # probes and scrapes on the metrics port), the refusals lingering, and the refusals of a flood in progress.
@@ -82,7 +83,7 @@ class ConnectionGuard:
         self.open = 0
         self.per_client: Counter[str] = Counter()
         self.admitted: dict[asyncio.BaseTransport, str | None] = {}
-        self.lingering = 0
+        self.lingering: dict[Refusal, None] = {}  # in the order they began
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one guard per process, addresses bounded by the cache
     def is_proxy(self, host: str) -> bool:
@@ -145,13 +146,17 @@ class Refusal(asyncio.Protocol):
 
     def __init__(self, guard: ConnectionGuard, error: ApiError):
         self.guard, self.error = guard, error
+        self.transport: asyncio.BaseTransport | None = None
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.guard.lingering >= MAX_LINGERING_REFUSALS:
-            transport.abort()
-            return
-        self.guard.lingering += 1
+        self.transport = transport
+        lingering = self.guard.lingering
+        if len(lingering) >= MAX_LINGERING_REFUSALS:
+            oldest = next(iter(lingering))
+            del lingering[oldest]
+            oldest.transport.abort()
+        lingering[self] = None
         transport.write(raw_error(self.error))
         transport.write_eof()
         self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER_SECONDS, transport.close)
@@ -163,9 +168,8 @@ class Refusal(asyncio.Protocol):
         return False  # the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.guard.lingering -= 1
+        self.timer.cancel()
+        self.guard.lingering.pop(self, None)
 
 
 class GuardedH11Protocol(H11Protocol):
