@@ -37,7 +37,7 @@ export const albIngressClass = "alb";
 export const albSslPolicy = "ELBSecurityPolicy-TLS13-1-2-2021-06";
 
 /** The idle timeout the load balancer gets: the longest silence (a request, an idle live session) and a margin, within the listener's range. */
-export const idleTimeoutSeconds = (backend: Backend, range: { min: number; max: number }): number =>
+export const idleTimeoutSeconds = (backend: Pick<Backend, "requestTimeoutSeconds" | "realtimeIdleSeconds">, range: { min: number; max: number }): number =>
     Math.min(range.max, Math.max(range.min, Math.max(backend.requestTimeoutSeconds, backend.realtimeIdleSeconds) + idleMarginSeconds));
 
 /** A deregistered pod keeps its open connections until the server's drain is over. */

@@ -191,7 +191,8 @@ export const albKeepAliveMarginSeconds = 5;
 /** The ALB's X-Forwarded-For, trusted from where the ALB sends (the VPC); none behind the NLB or from unknown sources. */
 export function clientIdentity(args: Pick<WhisperServiceArgs, "traffic" | "loadBalancerSourceCidrs" | "server">): ClientIdentity {
     if (args.traffic.certificateArn === undefined) return {};
-    const albIdleTimeoutSeconds = idleTimeoutSeconds({ requestTimeoutSeconds: args.server.requestTimeoutSeconds }, albIdleTimeoutRange);
+    const silence = { requestTimeoutSeconds: args.server.requestTimeoutSeconds, realtimeIdleSeconds: args.server.realtime.idleSeconds };
+    const albIdleTimeoutSeconds = idleTimeoutSeconds(silence, albIdleTimeoutRange);
     return args.loadBalancerSourceCidrs ? { forwardedBy: args.loadBalancerSourceCidrs, albIdleTimeoutSeconds } : { albIdleTimeoutSeconds };
 }
 
