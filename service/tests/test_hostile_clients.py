@@ -514,8 +514,9 @@ def test_idle_keep_alive_connections_are_capped_and_closed_after_their_deadline(
         crowd.close()
     assert all(c in crowd.closed for c in kept), "every idle connection is closed"
     for connection in kept:
-        idle_for = crowd.closed[connection] - crowd.answers[connection][1]
-        assert KEEP_ALIVE_SECONDS - 0.5 < idle_for < KEEP_ALIVE_SECONDS + 1.5
+        # The server's clock starts after the request was sent and before the crowd read the answer (late, under load).
+        assert crowd.closed[connection] - crowd.opened[connection] > KEEP_ALIVE_SECONDS - 0.1, "closed before the deadline"
+        assert crowd.closed[connection] - crowd.answers[connection][1] < KEEP_ALIVE_SECONDS + 1.5, "closed at the deadline"
     assert refusals(crowded, "keep_alive_timeout") - before["keep_alive_timeout"] >= len(kept)
     assert refusals(crowded, "client_connections_full") - before["client_connections_full"] == len(idle) - len(kept)
     lines = crowded.log_path.read_text().splitlines()[log_before:]
