@@ -1,12 +1,14 @@
-r"""The first run of the engine on a GPU, as one command that fits a short device lease (8 minutes in all): each level
-runs in its own process under its own time bound, and the summary (JSON and Markdown) is rewritten after every
-level, so a level that fails or runs out of time still leaves what the others measured. It reports:
+r"""The first run of the engine on a GPU, as one command that fits a short device lease (8 minutes in all): each
+level runs in its own process under its own time bound, and the summary (JSON and Markdown) is rewritten after
+every level, so a level that fails or runs out of time still leaves what the others measured. It reports:
 
 - whether the decode step can be captured as CUDA graphs (else the error, and the rest runs without graphs);
 - which attention backend each attention is dispatched to (encoder self-attention, decoder self- and cross-attention);
 - the share of windows whose greedy tokens equal transformers' generate (FP16 on the GPU; service/bench/exactness.py);
 - the server over HTTP: RTFx and p50/p95 at concurrency 1, 32 and 64 (64 slots), single-clip p50, the time from its
   start to ready; beside it, the transformers ASR pipeline at batch 32, in the same run;
+- live sessions (/v1/realtime) at real-time pace, 1, 8 and 32 at once: turn latency p50/p95 and time to the first
+  delta, beside one transformers generate call per turn per session in the same run (service/bench/realtime_bench.py);
 - peak GPU memory (nvidia-smi, and torch's peak in the engine level), and the issue's targets.
 
 GPU (random-weight large-v3, FP16, 30 s clips, 64 tokens per window), on the device from the repository root with
@@ -33,13 +35,16 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 import bench  # noqa: E402  (service/bench/bench.py: the server, the load generator, the pipeline baseline)
+import realtime_bench  # noqa: E402  (live sessions beside generate per turn)
 
 # The issue's targets on one H100/H200, random-weight large-v3, 30 s clips, 64 tokens a window.
 TARGETS = {"rtfx_at_32": 1000, "rtfx_at_64": 2000, "pipeline_multiple": 10, "single_clip_p50_ms": 250,
            "p95_over_p50_at_32": 3}
 # Seconds each level may take at most (GPU; the CPU dry run uses the same shares of a smaller budget).
-LEVEL_SECONDS = {"model": 75, "engine": 120, "server": 170, "pipeline": 75}
+LEVEL_SECONDS = {"model": 65, "engine": 100, "server": 145, "pipeline": 60, "realtime": 90}
+DEFAULT_BUDGET_SECONDS = 480
 CONCURRENCY = (1, 32, 64)
+REALTIME_SESSIONS = (1, 8, 32)
 PIPELINE_BATCH = 32
 
 
@@ -54,11 +59,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exact-windows", type=int, help="windows compared with generate (default 16; 4 on cpu)")
     parser.add_argument("--level-seconds", type=float, help="a load level starts no request after this "
                                                             "(default 20 on cuda, 15 on cpu)")
+    parser.add_argument("--realtime-sessions", default=",".join(map(str, REALTIME_SESSIONS)),
+                        help="live session counts of the realtime level, comma-separated (default 1,8,32)")
+    parser.add_argument("--realtime-turns", type=int, default=2, help="turns each live session speaks (default 2)")
     parser.add_argument("--level", help=argparse.SUPPRESS)  # internal: run one level in this process
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.model = args.model or (Path("/tmp/lv3") if gpu else args.output / "tiny-model")
-    args.budget_seconds = args.budget_seconds or 480.0
+    args.budget_seconds = args.budget_seconds or float(DEFAULT_BUDGET_SECONDS)
+    args.realtime_sessions = tuple(int(count) for count in args.realtime_sessions.split(","))
     args.slots = args.slots or (64 if gpu else 8)
     args.exact_windows = args.exact_windows or (16 if gpu else 4)
     args.level_seconds = args.level_seconds or (20.0 if gpu else 15.0)
@@ -195,6 +204,23 @@ def level_pipeline(args: argparse.Namespace, result: LevelResult) -> None:
     result.set(level=level.summary(**extra))
 
 
+def level_realtime(args: argparse.Namespace, result: LevelResult, cuda_graphs: bool) -> None:
+    """Live sessions at real-time pace and generate per turn, level by level (service/bench/realtime_bench.py)."""
+    rows = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        result.set(levels=rows)
+
+    server_args = ["--max-batch-size", str(max(args.slots, *args.realtime_sessions))]
+    if args.device == "cuda":
+        server_args += ["--cuda-graphs", "true" if cuda_graphs else "false"]
+    result.set(manual_commits=not realtime_bench.speech_available(), turns_per_session=args.realtime_turns)
+    realtime_bench.run(str(args.model), args.device, args.output / "realtime", args.realtime_sessions,
+                       new_tokens=args.new_tokens, server_args=server_args, threads=1, turns=args.realtime_turns,
+                       record=record)
+
+
 def requests_for(concurrency: int, gpu: bool) -> int:
     return max(8, 2 * concurrency) if gpu else max(4, concurrency)
 
@@ -212,6 +238,8 @@ def run_level(args: argparse.Namespace) -> None:
             level_server(args, result, cuda_graphs)
         elif name == "pipeline":
             level_pipeline(args, result)
+        elif name == "realtime":
+            level_realtime(args, result, cuda_graphs)
     except SystemExit:
         raise
     except BaseException as error:
@@ -230,7 +258,7 @@ class Check:
         self.started = time.monotonic()
         self.levels: dict[str, dict] = {}
         self.status: dict[str, dict] = {}
-        scale = args.budget_seconds / 480.0
+        scale = args.budget_seconds / DEFAULT_BUDGET_SECONDS
         self.bounds = {name: seconds * scale for name, seconds in LEVEL_SECONDS.items()}
 
     def remaining(self) -> float:
@@ -274,6 +302,7 @@ class Check:
             self.run("engine:eager")
         self.run("server" if graphs or self.args.device != "cuda" else "server:eager")
         self.run("pipeline")
+        self.run("realtime" if graphs or self.args.device != "cuda" else "realtime:eager")
         return self.write()
 
     def write(self) -> dict:
@@ -305,6 +334,8 @@ def summarize(args: argparse.Namespace, levels: dict[str, dict], status: dict[st
         "single_clip_p50_ms": rows.get(1, {}).get("p50_ms"),
         "gpu_memory_peak_mib": max(peaks) if peaks else None,
         "engine_torch_peak_allocated_mib": measured.get("torch_peak_allocated_mib"),
+        "realtime": (levels.get("realtime") or levels.get("realtime:eager") or {}).get("levels", []),
+        "realtime_manual_commits": (levels.get("realtime") or levels.get("realtime:eager") or {}).get("manual_commits"),
         "levels": status, "elapsed_seconds": elapsed,
     }
     best = rows.get(32)
@@ -360,6 +391,15 @@ def markdown(summary: dict) -> str:
     for row in summary["server"] + ([summary["pipeline"]] if summary["pipeline"] else []):
         lines.append(f"| {row['configuration']} | {row['concurrency']} | {row['requests']} | {row['rtfx']} | "
                      f"{row['p50_ms']} | {row['p95_ms']} | {row['failures']} | {row.get('gpu_memory_peak_mib', '')} |")
+    if summary["realtime"]:
+        lines += ["", "Live sessions at real-time pace" + (" (manual commits: no espeak-ng here)" if summary["realtime_manual_commits"] else "")
+                  + "; latency from each turn's end of speech + 500 ms:", "",
+                  "| system | sessions | turns | turn latency p50 ms | p95 ms | first delta p50 ms | p95 ms | failures |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for row in summary["realtime"]:
+            lines.append(f"| {row['system']} | {row['sessions']} | {row['turns']}/{row['expected_turns']} | "
+                         f"{row['latency_p50_ms']} | {row['latency_p95_ms']} | {row['first_delta_p50_ms']} | "
+                         f"{row['first_delta_p95_ms']} | {row['failures']} |")
     lines.append("")
     for target in summary["targets"]:
         lines.append(f"- {target['target']}: {target['measured']} ({'met' if target['met'] else 'NOT met'})")

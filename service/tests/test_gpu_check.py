@@ -12,13 +12,15 @@ GPU_CHECK = Path(__file__).parents[1] / "bench" / "gpu_check.py"
 
 
 def test_the_cpu_dry_run_measures_every_level_and_writes_both_summaries(model_dir, tmp_path):
+    # The realtime level at real-time pace: one turn, 1 and 2 live sessions keep it to seconds.
     run = subprocess.run([sys.executable, str(GPU_CHECK), "--device", "cpu", "--model", str(model_dir),
-                          "--output", str(tmp_path), "--exact-windows", "3", "--level-seconds", "5"],
+                          "--output", str(tmp_path), "--exact-windows", "3", "--level-seconds", "5",
+                          "--realtime-sessions", "1,2", "--realtime-turns", "1"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {level: status["status"] for level, status in summary["levels"].items()} == {
-        "model": "ok", "engine": "ok", "server": "ok", "pipeline": "ok"}
+        "model": "ok", "engine": "ok", "server": "ok", "pipeline": "ok", "realtime": "ok"}
     assert summary["capture"]["works"] is None, "no capture on CPU"
     assert set(summary["attention_backends"]) == {"encoder self-attention", "decoder self-attention",
                                                   "decoder cross-attention"}
@@ -32,10 +34,17 @@ def test_the_cpu_dry_run_measures_every_level_and_writes_both_summaries(model_di
     assert summary["single_clip_p50_ms"] == summary["server"][0]["p50_ms"]
     assert summary["server_start_to_ready_seconds"] > 0 and summary["engine_ready_seconds"] > 0
     assert summary["pipeline_multiple"] > 0 and summary["elapsed_seconds"] < 480
+    realtime = {(row["system"], row["sessions"]): row for row in summary["realtime"]}
+    assert set(realtime) == {(system, sessions) for sessions in (1, 2) for system in
+                             ("whisper-server, /v1/realtime", "generate per turn, no cross-session batching")}
+    for row in realtime.values():
+        assert row["failures"] == 0 and row["turns"] == row["expected_turns"] == row["sessions"]
+        assert 0 < row["latency_p50_ms"] <= row["latency_p95_ms"] and row["first_delta_p50_ms"] <= row["latency_p50_ms"]
     table = (tmp_path / "summary.md").read_text()
     assert "| server | 32 |" in table and "| pipeline, batch 32 | 32 |" in table
     assert "decoder self-attention: FLASH_ATTENTION" in table and "3/3 (100%)" in table
     assert "RTFx at concurrency 64 >= 2000" in table, "the issue's targets are listed"
+    assert "| whisper-server, /v1/realtime | 2 | 2/2 |" in table, "the live sessions' table"
 
 
 def load_gpu_check():
@@ -68,7 +77,7 @@ def test_a_failed_capture_is_reported_and_the_rest_is_measured_without_graphs(tm
 
     monkeypatch.setattr(check, "run", run)
     summary = check.main()
-    assert ran == ["model", "engine", "engine:eager", "server:eager", "pipeline"]
+    assert ran == ["model", "engine", "engine:eager", "server:eager", "pipeline", "realtime:eager"]
     assert summary["capture"] == {"works": False, "graphs": None,
                                   "error": "RuntimeError: operation not permitted when stream is capturing"}
     assert summary["attention_backends"] == {"decoder self-attention": ["MATH"]}, "measured by the eager engine"
