@@ -267,17 +267,22 @@ def start_server(model_dir, tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def tiny_en_engine(tiny_en):
-    """The slot engine on OpenAI's real tiny.en, in this process (float32 on CPU, one thread, four slots)."""
+def in_process_engine(checkpoint: Path):
+    """The slot engine on a real checkpoint, in this process: float32 on CPU, one thread, four slots."""
     import torch
     from whisper_server.engine import WhisperEngine
 
     torch.set_num_threads(1)
-    engine = WhisperEngine(str(tiny_en), device="cpu", dtype="float32", offline=True, slots=4)
+    engine = WhisperEngine(str(checkpoint), device="cpu", dtype="float32", offline=True, slots=4)
     engine.load()
     engine.warm_up()
     return engine
+
+
+@pytest.fixture(scope="session")
+def tiny_en_engine(tiny_en):
+    """The slot engine on OpenAI's real tiny.en, in this process."""
+    return in_process_engine(tiny_en)
 
 
 @pytest.fixture(scope="session")
@@ -288,15 +293,8 @@ def tiny_en_server(start_server, tiny_en) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def base_engine(base):
-    """The slot engine on OpenAI's real multilingual base, in this process (float32 on CPU, one thread, four slots)."""
-    import torch
-    from whisper_server.engine import WhisperEngine
-
-    torch.set_num_threads(1)
-    engine = WhisperEngine(str(base), device="cpu", dtype="float32", offline=True, slots=4)
-    engine.load()
-    engine.warm_up()
-    return engine
+    """The slot engine on OpenAI's real multilingual base, in this process."""
+    return in_process_engine(base)
 
 
 @pytest.fixture(scope="session")

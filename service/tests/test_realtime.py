@@ -222,10 +222,19 @@ def test_every_bad_input_gets_an_error_event_and_the_session_goes_on(live_server
                               ("rate", json.dumps({"type": "session.update", "session": {
                                   "type": "transcription", "audio": {"input": {"format": {
                                       "type": "audio/pcm", "rate": 16000}}}}})),
+                              ("language", json.dumps({"type": "session.update", "session": {
+                                  "type": "transcription", "audio": {"input": {"transcription": {
+                                      "language": "german"}}}}})),
                               ("empty commit", json.dumps({"type": "input_audio_buffer.commit", "event_id": "c1"})),
                               ("binary", b"\x00\x01"), ("too large", big_append)):
                 await connection.send_raw(raw)
                 errors[name] = error_of(await receive(connection))
+            # A language's English name is taken as the file endpoints take it.
+            await connection.session.update(session={"type": "transcription",
+                                                     "audio": {"input": {"transcription": {"language": "english"}}}})
+            updated = await receive(connection)
+            assert updated["type"] == "session.updated", updated
+            assert updated["session"]["audio"]["input"]["transcription"]["language"] == "en"
             # More audio than --realtime-max-buffered-seconds (90 s) ahead of the decoder: the excess append is refused.
             second = base64.b64encode(bytes(48_000)).decode()
             for _ in range(90):
@@ -246,7 +255,8 @@ def test_every_bad_input_gets_an_error_event_and_the_session_goes_on(live_server
     errors, events = asyncio.run(run())
     assert {name: error["code"] for name, error in errors.items()} == {
         "json": "invalid_json", "type": "unknown_event_type", "base64": "invalid_base64",
-        "format": "unsupported_format", "rate": "unsupported_format", "empty commit": "input_audio_buffer_commit_empty",
+        "format": "unsupported_format", "rate": "unsupported_format", "language": "unsupported_language",
+        "empty commit": "input_audio_buffer_commit_empty",
         "binary": "invalid_frame", "too large": "message_too_large", "buffer": "buffer_full"}
     assert errors["empty commit"]["event_id"] == "c1", "the error names the client event that caused it"
     assert "--realtime-max-message-mb" in errors["too large"]["message"]

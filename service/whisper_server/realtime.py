@@ -34,6 +34,7 @@ from starlette.websockets import WebSocket
 from .app import ServerState, as_api_error, authorize, token_usage, unless
 from .decoding import SAMPLE_RATE, WINDOW_SECONDS, DecodeOptions
 from .errors import ApiError, error_body, error_response
+from .languages import parse_language
 from .segmentation import FRAME, SpeechStream, VoiceActivity, plan_windows
 from .transcript import TranscriptBuilder, transcribe_pieces
 
@@ -173,16 +174,13 @@ def transcription_options(transcription: dict, state: ServerState) -> dict:
     if "language" in transcription:
         language = transcription["language"]
         if language is not None and not isinstance(language, str):
-            raise ClientError(f"{name}.language must be an ISO-639-1 code.", "invalid_type", f"{name}.language")
-        language = (language or "").strip().lower() or None
-        capabilities = state.engine.capabilities
-        if language is not None and not capabilities.multilingual and language != "en":
-            raise ClientError(f"The model '{state.model_id}' is English-only: language must be 'en' or left out; "
-                              f"got '{language}'.", "unsupported_language", f"{name}.language")
-        if language is not None and language not in capabilities.languages:
-            raise ClientError(f"language must be an ISO-639-1 code the model knows (such as en, de, fr); got "
-                              f"'{language}'.", "invalid_language", f"{name}.language")
-        changes["language"] = language
+            raise ClientError(f"{name}.language must be an ISO-639-1 code or a language's English name.",
+                              "invalid_type", f"{name}.language")
+        try:  # codes or names, checked as the file endpoints check them
+            changes["language"] = (parse_language(language, state.engine.capabilities, f"{name}.language")
+                                   if (language or "").strip() else None)
+        except ApiError as error:
+            raise ClientError(error.message, error.code, error.param) from None
     if "prompt" in transcription:
         prompt = transcription["prompt"]
         if prompt is not None and not isinstance(prompt, str):
