@@ -13,7 +13,15 @@ import {
 } from "./catalog";
 import { ClusterConfig, GpuConfig, ServiceConfig, StackConfig } from "./config";
 import { ConfigReader } from "./config-reader";
-import { longestAudioSecondsThatFits, serverLimits, tmpReserveMiB } from "./server-limits";
+import {
+    decodedAudioKiBPerSecond,
+    heldAudioCopies,
+    heldMessageCopies,
+    longestAudioSecondsThatFits,
+    realtimeSessionsMemoryMiB,
+    serverLimits,
+    tmpReserveMiB,
+} from "./server-limits";
 import { albIdleTimeoutSeconds, idleMarginSeconds, nlbTcpIdleTimeoutSeconds } from "./traffic";
 import { terminationGracePeriodSeconds } from "./whisper";
 
@@ -70,25 +78,41 @@ function checkGpuFitsService(reader: ConfigReader, gpu: GpuConfig, service: Serv
 export const gpuNodeDiskReserveGiB = 40;
 
 /**
- * The worst case must fit the pod: one request with the longest audio in its memory (beside the server and the
- * model), one upload of the largest size in its /tmp volume, and the /tmp volumes of all pods on a node on its disk.
+ * The worst case must fit the pod: one request with the longest audio in its memory (beside the server, the model
+ * and live sessions at their limit), one upload of the largest size in its /tmp volume, and the /tmp volumes of all pods on a node on its disk.
  */
 function checkWorstCaseFitsPod(reader: ConfigReader, config: StackConfig): void {
     const { service, workload, gpu } = config;
     const types = gpu.instanceTypes;
     if (!whisperModels[service.modelId] || types.some((type) => !gpuInstanceTypes[type]) || types.length === 0) return;
-    if ([workload.maxAudioSeconds, workload.maxUploadMb, workload.uploadSpoolGiB].some(Number.isNaN)) return;
+    const { maxSessions, maxBufferedSeconds, maxMessageMb } = workload.realtime;
+    if ([workload.maxAudioSeconds, workload.maxUploadMb, workload.uploadSpoolGiB, maxSessions, maxBufferedSeconds, maxMessageMb].some(Number.isNaN)) return;
     const memoryLimitMiB = podResourcesPerGpu(types).memoryMiB;
     const input = { memoryLimitMiB, modelId: service.modelId, dtype: service.dtype, ...workload };
     const limits = serverLimits(input);
     const longest = longestAudioSecondsThatFits(input);
-    if (workload.maxAudioSeconds > longest) {
+    const realtimeMiB = realtimeSessionsMemoryMiB(workload.realtime);
+    const longestWithoutSessions = longestAudioSecondsThatFits({ ...input, realtime: { ...workload.realtime, maxSessions: 0 } });
+    if (workload.maxAudioSeconds > longest && workload.maxAudioSeconds <= longestWithoutSessions) {
+        // Live sessions at their limit take the room one longest request needs: the session limit is what to change.
+        const perSessionMiB = realtimeMiB / maxSessions;
+        const roomMiB = ((longestWithoutSessions - workload.maxAudioSeconds) * decodedAudioKiBPerSecond * (heldAudioCopies + 1)) / 1024;
+        reader.problem(
+            "maxRealtimeSessions",
+            maxSessions,
+            `a pod on ${types.join(", ")} has ${memoryLimitMiB} MiB; each live session may hold ${maxBufferedSeconds} s of audio ` +
+                `(realtimeMaxBufferedSeconds, 128 KiB a second) and a ${maxMessageMb} MiB message (realtimeMaxMessageMb, held ` +
+                `${heldMessageCopies} times while it is read), ${Math.ceil(perSessionMiB)} MiB, and ${maxSessions} of them leave no room ` +
+                `for one request of maxAudioSeconds (${workload.maxAudioSeconds}): set maxRealtimeSessions to ` +
+                `${Math.floor(roomMiB / perSessionMiB)} or less, or lower realtimeMaxBufferedSeconds, realtimeMaxMessageMb or maxAudioSeconds`,
+        );
+    } else if (workload.maxAudioSeconds > longest) {
         reader.problem(
             "maxAudioSeconds",
             workload.maxAudioSeconds,
             `a pod on ${types.join(", ")} has ${memoryLimitMiB} MiB; ${service.modelId} at ${service.dtype} needs about ` +
                 `${serverHostMemoryGiB(service.modelId, service.dtype).toFixed(1)} GiB besides audio, and decoded audio takes 128 KiB a ` +
-                `second (64 KiB in each of the server's two processes), so not even one request that long fits: set maxAudioSeconds to ` +
+                `second (64 KiB in each of the server's two processes), beside ${Math.ceil(realtimeMiB)} MiB for live sessions at their limit, so not even one request that long fits: set maxAudioSeconds to ` +
                 `${longest} or less, or choose GPU instance types with more memory or a smaller model`,
         );
     }

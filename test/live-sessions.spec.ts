@@ -132,6 +132,11 @@ describe("live sessions (/v1/realtime) on the cluster", function () {
         { what: "a session idle timeout past what the ALB can hold", overrides: { realtimeIdleSeconds: 3601 }, expected: ["whisper-eks:realtimeIdleSeconds = 3601", "from 5 to 3600"] },
         { what: "a latency threshold the histogram cannot reach", overrides: { alertRealtimeTurnLatencyP95Ms: 60000 }, expected: ["whisper-eks:alertRealtimeTurnLatencyP95Ms = 60000", "from 100 to 20000"] },
         { what: "no live sessions at all", overrides: { maxRealtimeSessions: 0 }, expected: ["whisper-eks:maxRealtimeSessions = 0"] },
+        {
+            what: "more live sessions than a pod's memory holds beside one longest file",
+            overrides: { maxRealtimeSessions: 2000 },
+            expected: ["whisper-eks:maxRealtimeSessions = 2000", "realtimeMaxBufferedSeconds", "or less"],
+        },
         // whisper-server refuses to start with a buffer no longer than a 30 s window: the pods would crash-loop.
         { what: "a live buffer shorter than a window", overrides: { realtimeMaxBufferedSeconds: 30 }, expected: ["whisper-eks:realtimeMaxBufferedSeconds = 30", "from 31 to 3600"] },
     ];

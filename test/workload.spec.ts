@@ -266,7 +266,7 @@ describe("workload", function () {
                 }
             });
 
-            it("bounds what a pod holds by what it has: decoded audio by its memory, uploads by its /tmp volume, worst case included", function () {
+            it("bounds what a pod holds by what it has: decoded audio by its memory beside live sessions at their limit, uploads by its /tmp volume, worst case included", function () {
                 const variables = env(evaluation());
                 const limitMiB = memoryMiB(container(evaluation()).resources.limits.memory);
                 const queuedAudio = Number(variables.WHISPER_MAX_QUEUED_AUDIO_SECONDS);
@@ -274,7 +274,12 @@ describe("workload", function () {
                 // 64 KiB a second in each of the server's two processes, one more copy of a file as it finishes decoding,
                 // and the server's processes and model (the catalog's estimate).
                 const hostMiB = serverHostMemoryGiB(config(evaluation(), "modelId") as string, config(evaluation(), "modelDtype") as Dtype) * 1024;
-                const worstMiB = hostMiB + ((2 * queuedAudio + maxAudio) * 64) / 1024;
+                // Live sessions at the limit, each with its most audio ahead of the decoder (in both processes) and a
+                // message of the largest size being read (its text, the parsed audio string, the decoded bytes).
+                const sessions = Number(variables.WHISPER_MAX_REALTIME_SESSIONS);
+                const liveMiB = sessions * ((Number(variables.WHISPER_REALTIME_MAX_BUFFERED_SECONDS) * 2 * 64) / 1024 + 3 * Number(variables.WHISPER_REALTIME_MAX_MESSAGE_MB));
+                assert.ok(sessions >= 1 && liveMiB > 0);
+                const worstMiB = hostMiB + liveMiB + ((2 * queuedAudio + maxAudio) * 64) / 1024;
                 assert.ok(worstMiB <= limitMiB, `worst case ${Math.round(worstMiB)} MiB within the ${limitMiB} MiB limit`);
                 assert.ok(queuedAudio >= maxAudio, "one request with the longest audio is admitted");
                 // The old bound, requests × longest audio, would not fit: the audio bound is what keeps the pod alive.
