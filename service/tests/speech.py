@@ -12,6 +12,7 @@ every sentence's start and end in seconds, in `<name>.json` next to `<name>.wav`
     clips.silence(), clips.noise()              # 10 s each; no words are expected from either
     clips.foreign_short("de", count=4)          # other languages (data/multilingual.txt): clip.language, and
     clips.foreign_long("de")                    # clip.english, the English translation; 40 s long clips
+    clips.foreign_short("de", split="held out") # data/multilingual-held-out.txt: for judging, never for tuning
     clip.samples()                              # float32 at 16 kHz, exactly what the WAV holds
     word_error_rate(clip.text, transcript)      # normalised words, Levenshtein distance / reference words
     aligned_words(reference_words, words)       # which word went where (None: deleted or inserted)
@@ -37,8 +38,10 @@ import numpy as np
 
 SAMPLE_RATE = 16_000
 SENTENCES_FILE = Path(__file__).parent / "data" / "sentences.txt"
-# Sentences in other languages, each with its English translation; its sections are ISO-639-1 codes and voices.
-FOREIGN_FILE = Path(__file__).parent / "data" / "multilingual.txt"
+# Sentences in other languages, each with its English translation; its sections are ISO-639-1 codes and voices. The
+# tests speak the development file (what tuning may look at); the held-out one judges the result.
+FOREIGN_FILES = {"development": Path(__file__).parent / "data" / "multilingual.txt",
+                 "held out": Path(__file__).parent / "data" / "multilingual-held-out.txt"}
 # espeak-ng voices and speeds (words per minute), cycled over the sentences: several accents, male and female.
 VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-x-rp", "en-us+m3", "en-gb+f2")
 SPEEDS = (165, 150, 175, 160)
@@ -65,7 +68,7 @@ def load_sentences(path: Path = SENTENCES_FILE) -> dict[str, list[str]]:
     return splits
 
 
-def load_foreign(path: Path = FOREIGN_FILE) -> dict[str, list[tuple[str, str]]]:
+def load_foreign(path: Path = FOREIGN_FILES["development"]) -> dict[str, list[tuple[str, str]]]:
     """{language: [(sentence, English translation)]}, in file order (data/multilingual.txt)."""
     return {language: [tuple(part.strip() for part in line.split(" | ")) for line in lines]
             for language, lines in load_sentences(path).items()}
@@ -163,7 +166,8 @@ class SpeechClips:
         for tool in ("espeak-ng", "ffmpeg"):
             if shutil.which(tool) is None:
                 raise RuntimeError(f"{tool} is required for speech clips (apt-get install espeak-ng ffmpeg)")
-        self.corpus, self.foreign = load_sentences(), load_foreign()
+        self.corpus = load_sentences()
+        self.foreign = {split: load_foreign(path) for split, path in FOREIGN_FILES.items()}
         espeak = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True).stdout
         key = hashlib.sha256(json.dumps([self.corpus, self.foreign, VOICES, SPEEDS, espeak,
                                          Path(__file__).read_text()]).encode())
@@ -248,19 +252,24 @@ class SpeechClips:
             return noise.astype(np.float32), []
         return self._clip(f"noise-{seconds:.0f}s{level_db:.0f}dB", build)
 
-    def foreign_short(self, language: str, count: int | None = None) -> list[Clip]:
-        """One clip per sentence of `language` in data/multilingual.txt (the first `count`), in its espeak-ng voice."""
-        pairs = self.foreign[language][:count]
-        return [self._clip(f"short-{language}-{i:02d}", lambda i=i, text=text: self._join([text], i, 0.0, voice=language),
+    def foreign_short(self, language: str, count: int | None = None, split: str = "development") -> list[Clip]:
+        """One clip per sentence of `language` in the split's file (the first `count`), in its espeak-ng voice."""
+        pairs, tag = self.foreign[split][language][:count], self._foreign_tag(split)
+        return [self._clip(f"short-{language}{tag}-{i:02d}", lambda i=i, text=text: self._join([text], i, 0.0, voice=language),
                            language, english) for i, (text, english) in enumerate(pairs)]
 
-    def foreign_long(self, language: str, pause: float = 0.7, seconds: float = 40.0, seed: int = 0) -> Clip:
+    def foreign_long(self, language: str, pause: float = 0.7, seconds: float = 40.0, seed: int = 0,
+                     split: str = "development") -> Clip:
         """About `seconds` of `language`'s sentences in a seeded order, `pause` seconds apart (two windows or more)."""
-        pairs = dict(self.foreign[language])
+        pairs = dict(self.foreign[split][language])
         texts = self._texts_for(list(pairs), seconds, pause, seed, voice=language)
-        return self._clip(f"long-{language}-{pause:.2f}s-{seconds:.0f}s-seed{seed}",
+        return self._clip(f"long-{language}{self._foreign_tag(split)}-{pause:.2f}s-{seconds:.0f}s-seed{seed}",
                           lambda: self._join(texts, seed * 7, pause, voice=language), language,
                           " ".join(pairs[text] for text in texts))
+
+    @staticmethod
+    def _foreign_tag(split: str) -> str:
+        return "" if split == "development" else "-" + split.replace(" ", "-")
 
     def _texts_for(self, pool: str | list[str], seconds: float, pause: float, seed: int,
                    voice: str | None = None) -> list[str]:

@@ -137,3 +137,23 @@ def test_real_benchmark_puts_every_peer_on_the_same_real_clips(tiny_en, tmp_path
             == rows[("whisper-server, 2 clients, verbose_json", "long")]["texts"]), "words change no text"
     table = (tmp_path / "real.md").read_text()
     assert all(f"| {system} |" in table for system in systems)
+
+
+def test_multilingual_table_pools_word_errors_and_detection_per_language_and_overall():
+    """--real --languages: a language's WER pools its clips' word errors over their words (not an average of
+    rates); "all" pools every language; a system that does not report languages gets no detection figure."""
+    bench = load_bench()
+    row = lambda system, kind, errors, words, detected, clips, wall: {  # noqa: E731
+        "system": system, "class": kind, "word_errors": errors, "words": words, "clips": clips,
+        "audio_seconds": 10.0 * clips, "wall_seconds": wall, **({"language_detected": detected} if detected is not None else {})}
+    results = [row("server", "de short", 1, 10, 3, 4, 5.0), row("server", "de long", 0, 100, 1, 1, 5.0),
+               row("server", "fr short", 9, 30, 0, 4, 10.0), row("server", "fr long", 50, 100, 0, 1, 20.0),
+               row("json only", "de short", 2, 10, None, 4, 1.0), row("json only", "de long", 3, 100, None, 1, 1.0)]
+    report = {"model": "OpenAI base (wheels)", "machine": {"cpus": 2, "load_average_after": [1.0]}, "cpu_threads": 2,
+              "split": "held out", "languages": ["de", "fr"], "results": results,
+              "clips": {"de short": {"count": 4}, "de long": {"count": 1}}}
+    table = bench.multilingual_markdown(report)
+    assert "| server | de | 10.0% | 0.0% | 4/5 | 5.00 |" in table
+    assert "| server | fr | 30.0% | 50.0% | 0/5 | 1.67 |" in table
+    assert "| server | all | 25.0% | 25.0% | 4/10 | 2.50 |" in table
+    assert "| json only | de | 20.0% | 3.0% |  | 25.00 |" in table

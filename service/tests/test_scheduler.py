@@ -179,9 +179,10 @@ def test_requests_with_different_options_share_admissions_and_steps():
     for key, option in enumerate(options):
         harness.submit(key, [key], option)
     harness.run()
-    assert [options for _, options in harness.engine.admissions[0]] == options, "one admission, every option kept"
+    detected = [replace(option, language=option.language or "yy") for option in options]  # before they queue
+    assert [options for _, options in harness.engine.admissions[0]] == detected, "one admission, every option kept"
     assert harness.engine.steps == [[0, 1, 2, 3]] * 3
-    assert [harness.done[key][0].language for key in range(4)] == ["en", "de", "xx", "xx"]
+    assert [harness.done[key][0].language for key in range(4)] == ["en", "de", "yy", "yy"]
 
 
 def test_windows_arriving_during_decoding_wait_briefly_to_share_one_encoder_pass():
@@ -410,18 +411,19 @@ def test_a_first_window_of_30_s_detects_the_language_once_at_its_admission():
 
 
 def test_the_language_is_detected_over_the_first_30_s_of_speech():
-    """Short first windows: the first 30 s of the windows' speech together decide, before any window queues, and
-    every window decodes in that language; a languages[] hint is passed on as the candidates."""
+    """Windows shorter than 30 s, a lone short one too: the first 30 s of the windows' speech together decide,
+    before any window queues, and every window decodes in that language; a languages[] hint is passed on as the
+    candidates."""
     engine = StandInEngine(capacity=4)
     harness = Harness(engine)
     harness.submit(0, [1, 2, 3, 4], DecodeOptions(), seconds=12.0)
     harness.submit(1, [5, 6], DecodeOptions(languages=("de", "fr")), seconds=3.0)
-    harness.submit(2, [7, 8], DecodeOptions(), seconds=0.5)  # the second window adds under 1 s: the first decides
+    harness.submit(2, [7], DecodeOptions(), seconds=0.5)
     harness.run()
-    assert engine.detections == [(30.0, ()), (6.0, ("de", "fr"))]
+    assert engine.detections == [(30.0, ()), (6.0, ("de", "fr")), (0.5, ())]
     admitted = {label: options.language for admission in engine.admissions for label, options in admission}
-    assert admitted == {1: "yy", 2: "yy", 3: "yy", 4: "yy", 5: "fr", 6: "fr", 7: None, 8: "xx"}
-    assert [{found.language for found in harness.done[key]} for key in range(3)] == [{"yy"}, {"fr"}, {"xx"}]
+    assert admitted == {1: "yy", 2: "yy", 3: "yy", 4: "yy", 5: "fr", 6: "fr", 7: "yy"}
+    assert [{found.language for found in harness.done[key]} for key in range(3)] == [{"yy"}, {"fr"}, {"yy"}]
 
 
 def test_assemble_offsets_windows_and_keeps_time_moving_forward_inside_the_audio():

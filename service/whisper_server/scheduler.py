@@ -26,10 +26,10 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
 TEMPERATURE_STEP = 0.2
-# The language is detected over up to 30 s of speech (the first windows' together), unless the first window alone
-# holds all but this much of it.
+# The language is detected over up to 30 s of speech (the first windows' together), padded as faster-whisper pads it
+# (engine.DETECTION_PADDING), unless the first window alone is 30 s long: then it needs no padding and detects the
+# language at its admission, at no extra cost.
 DETECTION_SECONDS = 30.0
-MIN_EXTRA_DETECTION_SECONDS = 1.0
 
 
 class Engine(Protocol):
@@ -131,15 +131,15 @@ class SlotScheduler:
             self.waiting_since = self.clock()
 
     def _detected(self, options: DecodeOptions, windows: list[Window]) -> DecodeOptions:
-        """The language detected over the first 30 s of speech, where the first window holds less of it than the
-        windows together (a short first phrase alone decides badly): one encoder pass before the request's windows
-        queue. Otherwise the first window detects it at its admission, at no extra cost."""
+        """The language detected over the first 30 s of speech (a short first phrase alone decides badly), unless the
+        first window holds all 30 s: one encoder pass before the request's windows queue. Otherwise the first window
+        detects it at its admission, at no extra cost."""
         wanted, parts = int(DETECTION_SECONDS * SAMPLE_RATE), []
         for window in windows:  # never more than the first 30 s (a 2-hour file has thousands of windows)
             if sum(map(len, parts)) >= wanted:
                 break
             parts.append(window.samples)
-        if not parts or min(sum(map(len, parts)), wanted) - len(parts[0]) < MIN_EXTRA_DETECTION_SECONDS * SAMPLE_RATE:
+        if not parts or len(parts[0]) >= wanted:
             return options
         speech = np.concatenate(parts)[:wanted]
         try:
