@@ -404,6 +404,9 @@ def transformers_transcribers(checkpoint: str, pipeline_batch_size: int | None) 
 
     model.detect_language = recorded_detection
     id_to_language = {token: code.strip("<|>") for code, token in getattr(model.generation_config, "lang_to_id", {}).items()}
+    # A multilingual checkpoint's generate needs the task named: without it (the converted generation config has no
+    # forced_decoder_ids) it forces no task token and answers nothing.
+    task = {"task": "transcribe"} if id_to_language else {}
 
     def generate(clips: list) -> list[Answer]:
         answers = []
@@ -415,7 +418,7 @@ def transformers_transcribers(checkpoint: str, pipeline_batch_size: int | None) 
                                  **({"truncation": False, "padding": "longest"} if long_form else {}))
             with torch.inference_mode():
                 tokens = model.generate(features.input_features, attention_mask=features.attention_mask,
-                                        return_timestamps=True)
+                                        return_timestamps=True, **task)
             language = id_to_language.get(detected[0]) if detected else (None if id_to_language else "en")
             answers.append((processor.batch_decode(tokens, skip_special_tokens=True)[0], language))
         return answers
@@ -519,7 +522,7 @@ def run_real(args: argparse.Namespace) -> None:
     longest = max(clip.duration for members in clips.values() for clip in members)
     server_args += admission_args(concurrency, b"\0" * int(longest * 2 * SAMPLE_RATE), longest)
     rows, load_seconds = [], {}
-    for label, flags in args.server_variant or [("", "")]:
+    for label, flags in (args.server_variant or [("", "")]) if args.server_formats else []:
         server = Server(server_args + flags.split(), workdir / "server.log")
         try:
             load_seconds[f"server{label and ' ' + label}"] = round(server.wait_ready(), 1)
@@ -663,9 +666,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-variant", nargs=2, action="append", metavar=("LABEL", "FLAGS"),
                         help="--real: a server run with these extra serve flags (repeatable; default: one, the "
                              "defaults), e.g. --server-variant 'reference padding' '--feature-padding reference'")
-    parser.add_argument("--server-formats", nargs="+", choices=tuple(SERVER_FORMATS),
+    parser.add_argument("--server-formats", nargs="*", choices=tuple(SERVER_FORMATS),
                         help="--real: what each server run is asked for (default: all; --languages: verbose_json, "
-                             "whose answer names the language)")
+                             "whose answer names the language; none: the peers alone)")
     parser.add_argument("--peers", nargs="*", choices=("transformers", "faster-whisper"),
                         default=["transformers", "faster-whisper"], help="--real: the other systems run beside it")
     parser.add_argument("--clips-dir", type=Path, default=HERE.parents[1] / "test-artifacts" / "speech",
@@ -693,7 +696,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.pipeline_batch_sizes is None:  # the multilingual table leaves the pipeline out (its language is unknown)
             args.pipeline_batch_sizes = [] if args.languages else [8]
         args.output = args.output or HERE / ("results-real-multilingual" if args.languages else "results-real")
-        args.server_formats = args.server_formats or (["verbose_json"] if args.languages else list(SERVER_FORMATS))
+        if args.server_formats is None:
+            args.server_formats = ["verbose_json"] if args.languages else list(SERVER_FORMATS)
         args.classes = [SILENT_CLASS if kind == "silence" else kind for kind in args.classes]
         if args.languages:  # faster-whisper's defaults (beam 5) are the peer: the server greedy and at beam 5
             args.server_variant = args.server_variant or [("greedy", "--beam-size 1"), ("beam 5", "--beam-size 5")]
