@@ -157,3 +157,12 @@ def test_multilingual_table_pools_word_errors_and_detection_per_language_and_ove
     assert "| server | fr | 30.0% | 50.0% | 0/5 | 1.67 |" in table
     assert "| server | all | 25.0% | 25.0% | 4/10 | 2.50 |" in table
     assert "| json only | de | 20.0% | 3.0% |  | 25.00 |" in table
+
+
+def test_word_error_rate_keeps_a_words_combining_marks():
+    """Thai vowels and tones are combining marks: a word must not fall apart at them, or a transcript in the wrong
+    language counts as many insertions as it has marks (and one system's garbage looks worse than another's)."""
+    from speech import normalize_words, word_errors
+
+    assert normalize_words("ครับ नमस्ते L'école, Jean-Luc") == ["ครับ", "नमस्ते", "l'école", "jean", "luc"]
+    assert word_errors("Bonjour.", "หวันอาตาเชียงว่าง") == 1  # one wrong word, not four
