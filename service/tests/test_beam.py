@@ -50,7 +50,8 @@ def test_the_beam_step_never_waits_for_the_device(beam_engine, speech):
 
 def test_samples_at_a_fallback_temperature_finish_as_one_result(beam_engine, speech):
     """Five samples of a window at temperature 0.8 beside a beam search: the window finishes once all five have, with
-    one sequence whose figures are its own."""
+    one sequence whose figures are its own, and the same one as when the window is sampled alone (each sample draws
+    from its window's seed and its place in the group)."""
     clips = speech.short(count=2)
     windows = [(clips[0].samples(), DecodeOptions(temperature=0.8)), (clips[1].samples(), DecodeOptions())]
     slots = beam_engine.admit(windows)
@@ -60,3 +61,4 @@ def test_samples_at_a_fallback_temperature_finish_as_one_result(beam_engine, spe
     sampled = results[slots[0]]
     assert sampled.temperature == 0.8 and sampled.tokens and sampled.segments
     assert sampled.avg_logprob < 0
+    assert decode_windows(beam_engine, windows[:1], joins=[0]) == [sampled.tokens]

@@ -27,6 +27,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 NEGATIVE_INFINITY = float("-inf")
+# Random123's Philox2x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011).
+PHILOX_MULTIPLIER = 0xD256D193
+PHILOX_KEY_STEP = 0x9E3779B9
+PHILOX_ROUNDS = 10
+WORD = 0xFFFFFFFF
 
 # Attention backends, chosen rather than left to PyTorch: on sm90 with a recent cuDNN it puts cuDNN first for every
 # scaled_dot_product_attention in the process, which builds a plan per new shape (hundreds of ms) and is unproven
@@ -109,6 +114,46 @@ class Piece:
     start: int
     count: int
     size: int
+
+
+def philox2x32(counter: tuple[torch.Tensor, torch.Tensor], key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Philox2x32-10, as Random123 defines it, elementwise over int64 tensors that hold 32-bit words: two random words
+    that depend on the counter and key alone (the same in any batch, on any device). The 32 x 32-bit product is built
+    from 16-bit halves, so no int64 product overflows."""
+    low, high = counter
+    for _ in range(PHILOX_ROUNDS):
+        by_low, by_high = PHILOX_MULTIPLIER * (low & 0xFFFF), PHILOX_MULTIPLIER * (low >> 16)  # each < 2^48
+        product_low = by_low + ((by_high & 0xFFFF) << 16)
+        low, high = ((by_high >> 16) + (product_low >> 32)) ^ key ^ high, product_low & WORD
+        key = (key + PHILOX_KEY_STEP) & WORD
+    return low, high
+
+
+def multiply_low32(words: torch.Tensor, constant: int) -> torch.Tensor:
+    """(words x constant) mod 2^32 for 32-bit words held in int64, the constant taken in 16-bit halves so that no
+    int64 product overflows."""
+    return (words * (constant & 0xFFFF) + (((words * (constant >> 16)) & 0xFFFF) << 16)) & WORD
+
+
+def lowbias32(words: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' lowbias32 (hash-prospector): a 32-bit bijection whose every output bit flips with about even
+    odds when any input bit does."""
+    words = words ^ (words >> 16)
+    words = multiply_low32(words, 0x7FEB352D)
+    words = words ^ (words >> 15)
+    words = multiply_low32(words, 0x846CA68B)
+    return words ^ (words >> 16)
+
+
+def gumbel_noise(seed: torch.Tensor, step: torch.Tensor, stream: torch.Tensor, entry_words: torch.Tensor
+                 ) -> torch.Tensor:
+    """Gumbel(0, 1) noise, float32 [rows, entries], that depends on each row's (seed, step, stream) and the entry
+    alone: Philox keyed by the seed and counting (step, stream) gives the row a word, lowbias32 mixes it with each
+    entry's own random word, and 23 bits of that make a uniform in (0, 1)."""
+    row_word, _ = philox2x32((step & WORD, stream & WORD), seed & WORD)
+    words = lowbias32(entry_words ^ row_word[:, None])
+    uniform = ((words >> 9).float() + 0.5) * 2.0 ** -23  # never 0 or 1 in float32
+    return -(-uniform.log()).log()
 
 
 def bucket_sizes(slots: int) -> list[int]:
@@ -243,6 +288,7 @@ class SlotDecoder:
         self.limit = torch.full((sequences,), self.positions, dtype=torch.long, device=device)  # most tokens in it
         self.min_length = torch.zeros(sequences, dtype=torch.long, device=device)  # end of text is banned below this
         self.temperature = torch.zeros(sequences, device=device)
+        self.seed = torch.zeros(sequences, dtype=torch.long, device=device)  # keys the window's samples (32 bits)
         self.timestamps = torch.ones(sequences, dtype=torch.bool, device=device)  # the timestamp rules apply
         self.last_timestamp = torch.full((sequences,), -1, dtype=torch.long, device=device)  # -1: none generated yet
         self.active = torch.zeros(sequences, dtype=torch.bool, device=device)
@@ -250,6 +296,8 @@ class SlotDecoder:
         # Constants of the rules, built once.
         special = self.special
         self.vocab = torch.arange(self.vocab_size, device=device)
+        # Each vocabulary entry's random word, which the sampling noise mixes with the row's (fixed: Philox key 0).
+        self.vocab_words, _ = philox2x32((self.vocab, torch.zeros_like(self.vocab)), torch.zeros_like(self.vocab))
         self.key_positions = torch.arange(self.positions, device=device)
         self.row_index = torch.arange(sequences, device=device)
         self.beam = self.row_index % self.group  # each sequence row's place in its slot's group
@@ -272,8 +320,8 @@ class SlotDecoder:
                 + [(state, 0, 1) for state in (self.finished_tokens, self.finished_logprobs, self.finished_score,
                                                self.finished_count)]
                 + [(state, 0, group) for state in (self.tokens, self.logprobs, self.score, self.length, self.begin,
-                                                   self.limit, self.min_length, self.temperature, self.timestamps,
-                                                   self.last_timestamp, self.active, self.done)])
+                                                   self.limit, self.min_length, self.temperature, self.seed,
+                                                   self.timestamps, self.last_timestamp, self.active, self.done)])
 
     def _sequences(self, rows: slice) -> slice:
         """The sequence rows of these slot rows."""
@@ -391,9 +439,10 @@ class SlotDecoder:
 
     def prefill(self, piece: Piece, prefixes: list[list[int]], limits: list[int], min_lengths: list[int],
                 temperatures: list[float], timestamps: list[bool] | None = None, prefilled: bool = False,
-                read_at: list[int] | None = None) -> torch.Tensor | None:
+                read_at: list[int] | None = None, seeds: list[int] | None = None) -> torch.Tensor | None:
         """Writes the KV of each window's forced prefix except its last token (the first step feeds that one), unless
-        attach() did (`prefilled`), and sets its row's state; the windows decode from the next step on. With
+        attach() did (`prefilled`), and sets its row's state; the windows decode from the next step on. A window
+        sampled at a temperature draws from its seed (32 bits; 0 where none is given) alone. With
         `read_at` (a position in each prefix), the pass reaches those positions too and returns the logits there
         (float32, [piece.count, vocab]): after a prompt, no_speech_prob reads them at <|startoftranscript|>."""
         group = self.group
@@ -418,6 +467,7 @@ class SlotDecoder:
         self.limit[real] = each(limits)
         self.min_length[real] = each(min_lengths)
         self.temperature[real] = each(temperatures, dtype=torch.float32)
+        self.seed[real] = each([0] * piece.count if seeds is None else seeds, dtype=torch.long)
         self.timestamps[real] = each([True] * piece.count if timestamps is None else timestamps)
         self.last_timestamp[real] = -1
         # A beam search starts from one beam (the others would repeat it); samples start together.
@@ -550,7 +600,8 @@ class SlotDecoder:
         hidden = self._decode(tokens.gather(1, position), position, slice(0, size))
         logits = self.model.proj_out(hidden[:, -1]).float()
         scores = self._apply_rules(logits, rows)
-        chosen = self._choose(scores, self.temperature[:rows])
+        chosen = self._choose(scores, self.temperature[:rows],
+                              gumbel_noise(self.seed[:rows], length, self.beam[:rows], self.vocab_words))
         chosen_logprob = scores.gather(1, chosen[:, None]).squeeze(1) - scores.logsumexp(-1)
         new_score = self.score[:rows] + chosen_logprob
         if group > 1:
@@ -678,12 +729,12 @@ class SlotDecoder:
         return scores.masked_fill(timestamp_next & ~self.is_timestamp, NEGATIVE_INFINITY)
 
     @staticmethod
-    def _choose(scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    def _choose(scores: torch.Tensor, temperature: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Greedy where the slot's temperature is 0; otherwise a sample from softmax(scores / temperature) by the
-        exponential race (argmax of scores / T - log E, E ~ Exp(1)), which uses torch's graph-safe RNG."""
+        Gumbel-max trick (argmax of scores / T + G, G ~ Gumbel(0, 1)), with noise from the window's own seed and step
+        rather than a batch-wide generator: a window samples the same tokens whichever rows share its step."""
         greedy = scores.argmax(-1)
-        race = torch.empty_like(scores).exponential_().clamp_(min=torch.finfo(scores.dtype).tiny).log_()
-        sampled = (scores / temperature.clamp(min=1e-6)[:, None] - race).argmax(-1)
+        sampled = (scores / temperature.clamp(min=1e-6)[:, None] + noise).argmax(-1)
         return torch.where(temperature > 0, sampled, greedy)
 
     # The decoder layers -------------------------------------------------------------------------------------------

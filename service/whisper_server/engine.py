@@ -6,6 +6,7 @@ of requests."""
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,6 +75,13 @@ def last_tokens(backend, text: str, count: int) -> list[int]:
         if not cut or len(ids) >= count:
             return ids[-count:]
         tail *= 4
+
+
+def window_seed(samples: np.ndarray, temperature: float) -> int:
+    """The seed a window's samples at `temperature` are drawn from: its audio's CRC-32, started from the temperature,
+    so the same audio is sampled the same way on every run, in any request and batch, and differently at each
+    temperature."""
+    return zlib.crc32(np.ascontiguousarray(samples, dtype=np.float32).tobytes(), round(temperature * 100))
 
 
 T = TypeVar("T")
@@ -378,10 +386,12 @@ class WhisperEngine:
                                            start, options.word_timestamps, options.timestamps))
             temperatures = [options.temperature for _, options in windows]
             timestamps = [options.timestamps for _, options in windows]
+            seeds = [window_seed(samples, options.temperature) for samples, options in windows]
             for piece, part, prefilled in zip(admission.pieces, parts, known):
                 after_prompt = self.decoder.prefill(piece, prefixes[part], limits[part], min_lengths[part],
                                                     temperatures[part], timestamps[part], prefilled=prefilled is not None,
-                                                    read_at=starts[part] if any(starts[part]) else None)
+                                                    read_at=starts[part] if any(starts[part]) else None,
+                                                    seeds=seeds[part])
                 if after_prompt is not None:
                     for window, probability in zip(admitted[part],
                                                    after_prompt.softmax(-1)[:, self.special.no_speech].tolist()):
