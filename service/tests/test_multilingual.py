@@ -65,9 +65,9 @@ def test_detects_the_spoken_language(base_engine, speech):
         "candidates restrict the choice (unrestricted, this clip is heard as Spanish)"
 
 
-# Measured on these clips with the language given (WER 0.39, 0.50, 0.73, 0.33, 0.68, 0.52), each bound 0.25 above
-# it: a clip that falls back is sampled at a higher temperature, differently on every run (pt gave 0.90 once).
-WER_BOUNDS = {"de": 0.65, "es": 0.75, "fr": 0.98, "it": 0.6, "pt": 0.95, "nl": 0.8}
+# Measured on these clips with the language given (WER 0.32, 0.54, 0.69, 0.33, 0.71, 0.56), the same on every run
+# (a clip that falls back is sampled from its own seed), each bound 0.05 above it: about one word of the three clips.
+WER_BOUNDS = {"de": 0.37, "es": 0.59, "fr": 0.74, "it": 0.38, "pt": 0.76, "nl": 0.61}
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
@@ -87,7 +87,7 @@ def test_long_clip_and_openais_values(sdk, speech, language):
     with its timestamp tokens, its text keeps its leading space and the text is the segments' joined."""
     clip = speech.foreign_long(language)
     result = transcribe(sdk, clip, language=language)
-    assert corpus_word_error_rate([clip.text], [result.text]) <= 0.3, result.text
+    assert corpus_word_error_rate([clip.text], [result.text]) <= 0.25, result.text
     assert result.segments[-1].end > clip.sentences[-1].start, "the last sentence is transcribed"
     assert result.usage.seconds == math.ceil(clip.duration) and result.duration == pytest.approx(clip.duration, abs=1e-3)
     seeks = [segment.seek for segment in result.segments]
@@ -101,7 +101,7 @@ def test_long_clip_and_openais_values(sdk, speech, language):
 
 
 def test_translates_into_english(sdk, speech):
-    """Short clips in three languages into English (WER 0.77 against the English references measured): the answer
+    """Short clips in three languages into English (WER 0.67 against the English references measured): the answer
     is English, and says so."""
     clips = [clip for language in ("de", "es", "fr") for clip in speech.foreign_short(language, count=2)]
     texts = []
@@ -110,7 +110,7 @@ def test_translates_into_english(sdk, speech):
             result = sdk.audio.translations.create(model="whisper-1", file=handle, response_format="verbose_json")
         assert result.language == "english"
         texts.append(result.text)
-    assert corpus_word_error_rate([clip.english for clip in clips], texts) <= 0.9, texts
+    assert corpus_word_error_rate([clip.english for clip in clips], texts) <= 0.72, texts
 
 
 def test_language_names_and_the_languages_hint(sdk, base_server, speech):
