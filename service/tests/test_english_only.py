@@ -34,6 +34,29 @@ def test_tokens_equal_transformers_generate_on_real_speech(tiny_en_engine, speec
     assert corpus_word_error_rate([c.text for c in clips], texts) < 0.3
 
 
+def test_partials_spell_each_window_s_final_text_as_it_decodes(tiny_en_engine, speech):
+    """Four sentences decoding with partials in one batch, two with timestamps: the text tokens the engine reports
+    after each step spell the start of the window's final text, all of it without timestamps (a token a step), whole
+    segments with them (each once a timestamp pair closes it; the rest comes with the result)."""
+    engine = tiny_en_engine
+    windows = [(clip.samples(), DecodeOptions(language="en", timestamps=index % 2 == 0, partials=True))
+               for index, clip in enumerate(speech.short(count=4))]
+    slots = engine.admit(windows)
+    reported, reports, results = {slot: [] for slot in slots}, {slot: 0 for slot in slots}, {}
+    while engine.busy_slots():
+        results.update(engine.step())
+        for slot, tokens in engine.partial_tokens().items():
+            reported[slot] += tokens
+            reports[slot] += 1
+    for slot, (_, options) in zip(slots, windows):
+        final = "".join(segment.text for segment in results[slot].segments)
+        shown = engine.processor.tokenizer.decode(reported[slot])
+        if options.timestamps:
+            assert final.startswith(shown), (shown, final)
+        else:
+            assert shown == final and reports[slot] == len(results[slot].tokens) > 5, (shown, final)
+
+
 def test_english_only_prefix_is_start_of_transcript_alone(tiny_en_engine):
     assert tiny_en_engine.capabilities.describe() == ENGLISH_ONLY
     start = tiny_en_engine.processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")

@@ -289,6 +289,35 @@ def test_a_long_monologue_is_cut_into_windows_that_decode_while_it_goes_on(live_
     assert corpus_word_error_rate([clip.text], [item["transcript"]]) < MAX_WER
 
 
+def test_a_turn_shows_its_text_while_its_window_decodes(live_server, sentences):
+    """Two sentences said fluently (about 6 s, one window) and committed: the text comes in several deltas as the
+    window decodes, the first well before the completed transcript, and they add up to it exactly."""
+    clips = sentences[1:3]
+    audio = pcm24k(spoken(clips, pause=0.25))
+
+    async def run():
+        async with connect(live_server) as connection:
+            await receive(connection)
+            await connection.session.update(session={"type": "transcription",
+                                                     "audio": {"input": {"turn_detection": None}}})
+            await receive(connection)
+            await stream(connection, audio, pace=None)
+            await connection.input_audio_buffer.commit()
+            timed = []
+            while not timed or not timed[-1][1]["type"].endswith("transcription.completed"):
+                event = await receive(connection)
+                timed.append((time.monotonic(), event))
+            return timed
+
+    timed = asyncio.run(run())
+    deltas = [(at, event["delta"]) for at, event in timed if event["type"].endswith("transcription.delta")]
+    completed_at, completed = timed[-1]
+    assert len(deltas) >= 3, f"one window, so one delta if text came only once it is decoded: {deltas}"
+    assert completed_at - deltas[0][0] > 0.1, "the first text comes while the window decodes, not with its end"
+    assert "".join(delta for _, delta in deltas) == completed["transcript"]
+    assert corpus_word_error_rate([" ".join(clip.text for clip in clips)], [completed["transcript"]]) < MAX_WER
+
+
 def test_sessions_beside_a_file_request_each_get_their_own_words(live_server, sentences, speech):
     pairs = [sentences[0:2], sentences[2:4], sentences[4:6]]
     file_clip = speech.short(count=8)[6]

@@ -3,6 +3,7 @@ reassembly of window results into a transcript."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from whisper_server.decoding import (SAMPLE_RATE, DecodeOptions, EngineFailure, OutOfMemory, Segment, Window,
                                      WindowResult, compression_ratio)
 from whisper_server.scheduler import SchedulerEvents, SlotScheduler, is_silence, needs_fallback
-from whisper_server.transcript import assemble
+from whisper_server.transcript import PartialText, TranscriptBuilder, assemble, transcribe_pieces
 
 LOOPING = "the the the the the the the the the the the the the the the the the the the the"
 
@@ -30,16 +31,19 @@ class StandInEngine:
     """Slots like the real engine's: a window labelled L decodes in `steps(L)` steps and answers its label as text
     (or a repetition loop where `loops(L, temperature)`), in the language given or else "xx", as a decode that
     `resume(L, seconds)` says goes on at that many seconds into the window (None: done), with the average
-    log-probability `logprob(L, temperature)`. Admitting a label in
+    log-probability `logprob(L, temperature)` and no-speech probability `no_speech(L)`; with partials, each step
+    but its last reports the step's number as a text token. Admitting a label in
     `fails`, or stepping while one in `step_fails` is in a slot, raises `error`; `healthy` is what the device answers
     after that. An encoder pass is done `encoding_steps` decode steps after it started. Records every admission,
     when each joined, and which labels each step ran."""
 
     def __init__(self, capacity: int, steps=lambda label: 1, loops=lambda label, temperature: False, fails=(),
                  step_fails=(), error: Exception = OutOfMemory("the stand-in ran out of memory"), healthy: bool = True,
-                 resume=lambda label, seconds: None, logprob=lambda label, temperature: -0.2):
+                 resume=lambda label, seconds: None, logprob=lambda label, temperature: -0.2,
+                 no_speech=lambda label: 0.01):
         self.capacity, self.steps_for, self.loops, self.fails = capacity, steps, loops, set(fails)
-        self.resume, self.logprob = resume, logprob
+        self.resume, self.logprob, self.no_speech = resume, logprob, no_speech
+        self.partials: dict[int, list[int]] = {}
         self.step_fails, self.error, self.is_healthy = set(step_fails), error, healthy
         self.slots: dict[int, list] = {}  # slot -> [label, options, steps left]
         self.admissions: list[list[tuple[float, DecodeOptions]]] = []
@@ -78,6 +82,12 @@ class StandInEngine:
     def window_language(self, slot: int) -> str | None:
         return self.slots[slot][1].language or "xx"
 
+    def window_no_speech_prob(self, slot: int) -> float:
+        return self.no_speech(self.slots[slot][0])
+
+    def partial_tokens(self):
+        return self.partials
+
     def detect_language(self, samples, candidates) -> str:
         self.detections.append((len(samples) / SAMPLE_RATE, candidates))
         return candidates[-1] if candidates else "yy"
@@ -96,7 +106,8 @@ class StandInEngine:
                     options.language or "xx", [segment(0, 1, text, options.temperature)],
                     avg_logprob=self.logprob(label, options.temperature),
                     compression_ratio=compression_ratio(text), temperature=options.temperature, duration=seconds,
-                    resume_at=self.resume(label, seconds))))
+                    no_speech_prob=self.no_speech(label), resume_at=self.resume(label, seconds))))
+        self.partials = {slot: [len(self.steps)] for slot, entry in self.slots.items() if entry and entry[1].partials}
         return finished
 
     def release(self, slots):
@@ -495,3 +506,64 @@ def test_a_request_whose_windows_keep_falling_back_pays_from_its_own_share():
     harness.run()
     assert harness.finished_at[1] <= 10 + 2 * 30 + 10, harness.finished_at
     assert harness.texts(1) == ["11", "12", "13"] and harness.texts(0) == [LOOPING] * 3
+
+
+def test_windows_shown_as_they_decode_report_each_step_and_keep_their_first_decode():
+    """Every decode repeats itself. A live window with partials reports each step's tokens and is final at its first
+    decode (its text was shown); one without partials, or one the no-speech rule might yet call silence (its text
+    is held to its end), still falls back through all six temperatures."""
+    engine = StandInEngine(capacity=4, steps=lambda label: 3, loops=lambda label, temperature: True,
+                           no_speech=lambda label: 0.9 if label == 3 else 0.01)
+    harness = Harness(engine)
+    partials = []
+    harness.scheduler.events.on_partials = partials.extend
+    shown = DecodeOptions(language="en", partials=True)
+    harness.scheduler.submit(1, shown, [labelled(1)], live=True)
+    harness.scheduler.submit(2, DecodeOptions(language="en"), [labelled(2)], live=True)
+    harness.scheduler.submit(3, shown, [labelled(3)], live=True)
+    harness.run()
+    assert partials == [(1, 0, [1]), (1, 0, [2])], "each step but the last, for the shown window alone"
+    assert [label for admission in engine.admissions for label, _ in admission].count(1) == 1
+    assert harness.done[1][0].temperature == 0.0 and harness.texts(1) == [LOOPING]
+    assert [[options.temperature for label, options in admission if label == 3] for admission in
+            engine.admissions] == [[0.0], [0.2], [0.4], [0.6], [0.8], [1.0]]
+
+
+class ScriptedEngine:
+    """Answers transcribe() with a script of (window, text tokens or result), as the engine process delivers them."""
+
+    token_bytes = [b" Hel", b"lo", b"\xe6\x97", b"\xa5", b" wor", b"ld", b"  "]
+
+    def __init__(self, script):
+        self.script = script
+
+    async def transcribe(self, windows, options, live):
+        assert len(windows) == 2
+        for item in self.script:
+            yield item
+
+
+def test_partial_text_is_whole_characters_in_audio_order_and_adds_up_to_the_transcript():
+    """Window 1's text arrives before window 0 is final: it waits. Window 0's first text loses its leading space as
+    the transcript does, a character split over two tokens shows once whole, trailing spaces wait for what follows,
+    and each window's last piece adds what its final text has beyond what was shown."""
+    script = [(1, [4]), (0, [0]), (0, [1, 2]), (0, [3, 6]),
+              (0, WindowResult("en", [segment(0, 1, " Hello\u65e5!")], offset=0.0)),
+              (1, [5]), (1, WindowResult("en", [segment(0, 1, " world.")], offset=30.0))]
+    samples = np.zeros(40 * SAMPLE_RATE, np.float32)
+    builder = TranscriptBuilder(40.0)
+
+    async def pieces():
+        return [piece async for piece in transcribe_pieces(ScriptedEngine(script), samples, DecodeOptions(),
+                                                            asyncio.Semaphore(1), builder, detect_speech=False)]
+
+    deltas = [piece.delta for piece in asyncio.run(pieces())]
+    assert deltas == ["Hel", "lo", "\u65e5", "!", " wor", "ld", "."]
+    assert "".join(deltas) == builder.transcript().text == "Hello\u65e5! world."
+
+
+def test_partial_text_never_shows_half_a_character():
+    text = PartialText([b"\xe6", b"\x97", b"\xa5", b"a"])
+    for token, expected in ((0, ""), (1, ""), (2, "\u65e5"), (3, "\u65e5a")):
+        text.add([token])
+        assert text.text == expected

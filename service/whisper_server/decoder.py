@@ -18,7 +18,7 @@ Admissions run in a few shapes only (admission sizes x prefix widths), all run o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -251,6 +251,7 @@ class SlotDecoder:
         self.row_of: dict[int, int] = {}  # busy slot -> its row in the caches
         self.slot_at: list[int | None] = [None] * slots  # row -> the slot it holds
         self.joining: set[int] = set()  # slots allocated whose windows are not in yet: rows stay put meanwhile
+        self.chosen: dict[int, int] = {}  # watched slot -> the token it chose in the last step
         self._allocate()
 
     @staticmethod
@@ -533,8 +534,9 @@ class SlotDecoder:
                 DECODER_SELF_ATTENTION: sorted(set(decoder.backends[0::2])),
                 DECODER_CROSS_ATTENTION: sorted(set(decoder.backends[1::2]))}
 
-    def step(self) -> list[Finished]:
-        """Advances every busy slot by one token; returns the windows that finished and frees their slots."""
+    def step(self, watched: Collection[int] = ()) -> list[Finished]:
+        """Advances every busy slot by one token; returns the windows that finished and frees their slots. The token
+        each `watched` slot still decoding chose in this step is left in `chosen` (slot -> token)."""
         self._compact()
         size = bucket_for(self.extent, self.buckets)
         graph = self.graphs.get(size)
@@ -542,12 +544,20 @@ class SlotDecoder:
             graph.replay()
         else:
             self._step(size)
-        # The step's one read-back: which slot rows finished (every sequence of a finished window is marked).
-        finished = self.done[:size * self.group:self.group].cpu().nonzero().flatten().tolist()
-        if not finished:
-            return []
+        # The step's one read-back: which slot rows finished (every sequence of a finished window is marked), and
+        # with watched slots, the token each slot row's first sequence has just written (at its length - 1).
+        first = slice(0, size * self.group, self.group)
+        done = self.done[first]
+        if watched:
+            newest = self.tokens[first].gather(1, (self.length[first] - 1).clamp(min=0)[:, None]).squeeze(1)
+            done, newest = torch.stack([done.long(), newest]).cpu().tolist()
+        else:
+            done, newest = done.cpu().tolist(), None
+        finished = [row for row, flag in enumerate(done) if flag]
         results = [self._finished(row) for row in finished]
         self.release([result.slot for result in results])
+        self.chosen = ({slot: newest[self.row_of[slot]] for slot in watched if slot in self.row_of}
+                       if newest is not None else {})
         return results
 
     def _finished(self, row: int) -> Finished:

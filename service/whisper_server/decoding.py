@@ -36,6 +36,9 @@ class DecodeOptions:
     # prefix ends in <|notimestamps|>, a window is one segment spanning its audio, and there is no seek.
     timestamps: bool = True
     languages: tuple[str, ...] = ()  # with no language: the candidates detection chooses among (empty: any)
+    # Report the text tokens each decode step makes final (live captions), with greedy decoding. Text shown cannot be
+    # taken back, so a window whose tokens were reported is decoded once: no temperature fallback.
+    partials: bool = False
 
 
 @dataclass(frozen=True)

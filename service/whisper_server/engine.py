@@ -9,7 +9,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -144,6 +144,9 @@ class SlotWindow:
     start_of_transcript: list[int]  # the forced prefix after any prompt: what the alignment pass starts from
     word_timestamps: bool
     timestamps: bool  # decoded with timestamp tokens (else: one segment, no seek)
+    partials: bool = False  # its text tokens are reported as they are decoded
+    tokens: list[int] = field(default_factory=list)  # with partials and timestamps: the tokens generated so far
+    reported: int = 0  # with partials and timestamps: the tokens up to here make the segments reported
 
 
 class WhisperEngine:
@@ -168,6 +171,7 @@ class WhisperEngine:
         self.beam_size = beam_size
         self.load_seconds: float | None = None
         self.windows: dict[int, SlotWindow] = {}
+        self.partials: dict[int, list[int]] = {}  # slot -> the text tokens the last step made final (partials)
         self.attention_backends: dict[str, list[str]] = {}  # per attention, the backends it ran on at warm-up
 
     def load(self) -> None:
@@ -382,8 +386,10 @@ class WhisperEngine:
                 starts.append(len(prompt))  # where <|startoftranscript|> sits
                 limits.append(limit)
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
+                # Partials follow one sequence: a beam search's best sequence can change until it ends.
                 admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, language, no_speech_prob, options.temperature,
-                                           start, options.word_timestamps, options.timestamps))
+                                           start, options.word_timestamps, options.timestamps,
+                                           options.partials and self.beam_size == 1))
             temperatures = [options.temperature for _, options in windows]
             timestamps = [options.timestamps for _, options in windows]
             seeds = [window_seed(samples, options.temperature) for samples, options in windows]
@@ -417,6 +423,13 @@ class WhisperEngine:
     def window_language(self, slot: int) -> str | None:
         """The language a busy slot's window decodes in (given, or detected at its admission)."""
         return self.windows[slot].language
+
+    def window_no_speech_prob(self, slot: int) -> float:
+        return self.windows[slot].no_speech_prob
+
+    def partial_tokens(self) -> dict[int, list[int]]:
+        """Per slot decoding with partials, the text tokens the last step made final, where it made any."""
+        return self.partials
 
     def _start_of_transcript(self, options: DecodeOptions, detected_id: int | None) -> tuple[list[int], str]:
         """The forced tokens after any prompt, and the window's language: <|startoftranscript|>, then on a
@@ -454,10 +467,14 @@ class WhisperEngine:
     def step(self) -> list[tuple[int, WindowResult]]:
         """One decode step over every busy slot; the windows that finished, with their (now free) slots."""
         try:
-            finished = self.decoder.step()
+            finished = self.decoder.step([slot for slot, window in self.windows.items() if window.partials])
         except torch.OutOfMemoryError as error:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(error)) from error
+        self.partials = {}
+        for slot, token in self.decoder.chosen.items():
+            if made_final := self._made_final(self.windows[slot], token):
+                self.partials[slot] = made_final
         results, aligning = [], []
         for item in finished:
             window = self.windows.pop(item.slot)
@@ -468,6 +485,20 @@ class WhisperEngine:
         if aligning:
             self._align(aligning)
         return results
+
+    def _made_final(self, window: SlotWindow, token: int) -> list[int]:
+        """The text tokens a window decoding with partials can report once it has chosen `token`: without timestamps
+        the token itself, if text; with them, those of the segments a timestamp pair has just closed (blank ones left
+        out, as _segments leaves them), since the seek decodes again whatever follows a decode's last pair."""
+        if not window.timestamps:
+            return [token] if token < self.special.end_of_text else []
+        window.tokens.append(token)
+        tokens, timestamp_begin = window.tokens, self.special.timestamp_begin
+        if len(tokens) < 2 or tokens[-2] < timestamp_begin or token < timestamp_begin:
+            return []
+        closed, window.reported = tokens[window.reported:-1], len(tokens) - 1
+        return [text for segment in self._segments(closed, WindowResult(None, duration=window.duration))
+                for text in segment.tokens]
 
     def _result(self, tokens: list[int], sum_logprob: float, window: SlotWindow) -> WindowResult:
         """A finished decode: OpenAI's decode-level figures, and its finished segments with where it goes on."""

@@ -34,6 +34,9 @@ from .scheduler import SchedulerEvents, SlotScheduler
 
 log = logging.getLogger("whisper_server.engine")
 REPORT_SECONDS = 0.1
+# Partial text goes to the HTTP process at most this often (the first at once): one message for every window then,
+# a caption's pace, rather than one per step.
+PARTIALS_SECONDS = 0.05
 
 
 class QueueFull(Exception):
@@ -120,11 +123,14 @@ class EngineLoop:
         self.requests, self.events = requests, events
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.scheduler = SlotScheduler(engine, SchedulerEvents(on_window=self._window, on_done=self._done,
-                                                               on_failed=self._failed, on_step=self._stepped),
+                                                               on_failed=self._failed, on_step=self._stepped,
+                                                               on_partials=self._partials),
                                        fixed_length=fixed_length, admission_wait=admission_wait)
         self.steps: list[tuple[int, float]] = []
         self.reported: tuple | None = None
         self.reported_at = 0.0
+        self.partials: dict[tuple[int, int], list[int]] = {}  # (request, window) -> text tokens not yet sent
+        self.partials_sent_at = 0.0
         threading.Thread(target=self._receive, name="engine-receiver", daemon=True).start()
 
     def _receive(self) -> None:
@@ -158,15 +164,28 @@ class EngineLoop:
             except queue.Empty:
                 pass
             self.scheduler.run_once()
+            self._send_partials()
             self._report()
 
+    def _partials(self, partials: list[tuple[int, int, list[int]]]) -> None:
+        for key, index, tokens in partials:
+            self.partials.setdefault((key, index), []).extend(tokens)
+
+    def _send_partials(self) -> None:
+        now = time.monotonic()
+        if self.partials and now - self.partials_sent_at >= PARTIALS_SECONDS:
+            self.events.send(("partials", [(key, index, tokens) for (key, index), tokens in self.partials.items()]))
+            self.partials, self.partials_sent_at = {}, now
+
     def _window(self, key: int, index: int, result: WindowResult) -> None:
+        self.partials.pop((key, index), None)  # its result holds them
         self.events.send(("window", key, index, result))
 
     def _done(self, key: int) -> None:
         self.events.send(("done", key))
 
     def _failed(self, key: int, error: Exception) -> None:
+        self.partials = {window: tokens for window, tokens in self.partials.items() if window[0] != key}
         kind = "out_of_memory" if isinstance(error, OutOfMemory) else "engine_error"
         self.events.send(("failed", key, kind, f"{type(error).__name__}: {error}"))
 
@@ -255,8 +274,9 @@ class EngineProcess:
         return max(1, min(60, math.ceil(self.stats.expected_wait_seconds)))
 
     async def transcribe(self, windows: list[Window], options: DecodeOptions,
-                         live: bool = False) -> AsyncIterator[tuple[int, WindowResult]]:
-        """Decodes a request's windows, yielding (window index, result) as each is final, in the order they finish;
+                         live: bool = False) -> AsyncIterator[tuple[int, WindowResult | list[int]]]:
+        """Decodes a request's windows, yielding (window index, result) as each is final, in the order they finish,
+        and where the options ask for partials, (window index, text tokens) as its decode makes them final before;
         a window whose decode stopped short names the window that decodes its rest (`result.continuation`, an index
         past the request's own windows). Leaving early (client gone, deadline passed, an error) cancels the request
         in the engine: its slots are freed before the next step. A live session's turn (`live`) goes ahead of files
@@ -302,6 +322,9 @@ class EngineProcess:
                 message = self.events.recv()
                 if message[0] == "window":
                     self._deliver(message[1], (message[2], message[3]))
+                elif message[0] == "partials":
+                    for key, index, tokens in message[1]:
+                        self._deliver(key, (index, tokens))
                 elif message[0] == "done":
                     self._deliver(message[1], None)
                 elif message[0] == "failed":

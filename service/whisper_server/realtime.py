@@ -5,8 +5,9 @@ as openai-python's `types/realtime`.
 A thin protocol layer over the same engine as files: a session converts its audio to 16 kHz, finds turns with the
 Silero model the file path uses (server_vad) or takes the client's commits, and gives each turn's audio to the engine
 as a live request, whose windows go ahead of file windows. A turn longer than a window is cut in a pause and its
-windows start decoding while the speaker goes on. Each window's text is a delta as soon as it is final; the deltas
-add up to the turn's completed transcript. Nothing here holds the model: sessions share the decode steps."""
+windows start decoding while the speaker goes on. A turn's text goes out as its windows decode (partials: the tokens
+each decode step makes final, in audio order), and the deltas add up to the turn's completed transcript. Nothing
+here holds the model: sessions share the decode steps."""
 
 from __future__ import annotations
 
@@ -266,7 +267,7 @@ class Ending:
 
 class Turn:
     """One committed (or still spoken) turn: an item whose parts (windows of at most 30 s, cut in pauses) decode as
-    live requests as soon as they are cut, and whose text goes out in order, a delta per window decoded."""
+    live requests as soon as they are cut, and whose text goes out in order as it decodes."""
 
     def __init__(self, session: RealtimeSession, item_id: str):
         self.session, self.item_id = session, item_id
@@ -617,9 +618,10 @@ class RealtimeSession:
         return turn
 
     def options(self) -> DecodeOptions:
-        # Live transcripts show no segment times: decoded as json answers are (--decode-timestamps).
+        # Live transcripts show no segment times: decoded as json answers are (--decode-timestamps). Text shows as it
+        # decodes (partials), so a window is decoded once, at temperature 0: a delta sent cannot be taken back.
         return DecodeOptions(task="transcribe", language=self.config.language, prompt=self.config.prompt,
-                             timestamps=self.settings.decode_timestamps == "always")
+                             timestamps=self.settings.decode_timestamps == "always", partials=True)
 
     async def commit(self, event: dict) -> None:
         held = len(self.frames) * FRAME + len(self.partial)

@@ -1,7 +1,9 @@
 """Iteration-level batching: windows from every request share the engine's decode slots, joining free slots between
 steps and leaving the moment they finish. OpenAI's long-form rules act here, per window: the temperature fallback,
 the no-speech skip, the seek (a window whose decode stops short goes back into the queue from its last complete
-timestamp) and one language per request. Runs in the engine process, on the thread that owns the model."""
+timestamp) and one language per request. A window whose text is shown as it decodes (partials, for live captions)
+is decoded once, its first decode final: shown text cannot be taken back. Runs in the engine process, on the thread
+that owns the model."""
 
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ class Engine(Protocol):
     def encoded(self, admission: object) -> bool: ...
     def attach(self, admission: object) -> list[int]: ...
     def window_language(self, slot: int) -> str | None: ...
+    def window_no_speech_prob(self, slot: int) -> float: ...
+    def partial_tokens(self) -> dict[int, list[int]]: ...
     def detect_language(self, samples: np.ndarray, candidates: tuple[str, ...]) -> str: ...
     def step(self) -> list[tuple[int, WindowResult]]: ...
     def release(self, slots: list[int]) -> None: ...
@@ -94,6 +98,8 @@ class SchedulerEvents:
     on_done: Callable[[int], None]
     on_failed: Callable[[int, Exception], None]
     on_step: Callable[[int, float], None] = lambda busy, seconds: None
+    # Per step, for the windows whose text is shown as it decodes: (request, window, text tokens made final).
+    on_partials: Callable[[list[tuple[int, int, list[int]]]], None] = lambda partials: None
 
 
 class SlotScheduler:
@@ -114,6 +120,7 @@ class SlotScheduler:
         self.picks = itertools.count()
         self.window_seconds = 1.0  # moving average of how long a window holds a slot, for Retry-After
         self.admitted_at: dict[int, float] = {}
+        self.streaming: set[int] = set()  # slots whose window's text is shown as it decodes
         # The admission whose windows are being encoded (on the engine's admission stream, while the busy slots step
         # on), with its picks; they join their slots once the encoder is done. One at a time.
         self.joining: tuple[object, list[tuple[Request, int, float]]] | None = None
@@ -219,6 +226,9 @@ class SlotScheduler:
             self.owners[slot] = pick
             self.admitted_at[slot] = now
             request = pick[0]
+            # Partials, unless the no-speech rule may yet call the window silence and drop its text.
+            if request.options.partials and self.engine.window_no_speech_prob(slot) <= NO_SPEECH_THRESHOLD:
+                self.streaming.add(slot)
             if request.detecting:  # OpenAI detects the language once, on the first window; the rest decode in it
                 request.options = replace(request.options, language=self.engine.window_language(slot))
                 request.detecting = False
@@ -299,14 +309,21 @@ class SlotScheduler:
         self.events.on_step(busy, now - started)
         for request, _, _ in self.owners.values():
             request.work += 1
+        if self.streaming:
+            partials = [(self.owners[slot][0].key, self.owners[slot][1], tokens)
+                        for slot, tokens in self.engine.partial_tokens().items() if slot in self.streaming]
+            if partials:
+                self.events.on_partials(partials)
         for slot, result in finished:
             request, index, temperature = self.owners.pop(slot)
+            streamed = slot in self.streaming
+            self.streaming.discard(slot)
             self.window_seconds = 0.9 * self.window_seconds + 0.1 * (now - self.admitted_at.pop(slot))
             request.busy -= 1
             window = request.windows[index]
             result.offset = window.offset
             if not self.fixed_length:
-                if needs_fallback(result):
+                if needs_fallback(result) and not streamed:  # text already shown is final
                     tries = request.tries.setdefault(index, [])
                     tries.append(result)
                     if temperature < 1.0:
@@ -348,6 +365,7 @@ class SlotScheduler:
         for slot in slots:
             del self.owners[slot]
             self.admitted_at.pop(slot, None)
+            self.streaming.discard(slot)
         self.engine.release(slots)
         request.waiting.clear()
         request.busy = 0

@@ -1,10 +1,14 @@
 """Turns a request's audio into windows for the engine and its window results back into one transcript, in audio
 order as the results come: each window's stretch of the transcript (a Piece) is final as soon as it and every window
-before it are decoded, which is what streaming sends."""
+before it are decoded, which is what streaming sends. A window decoding with partials (live captions) gives its text
+as it decodes first."""
 
 from __future__ import annotations
 
 import asyncio
+import codecs
+import logging
+import os
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -16,6 +20,8 @@ from .alignment import Word, align_words, place_words
 from .decoding import SAMPLE_RATE, DecodeOptions, Segment, WindowResult
 from .engine_process import EngineProcess
 from .segmentation import split_windows
+
+log = logging.getLogger("whisper_server.transcript")
 
 
 @dataclass
@@ -30,7 +36,8 @@ class Transcript:
 
 @dataclass
 class Piece:
-    """One window's part of the transcript, absolute times: `delta` is what it adds to the text so far."""
+    """One window's part of the transcript, absolute times: `delta` is what it adds to the text so far. A window
+    decoding with partials first gives pieces of text alone (no segments), then a last piece with the rest."""
 
     delta: str
     segments: list[Segment]
@@ -92,6 +99,30 @@ class TranscriptBuilder:
         )
 
 
+class PartialText:
+    """A window's text as its decode goes, from the text tokens made final so far: their bytes through an incremental
+    UTF-8 decoder, so that a character split over tokens shows once whole (errors replaced, as the tokenizer's
+    decode replaces them)."""
+
+    def __init__(self, token_bytes: Sequence[bytes]):
+        self.token_bytes = token_bytes
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+
+    def add(self, tokens: list[int]) -> None:
+        self.text += self.decoder.decode(b"".join(self.token_bytes[token] for token in tokens
+                                                  if token < len(self.token_bytes)))
+
+
+def rest_of(final: str, shown: str) -> str:
+    """What a window's final text adds to what its partials showed (which it starts with, by construction)."""
+    if final.startswith(shown):
+        return final[len(shown):]
+    log.warning("a window's final text does not extend its partials", extra={"fields": {
+        "shown": shown, "final": final}})
+    return final[len(os.path.commonprefix([final, shown])):]
+
+
 def assemble(results: list[WindowResult], duration: float) -> Transcript:
     builder = TranscriptBuilder(duration)
     for result in results:
@@ -111,21 +142,37 @@ async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options:
         windows = await asyncio.to_thread(split_windows, samples, detect_speech)
     finished: dict[int, WindowResult] = {}
     following = deque(range(len(windows)))  # the windows not yet given out, in audio order
+    partials: dict[int, PartialText] = {}  # the text of windows decoding with partials, so far
+    shown = ""  # what pieces have said of the next window in audio order so far
+
+    def showable(index: int) -> str:
+        """A window's partial text as builder.add will spell it: the request's first text without its leading
+        space. Trailing whitespace waits for the text after it (a blank window adds nothing)."""
+        text = partials[index].text if index in partials else ""
+        return (text if builder.segments else text.lstrip()).rstrip()
 
     async def ready() -> AsyncIterator[Piece]:
+        nonlocal shown
         while following and following[0] in finished:
-            result = finished.pop(following.popleft())
+            index = following.popleft()
+            result = finished.pop(index)
+            partials.pop(index, None)
             if result.continuation is not None:
                 following.appendleft(result.continuation)
-            if result.alignment is None:
-                yield builder.add(result)
-            else:
-                yield await asyncio.to_thread(builder.add, result)
+            piece = builder.add(result) if result.alignment is None else await asyncio.to_thread(builder.add, result)
+            piece.delta, shown = rest_of(piece.delta, shown), ""
+            yield piece
+        if following and len(text := showable(following[0])) > len(shown):
+            piece, shown = Piece(text[len(shown):], []), text
+            yield piece
 
     if windows:
         async with aclosing(engine.transcribe(windows, options, live)) as results:
             async for index, result in results:
-                finished[index] = result
+                if isinstance(result, WindowResult):
+                    finished[index] = result
+                else:
+                    partials.setdefault(index, PartialText(engine.token_bytes)).add(result)
                 async for piece in ready():
                     yield piece
 
