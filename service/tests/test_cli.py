@@ -18,6 +18,7 @@ import pytest
     (["--upload-idle-seconds", "60", "--upload-timeout-seconds", "30"], {},
      "--upload-idle-seconds (60) must not exceed --upload-timeout-seconds (30)"),
     (["--upload-min-bytes-per-second", "0"], {}, "--upload-min-bytes-per-second must be positive, got 0.0"),
+    ([], {"WHISPER_MIN_SEGMENT_SPEECH_SECONDS": "-0.5"}, "--min-segment-speech-seconds must not be negative"),
 ])
 def test_bad_settings_exit_2_with_a_message(args, env, message):
     result = subprocess.run(["whisper-server", "serve", "--port", "8000", *args], capture_output=True, text=True,

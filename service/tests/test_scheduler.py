@@ -13,6 +13,7 @@ import pytest
 from whisper_server.decoding import (SAMPLE_RATE, DecodeOptions, EngineFailure, OutOfMemory, Segment, Window,
                                      WindowResult, compression_ratio)
 from whisper_server.scheduler import SchedulerEvents, SlotScheduler, is_silence, needs_fallback
+from whisper_server.segmentation import speech_within
 from whisper_server.transcript import PartialText, TranscriptBuilder, assemble, transcribe_pieces
 
 LOOPING = "the the the the the the the the the the the the the the the the the the the the"
@@ -456,6 +457,26 @@ def test_text_from_tokens_puts_no_space_between_segments_of_languages_without_sp
     results = [WindowResult("en", [segment(0, 3, " Hello there."), segment(3, 6, " Good day.")], offset=0.0)]
     transcript = assemble(results, 6.0)
     assert transcript.text == "Hello there. Good day." and transcript.segments[0].text == " Hello there."
+
+
+def test_a_segment_that_holds_almost_no_speech_is_dropped():
+    """Speech heard at 1-4 s and 20-23 s of a 30 s window: the segments over the silence between them (one touching
+    0.05 s of speech, one over none) are dropped as made up; the sentences are kept, a short word (0.3 s heard) too.
+    With the rule off (0), or with no speech detection, every segment stays."""
+    results = [WindowResult("en", [segment(0.5, 3.95, " One sentence."), segment(3.95, 10, " Thank you."),
+                                   segment(10, 19.95, " Bye."), segment(19.95, 22, " Another"),
+                                   segment(22, 23.5, " sentence."), segment(28, 29, " Yes.")], offset=0.0)]
+    heard = [(1.0, 4.0), (20.0, 23.0), (28.4, 28.7)]
+    builder = TranscriptBuilder(30.0, min_segment_speech=0.1)
+    builder.speech = heard
+    builder.add(results[0])
+    assert builder.transcript().text == "One sentence. Another sentence. Yes."
+    assert speech_within(heard, 3.5, 20.5) == 1.0
+    for minimum, speech in ((0.0, heard), (0.1, None)):
+        builder = TranscriptBuilder(30.0, min_segment_speech=minimum)
+        builder.speech = speech
+        builder.add(results[0])
+        assert len(builder.transcript().segments) == 6
 
 
 def test_each_window_is_reported_when_final_not_when_its_request_ends():

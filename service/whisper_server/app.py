@@ -289,7 +289,8 @@ async def answer_audio(request: Request, state: ServerState, task: str) -> Respo
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             transcript = await until_disconnected(request, asyncio.wait_for(
                 transcribe(state.engine, samples, asked.options, state.audio_work, state.engine.token_bytes,
-                           detect_speech=not settings.fixed_new_tokens),
+                           detect_speech=not settings.fixed_new_tokens,
+                           min_segment_speech=settings.min_segment_speech_seconds),
                 settings.request_timeout_seconds))
         except Exception as error:
             answer = as_api_error(error, state)
@@ -324,7 +325,7 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
     generator, which leaves the engine at its next step."""
     options = asked.options
     builder = TranscriptBuilder(len(samples) / SAMPLE_RATE, state.engine.token_bytes if options.word_timestamps else None,
-                                options.language)
+                                options.language, state.settings.min_segment_speech_seconds)
     first = True
     with held:
         try:

@@ -48,8 +48,8 @@ def validate(settings: Settings, parser: argparse.ArgumentParser) -> None:
             parser.error(f"{env_name(name)}={getattr(settings, name)!r} is not one of {', '.join(allowed)}")
     if settings.fixed_new_tokens and not settings.max_new_tokens:
         parser.error("--fixed-new-tokens needs --max-new-tokens")
-    if settings.batch_wait_ms < 0 or settings.drain_seconds < 0:
-        parser.error("--batch-wait-ms and --drain-seconds must not be negative")
+    if settings.batch_wait_ms < 0 or settings.drain_seconds < 0 or settings.min_segment_speech_seconds < 0:
+        parser.error("--batch-wait-ms, --drain-seconds and --min-segment-speech-seconds must not be negative")
     # Each bound must admit one request at its largest, or such a request could never be served.
     if settings.max_spool_mb < settings.max_upload_mb:
         parser.error(f"--max-spool-mb ({settings.max_spool_mb:g}) must be at least --max-upload-mb ({settings.max_upload_mb:g})")

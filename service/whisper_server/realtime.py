@@ -294,7 +294,8 @@ class Turn:
 
     async def decode(self, samples: np.ndarray, deltas: asyncio.Queue) -> None:
         session = self.session
-        builder = TranscriptBuilder(len(samples) / SAMPLE_RATE, None, session.config.language)
+        builder = TranscriptBuilder(len(samples) / SAMPLE_RATE, None, session.config.language,
+                                    session.settings.min_segment_speech_seconds)
         try:
             async with aclosing(transcribe_pieces(session.state.engine, samples, session.options(), session.vad_work,
                                                   builder, live=True)) as pieces:

@@ -182,12 +182,28 @@ def quietest_frame_cut(probabilities: np.ndarray, start: int, limit: int) -> int
 def split_windows(samples: np.ndarray, detect_speech: bool = True) -> list[Window]:
     """The windows of a request's audio: speech only, each at most 30 s, cut in pauses. Without speech detection
     (fixed-length benchmark decoding, where every window must cost the same) every 30 s of the audio is a window."""
-    if detect_speech:
-        spans = plan_windows(VoiceActivity.shared().speech_probabilities(samples), len(samples))
-    else:
+    return split_speech(samples, detect_speech)[0]
+
+
+def split_speech(samples: np.ndarray, detect_speech: bool = True
+                 ) -> tuple[list[Window], list[tuple[float, float]] | None]:
+    """The windows of a request's audio (split_windows) and the speech the detector heard in it: [start, end) seconds,
+    unpadded (None without speech detection)."""
+    if not detect_speech:
         longest = int(WINDOW_SECONDS * SAMPLE_RATE)
         spans = [(start, min(start + longest, len(samples))) for start in range(0, len(samples), longest)]
-    return [Window(start / SAMPLE_RATE, samples[start:end]) for start, end in spans]
+        return [Window(start / SAMPLE_RATE, samples[start:end]) for start, end in spans], None
+    probabilities = VoiceActivity.shared().speech_probabilities(samples)
+    windows = [Window(start / SAMPLE_RATE, samples[start:end])
+               for start, end in plan_windows(probabilities, len(samples))]
+    return windows, [(start * FRAME / SAMPLE_RATE, min(end * FRAME, len(samples)) / SAMPLE_RATE)
+                     for start, end in speech_regions(probabilities)]
+
+
+def speech_within(speech: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of the speech regions (sorted, apart) that fall inside [start, end]."""
+    return sum(max(0.0, min(end, region_end) - max(start, region_start)) for region_start, region_end in speech
+               if region_start < end and region_end > start)
 
 
 def decoded_until(tokens: list[int], timestamp_begin: int, duration: float) -> tuple[int, float | None]:

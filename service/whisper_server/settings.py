@@ -49,6 +49,7 @@ class Settings:
     feature_padding: str = "reference"
     decode_timestamps: str = "when-needed"
     beam_size: int = 1
+    min_segment_speech_seconds: float = 0.1
 
 
 CHOICES = {"device": ("auto", "cuda", "cpu"), "dtype": ("auto", "float16", "bfloat16", "float32"),
@@ -123,6 +124,9 @@ HELP = {
                   "BeamSearchDecoder, patience 1), at the fallback temperatures this many samples, the likeliest kept "
                   "(best_of); 1 is greedy. Each beam holds its own self-attention cache (the window's cross-attention "
                   "K/V is shared), so a slot's memory grows with it"),
+    "min_segment_speech_seconds": ("a segment decoded with timestamps whose time span holds less speech than this, as "
+                                   "the voice-activity detector hears it, is dropped: text made up for silence, "
+                                   "clicks or noise between sentences; 0 keeps every segment"),
     "decode_timestamps": ("when-needed decodes timestamp tokens only for answers with segment times (verbose_json, "
                           "srt, vtt, segment or word granularities); json, text and plain streams decode without them "
                           "(fewer word errors and tokens), a window's text timed by its voice-activity window; always "

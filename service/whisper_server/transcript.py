@@ -19,7 +19,7 @@ import numpy as np
 from .alignment import Word, align_words, place_words
 from .decoding import SAMPLE_RATE, DecodeOptions, Segment, WindowResult
 from .engine_process import EngineProcess
-from .segmentation import split_windows
+from .segmentation import speech_within, split_speech
 
 log = logging.getLogger("whisper_server.transcript")
 
@@ -49,8 +49,14 @@ class TranscriptBuilder:
     keeps times non-decreasing across windows; with `token_bytes` (word timestamps) it turns each window's alignment
     into words and reconciles them with the segments."""
 
-    def __init__(self, duration: float, token_bytes: Sequence[bytes] | None = None, language: str | None = None):
+    def __init__(self, duration: float, token_bytes: Sequence[bytes] | None = None, language: str | None = None,
+                 min_segment_speech: float = 0.0):
         self.duration, self.token_bytes, self.language = duration, token_bytes, language
+        # A segment that holds less speech than this (seconds, as the voice-activity detector heard it) is text the
+        # model made up for silence or noise, and is dropped; `speech` is set once the audio has been through the
+        # detector (None: no detection, nothing dropped).
+        self.min_segment_speech = min_segment_speech
+        self.speech: list[tuple[float, float]] | None = None
         self.segments: list[Segment] = []
         self.words: list[Word] = []
         self.languages: Counter[str] = Counter()
@@ -70,6 +76,9 @@ class TranscriptBuilder:
             placed = place_words(shifted, words, self.last_speech)
         else:
             placed = [(segment, []) for segment in shifted]
+        if self.speech is not None and self.min_segment_speech > 0:
+            placed = [(segment, words) for segment, words in placed
+                      if speech_within(self.speech, segment.start, segment.end) >= self.min_segment_speech]
         piece = Piece(delta="", segments=[])
         for segment, words in placed:
             floor = self.segments[-1].end if self.segments else 0.0
@@ -139,7 +148,7 @@ async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options:
     event loop (a 2-hour file is 115 M samples), within the server's limit on audio work at once; so do the words of
     a window (DTW)."""
     async with audio_work:
-        windows = await asyncio.to_thread(split_windows, samples, detect_speech)
+        windows, builder.speech = await asyncio.to_thread(split_speech, samples, detect_speech)
     finished: dict[int, WindowResult] = {}
     following = deque(range(len(windows)))  # the windows not yet given out, in audio order
     partials: dict[int, PartialText] = {}  # the text of windows decoding with partials, so far
@@ -179,9 +188,9 @@ async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options:
 
 async def transcribe(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
                      audio_work: asyncio.Semaphore, token_bytes: Sequence[bytes] | None = None,
-                     detect_speech: bool = True) -> Transcript:
+                     detect_speech: bool = True, min_segment_speech: float = 0.0) -> Transcript:
     builder = TranscriptBuilder(len(samples) / SAMPLE_RATE, token_bytes if options.word_timestamps else None,
-                                options.language)
+                                options.language, min_segment_speech)
     async with aclosing(transcribe_pieces(engine, samples, options, audio_work, builder, detect_speech)) as pieces:
         async for _ in pieces:
             pass
