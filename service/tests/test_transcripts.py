@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import openai
 import pytest
 
 from conftest import LONG_CLIPS
-from speech import Clip, aligned_words, corpus_word_error_rate, normalize_words, word_error_rate
+from speech import Clip, Sentence, aligned_words, corpus_word_error_rate, normalize_words, word_error_rate, write_wav
 from whisper_server.decoding import SAMPLE_RATE, DecodeOptions
 from whisper_server.segmentation import decoded_until, split_windows
 from whisper_server.verify import reference_tokens
@@ -93,6 +94,35 @@ def test_silence_and_noise_give_no_words(sdk, speech, kind):
     result = transcribe(sdk, clip)
     assert result.text == "" and result.segments == [], f"invented text on {kind}: {result.text!r}"
     assert result.duration == pytest.approx(clip.duration)
+
+
+def test_no_text_for_silences_and_clicks_between_sentences(sdk, speech, tmp_path):
+    """Three held-out sentences in one window: 6 s of silence, a single click and 6 s more between the first two, 3 s,
+    a louder click and 3 s between the last two. Segments lie only where the sentences are (none over a silence or a
+    click, which the detector hears as no speech), and the sentences' words are all there."""
+    def click(amplitude: float) -> np.ndarray:
+        return (amplitude * np.exp(-np.arange(48) / 12.0) * np.resize([1.0, -1.0], 48)).astype(np.float32)
+
+    def quiet(seconds: float) -> np.ndarray:
+        return np.zeros(round(seconds * SAMPLE_RATE), np.float32)
+
+    texts = speech.sentences()[-3:]
+    gaps = [np.concatenate([quiet(6), click(0.6), quiet(6)]), np.concatenate([quiet(3), click(0.9), quiet(3)])]
+    parts, sentences, at = [quiet(0.3)], [], 0.3
+    for index, text in enumerate(texts):
+        spoken = speech.speak(text, index)
+        sentences.append(Sentence(text, at, at + len(spoken) / SAMPLE_RATE))
+        parts += [spoken] + ([gaps[index]] if index < len(gaps) else [quiet(0.3)])
+        at = sentences[-1].end + (len(gaps[index]) / SAMPLE_RATE if index < len(gaps) else 0.0)
+    samples = np.concatenate(parts)
+    write_wav(tmp_path / "pauses.wav", samples)
+    clip = Clip("pauses", tmp_path / "pauses.wav", tuple(sentences), len(samples) / SAMPLE_RATE)
+    result = transcribe(sdk, clip)
+    assert_segments_in_order_inside_the_audio(result, clip)
+    for segment in result.segments:
+        assert any(segment.start < sentence.end + 0.5 and segment.end > sentence.start - 0.5 for sentence in sentences), \
+            f"text over a silence or a click: {segment.start}-{segment.end} {segment.text!r}"
+    assert word_error_rate(clip.text, result.text) < 0.2, result.text
 
 
 def test_tokens_equal_generate_on_the_servers_own_windows(sdk, speech, tiny_en_engine):
