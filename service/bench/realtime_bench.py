@@ -280,7 +280,9 @@ def run(model: str, device: str, output: Path, levels=LEVELS, new_tokens: int | 
     rows: list[dict] = []
 
     def keep(result: LevelResult) -> None:
-        row = result.summary()
+        # The machine's 1-minute load average as the level ends: about the run's own processes when nothing else
+        # runs; more says the CPUs were shared and the figures are not trustworthy.
+        row = {**result.summary(), "load_average": round(os.getloadavg()[0], 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if record:
@@ -318,12 +320,12 @@ def markdown(report: dict) -> str:
     lines = [f"# Live transcription: {report['model']} on {where}",
              "", f"{report['clip_seconds']:.1f} s clip of {report['turns_per_session']} turns per session, at real-time "
              f"pace; latency from each turn's end of speech + {int(SILENCE_DURATION_S * 1000)} ms.", "",
-             "| system | sessions | turns | turn latency p50 ms | p95 ms | first delta p50 ms | p95 ms | failures |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| system | sessions | turns | turn latency p50 ms | p95 ms | first delta p50 ms | p95 ms | failures | load |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in report["levels"]:
         lines.append(f"| {row['system']} | {row['sessions']} | {row['turns']}/{row['expected_turns']} | "
                      f"{row['latency_p50_ms']} | {row['latency_p95_ms']} | {row['first_delta_p50_ms']} | "
-                     f"{row['first_delta_p95_ms']} | {row['failures']} |")
+                     f"{row['first_delta_p95_ms']} | {row['failures']} | {row.get('load_average', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -305,6 +305,7 @@ def test_admissions_of_every_size_run_only_in_shapes_the_warm_up_ran(engine, mon
     spy(engine, "_encode", lambda features: (features.shape[0],))
     spy(decoder, "attach", lambda piece, states, prefixes=None: (piece.size,))
     spy(decoder, "_prefill_pass", lambda piece, tokens: (piece.size, tokens.shape[1]))
+    monkeypatch.setattr(decoder, "padded_admissions", True)  # as on a GPU, where fixed shapes pay
     with torch.inference_mode():
         decoder.warm_up_admissions(engine._encode_silence)
     warmed, shapes = set(shapes), set()
@@ -318,6 +319,15 @@ def test_admissions_of_every_size_run_only_in_shapes_the_warm_up_ran(engine, mon
             assert sorted(decoder.rows(held + slots)) == list(range(busy + count))
             engine.release(held + slots)
     assert shapes and shapes <= warmed, f"unwarmed shapes: {shapes - warmed}"
+
+
+def test_on_a_cpu_an_admission_encodes_its_windows_and_no_padding(engine, monkeypatch):
+    encoded: list[int] = []
+    original = engine._encode
+    monkeypatch.setattr(engine, "_encode", lambda features: encoded.append(features.shape[0]) or original(features))
+    slots = engine.admit([(noise(seed), DecodeOptions(language="en")) for seed in range(5)])
+    engine.release(slots)
+    assert encoded == [5], "five windows, five encoder rows (padded, they would be eight)"
 
 
 def test_a_long_window_in_slot_31_with_2_busy_runs_the_2_bucket(tmp_path):

@@ -22,6 +22,7 @@ from openai.types.realtime.realtime_server_event import RealtimeServerEvent
 from pydantic import TypeAdapter
 
 from speech import SAMPLE_RATE, corpus_word_error_rate
+from whisper_server.realtime import decode_base64
 
 API_KEY = "live-test-key"
 SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
@@ -181,7 +182,13 @@ def test_manual_commits_in_each_audio_format(live_server, sentences):
 
     items = []
     for events in asyncio.run(run()):
-        assert [e["type"] for e in events][0] == "input_audio_buffer.committed"
+        committed, added, done = events[:3]
+        assert [event["type"] for event in events[:3]] == [
+            "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"]
+        for event in (added, done):  # the committed audio as a user message item, as OpenAI's GA API adds it
+            assert event["item"]["id"] == committed["item_id"] and event["item"]["role"] == "user"
+            assert event["item"]["content"] == [{"type": "input_audio", "transcript": None}]
+            assert event["previous_item_id"] == committed["previous_item_id"]
         assert not any(e["type"].startswith("input_audio_buffer.speech") for e in events), "no VAD: no speech events"
         (item,) = turns(events).values()
         assert item["deltas"] == item["transcript"]
@@ -263,6 +270,19 @@ def test_every_bad_input_gets_an_error_event_and_the_session_goes_on(live_server
     assert "--realtime-max-buffered-seconds" in errors["buffer"]["message"]
     assert all(error["type"] == "invalid_request_error" for error in errors.values())
     assert_words([clip], turns(events))
+
+
+def test_a_large_append_is_decoded_in_pieces_exactly_as_whole_and_refused_as_whole_would_be():
+    data = np.random.default_rng(0).bytes(3 * 2**20 + 2)  # four pieces, padded
+    text = base64.b64encode(data).decode()
+    assert asyncio.run(decode_base64(text)) == data
+    piece = 2**20
+    padded_early = base64.b64encode(data[:piece // 4 * 3 - 1]).decode() + text[piece:]  # "=" ends the first piece
+    for bad in (text[:piece + 5] + "%" + text[piece + 6:], text[:-1], text + "\n", padded_early, "é" + text[1:]):
+        with pytest.raises(ValueError):  # binascii.Error, or UnicodeEncodeError
+            base64.b64decode(bad, validate=True)
+        with pytest.raises(ValueError):
+            asyncio.run(decode_base64(bad))
 
 
 def test_a_long_monologue_is_cut_into_windows_that_decode_while_it_goes_on(live_server, speech):
@@ -420,6 +440,32 @@ def test_limits_sessions_idle_and_a_client_that_stops_reading(live_server):
                 time.sleep(0.1)
         assert live_server.metric("whisper_realtime_sessions") == 0
     assert "its client stopped reading" in live_server.log_path.read_text()
+
+
+def test_a_session_that_reaches_its_longest_duration_is_told_and_closed(start_server):
+    """--realtime-max-session-seconds, on a server of its own (random weights, one slot): a session that keeps
+    sending is told, in an error event naming the setting, and closed when it has lasted that long."""
+    server = start_server("--max-batch-size", "1", "--realtime-max-session-seconds", "3")
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        async with client.realtime.connect(extra_query={"intent": "transcription"}) as connection:
+            created = await receive(connection)
+            opened, opened_wall = time.monotonic(), time.time()
+            talking = asyncio.create_task(stream(connection, bytes(4800 * 100), pace=1.0))  # silence, as spoken
+            expired = error_of(await receive(connection, timeout=10))
+            lasted = time.monotonic() - opened
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await receive(connection)
+            talking.cancel()
+            return created["session"]["expires_at"] - opened_wall, expired, lasted, closed.value.rcvd.code
+
+    expires_in, expired, lasted, code = asyncio.run(run())
+    assert 1 <= expires_in <= 3, "session.created says when it ends"
+    assert expired["code"] == "session_expired" and "--realtime-max-session-seconds" in expired["message"]
+    assert 2.5 <= lasted <= 5, f"closed after {lasted:.1f} s"
+    assert code == 1000
+    wait_for_no_sessions(server)
 
 
 def test_client_secret_opens_a_browser_session_and_bad_keys_are_refused(live_server):

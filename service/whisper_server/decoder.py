@@ -245,6 +245,9 @@ class SlotDecoder:
         self.vocab_size = config.vocab_size
         self.buckets = bucket_sizes(slots)
         self.admission_sizes = admission_sizes(slots)
+        # Padding an admission to one of a few sizes buys a GPU fixed shapes (attention plans, warmed once); on a CPU,
+        # where the encoder costs the same per window at any batch size, each padding row is a wasted encoder pass.
+        self.padded_admissions = self.device.type == "cuda"
         self.widths = prefill_widths(self.positions)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.free = list(range(slots))  # host-side: slots not decoding, kept sorted
@@ -409,7 +412,10 @@ class SlotDecoder:
     # Admission ----------------------------------------------------------------------------------------------------
 
     def pieces(self, slots: list[int]) -> list[Piece]:
-        """How an admission into these (just allocated) slots runs: batches of the admission sizes over their rows."""
+        """How an admission into these (just allocated) slots runs: batches of the admission sizes over their rows
+        (on a CPU, one batch of exactly those rows)."""
+        if not self.padded_admissions:
+            return [Piece(self.row_of[slots[0]], len(slots), len(slots))]
         return admission_pieces(self.row_of[slots[0]], len(slots), self.admission_sizes, self.slots)
 
     def attach(self, piece: Piece, encoder_states: torch.Tensor, prefixes: list[list[int]] | None = None

@@ -140,6 +140,9 @@ def run(settings: Settings) -> int:
                             # A live session's event past --realtime-max-message-mb (by up to 1 MiB) gets an error
                             # event and the session goes on; a larger frame is refused by the WebSocket layer (1009).
                             ws_max_size=int((settings.realtime_max_message_mb + 1) * 2**20),
+                            # One message waits beside the one a session handles: a faster client is held back by TCP
+                            # rather than queue uvicorn's default of 32 messages (up to 512 MiB a session) in memory.
+                            ws_max_queue=1,
                             proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
                             http=functools.partial(GuardedH11Protocol, guard=guard), backlog=ACCEPT_BURST)
     config.load()
