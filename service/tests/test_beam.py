@@ -62,3 +62,17 @@ def test_samples_at_a_fallback_temperature_finish_as_one_result(beam_engine, spe
     assert sampled.temperature == 0.8 and sampled.tokens and sampled.segments
     assert sampled.avg_logprob < 0
     assert decode_windows(beam_engine, windows[:1], joins=[0]) == [sampled.tokens]
+
+
+def test_the_chosen_beam_s_token_log_probabilities(beam_engine, speech):
+    """include[]=logprobs with beams: the log-probabilities of the beam the ranker kept, token by token (they follow
+    their beam through every reorder): with end of text's they add up to its sum."""
+    samples = speech.short(count=3)[2].samples()
+    slots = beam_engine.admit([(samples, DecodeOptions(timestamps=False, logprobs=True))])
+    results = {}
+    while beam_engine.busy_slots():
+        results.update(beam_engine.step())
+    result = results[slots[0]]
+    logprobs = [value for segment in result.segments for value in segment.logprobs]
+    assert len(logprobs) == len(result.tokens) > 3 and all(value <= 0 for value in logprobs)
+    assert -0.5 < result.avg_logprob * (len(result.tokens) + 1) - sum(logprobs) <= 1e-4

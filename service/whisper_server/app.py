@@ -31,8 +31,9 @@ from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
 from .engine_process import EngineProcess, EngineUnavailable, QueueFull
 from .errors import ApiError, error_body, error_response
 from .languages import parse_language
-from .formats import MEDIA_TYPES, RESPONSE_FORMATS, STREAMING_FORMATS, render, segment_json, word_json
+from .formats import MEDIA_TYPES, RESPONSE_FORMATS, STREAMING_FORMATS, logprobs_json, render, segment_json, word_json
 from .metrics import Metrics
+from .segmentation import AUTO_VAD, ServerVad
 from .settings import Settings
 from .transcript import Transcript, TranscriptBuilder, transcribe, transcribe_pieces
 from .upload import ReceiveDeadlines, receive_form
@@ -50,6 +51,11 @@ PAGE_HEADERS = [
                                  b"object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
     (b"x-frame-options", b"DENY"),
 ]
+
+
+# keywords[] together, joined by ", ": about 100 tokens of names, within the 112 of a window's prompt the engine
+# gives them (engine.KEYWORD_TOKENS).
+MAX_KEYWORD_CHARACTERS = 300
 
 
 @dataclass
@@ -144,6 +150,74 @@ def queue_full(retry_after: int) -> ApiError:
                     headers={"Retry-After": str(retry_after)})
 
 
+def checked_number(value, name: str, low: float, high: float, integer: bool = False) -> float:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        raise ApiError(400, f"{name} must be {'an integer' if integer else 'a number'} from {low:g} to {high:g}; "
+                       f"got {json.dumps(value)}.", param=name, code="invalid_value")
+    return value
+
+
+def server_vad(given: dict, name: str) -> ServerVad:
+    """OpenAI's server_vad parameters from an object whose type is server_vad (a file's chunking_strategy, a live
+    session's turn_detection): each in its range, OpenAI's defaults for those left out."""
+    defaults = ServerVad()
+    return ServerVad(**{field: checked_number(given.get(field, getattr(defaults, field)), f"{name}.{field}", low, high,
+                                              integer) for field, (low, high, integer) in ServerVad.RANGES.items()})
+
+
+def parse_keywords(values: list[str]) -> tuple[str, ...]:
+    """keywords[]: words or phrases the windows' prompt carries (vocabulary biasing), each once, in the order given;
+    at most MAX_KEYWORD_CHARACTERS together (about 100 tokens: the engine keeps up to 112 of a window's prompt for
+    them)."""
+    keywords = tuple(dict.fromkeys(" ".join(value.split()) for value in values))
+    if any(not keyword for keyword in keywords):
+        raise ApiError(400, "keywords[] holds an empty keyword; send words or phrases.", param="keywords[]",
+                       code="invalid_value")
+    if len(", ".join(keywords)) > MAX_KEYWORD_CHARACTERS:
+        raise ApiError(400, f"keywords[] may hold at most {MAX_KEYWORD_CHARACTERS} characters together (joined by "
+                       f"', '); got {len(', '.join(keywords))}.", param="keywords[]", code="invalid_value")
+    return keywords
+
+
+def form_number(text: str) -> object:
+    """A form field's number (int or float, as JSON spells it), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def chunking_strategy(form) -> ServerVad:
+    """How a file is cut into windows: "auto" (or nothing) is our tuned segmentation; a server_vad object, sent as
+    the SDK sends it (chunking_strategy[type]=server_vad, chunking_strategy[threshold]=...) or as one JSON field,
+    sets the VAD's parameters."""
+    name = "chunking_strategy"
+    given = {key[len(name) + 1:-1]: values[-1] for key, values in form.fields.items()
+             if key.startswith(f"{name}[") and key.endswith("]")}
+    whole = form.get(name)
+    if whole is not None and given:
+        raise ApiError(400, f"Send {name} either as one field or as {name}[...] fields, not both.", param=name,
+                       code="invalid_value")
+    if not given and (whole or "auto").strip() == "auto":
+        return AUTO_VAD
+    if whole is not None:
+        try:
+            given = json.loads(whole)
+        except ValueError:
+            given = None
+    else:  # form fields are text: the numbers are read as JSON numbers, anything else stays text (and is refused)
+        given = {key: value if key == "type" else form_number(value) for key, value in given.items()}
+    if not isinstance(given, dict) or given.get("type") != "server_vad":
+        raise ApiError(400, f"{name} must be \"auto\" or an object with type \"server_vad\" and any of threshold, "
+                       "prefix_padding_ms and silence_duration_ms.", param=name, code="invalid_value")
+    unknown = sorted(set(given) - {"type", *ServerVad.RANGES})
+    if unknown:
+        raise ApiError(400, f"{name} has no field {', '.join(unknown)}: it takes type, "
+                       f"{', '.join(ServerVad.RANGES)}.", param=f"{name}.{unknown[0]}", code="unknown_parameter")
+    return server_vad(given, name)
+
+
 @dataclass(frozen=True)
 class Asked:
     """What a request asks for beyond the audio."""
@@ -152,6 +226,7 @@ class Asked:
     response_format: str
     stream: bool
     segments_in_stream: bool  # stream=true with timestamp_granularities[]=segment: each delta carries its segments
+    vad: ServerVad = AUTO_VAD  # chunking_strategy: where the audio is cut into windows
 
 
 def decode_options(form, task: str, state: ServerState) -> Asked:
@@ -202,6 +277,14 @@ def decode_options(form, task: str, state: ServerState) -> Asked:
     elif language is None and len(candidates) == 1:
         language = candidates[0]
     prompt = (form.get("prompt") or "").strip() or None
+    keywords = parse_keywords(form.fields.get("keywords[]", []) + form.fields.get("keywords", []))
+    include = form.fields.get("include[]", []) + form.fields.get("include", [])
+    if set(include) - {"logprobs"}:
+        raise ApiError(400, f"include supports 'logprobs'; got {', '.join(sorted(set(include) - {'logprobs'}))}.",
+                       param="include[]", code="invalid_value")
+    if include and response_format != "json":  # OpenAI's rule: the log-probabilities ride on json answers only
+        raise ApiError(400, f"include[]=logprobs works with response_format 'json' only; got '{response_format}'.",
+                       param="include[]", code="unsupported_value")
     segments_in_stream = stream and "segment" in granularities
     # Timestamp tokens are decoded only where the answer shows segment times: elsewhere decoding without them makes
     # fewer word errors and fewer tokens (docs/server.md, "Decoding").
@@ -209,8 +292,9 @@ def decode_options(form, task: str, state: ServerState) -> Asked:
                   or segments_in_stream or "word" in granularities)
     options = DecodeOptions(task=task, language=language, prompt=prompt, temperature=temperature,
                             word_timestamps="word" in granularities, timestamps=timestamps,
-                            languages=candidates if language is None else ())
-    return Asked(options, response_format, stream, segments_in_stream=segments_in_stream)
+                            languages=candidates if language is None else (), logprobs=bool(include),
+                            keywords=keywords)
+    return Asked(options, response_format, stream, segments_in_stream=segments_in_stream, vad=chunking_strategy(form))
 
 
 async def receive_audio(request: Request, state: ServerState, task: str,
@@ -290,7 +374,7 @@ async def answer_audio(request: Request, state: ServerState, task: str) -> Respo
             transcript = await until_disconnected(request, asyncio.wait_for(
                 transcribe(state.engine, samples, asked.options, state.audio_work, state.engine.token_bytes,
                            detect_speech=not settings.fixed_new_tokens,
-                           min_segment_speech=settings.min_segment_speech_seconds),
+                           min_segment_speech=settings.min_segment_speech_seconds, vad=asked.vad),
                 settings.request_timeout_seconds))
         except Exception as error:
             answer = as_api_error(error, state)
@@ -299,6 +383,8 @@ async def answer_audio(request: Request, state: ServerState, task: str) -> Respo
             raise answer from error
     state.metrics.audio_seconds.inc(audio_seconds)
     body = render(transcript, asked.response_format, task)
+    if asked.options.logprobs:
+        body["logprobs"] = logprobs_json(transcript.segments, state.engine.token_bytes)
     if isinstance(body, dict):
         return JSONResponse(body)
     return PlainTextResponse(body, media_type=MEDIA_TYPES[asked.response_format])
@@ -331,7 +417,7 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
         try:
             async with asyncio.timeout(state.settings.request_timeout_seconds):
                 async with aclosing(transcribe_pieces(state.engine, samples, options, state.audio_work, builder,
-                                                      not state.settings.fixed_new_tokens)) as pieces:
+                                                      not state.settings.fixed_new_tokens, vad=asked.vad)) as pieces:
                     while (piece := await until_abandoned(anext(pieces, None), state)) is not None:
                         if not piece.delta:
                             continue
@@ -345,6 +431,8 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
                                                  for offset, segment in enumerate(piece.segments)]
                         if options.word_timestamps:
                             event["words"] = [word_json(word) for word in piece.words]
+                        if options.logprobs:
+                            event["logprobs"] = logprobs_json(piece.segments, state.engine.token_bytes)
                         yield server_sent_event(event)
             transcript = builder.transcript()
             state.metrics.audio_seconds.inc(transcript.duration)
@@ -352,6 +440,8 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
                     "usage": token_usage(transcript.duration, transcript.output_tokens)}
             if transcript.language:
                 done["languages"] = [{"code": transcript.language}]
+            if options.logprobs:
+                done["logprobs"] = logprobs_json(transcript.segments, state.engine.token_bytes)
             yield server_sent_event(done)
         except Exception as error:  # noqa: BLE001 - the status line is sent: the stream ends with the error instead
             answer = as_api_error(error, state)

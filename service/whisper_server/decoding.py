@@ -39,6 +39,8 @@ class DecodeOptions:
     # Report the text tokens each decode step makes final (live captions), with greedy decoding. Text shown cannot be
     # taken back, so a window whose tokens were reported is decoded once: no temperature fallback.
     partials: bool = False
+    logprobs: bool = False  # each segment keeps its text tokens' log-probabilities (include[]=logprobs)
+    keywords: tuple[str, ...] = ()  # vocabulary biasing (keywords[]): in every window's prompt, before the prompt
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Segment:
     start_token: int | None = None  # the timestamp tokens around the text, as decoded (None: none there)
     end_token: int | None = None
     seek: int = 0  # where its window starts, in 10 ms frames (OpenAI's seek)
+    logprobs: list[float] | None = None  # each text token's log-probability, where the request asked for them
 
     @property
     def all_tokens(self) -> list[int]:

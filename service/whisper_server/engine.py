@@ -31,6 +31,9 @@ FEATURE_PADDINGS = ("reference", "zeros")
 # clip the padding is most of the encoder's input, and on the development clips (six languages, Whisper base) zeros
 # detected 21 of 54 right to the reference padding's 20 (service/bench/language_detection.py).
 DETECTION_PADDING = "zeros"
+# The most of a window's prompt (half the decoder's context: 223 tokens after <|startofprev|>) keywords[] may take;
+# a prompt given beside them keeps the rest.
+KEYWORD_TOKENS = 112
 # Memory left beside the KV caches for the encoder's activations and the step graphs, as a share of free memory.
 ACTIVATION_RESERVE = 0.2
 
@@ -144,6 +147,7 @@ class SlotWindow:
     start_of_transcript: list[int]  # the forced prefix after any prompt: what the alignment pass starts from
     word_timestamps: bool
     timestamps: bool  # decoded with timestamp tokens (else: one segment, no seek)
+    logprobs: bool  # its segments keep their tokens' log-probabilities
     partials: bool = False  # its text tokens are reported as they are decoded
     tokens: list[int] = field(default_factory=list)  # with partials and timestamps: the tokens generated so far
     reported: int = 0  # with partials and timestamps: the tokens up to here make the segments reported
@@ -379,7 +383,7 @@ class WhisperEngine:
             prefixes, starts, limits, min_lengths, admitted = [], [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
                 start, language = self._start_of_transcript(options, detected_id)
-                prompt = self._prompt_ids(options.prompt)
+                prompt = self._prompt_ids(options.prompt, options.keywords)
                 prefix = prompt + start + self._timestamp_mode(options)  # as _prefix() makes it
                 limit = self._limit(len(prefix), admission.max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
@@ -388,7 +392,7 @@ class WhisperEngine:
                 min_lengths.append(limit if self.fixed_new_tokens else 0)
                 # Partials follow one sequence: a beam search's best sequence can change until it ends.
                 admitted.append(SlotWindow(len(samples) / SAMPLE_RATE, language, no_speech_prob, options.temperature,
-                                           start, options.word_timestamps, options.timestamps,
+                                           start, options.word_timestamps, options.timestamps, options.logprobs,
                                            options.partials and self.beam_size == 1))
             temperatures = [options.temperature for _, options in windows]
             timestamps = [options.timestamps for _, options in windows]
@@ -449,12 +453,13 @@ class WhisperEngine:
         """The forced prefix (the prompt, if any, the start of transcript, and <|notimestamps|> where timestamps are
         not decoded) and the window's language."""
         start, language = self._start_of_transcript(options, detected_id)
-        return self._prompt_ids(options.prompt) + start + self._timestamp_mode(options), language
+        return self._prompt_ids(options.prompt, options.keywords) + start + self._timestamp_mode(options), language
 
     def _known_prefixes(self, options: list[DecodeOptions]) -> list[list[int]] | None:
         """The windows' prefixes when they need nothing from the model first (each names its language, or the
         checkpoint is English-only) and start with <|startoftranscript|> (no prompt); else None."""
-        if not all((option.language or not self.capabilities.multilingual) and not option.prompt for option in options):
+        if not all((option.language or not self.capabilities.multilingual) and not option.prompt and not option.keywords
+                   for option in options):
             return None
         return [self._prefix(option, None)[0] for option in options]
 
@@ -478,7 +483,7 @@ class WhisperEngine:
         results, aligning = [], []
         for item in finished:
             window = self.windows.pop(item.slot)
-            result = self._result(item.tokens, item.sum_logprob, window)
+            result = self._result(item.tokens, item.logprobs if window.logprobs else None, item.sum_logprob, window)
             results.append((item.slot, result))
             if window.word_timestamps and result.segments:
                 aligning.append((item.row, window, result))
@@ -500,8 +505,10 @@ class WhisperEngine:
         return [text for segment in self._segments(closed, WindowResult(None, duration=window.duration))
                 for text in segment.tokens]
 
-    def _result(self, tokens: list[int], sum_logprob: float, window: SlotWindow) -> WindowResult:
-        """A finished decode: OpenAI's decode-level figures, and its finished segments with where it goes on."""
+    def _result(self, tokens: list[int], logprobs: list[float] | None, sum_logprob: float,
+                window: SlotWindow) -> WindowResult:
+        """A finished decode: OpenAI's decode-level figures, and its finished segments with where it goes on (with
+        `logprobs`, each token's, the segments keep their text tokens')."""
         text = self.processor.tokenizer.decode([t for t in tokens if t < self.special.end_of_text]).strip()
         result = WindowResult(
             window.language, tokens=tokens, avg_logprob=sum_logprob / (len(tokens) + 1),
@@ -509,7 +516,7 @@ class WhisperEngine:
             temperature=window.temperature, duration=window.duration)
         kept, result.resume_at = ((len(tokens), None) if self.fixed_new_tokens or not window.timestamps
                                   else decoded_until(tokens, self.special.timestamp_begin, window.duration))
-        result.segments = self._segments(tokens[:kept], result)
+        result.segments = self._segments(tokens[:kept], result, logprobs)
         return result
 
     def _align(self, windows: list[tuple[int, SlotWindow, WindowResult]]) -> None:
@@ -559,26 +566,36 @@ class WhisperEngine:
             features.masked_fill_(torch.arange(frames, device=self.device) >= audio_frames[:, None, None], 0.0)
         return features
 
-    def _prompt_ids(self, prompt: str | None) -> list[int]:
-        """<|startofprev|> and the prompt's last tokens: at most half the decoder's context, as OpenAI keeps it. The
-        prompt is text: "<|endoftext|>" in it is those characters, never the control token (as OpenAI's tokenizer
-        encodes text; transformers' get_prompt_ids refuses such a prompt, and its tokenizer reads "<|0.00|>" as a
-        timestamp)."""
-        if not prompt:
+    def _prompt_ids(self, prompt: str | None, keywords: tuple[str, ...] = ()) -> list[int]:
+        """<|startofprev|>, the keywords (as faster-whisper puts its hotwords: first) and the prompt's last tokens: at
+        most half the decoder's context, as OpenAI keeps a prompt. The keywords, joined by commas, take up to
+        KEYWORD_TOKENS of it (the whole keywords that fit, in the order given), the prompt the rest. Both are text:
+        "<|endoftext|>" in them is those characters, never the control token (as OpenAI's tokenizer encodes text;
+        transformers' get_prompt_ids refuses such a prompt, and its tokenizer reads "<|0.00|>" as a timestamp)."""
+        if not prompt and not keywords:
             return []
         backend = self.processor.tokenizer.backend_tokenizer  # its byte-level BPE alone, without added tokens
-        return [self.start_of_previous] + last_tokens(backend, " " + prompt.strip(), self.positions // 2 - 1)
+        keyword_ids: list[int] = []
+        for index in range(len(keywords), 0, -1):  # the most keywords that fit
+            keyword_ids = last_tokens(backend, " " + ", ".join(keywords[:index]), KEYWORD_TOKENS + 1)
+            if len(keyword_ids) <= KEYWORD_TOKENS:
+                break
+            keyword_ids = []
+        room = self.positions // 2 - 1 - len(keyword_ids)
+        prompt_ids = last_tokens(backend, " " + prompt.strip(), room) if prompt else []
+        return [self.start_of_previous] + keyword_ids + prompt_ids
 
-    def _segments(self, tokens: list[int], result: WindowResult) -> list[Segment]:
+    def _segments(self, tokens: list[int], result: WindowResult, logprobs: list[float] | None = None
+                  ) -> list[Segment]:
         """Splits a decode's tokens into segments at timestamp tokens, clamped to the window and kept in order; each
-        carries its decode's figures, as OpenAI's segments do."""
+        carries its decode's figures, as OpenAI's segments do, and with `logprobs` (one per token) its text tokens'."""
         tokenizer = self.processor.tokenizer
         timestamp_begin, end_of_text, duration = self.special.timestamp_begin, self.special.end_of_text, result.duration
         segments: list[Segment] = []
-        start, start_token, text_tokens = None, None, []
+        start, start_token, text_tokens, text_logprobs = None, None, [], []
 
         def close(end: float, end_token: int | None) -> None:
-            nonlocal start, start_token, text_tokens
+            nonlocal start, start_token, text_tokens, text_logprobs
             # The text as the tokens spell it, leading space included (OpenAI's segments keep it; languages written
             # without spaces get none between segments).
             text = tokenizer.decode(text_tokens, skip_special_tokens=True)
@@ -587,16 +604,19 @@ class WhisperEngine:
             if text.strip() and segments and begin >= duration:  # timestamps past the window's end: same segment
                 last = segments[-1]
                 last.text, last.tokens, last.end_token = last.text + text, last.tokens + text_tokens, end_token
+                if last.logprobs is not None:
+                    last.logprobs = last.logprobs + text_logprobs
             elif text.strip():
                 segments.append(Segment(
                     start=round(begin, 2), end=round(min(max(end, begin), duration), 2), text=text,
                     tokens=list(text_tokens), avg_logprob=result.avg_logprob,
                     compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
                     temperature=result.temperature, start_token=start_token, end_token=end_token,
+                    logprobs=list(text_logprobs) if logprobs is not None else None,
                 ))
-            start, start_token, text_tokens = None, None, []
+            start, start_token, text_tokens, text_logprobs = None, None, [], []
 
-        for token in tokens:
+        for token, logprob in zip(tokens, logprobs if logprobs is not None else [0.0] * len(tokens)):
             if token >= timestamp_begin:
                 time_at = (token - timestamp_begin) * TIME_PRECISION
                 if text_tokens:
@@ -605,6 +625,7 @@ class WhisperEngine:
                     start, start_token = time_at, token
             elif token < end_of_text:
                 text_tokens.append(token)
+                text_logprobs.append(logprob)
         if text_tokens:
             close(duration, None)
         return segments

@@ -32,11 +32,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from .app import ServerState, as_api_error, authorize, token_usage, unless
+from .app import ServerState, as_api_error, authorize, checked_number, server_vad, token_usage, unless
 from .decoding import SAMPLE_RATE, WINDOW_SECONDS, DecodeOptions
 from .errors import ApiError, error_body, error_response
 from .languages import parse_language
-from .segmentation import FRAME, SpeechStream, VoiceActivity, plan_windows
+from .segmentation import FRAME, PAUSE_MARGIN, ServerVad, SpeechStream, VoiceActivity, plan_windows
 from .transcript import TranscriptBuilder, transcribe_pieces
 
 log = logging.getLogger("whisper_server.realtime")
@@ -54,8 +54,6 @@ FLUSH_SECONDS = 5.0  # how long a closing session's last events may take to reac
 BASE64_PIECE = 1 << 20  # base64 characters decoded between turns of the event loop (a multiple of 4)
 FRAME_MS = FRAME * 1000 // SAMPLE_RATE
 WINDOW_SAMPLES = int(WINDOW_SECONDS * SAMPLE_RATE)
-# Silero's convention: once speech has started, a frame is a pause below the threshold less this.
-PAUSE_MARGIN = 0.15
 
 
 class ClientError(Exception):
@@ -72,25 +70,12 @@ class ClientError(Exception):
 
 
 @dataclass(frozen=True)
-class TurnDetection:
-    """server_vad with OpenAI's defaults."""
-
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 500
-
-    def describe(self) -> dict:
-        return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
-                "silence_duration_ms": self.silence_duration_ms}
-
-
-@dataclass(frozen=True)
 class SessionConfig:
     format: str = "audio/pcm"
     model: str | None = None
     language: str | None = None
     prompt: str | None = None
-    turn_detection: TurnDetection | None = TurnDetection()
+    turn_detection: ServerVad | None = ServerVad()
     noise_reduction: dict | None = None  # accepted and echoed; the audio is not filtered
     include: tuple[str, ...] | None = None
 
@@ -110,11 +95,10 @@ class SessionConfig:
 
 
 def number(value, name: str, low: float, high: float, integer: bool = False) -> float:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
-        raise ClientError(f"{name} must be {'an integer' if integer else 'a number'} from {low:g} to {high:g}; "
-                          f"got {json.dumps(value)}.", "invalid_value", name)
-    return value
+    try:
+        return checked_number(value, name, low, high, integer)
+    except ApiError as error:
+        raise ClientError(error.message, error.code, error.param) from None
 
 
 def section(value, name: str) -> dict:
@@ -191,7 +175,7 @@ def transcription_options(transcription: dict, state: ServerState) -> dict:
     return changes
 
 
-def turn_detection(given) -> TurnDetection | None:
+def turn_detection(given) -> ServerVad | None:
     name = "session.audio.input.turn_detection"
     if given is None:
         return None
@@ -199,13 +183,10 @@ def turn_detection(given) -> TurnDetection | None:
     if given.get("type") != "server_vad":
         raise ClientError(f"{name}.type must be 'server_vad' (or turn_detection null, for the client's commits); "
                           f"got {json.dumps(given.get('type'))}.", "unsupported_value", f"{name}.type")
-    defaults = TurnDetection()
-    return TurnDetection(
-        threshold=number(given.get("threshold", defaults.threshold), f"{name}.threshold", 0.0, 1.0),
-        prefix_padding_ms=number(given.get("prefix_padding_ms", defaults.prefix_padding_ms),
-                                 f"{name}.prefix_padding_ms", 0, 10_000, integer=True),
-        silence_duration_ms=number(given.get("silence_duration_ms", defaults.silence_duration_ms),
-                                   f"{name}.silence_duration_ms", 0, 10_000, integer=True))
+    try:  # the parameters and ranges a file's chunking_strategy takes too
+        return server_vad(given, name)
+    except ApiError as error:
+        raise ClientError(error.message, error.code, error.param) from None
 
 
 # G.711 expanded to 16-bit PCM, as ffmpeg's pcm_mulaw and pcm_alaw decoders do.

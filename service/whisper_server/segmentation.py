@@ -12,8 +12,10 @@ A window whose decode stops short of its end goes on from its last complete time
 from __future__ import annotations
 
 import importlib.util
+import math
 import threading
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +29,44 @@ BLOCK_FRAMES = 512  # frames per onnxruntime call (16 s of audio)
 # The level the audio is brought to for the detector: the 99.9th percentile of its frames' peaks (not the loudest,
 # which a click sets) made 0.5; audio quieter than -100 dBFS is not raised further.
 LEVEL_PERCENTILE, TARGET_PEAK, LEVEL_FLOOR = 99.9, 0.5, 1e-5
-# Silero's own thresholds: speech starts at this probability and pauses below the lower one.
-SPEECH_THRESHOLD = 0.5
-PAUSE_THRESHOLD = 0.35
-MIN_PAUSE_FRAMES = 3  # about 0.1 s (silero's min_silence_duration_ms): shorter dips stay inside the speech
+# Silero's convention: once speech has started, a frame is a pause below the speech threshold less this.
+PAUSE_MARGIN = 0.15
 MIN_SPEECH_FRAMES = 3  # speech shorter than about 0.1 s is a click, not a word
-PAD_SECONDS = 0.4  # audio kept around speech (faster-whisper's speech_pad_ms), at most half the pause to the next
+PAD_SECONDS = 0.4  # audio kept after speech (faster-whisper's speech_pad_ms), at most half the pause to the next
 # A window that must be cut ends in the longest pause of its last 10 s, the latest of equally long ones.
 CUT_SEARCH_SECONDS = 10.0
 # A decode that stops less than this short of its window's end keeps its unfinished text instead of decoding the rest.
 MIN_REMAINDER_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class ServerVad:
+    """OpenAI's server_vad parameters, with OpenAI's defaults: speech starts at `threshold` and stops after
+    `silence_duration_ms` below it (less PAUSE_MARGIN); `prefix_padding_ms` of audio before it is kept. A live
+    session's turn_detection; a file's chunking_strategy, where they say where windows may be cut (plan_windows)."""
+
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+
+    # Each parameter's range, as OpenAI's API takes it: (lowest, highest, whole numbers only).
+    RANGES = {"threshold": (0.0, 1.0, False), "prefix_padding_ms": (0, 10_000, True),
+              "silence_duration_ms": (0, 10_000, True)}
+
+    def describe(self) -> dict:
+        return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
+                "silence_duration_ms": self.silence_duration_ms}
+
+    @property
+    def pause_frames(self) -> int:
+        """The frames of silence that end speech (at least one)."""
+        return max(1, math.ceil(self.silence_duration_ms * SAMPLE_RATE / 1000 / FRAME))
+
+
+# chunking_strategy "auto" (and none given): the segmentation tuned on the development clips, Silero's own threshold
+# and minimum silence (3 frames, about 0.1 s, silero's min_silence_duration_ms: shorter dips stay inside the speech)
+# and faster-whisper's 0.4 s of padding.
+AUTO_VAD = ServerVad(threshold=0.5, prefix_padding_ms=400, silence_duration_ms=3 * FRAME * 1000 // SAMPLE_RATE)
 
 
 class VoiceActivity:
@@ -127,17 +157,18 @@ def model_path() -> Path:
     return path
 
 
-def speech_regions(probabilities: np.ndarray) -> list[tuple[int, int]]:
+def speech_regions(probabilities: np.ndarray, vad: ServerVad = AUTO_VAD) -> list[tuple[int, int]]:
     """[start, end) frame ranges of speech: from a frame at the speech threshold to the first pause of at least
-    MIN_PAUSE_FRAMES below the pause threshold, as silero's own state machine decides (without its padding)."""
+    the VAD's silence below the pause threshold, as silero's own state machine decides (without its padding)."""
     regions, start, pause = [], None, None
+    pause_threshold, pause_frames = vad.threshold - PAUSE_MARGIN, vad.pause_frames
     for index, probability in enumerate(probabilities.tolist()):
-        if probability >= SPEECH_THRESHOLD:
+        if probability >= vad.threshold:
             start = index if start is None else start
             pause = None
-        elif start is not None and probability < PAUSE_THRESHOLD:
+        elif start is not None and probability < pause_threshold:
             pause = index if pause is None else pause
-            if index + 1 - pause >= MIN_PAUSE_FRAMES:
+            if index + 1 - pause >= pause_frames:
                 regions.append((start, pause))
                 start = pause = None
     if start is not None:
@@ -145,13 +176,15 @@ def speech_regions(probabilities: np.ndarray) -> list[tuple[int, int]]:
     return [(start, end) for start, end in regions if end - start >= MIN_SPEECH_FRAMES]
 
 
-def plan_windows(probabilities: np.ndarray, total: int) -> list[tuple[int, int]]:
-    """[start, end) sample ranges of the windows for `total` samples of audio with these frame probabilities."""
-    regions = [(start * FRAME, min(end * FRAME, total)) for start, end in speech_regions(probabilities)]
+def plan_windows(probabilities: np.ndarray, total: int, vad: ServerVad = AUTO_VAD) -> list[tuple[int, int]]:
+    """[start, end) sample ranges of the windows for `total` samples of audio with these frame probabilities: windows
+    start the VAD's prefix padding before speech and are cut only in pauses of at least its silence."""
+    regions = [(start * FRAME, min(end * FRAME, total)) for start, end in speech_regions(probabilities, vad)]
     if not regions:
         return []
-    pad, longest = int(PAD_SECONDS * SAMPLE_RATE), int(WINDOW_SECONDS * SAMPLE_RATE)
-    windows, start, first = [], max(0, regions[0][0] - pad), 0  # the next window's start and first region
+    prefix, pad = vad.prefix_padding_ms * SAMPLE_RATE // 1000, int(PAD_SECONDS * SAMPLE_RATE)
+    longest = int(WINDOW_SECONDS * SAMPLE_RATE)
+    windows, start, first = [], max(0, regions[0][0] - prefix), 0  # the next window's start and first region
     while True:
         limit = start + longest
         if regions[-1][1] <= limit:
@@ -169,7 +202,7 @@ def plan_windows(probabilities: np.ndarray, total: int) -> list[tuple[int, int]]
         speech_end, speech_start = regions[chosen][1], regions[chosen + 1][0]
         middle = (speech_end + speech_start) // 2
         windows.append((start, min(speech_end + pad, middle, limit)))
-        start, first = max(speech_start - pad, middle), chosen + 1
+        start, first = max(speech_start - prefix, middle), chosen + 1
 
 
 def quietest_frame_cut(probabilities: np.ndarray, start: int, limit: int) -> int:
@@ -179,13 +212,14 @@ def quietest_frame_cut(probabilities: np.ndarray, start: int, limit: int) -> int
     return (first + len(span) - 1 - int(np.argmin(span[::-1]))) * FRAME
 
 
-def split_windows(samples: np.ndarray, detect_speech: bool = True) -> list[Window]:
-    """The windows of a request's audio: speech only, each at most 30 s, cut in pauses. Without speech detection
-    (fixed-length benchmark decoding, where every window must cost the same) every 30 s of the audio is a window."""
-    return split_speech(samples, detect_speech)[0]
+def split_windows(samples: np.ndarray, detect_speech: bool = True, vad: ServerVad = AUTO_VAD) -> list[Window]:
+    """The windows of a request's audio: speech only, each at most 30 s, cut in pauses (as `vad` finds them).
+    Without speech detection (fixed-length benchmark decoding, where every window must cost the same) every 30 s of
+    the audio is a window."""
+    return split_speech(samples, detect_speech, vad)[0]
 
 
-def split_speech(samples: np.ndarray, detect_speech: bool = True
+def split_speech(samples: np.ndarray, detect_speech: bool = True, vad: ServerVad = AUTO_VAD
                  ) -> tuple[list[Window], list[tuple[float, float]] | None]:
     """The windows of a request's audio (split_windows) and the speech the detector heard in it: [start, end) seconds,
     unpadded (None without speech detection)."""
@@ -195,9 +229,9 @@ def split_speech(samples: np.ndarray, detect_speech: bool = True
         return [Window(start / SAMPLE_RATE, samples[start:end]) for start, end in spans], None
     probabilities = VoiceActivity.shared().speech_probabilities(samples)
     windows = [Window(start / SAMPLE_RATE, samples[start:end])
-               for start, end in plan_windows(probabilities, len(samples))]
+               for start, end in plan_windows(probabilities, len(samples), vad)]
     return windows, [(start * FRAME / SAMPLE_RATE, min(end * FRAME, len(samples)) / SAMPLE_RATE)
-                     for start, end in speech_regions(probabilities)]
+                     for start, end in speech_regions(probabilities, vad)]
 
 
 def speech_within(speech: list[tuple[float, float]], start: float, end: float) -> float:

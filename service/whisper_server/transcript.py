@@ -19,7 +19,7 @@ import numpy as np
 from .alignment import Word, align_words, place_words
 from .decoding import SAMPLE_RATE, DecodeOptions, Segment, WindowResult
 from .engine_process import EngineProcess
-from .segmentation import speech_within, split_speech
+from .segmentation import AUTO_VAD, ServerVad, speech_within, split_speech
 
 log = logging.getLogger("whisper_server.transcript")
 
@@ -141,14 +141,15 @@ def assemble(results: list[WindowResult], duration: float) -> Transcript:
 
 async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
                             audio_work: asyncio.Semaphore, builder: TranscriptBuilder,
-                            detect_speech: bool = True, live: bool = False) -> AsyncIterator[Piece]:
+                            detect_speech: bool = True, live: bool = False, vad: ServerVad = AUTO_VAD
+                            ) -> AsyncIterator[Piece]:
     """The transcript piece by piece in audio order, each as soon as its window and all before it are final (a
     window whose decode stopped short is followed by the decode of its rest). Only speech reaches the model: the
     voice-activity detector's silence is never decoded (Whisper tends to invent text for it). Cutting runs off the
     event loop (a 2-hour file is 115 M samples), within the server's limit on audio work at once; so do the words of
     a window (DTW)."""
     async with audio_work:
-        windows, builder.speech = await asyncio.to_thread(split_speech, samples, detect_speech)
+        windows, builder.speech = await asyncio.to_thread(split_speech, samples, detect_speech, vad)
     finished: dict[int, WindowResult] = {}
     following = deque(range(len(windows)))  # the windows not yet given out, in audio order
     partials: dict[int, PartialText] = {}  # the text of windows decoding with partials, so far
@@ -188,10 +189,12 @@ async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options:
 
 async def transcribe(engine: EngineProcess, samples: np.ndarray, options: DecodeOptions,
                      audio_work: asyncio.Semaphore, token_bytes: Sequence[bytes] | None = None,
-                     detect_speech: bool = True, min_segment_speech: float = 0.0) -> Transcript:
+                     detect_speech: bool = True, min_segment_speech: float = 0.0,
+                     vad: ServerVad = AUTO_VAD) -> Transcript:
     builder = TranscriptBuilder(len(samples) / SAMPLE_RATE, token_bytes if options.word_timestamps else None,
                                 options.language, min_segment_speech)
-    async with aclosing(transcribe_pieces(engine, samples, options, audio_work, builder, detect_speech)) as pieces:
+    async with aclosing(transcribe_pieces(engine, samples, options, audio_work, builder, detect_speech,
+                                          vad=vad)) as pieces:
         async for _ in pieces:
             pass
     return builder.transcript()
