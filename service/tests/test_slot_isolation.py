@@ -88,10 +88,10 @@ def test_one_bad_request_in_an_admission_fails_alone(engine, monkeypatch):
             scheduler.submit(key, options[key], [Window(0.0, clean(key))])
         prompt_ids = engine._prompt_ids
 
-        def failing(prompt):
+        def failing(prompt, keywords=()):
             if prompt in {prompts[key] for key in bad}:
                 raise ValueError("the tokenizer failed on this prompt")
-            return prompt_ids(prompt)
+            return prompt_ids(prompt, keywords)
 
         with monkeypatch.context() as patched:
             patched.setattr(engine, "_prompt_ids", failing)
