@@ -48,7 +48,7 @@ summary=()
 status=0
 for suite in "${suites[@]}"; do
     case "$suite" in
-        service) .venv/bin/python -m pytest -q service/tests ;;
+        service) .venv/bin/python -m pytest -q --durations=30 service/tests ;;  # the 30 slowest in every log
         infra) npx tsc --noEmit && npx mocha ;;
         *) echo "scripts/test.sh: unknown suite '$suite' (service, infra)" >&2; exit 2 ;;
     esac

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 import wave
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -162,6 +163,7 @@ class ServerProcess:
     def __init__(self, model: Path, spool: Path, *args: str, env: dict[str, str] | None = None, preexec_fn=None):
         self.port, self.metrics_port = free_port(), free_port()
         self.spool = spool
+        self.signalled = False
         spool.mkdir(parents=True, exist_ok=True)
         self.log_path = spool.parent / f"{spool.name}.log"
         environment = {**os.environ, "TMPDIR": str(spool), "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -199,9 +201,15 @@ class ServerProcess:
     def metrics_text(self) -> str:
         return httpx.get(self.metrics_url, timeout=30).text
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
+    def signal_stop(self) -> None:
+        """SIGTERM, once: a server's own drain then ends it (a second signal would cut the drain short)."""
+        if self.process.poll() is None and not self.signalled:
             self.process.send_signal(signal.SIGTERM)
+            self.signalled = True
+
+    def stop(self) -> int:
+        self.signal_stop()
+        if self.process.poll() is None:
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -212,8 +220,9 @@ class ServerProcess:
         return self.process.returncode
 
 
-@pytest.fixture(scope="session")
-def start_server(model_dir, tmp_path_factory):
+@contextmanager
+def server_starter(model_dir: Path, tmp_path_factory):
+    """start(*args, ...) starts a server; all it started are stopped together on leaving (each drains in parallel)."""
     started: list[ServerProcess] = []
 
     def start(*args: str, wait: bool = True, env: dict[str, str] | None = None, model: Path | None = None,
@@ -229,9 +238,27 @@ def start_server(model_dir, tmp_path_factory):
             server.wait_ready()
         return server
 
-    yield start
-    for server in started:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.signal_stop()
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def start_session_server(model_dir, tmp_path_factory):
+    """Starts the servers the whole session shares (server, tiny_en_server, base_server)."""
+    with server_starter(model_dir, tmp_path_factory) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def start_server(model_dir, tmp_path_factory):
+    """Starts a test module's own servers, stopped when the module ends: only the session's few stay up."""
+    with server_starter(model_dir, tmp_path_factory) as start:
+        yield start
 
 
 def in_process_engine(checkpoint: Path):
@@ -253,9 +280,9 @@ def tiny_en_engine(tiny_en):
 
 
 @pytest.fixture(scope="session")
-def tiny_en_server(start_server, tiny_en) -> ServerProcess:
+def tiny_en_server(start_session_server, tiny_en) -> ServerProcess:
     """A server on OpenAI's real tiny.en, for the tests of what it transcribes: eight decode slots."""
-    return start_server("--max-batch-size", "8", model=tiny_en)
+    return start_session_server("--max-batch-size", "8", model=tiny_en)
 
 
 @pytest.fixture(scope="session")
@@ -265,15 +292,15 @@ def base_engine(base):
 
 
 @pytest.fixture(scope="session")
-def base_server(start_server, base) -> ServerProcess:
+def base_server(start_session_server, base) -> ServerProcess:
     """A server on OpenAI's real multilingual base, for what it transcribes in other languages: eight decode slots."""
-    return start_server("--max-batch-size", "8", model=base)
+    return start_session_server("--max-batch-size", "8", model=base)
 
 
 @pytest.fixture(scope="session")
-def server(start_server) -> ServerProcess:
+def server(start_session_server) -> ServerProcess:
     """The main server: eight decode slots, generous limits, no API key."""
-    return start_server("--max-batch-size", "8", "--queue-size", "64")
+    return start_session_server("--max-batch-size", "8", "--queue-size", "64")
 
 
 def post_audio(client: httpx.Client, path: Path, route: str = "/v1/audio/transcriptions", **fields) -> httpx.Response:

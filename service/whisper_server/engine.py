@@ -243,15 +243,16 @@ class WhisperEngine:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Captures the step graphs, runs the encoder and the admission passes once in every shape serving meets
-        (each admission size, each prefill width), records which backend each attention runs on, then decodes a
-        window in every slot at once and one alone, so the first requests pay no capture, plan or allocation cost and
-        a slot count that cannot fit fails here, before the server reports ready."""
+        """Captures the step graphs, runs the encoder and the admission passes once in every shape serving meets on a
+        GPU (each padded admission size, each prefill width), records which backend each attention runs on, then
+        decodes a window in every slot at once and one alone, so the first requests pay no capture, plan or allocation
+        cost and a slot count that cannot fit fails here, before the server reports ready."""
         noise = np.random.default_rng(0).normal(0, 0.05, SAMPLE_RATE).astype(np.float32)
         try:
             if self.cuda_graphs:
                 self._capture()
-            self.decoder.warm_up_admissions(self._encode_silence)
+            if self.decoder.padded_admissions:  # a CPU admits in exact sizes: there is no fixed set of shapes to warm
+                self.decoder.warm_up_admissions(self._encode_silence)
             self.attention_backends = self.decoder.attention_report(self._encode_silence)
             for count in (self.capacity, 1):
                 self.admit([(noise, DecodeOptions(language="en"))] * count, max_new_tokens=4)
