@@ -146,7 +146,8 @@ def test_no_speech_prob_is_read_after_the_prompt_as_openai_reads_it(tiny_en_engi
 def test_feature_padding_reference_and_zeros(tiny_en_engine, speech):
     """A short window's features: the speech frames are the same either way; after them, "reference" holds the
     log-mel floor (the audio padded with silence, as transformers' feature extractor gives) and "zeros" holds 0.0
-    exactly as faster-whisper's features padded by its pad_or_trim."""
+    exactly as faster-whisper's features padded by its pad_or_trim. Detection reads one frame more, as
+    faster-whisper's detect_language does (the frame centred on the audio's end)."""
     from faster_whisper.audio import pad_or_trim
     from faster_whisper.feature_extractor import FeatureExtractor
 
@@ -158,5 +159,8 @@ def test_feature_padding_reference_and_zeros(tiny_en_engine, speech):
     faster_whisper_features = pad_or_trim(FeatureExtractor()(samples)[..., :-1])
     assert np.abs(reference - transformers_features).max() < 1e-4
     assert np.abs(zeros - faster_whisper_features).max() < 1e-4
+    detection = tiny_en_engine.detection_features(samples)[0].numpy()
+    assert np.abs(detection - pad_or_trim(FeatureExtractor()(samples))).max() < 1e-4
+    assert np.array_equal(detection[:, :frames], zeros[:, :frames]) and (detection[:, frames] != 0).all()
     assert np.array_equal(reference[:, :frames - 1], zeros[:, :frames - 1])
     assert (zeros[:, frames:] == 0).all() and np.allclose(reference[:, frames + 2:], reference.max() - 2.0)

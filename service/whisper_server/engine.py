@@ -27,9 +27,9 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 # OpenAI's Whisper and transformers do (the padding frames hold the log-mel floor, the peak - 8); "zeros" pads the
 # log-mel features with 0.0 after the audio's frames, as faster-whisper does.
 FEATURE_PADDINGS = ("reference", "zeros")
-# Language detection pads speech shorter than 30 s as faster-whisper does, whatever the decoding's padding: on a short
-# clip the padding is most of the encoder's input, and on the development clips (six languages, Whisper base) zeros
-# detected 21 of 54 right to the reference padding's 20 (service/bench/language_detection.py).
+# Language detection pads speech shorter than 30 s as faster-whisper's detect_language does, whatever the decoding's
+# padding: on a short clip the padding is most of the encoder's input, and so padded the server detects what
+# faster-whisper detects on all 120 development and held-out clips (service/bench/language_detection.py).
 DETECTION_PADDING = "zeros"
 # The most of a window's prompt (half the decoder's context: 223 tokens after <|startofprev|>) keywords[] may take;
 # a prompt given beside them keeps the rest.
@@ -419,11 +419,16 @@ class WhisperEngine:
         reads them. English-only checkpoints: English."""
         if not self.capabilities.multilingual:
             return "en"
-        states = self._encode(self.log_mel([samples], padding).to(self.dtype))
+        states = self._encode(self.detection_features(samples, padding).to(self.dtype))
         start = torch.tensor([[self.special.start_of_transcript]], device=self.device)
         logits = self.model(encoder_outputs=(states,), decoder_input_ids=start).logits[0, -1].float()
         ids = [self.language_ids[code] for code in candidates] or list(self.language_ids.values())
         return self.id_to_language[ids[int(logits[ids].argmax())]]
+
+    def detection_features(self, samples: np.ndarray, padding: str = DETECTION_PADDING) -> torch.Tensor:
+        """What detection reads: with "zeros", every frame centred within the audio, as faster-whisper's
+        detect_language keeps them (one frame more than its decoding keeps: it holds the audio's last samples)."""
+        return self.log_mel([samples], padding, end_frame=True)
 
     def window_language(self, slot: int) -> str | None:
         """The language a busy slot's window decodes in (given, or detected at its admission)."""
@@ -542,11 +547,12 @@ class WhisperEngine:
 
     # Front end and results ----------------------------------------------------------------------------------------
 
-    def log_mel(self, windows: list[np.ndarray], padding: str | None = None) -> torch.Tensor:
+    def log_mel(self, windows: list[np.ndarray], padding: str | None = None, end_frame: bool = False) -> torch.Tensor:
         """Whisper's log-mel features, as its feature extractor computes them for audio zero-padded to 30 s, but with
         the STFT run only over the audio (plus one FFT of zeros) and the all-zero frames filled in: a 1 s clip costs
         1/30 of the work. Batched, on the model's device. With `padding` (default: the engine's feature_padding)
-        "zeros", the frames after each window's audio are 0.0 instead, as faster-whisper pads them."""
+        "zeros", the frames after each window's audio are 0.0 instead, as faster-whisper pads them (`end_frame`: after
+        the frame centred on the audio's end too)."""
         extractor = self.processor.feature_extractor
         frames = extractor.nb_max_frames  # 3000
         longest = max(len(w) for w in windows) + extractor.n_fft
@@ -562,8 +568,9 @@ class WhisperEngine:
         log_spec[..., :computed.shape[2]] = computed
         peak = log_spec.amax(dim=(1, 2), keepdim=True)
         features = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
-        if (padding or self.feature_padding) == "zeros":  # faster-whisper keeps len // hop frames of the audio
-            audio_frames = torch.tensor([len(window) // extractor.hop_length for window in windows], device=self.device)
+        if (padding or self.feature_padding) == "zeros":  # faster-whisper's decoding keeps len // hop frames
+            audio_frames = torch.tensor([len(window) // extractor.hop_length + end_frame for window in windows],
+                                        device=self.device)
             features.masked_fill_(torch.arange(frames, device=self.device) >= audio_frames[:, None, None], 0.0)
         return features
 
