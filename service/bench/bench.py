@@ -660,7 +660,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "language detected; the server greedy and at beam 5 unless --server-variant says")
     parser.add_argument("--foreign-split", choices=("held out", "development"), default="held out",
                         help="--languages: multilingual-held-out.txt (judge) or multilingual.txt (the tests' clips; tune)")
-    parser.add_argument("--foreign-short-clips", type=int, default=3, help="--languages: one-sentence clips per language")
+    parser.add_argument("--foreign-short-clips", type=int,
+                        help="--languages: one-sentence clips per language (default: every sentence of the split, 10 held out)")
     parser.add_argument("--foreign-long-seconds", type=float, default=35.0,
                         help="--languages: length of each language's long clip (one)")
     parser.add_argument("--server-variant", nargs=2, action="append", metavar=("LABEL", "FLAGS"),
