@@ -286,6 +286,21 @@ def tiny_en_server(start_session_server, tiny_en) -> ServerProcess:
 
 
 @pytest.fixture(scope="session")
+def long_clip_answers(tiny_en_server, speech) -> dict:
+    """tiny_en_server's verbose_json answer for each of LONG_CLIPS (segments, no words), asked once: test_transcripts
+    judges them, test_real_words_and_streams compares its answers with words to them."""
+    import openai
+
+    sdk = openai.OpenAI(base_url=tiny_en_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    answers = {}
+    for kind, clip in LONG_CLIPS.items():
+        with open(speech.long(**clip).path, "rb") as handle:
+            answers[kind] = sdk.audio.transcriptions.create(model="whisper-1", file=handle,
+                                                            response_format="verbose_json")
+    return answers
+
+
+@pytest.fixture(scope="session")
 def base_engine(base):
     """The slot engine on OpenAI's real multilingual base, in this process."""
     return in_process_engine(base)

@@ -87,10 +87,17 @@ def test_a_clip_is_answered_while_a_long_file_decodes(start_server, slow_model_d
     assert server.metric("whisper_batch_size_bucket", le="4.0") > server.metric("whisper_batch_size_bucket", le="2.0")
 
 
+@pytest.fixture(scope="module")
+def two_slow_slots(start_server, slow_model_dir):
+    """Two decode slots, every window decoding 445 tokens: the server of both cancellation tests."""
+    return start_server("--max-batch-size", "2", *FIXED_LENGTH, model=slow_model_dir)
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_cancelled_request_frees_its_slots_at_once(start_server, slow_model_dir, audio, assert_still_ready, stream):
+def test_a_cancelled_request_frees_its_slots_at_once(two_slow_slots, audio, assert_still_ready, stream):
     """A client that hangs up, whether waiting for its answer or reading its stream (the 200 already sent)."""
-    server = start_server("--max-batch-size", "2", *FIXED_LENGTH, model=slow_model_dir)
+    server = two_slow_slots
+    steps_before = wait_for_steps(server, 0)  # the earlier test's last steps reported: the count is settled
     body = audio["long.mp3"].read_bytes()
     multipart = ((b'--b\r\nContent-Disposition: form-data; name="stream"\r\n\r\ntrue\r\n' if stream else b"")
                  + b'--b\r\nContent-Disposition: form-data; name="file"; filename="long.mp3"\r\n\r\n' + body
@@ -102,7 +109,7 @@ def test_a_cancelled_request_frees_its_slots_at_once(start_server, slow_model_di
         if stream:
             head = connection.recv(65536)
             assert head.startswith(b"HTTP/1.1 200") and b"text/event-stream" in head, head
-        wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > 0, "the long file decodes")
+        wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > steps_before, "the long file decodes")
         steps_at_hangup = server.metric("whisper_decode_step_seconds_count")
     steps = wait_for_steps(server, 0)
     # Each of its windows needs 445 steps; cancelled, they stop at the next step and the third never starts.
