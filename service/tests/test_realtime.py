@@ -83,6 +83,13 @@ def completed_count(count: int):
     return lambda event, events: sum(e["type"].endswith("transcription.completed") for e in events) == count
 
 
+async def without_turn_detection(connection) -> None:
+    """Reads session.created, turns server VAD off (a turn ends when the client commits) and reads session.updated."""
+    await receive(connection)
+    await connection.session.update(session={"type": "transcription", "audio": {"input": {"turn_detection": None}}})
+    await receive(connection)
+
+
 async def stream(connection, audio: bytes, pace: float | None, chunk_bytes: int = int(24_000 * 2 * CHUNK_SECONDS)):
     """Appends in 100 ms chunks, at `pace` x real time (None: as fast as the socket takes them)."""
     started = time.monotonic()
@@ -217,10 +224,7 @@ def test_every_bad_input_gets_an_error_event_and_the_session_goes_on(live_server
         async with connect(live_server) as bystander, connect(live_server) as connection:
             await receive(bystander)
             talking = asyncio.create_task(keep_talking(bystander))
-            await receive(connection)
-            await connection.session.update(session={"type": "transcription",
-                                                     "audio": {"input": {"turn_detection": None}}})
-            await receive(connection)
+            await without_turn_detection(connection)
             errors = {}
             for name, raw in (("json", "{not json"), ("type", json.dumps({"type": "response.create"})),
                               ("base64", json.dumps({"type": "input_audio_buffer.append", "audio": "%%%"})),
@@ -317,10 +321,7 @@ def test_a_turn_shows_its_text_while_its_window_decodes(live_server, sentences):
 
     async def run():
         async with connect(live_server) as connection:
-            await receive(connection)
-            await connection.session.update(session={"type": "transcription",
-                                                     "audio": {"input": {"turn_detection": None}}})
-            await receive(connection)
+            await without_turn_detection(connection)
             await stream(connection, audio, pace=None)
             await connection.input_audio_buffer.commit()
             timed = []
@@ -507,10 +508,7 @@ def test_drain_tells_each_session_finishes_committed_turns_and_closes_1012(live_
 
     async def run():
         async with connect(live_server) as connection:
-            await receive(connection)
-            await connection.session.update(session={"type": "transcription",
-                                                     "audio": {"input": {"turn_detection": None}}})
-            await receive(connection)
+            await without_turn_detection(connection)
             await stream(connection, audio, pace=None)
             await connection.input_audio_buffer.commit()
             events = [await receive(connection)]
