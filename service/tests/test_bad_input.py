@@ -61,6 +61,22 @@ def test_bad_parameters(server, audio, assert_still_ready, fields, status, param
     assert_still_ready(server)
 
 
+@pytest.mark.parametrize("fields, param", [
+    ({"include[]": "logprobs"}, "include[]"),
+    ({"keywords[]": "Siobhan"}, "keywords[]"),
+    ({"chunking_strategy": "auto"}, "chunking_strategy"),
+    ({"chunking_strategy[type]": "server_vad", "chunking_strategy[threshold]": "0.5"}, "chunking_strategy"),
+    ({"stream": "true"}, "stream"),
+    ({"timestamp_granularities[]": "word", "response_format": "verbose_json"}, "timestamp_granularities[]"),
+])
+def test_translations_refuse_the_transcription_only_fields(server, audio, assert_still_ready, fields, param):
+    """OpenAI's TranslationCreateParams has none of these (openai-python's types/audio); transcriptions take them."""
+    answer = post_audio(server.client, audio["speech.wav"], route="/v1/audio/translations", prompt="Hello.", **fields)
+    error = assert_error(answer, 400, "unknown_parameter", param)
+    assert f"'{next(iter(fields))}'" in error["message"] and "/v1/audio/transcriptions" in error["message"]
+    assert_still_ready(server)
+
+
 def test_missing_file_and_wrong_content_type(server, assert_still_ready):
     assert_error(server.client.post("/v1/audio/transcriptions", data={"model": "whisper-1"},
                                     files={"other": ("x.txt", b"x")}), 400, "missing_file")

@@ -56,6 +56,10 @@ PAGE_HEADERS = [
 # keywords[] together, joined by ", ": about 100 tokens of names, within the 112 of a window's prompt the engine
 # gives them (engine.KEYWORD_TOKENS).
 MAX_KEYWORD_CHARACTERS = 300
+# Fields of OpenAI's TranscriptionCreateParams that its TranslationCreateParams lacks, each with the `param` the
+# transcription endpoint's errors name it by.
+TRANSCRIPTION_ONLY_FIELDS = {"include": "include[]", "keywords": "keywords[]", "chunking_strategy": "chunking_strategy",
+                             "stream": "stream", "timestamp_granularities": "timestamp_granularities[]"}
 
 
 @dataclass
@@ -229,7 +233,20 @@ class Asked:
     vad: ServerVad = AUTO_VAD  # chunking_strategy: where the audio is cut into windows
 
 
+def refuse_transcription_fields(form) -> None:
+    """OpenAI's translations take file, model, prompt, response_format and temperature only: the transcription
+    fields the server acts on are refused there, by their name as sent ("include[]", "chunking_strategy[type]")."""
+    for name in form.fields:
+        base = name.split("[", 1)[0]
+        if base in TRANSCRIPTION_ONLY_FIELDS:
+            raise ApiError(400, f"Unknown parameter '{name}': /v1/audio/translations takes file, model, prompt, "
+                           f"response_format and temperature; {base} is a parameter of /v1/audio/transcriptions.",
+                           param=TRANSCRIPTION_ONLY_FIELDS[base], code="unknown_parameter")
+
+
 def decode_options(form, task: str, state: ServerState) -> Asked:
+    if task == "translate":
+        refuse_transcription_fields(form)
     model = form.get("model")
     if model is not None and model not in state.model_aliases():
         raise ApiError(404, f"The model '{model}' does not exist; this server serves '{state.model_id}'.",

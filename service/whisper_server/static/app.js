@@ -1,5 +1,5 @@
-// The page for people: picks or records audio, calls the public /v1/audio API with stream=true (the transcript
-// shows as it is decoded), plays the audio back with the spoken word highlighted, exports the transcript. Live mode
+// The page for people: picks or records audio, calls the public /v1/audio API (transcriptions with stream=true: the
+// transcript shows as it is decoded; translations, which do not stream, as verbose_json), plays the audio back with the spoken word highlighted, exports the transcript. Live mode
 // streams the microphone to /v1/realtime (OpenAI's Realtime protocol) and shows captions turn by turn.
 'use strict';
 
@@ -518,12 +518,17 @@
     const data = new FormData();
     data.append('file', state.audio.blob, state.audio.name);
     if (state.modelId) data.append('model', state.modelId);
-    // A stream of the text as it is decoded; each delta carries its segments (every output format is built from
-    // them here) and its words (for playback).
-    data.append('response_format', 'json');
-    data.append('stream', 'true');
-    data.append('timestamp_granularities[]', 'segment');
-    data.append('timestamp_granularities[]', 'word');
+    if (task() === 'translate') {
+      // OpenAI's translations neither stream nor give words: one verbose_json answer with its segments.
+      data.append('response_format', 'verbose_json');
+    } else {
+      // A stream of the text as it is decoded; each delta carries its segments (every output format is built from
+      // them here) and its words (for playback).
+      data.append('response_format', 'json');
+      data.append('stream', 'true');
+      data.append('timestamp_granularities[]', 'segment');
+      data.append('timestamp_granularities[]', 'word');
+    }
     if (ui.language.value && !ui.language.disabled) data.append('language', ui.language.value);
     if (ui.prompt.value.trim()) data.append('prompt', ui.prompt.value.trim());
     return data;
@@ -588,6 +593,13 @@
     showError(errorHeading(500, error.code, null), error.message || 'The server failed.', detail);
   }
 
+  // A translation's verbose_json answer: all its segments at once, shown as one delta and its done event (its
+  // `language` is the output's, English, so none is shown).
+  function onAnswer(answer, started) {
+    onDelta({ delta: answer.text, segments: answer.segments || [], words: [] });
+    onDone({ text: answer.text }, started);
+  }
+
   function readStream(xhr, started) {
     for (const event of takeEvents(xhr)) {
       if (event.type === 'transcript.text.delta') onDelta(event);
@@ -636,6 +648,10 @@
     });
     xhr.addEventListener('load', () => {
       finishRequest();
+      if (xhr.status === 200 && (xhr.getResponseHeader('Content-Type') || '').startsWith('application/json')) {
+        onAnswer(JSON.parse(xhr.responseText), started);
+        return;
+      }
       if (!streaming()) {
         showHttpError(xhr);
         return;
