@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -236,6 +237,8 @@ def test_every_bad_input_gets_an_error_event_and_the_session_goes_on(live_server
                               ("language", json.dumps({"type": "session.update", "session": {
                                   "type": "transcription", "audio": {"input": {"transcription": {
                                       "language": "german"}}}}})),
+                              ("include", json.dumps({"type": "session.update", "session": {
+                                  "type": "transcription", "include": ["item.input_audio_transcription.words"]}})),
                               ("empty commit", json.dumps({"type": "input_audio_buffer.commit", "event_id": "c1"})),
                               ("binary", b"\x00\x01"), ("too large", big_append)):
                 await connection.send_raw(raw)
@@ -267,13 +270,51 @@ def test_every_bad_input_gets_an_error_event_and_the_session_goes_on(live_server
     assert {name: error["code"] for name, error in errors.items()} == {
         "json": "invalid_json", "type": "unknown_event_type", "base64": "invalid_base64",
         "format": "unsupported_format", "rate": "unsupported_format", "language": "unsupported_language",
+        "include": "invalid_value",
         "empty commit": "input_audio_buffer_commit_empty",
         "binary": "invalid_frame", "too large": "message_too_large", "buffer": "buffer_full"}
     assert errors["empty commit"]["event_id"] == "c1", "the error names the client event that caused it"
+    assert errors["include"]["param"] == "session.include"
     assert "--realtime-max-message-mb" in errors["too large"]["message"]
     assert "--realtime-max-buffered-seconds" in errors["buffer"]["message"]
     assert all(error["type"] == "invalid_request_error" for error in errors.values())
     assert_words([clip], turns(events))
+
+
+def test_logprobs_ride_on_each_delta_and_the_completed_event_when_the_session_includes_them(live_server, sentences):
+    """include: ["item.input_audio_transcription.logprobs"] gives each delta its tokens' log-probabilities and the
+    completed event all of them (openai-python's LogProbProperties, checked by `receive`); the same audio without it
+    gets the same transcript and no logprobs."""
+    clip = sentences[2]  # a sentence tiny.en hears right
+    audio = pcm24k(clip.samples())
+
+    async def turn(connection, include: list[str]) -> list[dict]:
+        await connection.session.update(session={"type": "transcription", "include": include})
+        assert (await receive(connection))["session"]["include"] == include
+        await stream(connection, audio, pace=None)
+        await connection.input_audio_buffer.commit()
+        return await events_until(connection, completed_count(1))
+
+    async def run():
+        async with connect(live_server) as connection:
+            await without_turn_detection(connection)
+            return (await turn(connection, ["item.input_audio_transcription.logprobs"]), await turn(connection, []))
+
+    asked, plain = asyncio.run(run())
+    deltas = [event for event in asked if event["type"].endswith("transcription.delta")]
+    completed = asked[-1]
+    logprobs = completed["logprobs"]
+    assert deltas and all(event["logprobs"] for event in deltas)
+    assert [item for event in deltas for item in event["logprobs"]] == logprobs, "the deltas' tokens are all of them"
+    for event in deltas:
+        assert "".join(item["token"] for item in event["logprobs"]).strip() == event["delta"].strip()
+    assert "".join(item["token"] for item in logprobs).strip() == completed["transcript"]
+    assert bytes(byte for item in logprobs for byte in item["bytes"]).decode().strip() == completed["transcript"]
+    assert all(-math.inf < item["logprob"] <= 0 for item in logprobs)
+    assert sum(item["logprob"] > -0.7 for item in logprobs) >= 0.8 * len(logprobs), "a clear clip: most near 0"
+    assert corpus_word_error_rate([clip.text], [completed["transcript"]]) < MAX_WER
+    assert plain[-1]["transcript"] == completed["transcript"]
+    assert all(event.get("logprobs") is None for event in plain if "transcription" in event["type"]), "not asked"
 
 
 def test_a_large_append_is_decoded_in_pieces_exactly_as_whole_and_refused_as_whole_would_be():

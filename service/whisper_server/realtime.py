@@ -35,6 +35,7 @@ from starlette.websockets import WebSocket
 from .app import ServerState, as_api_error, authorize, checked_number, server_vad, token_usage, unless
 from .decoding import SAMPLE_RATE, WINDOW_SECONDS, DecodeOptions
 from .errors import ApiError, error_body, error_response
+from .formats import logprobs_json
 from .languages import parse_language
 from .segmentation import FRAME, PAUSE_MARGIN, ServerVad, SpeechStream, VoiceActivity, plan_windows
 from .transcript import TranscriptBuilder, transcribe_pieces
@@ -78,6 +79,10 @@ class SessionConfig:
     turn_detection: ServerVad | None = ServerVad()
     noise_reduction: dict | None = None  # accepted and echoed; the audio is not filtered
     include: tuple[str, ...] | None = None
+
+    @property
+    def logprobs(self) -> bool:
+        return bool(self.include)  # INCLUDE's one value: checked when it is set
 
     def describe(self, model_id: str) -> dict:
         """The session object of session.created / session.updated (RealtimeTranscriptionSessionCreateRequest)."""
@@ -271,6 +276,7 @@ class Turn:
         self.tasks: list[asyncio.Task] = []
         self.seconds = 0.0
         self.ended_at: float | None = None
+        self.logprobs = session.config.logprobs  # as the session asked when the turn began, for all its parts
         self.task = asyncio.create_task(self.run())
 
     def add(self, samples: np.ndarray) -> None:
@@ -292,12 +298,14 @@ class Turn:
         session = self.session
         builder = TranscriptBuilder(len(samples) / SAMPLE_RATE, None, session.config.language,
                                     session.settings.min_segment_speech_seconds)
+        engine = session.state.engine
         try:
-            async with aclosing(transcribe_pieces(session.state.engine, samples, session.options(), session.vad_work,
+            async with aclosing(transcribe_pieces(engine, samples, session.options(self.logprobs), session.vad_work,
                                                   builder, live=True)) as pieces:
-                async for piece in pieces:
-                    if piece.delta:
-                        deltas.put_nowait(piece.delta)
+                async for piece in pieces:  # (text, its tokens' log-probabilities where the turn asks for them)
+                    if piece.delta or (self.logprobs and piece.segments):
+                        deltas.put_nowait((piece.delta, logprobs_json(piece.segments, engine.token_bytes)
+                                           if self.logprobs else None))
             deltas.put_nowait(builder.output_tokens)
         except Exception as error:  # noqa: BLE001 - reported as the turn's failed event
             deltas.put_nowait(error)
@@ -306,16 +314,23 @@ class Turn:
 
     async def run(self) -> None:
         session = self.session
-        transcript, output_tokens = "", 0
+        transcript, output_tokens, logprobs = "", 0, []
         try:
             while (deltas := await self.parts.get()) is not None:
                 first = True
-                while isinstance(item := await deltas.get(), str):
-                    delta = (" " if first and transcript else "") + item
+                while isinstance(item := await deltas.get(), tuple):
+                    text, token_logprobs = item
+                    logprobs += token_logprobs or []
+                    if not text:  # blank text: its tokens are in the completed event's logprobs alone
+                        continue
+                    delta = (" " if first and transcript else "") + text
                     first = False
                     transcript += delta
-                    session.emit({"type": "conversation.item.input_audio_transcription.delta", "item_id": self.item_id,
-                                  "content_index": 0, "delta": delta})
+                    event = {"type": "conversation.item.input_audio_transcription.delta", "item_id": self.item_id,
+                             "content_index": 0, "delta": delta}
+                    if token_logprobs is not None:
+                        event["logprobs"] = token_logprobs
+                    session.emit(event)
                 if isinstance(item, Exception):
                     raise item
                 output_tokens += item
@@ -329,8 +344,11 @@ class Turn:
             session.emit({"type": "conversation.item.input_audio_transcription.failed", "item_id": self.item_id,
                           "content_index": 0, "error": error_body(answer)["error"]})
             return
-        session.emit({"type": "conversation.item.input_audio_transcription.completed", "item_id": self.item_id,
-                      "content_index": 0, "transcript": transcript, "usage": token_usage(self.seconds, output_tokens)})
+        completed = {"type": "conversation.item.input_audio_transcription.completed", "item_id": self.item_id,
+                     "content_index": 0, "transcript": transcript, "usage": token_usage(self.seconds, output_tokens)}
+        if self.logprobs:
+            completed["logprobs"] = logprobs
+        session.emit(completed)
         session.state.metrics.realtime_turn_latency.observe(time.monotonic() - self.ended_at)
 
 
@@ -616,11 +634,13 @@ class RealtimeSession:
         turn.task.add_done_callback(lambda _: self.turns.discard(turn))
         return turn
 
-    def options(self) -> DecodeOptions:
+    def options(self, logprobs: bool) -> DecodeOptions:
         # Live transcripts show no segment times: decoded as json answers are (--decode-timestamps). Text shows as it
-        # decodes (partials), so a window is decoded once, at temperature 0: a delta sent cannot be taken back.
+        # decodes (partials), so a window is decoded once, at temperature 0: a delta sent cannot be taken back. With
+        # logprobs, a window's text goes out once it is final, with its tokens' (partial text carries none).
         return DecodeOptions(task="transcribe", language=self.config.language, prompt=self.config.prompt,
-                             timestamps=self.settings.decode_timestamps == "always", partials=True)
+                             timestamps=self.settings.decode_timestamps == "always", partials=not logprobs,
+                             logprobs=logprobs)
 
     async def commit(self, event: dict) -> None:
         held = len(self.frames) * FRAME + len(self.partial)
