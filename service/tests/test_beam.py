@@ -1,7 +1,8 @@
 """Beam search in the slot decoder, on OpenAI's real tiny.en: five beams per window in the self-attention caches,
 sharing the window's cross-attention K/V, must give exactly the tokens of OpenAI's BeamSearchDecoder (patience 1,
 its MaximumLikelihoodRanker) run over transformers' model (verify.reference_beam_tokens), with and without
-timestamps, for windows that join while others are part-way through their search."""
+timestamps, for windows that join while others are part-way through their search; the kept beam's per-token
+log-probabilities must equal a teacher-forced pass of the same model over its tokens (verify.reference_token_logprobs)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from whisper_server.decoding import DecodeOptions
-from whisper_server.verify import decode_windows, reference_beam_tokens, reference_tokens
+from whisper_server.verify import (decode_windows, reference_beam_tokens, reference_token_logprobs,
+                                   reference_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +67,21 @@ def test_samples_at_a_fallback_temperature_finish_as_one_result(beam_engine, spe
 
 
 def test_the_chosen_beam_s_token_log_probabilities(beam_engine, speech):
-    """include[]=logprobs with beams: the log-probabilities of the beam the ranker kept, token by token (they follow
-    their beam through every reorder): with end of text's they add up to its sum."""
-    samples = speech.short(count=3)[2].samples()
-    slots = beam_engine.admit([(samples, DecodeOptions(timestamps=False, logprobs=True))])
-    results = {}
-    while beam_engine.busy_slots():
-        results.update(beam_engine.step())
-    result = results[slots[0]]
-    logprobs = [value for segment in result.segments for value in segment.logprobs]
-    assert len(logprobs) == len(result.tokens) > 3 and all(value <= 0 for value in logprobs)
-    assert -0.5 < result.avg_logprob * (len(result.tokens) + 1) - sum(logprobs) <= 1e-4
+    """include[]=logprobs with beams: the log-probabilities of the beam the ranker kept, token by token, are what a
+    teacher-forced pass of the model gives each of its tokens after its own tokens before it (verify's
+    reference_token_logprobs), so they followed their beam through every reorder of the search; with end of text's
+    they add up to its sum."""
+    clips = speech.short(count=4)  # the first test's, where beam search and greedy part ways
+    for pair in (clips[:2], clips[2:]):  # two windows, one a slot
+        windows = [(clip.samples(), DecodeOptions(timestamps=False, logprobs=True)) for clip in pair]
+        slots = beam_engine.admit(windows)
+        results = {}
+        while beam_engine.busy_slots():
+            results.update(beam_engine.step())
+        for slot, (samples, options) in zip(slots, windows):
+            result = results[slot]
+            logprobs = [value for segment in result.segments for value in segment.logprobs]
+            assert len(logprobs) == len(result.tokens) > 3
+            assert logprobs == pytest.approx(reference_token_logprobs(beam_engine, samples, options, result.tokens),
+                                             abs=1e-3)  # float32 on CPU: within 4e-6
+            assert -0.5 < result.avg_logprob * (len(result.tokens) + 1) - sum(logprobs) <= 1e-4

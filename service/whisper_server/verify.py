@@ -65,6 +65,39 @@ def decode_windows(engine: WhisperEngine, windows: list[tuple[np.ndarray, Decode
     return [results[i] for i in range(len(windows))]
 
 
+def reference_processors(engine, options: DecodeOptions, begin: int) -> list:
+    """transformers' own Whisper logits processors for a window whose generated tokens start at `begin`: the suppress
+    lists and the timestamp rules (or <|notimestamps|> suppressed)."""
+    generation = engine.model.generation_config
+    processors = [SuppressTokensLogitsProcessor(generation.suppress_tokens),
+                  SuppressTokensAtBeginLogitsProcessor(generation.begin_suppress_tokens, begin)]
+    if options.timestamps:
+        processors.append(WhisperTimeStampLogitsProcessor(generation, begin))
+    else:
+        processors.append(SuppressTokensLogitsProcessor([engine.special.no_timestamps]))
+    return processors
+
+
+@torch.inference_mode()
+def reference_token_logprobs(engine, samples: np.ndarray, options: DecodeOptions, tokens: list[int]) -> list[float]:
+    """Each generated token's log-probability under Whisper's decoding rules at temperature 1, from one teacher-forced
+    pass of transformers' model (no cache) over the window's prefix and `tokens`: what the slot decoder must report
+    for them, whichever sequence rows they were decoded in."""
+    prefix = engine._prefix(options, None)[0]
+    begin = len(prefix)
+    ids = torch.tensor([list(prefix) + list(tokens)], device=engine.device)
+    encoded = engine.model.model.encoder(engine.log_mel([samples]).to(engine.dtype)).last_hidden_state
+    logits = engine.model(encoder_outputs=(encoded,), decoder_input_ids=ids).logits[0].float()
+    processors = reference_processors(engine, options, begin)
+    logprobs = []
+    for index, token in enumerate(tokens):
+        scores = logits[begin + index - 1][None].clone()  # the position before the token predicts it
+        for processor in processors:
+            scores = processor(ids[:, :begin + index], scores)
+        logprobs.append(torch.log_softmax(scores, dim=-1)[0, token].item())
+    return logprobs
+
+
 @torch.inference_mode()
 def reference_beam_tokens(engine, samples: np.ndarray, options: DecodeOptions, beam_size: int = 5,
                           patience: float = 1.0) -> list[int]:
@@ -72,15 +105,10 @@ def reference_beam_tokens(engine, samples: np.ndarray, options: DecodeOptions, b
     MaximumLikelihoodRanker with length_penalty None), run step by step over transformers' model without a cache and
     with transformers' own Whisper logits processors (suppress lists, timestamp rules): the reference the slot
     decoder's beam search must equal. Generated tokens, end of text dropped."""
-    model, generation, eot = engine.model, engine.model.generation_config, engine.special.end_of_text
+    model, eot = engine.model, engine.special.end_of_text
     prefix = engine._prefix(options, None)[0]
     begin = len(prefix)
-    processors = [SuppressTokensLogitsProcessor(generation.suppress_tokens),
-                  SuppressTokensAtBeginLogitsProcessor(generation.begin_suppress_tokens, begin)]
-    if options.timestamps:
-        processors.append(WhisperTimeStampLogitsProcessor(generation, begin))
-    else:
-        processors.append(SuppressTokensLogitsProcessor([engine.special.no_timestamps]))
+    processors = reference_processors(engine, options, begin)
     encoded = model.model.encoder(engine.log_mel([samples]).to(engine.dtype)).last_hidden_state
     max_candidates = round(beam_size * patience)
     tokens = [list(prefix)] * beam_size
