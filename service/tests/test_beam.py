@@ -71,17 +71,16 @@ def test_the_chosen_beam_s_token_log_probabilities(beam_engine, speech):
     teacher-forced pass of the model gives each of its tokens after its own tokens before it (verify's
     reference_token_logprobs), so they followed their beam through every reorder of the search; with end of text's
     they add up to its sum."""
-    clips = speech.short(count=4)  # the first test's, where beam search and greedy part ways
-    for pair in (clips[:2], clips[2:]):  # two windows, one a slot
-        windows = [(clip.samples(), DecodeOptions(timestamps=False, logprobs=True)) for clip in pair]
-        slots = beam_engine.admit(windows)
-        results = {}
-        while beam_engine.busy_slots():
-            results.update(beam_engine.step())
-        for slot, (samples, options) in zip(slots, windows):
-            result = results[slot]
-            logprobs = [value for segment in result.segments for value in segment.logprobs]
-            assert len(logprobs) == len(result.tokens) > 3
-            assert logprobs == pytest.approx(reference_token_logprobs(beam_engine, samples, options, result.tokens),
-                                             abs=1e-3)  # float32 on CPU: within 4e-6
-            assert -0.5 < result.avg_logprob * (len(result.tokens) + 1) - sum(logprobs) <= 1e-4
+    # Two of the first test's clips (a slot each), whose kept beams were reordered on their way.
+    windows = [(clip.samples(), DecodeOptions(timestamps=False, logprobs=True)) for clip in speech.short(count=4)[:2]]
+    slots = beam_engine.admit(windows)
+    results = {}
+    while beam_engine.busy_slots():
+        results.update(beam_engine.step())
+    for slot, (samples, options) in zip(slots, windows):
+        result = results[slot]
+        logprobs = [value for segment in result.segments for value in segment.logprobs]
+        assert len(logprobs) == len(result.tokens) > 3
+        assert logprobs == pytest.approx(reference_token_logprobs(beam_engine, samples, options, result.tokens),
+                                         abs=1e-3)  # float32 on CPU: within 4e-6
+        assert -0.5 < result.avg_logprob * (len(result.tokens) + 1) - sum(logprobs) <= 1e-4
