@@ -91,6 +91,8 @@ export interface ServiceConfig {
     maxBatchSize: number;
     /** Sequences per window: 1 greedy, more a beam search (and best-of sampling at the fallback temperatures). */
     beamSize: number;
+    /** Each window of a file prompted with the text decoded before it (its windows then decode one after another). */
+    conditionOnPreviousText: boolean;
 }
 
 /** The server's settings beyond the model (WHISPER_* environment), its API key and its model cache. */

@@ -153,6 +153,7 @@ function readService(reader: ConfigReader): ServiceConfig {
         dtype: reader.oneOf("modelDtype", dtypes),
         maxBatchSize: reader.integer("maxBatchSize", { min: 1, max: 256 }),
         beamSize: reader.integer("beamSize", { min: 1, max: 8 }),
+        conditionOnPreviousText: reader.boolean("conditionOnPreviousText"),
     };
 }
 

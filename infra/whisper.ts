@@ -82,6 +82,7 @@ export interface ServerSettings {
     dtype: Dtype;
     maxBatchSize: number;
     beamSize: number;
+    conditionOnPreviousText: boolean;
     batchWaitMs: number;
     maxUploadMb: number;
     maxAudioSeconds: number;
@@ -208,6 +209,7 @@ export function serverEnvironment(server: ServerSettings, memoryLimitMiB: number
         WHISPER_METRICS_PORT: String(metricsPort),
         WHISPER_MAX_BATCH_SIZE: String(server.maxBatchSize),
         WHISPER_BEAM_SIZE: String(server.beamSize),
+        WHISPER_CONDITION_ON_PREVIOUS_TEXT: String(server.conditionOnPreviousText),
         WHISPER_BATCH_WAIT_MS: String(server.batchWaitMs),
         WHISPER_MAX_UPLOAD_MB: String(server.maxUploadMb),
         WHISPER_MAX_AUDIO_SECONDS: String(server.maxAudioSeconds),

@@ -351,6 +351,7 @@ describe("workload", function () {
                 assert.equal(variables.WHISPER_DTYPE, config(evaluation(), "modelDtype"));
                 assert.equal(Number(variables.WHISPER_MAX_BATCH_SIZE), config(evaluation(), "maxBatchSize"));
                 assert.equal(Number(variables.WHISPER_BEAM_SIZE), config(evaluation(), "beamSize"));
+                assert.equal(variables.WHISPER_CONDITION_ON_PREVIOUS_TEXT, String(config(evaluation(), "conditionOnPreviousText")));
                 assert.equal(Number(variables.WHISPER_QUEUE_SIZE), config(evaluation(), "queueSize"));
                 assert.equal(variables.HF_HOME, "/models/hf");
                 const cache = container(evaluation()).volumeMounts.find((mount: any) => mount.mountPath === "/models");

@@ -335,16 +335,19 @@ def real_clips(args: argparse.Namespace) -> dict[str, list]:
 
 
 def foreign_clips(args: argparse.Namespace) -> dict[str, list]:
-    """Per language of --languages: --foreign-short-clips one-sentence clips and one clip of --foreign-long-seconds
-    (two windows or more), spoken by espeak-ng from the --foreign-split sentences (service/tests/speech.py)."""
+    """Per language of --languages: --foreign-short-clips one-sentence clips and --foreign-long-clips clips of
+    --foreign-long-seconds (two windows or more; each its own order and speeds), spoken by espeak-ng from the
+    --foreign-split sentences (service/tests/speech.py)."""
     sys.path.insert(0, str(HERE.parent / "tests"))
     from speech import SpeechClips
 
     clips, split = SpeechClips(args.clips_dir), args.foreign_split
     made = {}
     for language in args.languages:
-        made[f"{language} short"] = clips.foreign_short(language, count=args.foreign_short_clips, split=split)
-        made[f"{language} long"] = [clips.foreign_long(language, seconds=args.foreign_long_seconds, split=split)]
+        if args.foreign_short_clips != 0:
+            made[f"{language} short"] = clips.foreign_short(language, count=args.foreign_short_clips, split=split)
+        made[f"{language} long"] = [clips.foreign_long(language, seconds=args.foreign_long_seconds, seed=seed, split=split)
+                                    for seed in range(args.foreign_long_clips)]
     return made
 
 
@@ -661,9 +664,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--foreign-split", choices=("held out", "development"), default="held out",
                         help="--languages: multilingual-held-out.txt (judge) or multilingual.txt (the tests' clips; tune)")
     parser.add_argument("--foreign-short-clips", type=int,
-                        help="--languages: one-sentence clips per language (default: every sentence of the split, 10 held out)")
+                        help="--languages: one-sentence clips per language (default: every sentence of the split, 10 "
+                             "held out; 0: none)")
+    parser.add_argument("--foreign-long-clips", type=int, default=1,
+                        help="--languages: long clips per language, each in its own sentence order and speeds")
     parser.add_argument("--foreign-long-seconds", type=float, default=35.0,
-                        help="--languages: length of each language's long clip (one)")
+                        help="--languages: length of each long clip")
     parser.add_argument("--server-variant", nargs=2, action="append", metavar=("LABEL", "FLAGS"),
                         help="--real: a server run with these extra serve flags (repeatable; default: one, the "
                              "defaults), e.g. --server-variant 'reference padding' '--feature-padding reference'")

@@ -16,6 +16,7 @@ from whisper_server.scheduler import SchedulerEvents, SlotScheduler, is_silence,
 from whisper_server.segmentation import speech_within
 from whisper_server.transcript import PartialText, TranscriptBuilder, assemble, transcribe_pieces
 
+TIMESTAMP = 50364  # the stand-in's segments sit between this timestamp token and the next
 LOOPING = "the the the the the the the the the the the the the the the the the the the the"
 
 
@@ -103,8 +104,10 @@ class StandInEngine:
             if entry[2] == 0:
                 label, options, _, seconds = self.slots.pop(slot)
                 text = LOOPING if self.loops(label, options.temperature) else f"{label:g}"
+                decoded = replace(segment(0, 1, text, options.temperature), tokens=[int(label)],
+                                  start_token=TIMESTAMP, end_token=TIMESTAMP + 1)
                 finished.append((slot, WindowResult(
-                    options.language or "xx", [segment(0, 1, text, options.temperature)],
+                    options.language or "xx", [decoded],
                     avg_logprob=self.logprob(label, options.temperature),
                     compression_ratio=compression_ratio(text), temperature=options.temperature, duration=seconds,
                     no_speech_prob=self.no_speech(label), resume_at=self.resume(label, seconds))))
@@ -120,7 +123,7 @@ class StandInEngine:
 class Harness:
     """Drives a SlotScheduler step by step, as the engine process's loop does, recording what each request got."""
 
-    def __init__(self, engine: StandInEngine, fixed_length: bool = False):
+    def __init__(self, engine: StandInEngine, fixed_length: bool = False, condition_on_previous_text: bool = False):
         self.engine = engine
         self.done: dict[int, list[WindowResult]] = {}
         self.arriving: dict[int, dict[int, WindowResult]] = {}
@@ -129,7 +132,8 @@ class Harness:
         self.finished_at: dict[int, int] = {}
         self.scheduler = SlotScheduler(engine, SchedulerEvents(on_window=self._window, on_done=self._done,
                                                                on_failed=self.failed.__setitem__),
-                                       fixed_length=fixed_length)
+                                       fixed_length=fixed_length,
+                                       condition_on_previous_text=condition_on_previous_text)
 
     def _window(self, key, index, result):
         assert key not in self.done, "no window after the request's end"
@@ -409,6 +413,36 @@ def test_a_decode_that_stops_short_continues_from_its_last_timestamp_beside_othe
     assert [[label for label, _ in admission] for admission in engine.admissions] == [[1, 7], [1, 2], [1, 3]], \
         "each continuation goes ahead of the request's next window, beside it"
     assert harness.texts(1) == ["7"]
+
+
+def test_conditioned_windows_decode_one_after_another_each_prompted_with_the_text_before_it():
+    """condition_on_previous_text: a file's windows, a continuation too, decode in order and one at a time (beside
+    other requests' windows), each prompted with its request's tokens so far, timestamps included; a window kept at a
+    temperature above 0.5 is left out and starts the prompt again, as in OpenAI's transcribe."""
+    engine = StandInEngine(capacity=4, steps=lambda label: 2,
+                           resume=lambda label, seconds: 6.0 if (label, seconds) == (2, 10.0) else None,
+                           logprob=lambda label, temperature: -2.0 if label == 3 and temperature < 0.6 else -0.2)
+    harness = Harness(engine, condition_on_previous_text=True)
+    harness.submit(0, [1, 2, 3, 4], seconds=10.0)
+    harness.submit(1, [7, 8])
+    harness.run()
+    said = lambda *labels: tuple(token for label in labels for token in (TIMESTAMP, label, TIMESTAMP + 1))
+    admitted = [(label, options.temperature, options.previous_tokens)
+                for admission in engine.admissions for label, options in admission]
+    assert [entry for entry in admitted if entry[0] < 7] == [
+        (1, 0.0, ()), (2, 0.0, said(1)), (2, 0.0, said(1, 2)), (3, 0.0, said(1, 2, 2)), (3, 0.2, said(1, 2, 2)),
+        (3, 0.4, said(1, 2, 2)), (3, 0.6, said(1, 2, 2)), (4, 0.0, ())]
+    assert [entry for entry in admitted if entry[0] >= 7] == [(7, 0.0, ()), (8, 0.0, said(7))]
+    assert all(sum(label < 7 for label in step) <= 1 for step in engine.steps), "one window of the file at a time"
+    assert any(len(step) == 2 for step in engine.steps), "beside the other request's windows"
+    assert harness.texts(0) == ["1", "2", "2", "3", "4"] and harness.texts(1) == ["7", "8"]
+
+    engine = StandInEngine(capacity=4, steps=lambda label: 2)
+    harness = Harness(engine)
+    harness.submit(0, [1, 2, 3, 4], seconds=10.0)
+    harness.run()
+    assert [[(label, options.previous_tokens) for label, options in admission] for admission in engine.admissions] \
+        == [[(1, ()), (2, ()), (3, ()), (4, ())]], "unconditioned, a file's windows decode side by side"
 
 
 def test_a_first_window_of_30_s_detects_the_language_once_at_its_admission():

@@ -73,6 +73,18 @@ def test_special_token_text_in_a_prompt_is_text(engine):
     assert engine._prompt_ids("plain words") == engine.processor.get_prompt_ids("plain words").tolist()
 
 
+def test_the_previous_windows_tokens_follow_the_prompt_within_half_the_context(engine):
+    """Conditioning: the earlier windows' tokens, timestamps included, follow the prompt's in the prompt, which keeps
+    its last positions // 2 - 1 tokens (OpenAI's prompt_tokens[-223:]): the newest text is never cut."""
+    begin, previous = engine.special.timestamp_begin, engine.start_of_previous
+    said = (begin, *engine._prompt_ids("plain words")[1:], begin + 50)
+    prompt = engine._prompt_ids("the meeting notes")[1:]
+    assert engine._prompt_ids(None, (), said) == [previous, *said]
+    assert engine._prompt_ids("the meeting notes", (), said) == [previous, *prompt, *said]
+    assert engine._prompt_ids("the meeting notes", (), said * 100) == [
+        previous, *(said * 100)[-(engine.positions // 2 - 1):]]
+
+
 def test_one_bad_request_in_an_admission_fails_alone(engine, monkeypatch):
     """A request the engine cannot admit (here: a prompt whose tokenizing fails) shares an admission with good ones:
     it fails, they decode to exactly what they decode alone."""

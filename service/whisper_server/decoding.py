@@ -41,6 +41,8 @@ class DecodeOptions:
     partials: bool = False
     logprobs: bool = False  # each segment keeps its text tokens' log-probabilities (include[]=logprobs)
     keywords: tuple[str, ...] = ()  # vocabulary biasing (keywords[]): in every window's prompt, before the prompt
+    # Conditioning on the previous text: the tokens the request's earlier windows decoded, in the prompt after it.
+    previous_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -384,7 +384,7 @@ class WhisperEngine:
             prefixes, starts, limits, min_lengths, admitted = [], [], [], [], []
             for (samples, options), detected_id, no_speech_prob in zip(windows, detected, no_speech):
                 start, language = self._start_of_transcript(options, detected_id)
-                prompt = self._prompt_ids(options.prompt, options.keywords)
+                prompt = self._prompt_ids(options.prompt, options.keywords, options.previous_tokens)
                 prefix = prompt + start + self._timestamp_mode(options)  # as _prefix() makes it
                 limit = self._limit(len(prefix), admission.max_new_tokens or self.max_new_tokens)
                 prefixes.append(prefix)
@@ -459,13 +459,14 @@ class WhisperEngine:
         """The forced prefix (the prompt, if any, the start of transcript, and <|notimestamps|> where timestamps are
         not decoded) and the window's language."""
         start, language = self._start_of_transcript(options, detected_id)
-        return self._prompt_ids(options.prompt, options.keywords) + start + self._timestamp_mode(options), language
+        return (self._prompt_ids(options.prompt, options.keywords, options.previous_tokens) + start
+                + self._timestamp_mode(options), language)
 
     def _known_prefixes(self, options: list[DecodeOptions]) -> list[list[int]] | None:
         """The windows' prefixes when they need nothing from the model first (each names its language, or the
         checkpoint is English-only) and start with <|startoftranscript|> (no prompt); else None."""
         if not all((option.language or not self.capabilities.multilingual) and not option.prompt and not option.keywords
-                   for option in options):
+                   and not option.previous_tokens for option in options):
             return None
         return [self._prefix(option, None)[0] for option in options]
 
@@ -574,13 +575,15 @@ class WhisperEngine:
             features.masked_fill_(torch.arange(frames, device=self.device) >= audio_frames[:, None, None], 0.0)
         return features
 
-    def _prompt_ids(self, prompt: str | None, keywords: tuple[str, ...] = ()) -> list[int]:
-        """<|startofprev|>, the keywords (as faster-whisper puts its hotwords: first) and the prompt's last tokens: at
-        most half the decoder's context, as OpenAI keeps a prompt. The keywords, joined by commas, take up to
-        KEYWORD_TOKENS of it (the whole keywords that fit, in the order given), the prompt the rest. Both are text:
+    def _prompt_ids(self, prompt: str | None, keywords: tuple[str, ...] = (), previous: tuple[int, ...] = ()
+                    ) -> list[int]:
+        """<|startofprev|>, the keywords (as faster-whisper puts its hotwords: first), then the last tokens of the prompt
+        followed by the previous windows' tokens: at most half the decoder's context, as OpenAI keeps a prompt. The
+        keywords, joined by commas, take up to KEYWORD_TOKENS of it (the whole keywords that fit, in the order given),
+        the prompt and previous tokens the rest. Keywords and prompt are text:
         "<|endoftext|>" in them is those characters, never the control token (as OpenAI's tokenizer encodes text;
         transformers' get_prompt_ids refuses such a prompt, and its tokenizer reads "<|0.00|>" as a timestamp)."""
-        if not prompt and not keywords:
+        if not prompt and not keywords and not previous:
             return []
         backend = self.processor.tokenizer.backend_tokenizer  # its byte-level BPE alone, without added tokens
         keyword_ids: list[int] = []
@@ -590,8 +593,8 @@ class WhisperEngine:
                 break
             keyword_ids = []
         room = self.positions // 2 - 1 - len(keyword_ids)
-        prompt_ids = last_tokens(backend, " " + prompt.strip(), room) if prompt else []
-        return [self.start_of_previous] + keyword_ids + prompt_ids
+        prompt_ids = (last_tokens(backend, " " + prompt.strip(), room) if prompt else []) + list(previous)
+        return [self.start_of_previous] + keyword_ids + prompt_ids[-room:]
 
     def _segments(self, tokens: list[int], result: WindowResult, logprobs: list[float] | None = None
                   ) -> list[Segment]:

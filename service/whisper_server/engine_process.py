@@ -110,7 +110,8 @@ def engine_main(settings: Settings, requests, events) -> None:
                                                **engine.capabilities.describe()}})
     try:
         EngineLoop(engine, requests, events, fixed_length=settings.fixed_new_tokens,
-                   admission_wait=settings.batch_wait_ms / 1000).run()
+                   admission_wait=settings.batch_wait_ms / 1000,
+                   condition_on_previous_text=settings.condition_on_previous_text).run()
     except EngineFailure:
         log.exception("the engine cannot go on; exiting so that the server exits and the pod is restarted")
         sys.exit(1)
@@ -119,13 +120,15 @@ def engine_main(settings: Settings, requests, events) -> None:
 class EngineLoop:
     """The engine process's main thread: takes the messages a receiver thread queued, admits and steps."""
 
-    def __init__(self, engine, requests, events, fixed_length: bool, admission_wait: float):
+    def __init__(self, engine, requests, events, fixed_length: bool, admission_wait: float,
+                 condition_on_previous_text: bool = False):
         self.requests, self.events = requests, events
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.scheduler = SlotScheduler(engine, SchedulerEvents(on_window=self._window, on_done=self._done,
                                                                on_failed=self._failed, on_step=self._stepped,
                                                                on_partials=self._partials),
-                                       fixed_length=fixed_length, admission_wait=admission_wait)
+                                       fixed_length=fixed_length, admission_wait=admission_wait,
+                                       condition_on_previous_text=condition_on_previous_text)
         self.steps: list[tuple[int, float]] = []
         self.reported: tuple | None = None
         self.reported_at = 0.0

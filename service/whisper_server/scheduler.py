@@ -28,6 +28,9 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
 TEMPERATURE_STEP = 0.2
+# With conditioning, a window decoded above this temperature (a guess) is not carried into the next one's prompt,
+# and the prompt starts again from there (OpenAI's and faster-whisper's prompt_reset_on_temperature).
+PROMPT_RESET_TEMPERATURE = 0.5
 # The language is detected over up to 30 s of speech (the first windows' together), padded as faster-whisper pads it
 # (engine.DETECTION_PADDING), unless the first window alone is 30 s long: then it needs no padding and detects the
 # language at its admission, at no extra cost.
@@ -68,6 +71,8 @@ class Request:
     detecting: bool = False  # a window is being admitted to detect the request's language; the others wait for it
     tries: dict[int, list[WindowResult]] = field(default_factory=dict)  # window -> its decodes that fell back
     live: bool = False  # a live session's turn: its windows take free slots ahead of files'
+    # With conditioning: the tokens of its windows decoded so far (timestamps included), since the last reset.
+    previous_tokens: tuple[int, ...] = ()
 
 
 def is_silence(result: WindowResult) -> bool:
@@ -79,6 +84,12 @@ def needs_fallback(result: WindowResult) -> bool:
     """OpenAI's fallback rule: a repetition loop or an unsure decode, unless the window is silence."""
     failed = result.compression_ratio > COMPRESSION_RATIO_THRESHOLD or result.avg_logprob < LOGPROB_THRESHOLD
     return failed and not is_silence(result)
+
+
+def decoded_tokens(result: WindowResult) -> list[int]:
+    """A final decode's tokens as the next window's prompt carries them: its segments' text, with the timestamp tokens
+    around it (as OpenAI's all_tokens keeps them)."""
+    return [token for segment in result.segments for token in segment.all_tokens]
 
 
 def best_try(tries: list[WindowResult]) -> WindowResult:
@@ -104,9 +115,13 @@ class SchedulerEvents:
 
 class SlotScheduler:
     def __init__(self, engine: Engine, events: SchedulerEvents, fixed_length: bool = False,
-                 admission_wait: float = 0.0, clock: Callable[[], float] = time.monotonic):
+                 admission_wait: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 condition_on_previous_text: bool = False):
         self.engine = engine
         self.events = events
+        # OpenAI's condition_on_previous_text: a file's windows decode one after another, each prompted with the text
+        # decoded before it (live turns are not conditioned). Off, a file's windows decode side by side.
+        self.condition_on_previous_text = condition_on_previous_text and not fixed_length
         # Fixed-length benchmark decoding: each window decoded once and kept as it is (no fallback, skip or seek).
         self.fixed_length = fixed_length
         # While windows decode, each admission (an encoder pass) holds up their next step: windows that arrive then
@@ -254,8 +269,12 @@ class SlotScheduler:
 
     @staticmethod
     def _inputs(picks: list[tuple[Request, int, float]]) -> list[tuple[np.ndarray, DecodeOptions]]:
-        return [(request.windows[index].samples, replace(request.options, temperature=temperature))
+        return [(request.windows[index].samples,
+                 replace(request.options, temperature=temperature, previous_tokens=request.previous_tokens))
                 for request, index, temperature in picks]
+
+    def _conditioned(self, request: Request) -> bool:
+        return self.condition_on_previous_text and not request.live
 
     def _admit_alone(self, picks: list[tuple[Request, int, float]]) -> None:
         try:
@@ -272,11 +291,12 @@ class SlotScheduler:
         request whose windows keep falling back (a repetition loop at every temperature: six decodes a window) pays
         for its retries from its own share, not from others'. A window retried at a higher temperature goes back to
         the head of its request. A request whose language is still to be detected gives one window to this
-        admission.
+        admission, and so does a conditioned request (its next window's prompt is this one's text).
         Live turns go first (a caption never waits behind a long file), but while file windows wait, live windows
         hold at most all slots but one: files still progress."""
         picks = []
-        waiting = [request for request in self.requests.values() if request.waiting and not request.detecting]
+        waiting = [request for request in self.requests.values() if request.waiting and not request.detecting
+                   and not (request.busy and self._conditioned(request))]
         live_room = max(1, self.engine.capacity - 1)
         live_busy = sum(request.live for request, _, _ in self.owners.values())
         while len(picks) < free and waiting:
@@ -289,7 +309,7 @@ class SlotScheduler:
             request.last_served = next(self.picks)
             picks.append((request, index, temperature))
             request.detecting = request.options.language is None
-            if not request.waiting or request.detecting:
+            if not request.waiting or request.detecting or self._conditioned(request):
                 waiting.remove(request)
         return picks
 
@@ -337,6 +357,9 @@ class SlotScheduler:
                 elif result.resume_at is not None:
                     result.continuation = self._continue(request, window, result.resume_at)
                     self.waiting_since = self.waiting_since or now
+                if self._conditioned(request):
+                    request.previous_tokens = (() if result.temperature > PROMPT_RESET_TEMPERATURE else
+                                               request.previous_tokens + tuple(decoded_tokens(result)))
             self.events.on_window(request.key, index, result)
             request.finished += 1
             if request.finished == len(request.windows):

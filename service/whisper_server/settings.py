@@ -49,6 +49,7 @@ class Settings:
     feature_padding: str = "reference"
     decode_timestamps: str = "when-needed"
     beam_size: int = 1
+    condition_on_previous_text: bool = False
     min_segment_speech_seconds: float = 0.1
 
 
@@ -124,6 +125,11 @@ HELP = {
                   "BeamSearchDecoder, patience 1), at the fallback temperatures this many samples, the likeliest kept "
                   "(best_of); 1 is greedy. Each beam holds its own self-attention cache (the window's cross-attention "
                   "K/V is shared), so a slot's memory grows with it"),
+    "condition_on_previous_text": ("each window of a file is prompted with the text of the windows before it (OpenAI's "
+                                   "and faster-whisper's default; the prompt starts again after a window decoded "
+                                   "above temperature 0.5): names and spellings carry from window to window, but a "
+                                   "file's windows decode one after another instead of side by side, so a long file "
+                                   "takes longer on an idle server. Live turns are not conditioned"),
     "min_segment_speech_seconds": ("a segment decoded with timestamps whose time span holds less speech than this, as "
                                    "the voice-activity detector hears it, is dropped: text made up for silence, "
                                    "clicks or noise between sentences; 0 keeps every segment"),
