@@ -49,6 +49,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -694,7 +695,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-threads", type=int, default=os.cpu_count(), help="CPU: torch threads, server and pipeline")
     parser.add_argument("--output", type=Path, help="results path without extension (default service/bench/results-<mode>)")
     args = parser.parse_args(argv)
-    args.command = " ".join(["python", "service/bench/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = shlex.join(["python", "service/bench/bench.py", *(sys.argv[1:] if argv is None else argv)])
     if args.real and args.gpu:
         parser.error("--real runs on CPU; --gpu is the random-weight cost benchmark")
     if args.real:

@@ -64,6 +64,21 @@ def test_tokens_equal_transformers_alone_and_batched(engine):
     assert together == expected
 
 
+def test_tokens_after_the_previous_windows_tokens_equal_transformers(engine):
+    """Conditioning: a prompt of earlier windows' tokens, timestamp tokens among them, alone or after a text prompt,
+    with and without timestamps, windows joining mid-decode."""
+    begin = engine.special.timestamp_begin
+    said = (begin, *engine._prompt_ids(PROMPTS[1])[1:], begin + 150, begin + 150, *engine._prompt_ids(PROMPTS[0])[1:],
+            begin + 400)
+    windows = [(clip(13, 9.0), DecodeOptions(language="en", previous_tokens=said)),
+               (clip(14, 26.0), DecodeOptions(prompt=PROMPTS[2], previous_tokens=said)),
+               (clip(15, 4.0), DecodeOptions(language="de", timestamps=False, previous_tokens=said))]
+    expected = [reference(engine, samples, options) for samples, options in windows]
+    without = [reference(engine, samples, replace(options, previous_tokens=())) for samples, options in windows]
+    assert sum(a != b for a, b in zip(expected, without)) >= 2, "the previous tokens change what the windows decode"
+    assert decode(engine, windows, joins=[0, 0, 2]) == expected
+
+
 def test_the_448_position_limit(engine):
     """A long prompt and a real checkpoint's 224-token sample length: decoding stops at the decoder's last
     position."""

@@ -31,6 +31,8 @@ TEMPERATURE_STEP = 0.2
 # With conditioning, a window decoded above this temperature (a guess) is not carried into the next one's prompt,
 # and the prompt starts again from there (OpenAI's and faster-whisper's prompt_reset_on_temperature).
 PROMPT_RESET_TEMPERATURE = 0.5
+# The previous tokens a request keeps: a prompt holds at most half of Whisper's 448 positions, the newest tokens.
+PREVIOUS_TOKENS_KEPT = 224
 # The language is detected over up to 30 s of speech (the first windows' together), padded as faster-whisper pads it
 # (engine.DETECTION_PADDING), unless the first window alone is 30 s long: then it needs no padding and detects the
 # language at its admission, at no extra cost.
@@ -358,8 +360,8 @@ class SlotScheduler:
                     result.continuation = self._continue(request, window, result.resume_at)
                     self.waiting_since = self.waiting_since or now
                 if self._conditioned(request):
-                    request.previous_tokens = (() if result.temperature > PROMPT_RESET_TEMPERATURE else
-                                               request.previous_tokens + tuple(decoded_tokens(result)))
+                    request.previous_tokens = (() if result.temperature > PROMPT_RESET_TEMPERATURE else (
+                        request.previous_tokens + tuple(decoded_tokens(result)))[-PREVIOUS_TOKENS_KEPT:])
             self.events.on_window(request.key, index, result)
             request.finished += 1
             if request.finished == len(request.windows):

@@ -27,13 +27,14 @@ def reference_tokens(engine: WhisperEngine, samples: np.ndarray, options: Decode
     force_unique_generate_call=True) under the engine's length rule), forced prefix and end of text dropped."""
     # <|startoftranscript|>(, language, task)(, <|notimestamps|>)
     forced = (3 if engine.capabilities.multilingual else 1) + (not options.timestamps)
-    prefix_length = len(engine._prompt_ids(options.prompt)) + forced
+    prompt_ids = engine._prompt_ids(options.prompt, options.keywords, options.previous_tokens)
+    prefix_length = len(prompt_ids) + forced
     arguments = dict(return_timestamps=options.timestamps, force_unique_generate_call=True,
                      max_new_tokens=engine._limit(prefix_length, engine.max_new_tokens) - prefix_length)
     if engine.capabilities.multilingual:  # generate refuses a task or language for English-only checkpoints
         arguments.update(task=options.task, language=options.language)
-    if options.prompt:
-        arguments["prompt_ids"] = torch.tensor(engine._prompt_ids(options.prompt), device=engine.device)
+    if prompt_ids:
+        arguments["prompt_ids"] = torch.tensor(prompt_ids, device=engine.device)
     with torch.inference_mode():
         sequence = engine.model.generate(engine.log_mel([samples]).to(engine.dtype), **arguments)[0].tolist()
     start = sequence.index(engine.special.start_of_transcript) + forced - (not options.timestamps)
