@@ -100,10 +100,10 @@ def test_one_bad_request_in_an_admission_fails_alone(engine, monkeypatch):
             scheduler.submit(key, options[key], [Window(0.0, clean(key))])
         prompt_ids = engine._prompt_ids
 
-        def failing(prompt, keywords=()):
+        def failing(prompt, *rest):
             if prompt in {prompts[key] for key in bad}:
                 raise ValueError("the tokenizer failed on this prompt")
-            return prompt_ids(prompt, keywords)
+            return prompt_ids(prompt, *rest)
 
         with monkeypatch.context() as patched:
             patched.setattr(engine, "_prompt_ids", failing)
