@@ -1,6 +1,7 @@
 // The page for people: picks or records audio, calls the public /v1/audio API (transcriptions with stream=true: the
-// transcript shows as it is decoded; translations, which do not stream, as verbose_json), plays the audio back with the spoken word highlighted, exports the transcript. Live mode
-// streams the microphone to /v1/realtime (OpenAI's Realtime protocol) and shows captions turn by turn.
+// transcript shows as it is decoded; translations, which do not stream, as verbose_json), plays the audio back with
+// the spoken word highlighted, exports the transcript. Live mode streams the microphone to /v1/realtime (OpenAI's
+// Realtime protocol) and shows captions turn by turn.
 'use strict';
 
 (() => {
