@@ -398,16 +398,24 @@ describe("web page (headless Chromium against a real whisper-server)", function 
         assert.strictEqual(await readClipboard(), times.map((time, i) => `[${time}] ${texts[i]}`).join("\n"));
     });
 
-    it("translates through /v1/audio/translations, which detects the language itself and does not stream", async function () {
+    it("translates through /v1/audio/translations, with the spoken language chosen, and does not stream", async function () {
         await page.getByLabel("Translate to English").check();
-        assert.ok(await page.locator("#language").isDisabled(), "the language is not asked for a translation");
+        await page.locator("#language").selectOption("de");
         assert.strictEqual(await page.locator("#submit-button").innerText(), "Translate");
+        let sent = "";
+        await page.route("**/v1/audio/translations", async (route) => {
+            sent = route.request().postDataBuffer()?.toString("latin1") ?? "";
+            await route.continue();
+        });
         const response = await submit();
+        await page.unroute("**/v1/audio/translations");
         assert.ok(response.url().endsWith("/v1/audio/translations"), response.url());
+        assert.match(sent, /name="language"\r\n\r\nde\r\n/, "the spoken language chosen is sent");
         assert.strictEqual(response.status(), 200, await response.text());
         const answer = await response.json();  // OpenAI's translations take no stream: a verbose_json answer
         assert.strictEqual(answer.language, "english");
         await assertShowsRows(page, answer.segments, /^\d+:\d\d of audio · took /);
+        await page.locator("#language").selectOption("");
         await page.getByLabel("Transcribe").check();
     });
 

@@ -113,6 +113,26 @@ def test_translates_into_english(sdk, speech):
     assert corpus_word_error_rate([clip.english for clip in clips], texts) <= 0.72, texts
 
 
+def test_a_translation_takes_the_spoken_language(sdk, base_server, speech):
+    """`language` on a translation is the spoken language (openai-whisper's --language with --task translate): told
+    French, base translates the German clip as French, as with the languages[] hint of French alone, and not as it
+    does once it has detected German; an unknown language is a 400 and the server goes on serving."""
+    clip = speech.foreign_short("de", count=2)[1]
+
+    def translate(**fields) -> str:
+        with open(clip.path, "rb") as handle:
+            return sdk.audio.translations.create(model="whisper-1", file=handle, extra_body=fields).text
+
+    told_french = translate(language="french")
+    assert told_french == translate(languages=["fr"])
+    assert told_french != translate(), "the language given decides the source, not detection"
+    assert translate(language="de") == translate()
+    with open(clip.path, "rb") as handle, pytest.raises(openai.BadRequestError) as refused:
+        sdk.audio.translations.create(model="whisper-1", file=handle, extra_body={"language": "klingon"})
+    assert refused.value.body["param"] == "language" and refused.value.body["code"] == "invalid_language"
+    assert base_server.client.get("/readyz").status_code == 200
+
+
 def test_language_names_and_the_languages_hint(sdk, base_server, speech):
     """The server detects German where none is given; `language` takes OpenAI's English names beside codes;
     `languages[]` (codes or names) restricts detection to its candidates (even to wrong ones: the hint decides among them); anything

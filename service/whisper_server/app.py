@@ -282,9 +282,10 @@ def decode_options(form, task: str, state: ServerState) -> Asked:
         raise ApiError(400, f"The model '{state.model_id}' is English-only: it transcribes English speech and cannot "
                        "translate; serve a multilingual checkpoint for /v1/audio/translations.",
                        param="model", code="unsupported_task")
-    # Codes or English names; translations detect the source language too (OpenAI's take no language field).
+    # Codes or English names. For a translation it is the spoken language, as openai-whisper's --language takes it
+    # with --task translate (OpenAI's translations have no such field, and detect it).
     language = (form.get("language") or "").strip() or None
-    language = parse_language(language, capabilities) if language and task == "transcribe" else None
+    language = parse_language(language, capabilities) if language else None
     # languages[]: the candidates detection chooses among (with one, it is the language).
     candidates = tuple(dict.fromkeys(parse_language(value, capabilities, "languages[]")
                                      for value in form.fields.get("languages[]", []) + form.fields.get("languages", [])

@@ -24,8 +24,9 @@ from .segmentation import decoded_until
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # How a window shorter than 30 s is padded to the encoder's 3000 frames: "reference" pads the audio with silence, as
-# OpenAI's Whisper and transformers do (the padding frames hold the log-mel floor, the peak - 8); "zeros" pads the
-# log-mel features with 0.0 after the audio's frames, as faster-whisper does.
+# transformers does and OpenAI's transcribe did before its release 20240927 (the padding frames hold the log-mel
+# floor, the peak - 8); "zeros" pads the log-mel features with 0.0 after the audio's frames, as faster-whisper and
+# OpenAI's transcribe since then do.
 FEATURE_PADDINGS = ("reference", "zeros")
 # Language detection pads speech shorter than 30 s as faster-whisper's detect_language does, whatever the decoding's
 # padding: on a short clip the padding is most of the encoder's input, and so padded the server detects what

@@ -118,9 +118,9 @@ HELP = {
     "realtime_max_pending_events": ("most server events queued for a live session's client; a client that stops "
                                     "reading past it is disconnected"),
     "feature_padding": ("how a window shorter than 30 s is padded to the encoder's 30 s: reference pads the audio "
-                        "with silence, as OpenAI's Whisper and transformers do (their exact tokens, and fewer word "
-                        "errors on our development clips); zeros pads the log-mel features with 0.0, as faster-whisper "
-                        "does"),
+                        "with silence, as transformers does (its exact tokens, and fewer word errors on our "
+                        "development clips); zeros pads the log-mel features with 0.0, as faster-whisper and OpenAI's "
+                        "transcribe (since its release 20240927) do"),
     "beam_size": ("sequences a window decodes at once: at temperature 0 a beam search of this many beams (OpenAI's "
                   "BeamSearchDecoder, patience 1), at the fallback temperatures this many samples, the likeliest kept "
                   "(best_of); 1 is greedy. Each beam holds its own self-attention cache (the window's cross-attention "

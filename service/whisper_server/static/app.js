@@ -530,7 +530,7 @@
       data.append('timestamp_granularities[]', 'segment');
       data.append('timestamp_granularities[]', 'word');
     }
-    if (ui.language.value && !ui.language.disabled) data.append('language', ui.language.value);
+    if (ui.language.value && !ui.languageField.hidden) data.append('language', ui.language.value);
     if (ui.prompt.value.trim()) data.append('prompt', ui.prompt.value.trim());
     return data;
   }
@@ -1032,12 +1032,10 @@
   // ---- start ------------------------------------------------------------------------------
 
   for (const [code, name] of LANGUAGES) ui.language.add(new Option(name, code));
-  // Translation detects the spoken language itself (the API ignores `language` there).
+  // The language chosen is the spoken one for a translation too (detected when none is).
   ui.form.addEventListener('change', (event) => {
     if (event.target.name !== 'task') return;
-    const translating = task() === 'translate';
-    ui.submit.textContent = translating ? 'Translate' : 'Transcribe';
-    ui.language.disabled = translating;
+    ui.submit.textContent = task() === 'translate' ? 'Translate' : 'Transcribe';
   });
   ui.rememberKey.addEventListener('change', rememberKey);
   ui.apiKey.addEventListener('change', () => {
