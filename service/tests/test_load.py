@@ -119,11 +119,13 @@ def test_a_cancelled_request_frees_its_slots_at_once(two_slow_slots, audio, asse
     assert_still_ready(server)
 
 
-def wait_until(condition, what: str, timeout: float = 60) -> None:
+def wait_until(condition, what: str, timeout: float = 60):
+    """The condition's first true value."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.02)
+    return value
 
 
 def test_full_queue_answers_503_with_retry_after(start_server, audio, assert_still_ready):
@@ -275,8 +277,34 @@ def test_sigterm_to_the_whole_process_group_drains_and_ends_quietly(start_server
     assert quiet_log_problems(server) == []
 
 
+def spawned_engine(server_pid: int) -> int | None:
+    """The engine process's pid once the spawn has exec'd it (before, the child is a copy of the server)."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                if parent == server_pid and b"spawn_main" in cmdline.read():
+                    return int(entry)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def held_signals(pid: int) -> int:
+    """The signals a process blocks or ignores, as a bit mask (bit n - 1 for signal n)."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":\t", 1) for line in status.read().splitlines() if ":\t" in line)
+    return int(fields["SigBlk"], 16) | int(fields["SigIgn"], 16)
+
+
 def test_sigterm_while_the_model_loads_ends_quietly(start_server):
+    """A pod deleted as it starts: the SIGTERM to the process group reaches the engine process too, which must not
+    die of it, not even while its interpreter starts and before its own code can ignore it (it would look like a
+    model that failed to load: exit 1, an error logged)."""
     server = start_server(wait=False)
+    engine = wait_until(lambda: spawned_engine(server.process.pid), "the engine process is spawned")
+    stop_signals = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+    assert held_signals(engine) & stop_signals == stop_signals
     wait_until(lambda: "Uvicorn running" in server.log_path.read_text(), "the HTTP side is up")
     os.killpg(server.process.pid, signal.SIGTERM)
     assert server.process.wait(timeout=60) == 0

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
 
 import numpy as np
 
@@ -37,6 +38,8 @@ REPORT_SECONDS = 0.1
 # Partial text goes to the HTTP process at most this often (the first at once): one message for every window then,
 # a caption's pace, rather than one per step.
 PARTIALS_SECONDS = 0.05
+# What a pod's deletion, Ctrl-C or `kill -- -PGID` sends the engine process along with the HTTP process.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class QueueFull(Exception):
@@ -77,9 +80,11 @@ def engine_main(settings: Settings, requests, events) -> None:
     """Entry point of the engine process: loads and warms the model, then runs the step loop until told to stop or
     until the HTTP process goes away."""
     # Ctrl-C, and a SIGTERM sent to the whole process group (systemd, `kill -- -PGID`, a shell), reach this process
-    # too: the HTTP process drains the requests in flight, then stops the engine. Ignored before the slow imports.
+    # too: the HTTP process drains the requests in flight, then stops the engine. Held since the spawn (see start()),
+    # ignored from here on, which also drops one that came in between; both before the slow imports.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     # torch's OpenMP workers otherwise spin between ops and take every core from the HTTP process beside them (on CPU
     # a burst's p50 went from 0.4 s to 4 s); read when torch loads, so set before the import.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -231,7 +236,16 @@ class EngineProcess:
         self.events, events_writer = context.Pipe(duplex=False)
         self.process = context.Process(target=engine_main, args=(self.settings, requests_reader, events_writer),
                                        name="whisper-engine", daemon=True)
-        self.process.start()
+        # The spawned interpreter inherits this thread's signal mask: a stop signal to the process group during the
+        # second it takes to reach engine_main waits there, instead of killing the engine as if its load had failed.
+        # multiprocessing's resource tracker unblocks both signals once it has spawned its own process (as it does on a
+        # first start): started beforehand, it cannot undo this mask.
+        resource_tracker.ensure_running()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         requests_reader.close()
         events_writer.close()
         try:
