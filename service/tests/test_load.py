@@ -298,9 +298,9 @@ def held_signals(pid: int) -> int:
 
 
 def test_sigterm_while_the_model_loads_ends_quietly(start_server):
-    """A pod deleted as it starts: the SIGTERM to the process group reaches the engine process too, which must not
-    die of it, not even while its interpreter starts and before its own code can ignore it (it would look like a
-    model that failed to load: exit 1, an error logged)."""
+    """Stopped as it starts (systemd, `kill -- -PGID`): the SIGTERM to the process group reaches the engine process,
+    which must not die of it, not even while its interpreter starts and before its own code can ignore it (that would
+    look like a model that failed to load: exit 1, an error logged)."""
     server = start_server(wait=False)
     engine = wait_until(lambda: spawned_engine(server.process.pid), "the engine process is spawned")
     stop_signals = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))

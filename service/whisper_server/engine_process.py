@@ -38,7 +38,7 @@ REPORT_SECONDS = 0.1
 # Partial text goes to the HTTP process at most this often (the first at once): one message for every window then,
 # a caption's pace, rather than one per step.
 PARTIALS_SECONDS = 0.05
-# What a pod's deletion, Ctrl-C or `kill -- -PGID` sends the engine process along with the HTTP process.
+# What systemd, Ctrl-C in a shell or `kill -- -PGID` send the engine process along with the HTTP process.
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
