@@ -318,6 +318,15 @@ def server(start_session_server) -> ServerProcess:
     return start_session_server("--max-batch-size", "8", "--queue-size", "64")
 
 
+def wait_until(condition, what: str, timeout: float = 60):
+    """Polls `condition` until it is true; returns its first true value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
+    return value
+
+
 def post_audio(client: httpx.Client, path: Path, route: str = "/v1/audio/transcriptions", **fields) -> httpx.Response:
     with open(path, "rb") as handle:
         return client.post(route, files={"file": (path.name, handle)}, data=fields)

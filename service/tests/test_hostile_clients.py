@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_RATE, read_response, read_wav, write_wav
+from conftest import SAMPLE_RATE, read_response, read_wav, wait_until, write_wav
 
 IDLE_SECONDS = 1.5
 MIN_RATE = 4096
@@ -251,13 +251,6 @@ def test_a_full_disk_answers_503_and_the_next_upload_is_served(guarded, audio, n
 def engine_pid(server) -> int:
     return int(subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "spawn_main"], capture_output=True,
                               text=True, check=True).stdout.split()[0])
-
-
-def wait_until(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
 
 
 def test_an_engine_killed_mid_decode_answers_503_to_every_request_it_held(start_server, slow_model_dir, audio):

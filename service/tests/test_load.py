@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import FIXED_LENGTH, post_audio
+from conftest import FIXED_LENGTH, post_audio, wait_until
 
 
 def post_many(server, path, count: int, **fields) -> list[httpx.Response]:
@@ -117,15 +117,6 @@ def test_a_cancelled_request_frees_its_slots_at_once(two_slow_slots, audio, asse
     assert server.metric("whisper_queue_depth") == 0
     assert post_audio(server.client, audio["one_second.wav"]).status_code == 200
     assert_still_ready(server)
-
-
-def wait_until(condition, what: str, timeout: float = 60):
-    """The condition's first true value."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
-    return value
 
 
 def test_full_queue_answers_503_with_retry_after(start_server, audio, assert_still_ready):
