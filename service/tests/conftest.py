@@ -318,6 +318,14 @@ def server(start_session_server) -> ServerProcess:
     return start_session_server("--max-batch-size", "8", "--queue-size", "64")
 
 
+def engine_pid(server: ServerProcess) -> int | None:
+    """The server's engine process, once spawned: matched on its command line, so not the server's own copy that
+    the spawn makes before it execs the new interpreter."""
+    found = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "spawn_main"], capture_output=True,
+                           text=True).stdout.split()
+    return int(found[0]) if found else None
+
+
 def wait_until(condition, what: str, timeout: float = 60):
     """Polls `condition` until it is true; returns its first true value."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,6 @@ import selectors
 import signal
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -26,7 +25,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_RATE, read_response, read_wav, wait_until, write_wav
+from conftest import SAMPLE_RATE, engine_pid, read_response, read_wav, wait_until, write_wav
 
 IDLE_SECONDS = 1.5
 MIN_RATE = 4096
@@ -246,11 +245,6 @@ def test_a_full_disk_answers_503_and_the_next_upload_is_served(guarded, audio, n
     assert refusals(guarded, "disk_full") == 1
     assert transcribe(guarded, audio["speech.wav"]).json()["text"] == normal_text
     assert_still_ready(guarded)
-
-
-def engine_pid(server) -> int:
-    return int(subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "spawn_main"], capture_output=True,
-                              text=True, check=True).stdout.split()[0])
 
 
 def test_an_engine_killed_mid_decode_answers_503_to_every_request_it_held(start_server, slow_model_dir, audio):

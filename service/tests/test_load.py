@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from conftest import FIXED_LENGTH, post_audio, wait_until
+from conftest import FIXED_LENGTH, engine_pid, post_audio, wait_until
 
 
 def post_many(server, path, count: int, **fields) -> list[httpx.Response]:
@@ -235,8 +234,7 @@ def test_a_client_that_hangs_up_leaves_the_queue(start_server, audio, assert_sti
 def test_an_engine_that_dies_fails_its_requests_and_stops_the_server(start_server, slow_model_dir, audio):
     """The pod must be restarted, not left answering /healthz with no engine behind it."""
     server = start_server("--max-batch-size", "2", *FIXED_LENGTH, model=slow_model_dir)
-    engine = int(subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "spawn_main"], capture_output=True,
-                                text=True, check=True).stdout.split()[0])
+    engine = engine_pid(server)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post_audio, httpx.Client(base_url=server.url, timeout=120), audio["long.mp3"])
         wait_until(lambda: server.metric("whisper_decode_step_seconds_count") > 0, "the file decodes")
@@ -268,19 +266,6 @@ def test_sigterm_to_the_whole_process_group_drains_and_ends_quietly(start_server
     assert quiet_log_problems(server) == []
 
 
-def spawned_engine(server_pid: int) -> int | None:
-    """The engine process's pid once the spawn has exec'd it (before, the child is a copy of the server)."""
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-                if parent == server_pid and b"spawn_main" in cmdline.read():
-                    return int(entry)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 def held_signals(pid: int) -> int:
     """The signals a process blocks or ignores, as a bit mask (bit n - 1 for signal n)."""
     with open(f"/proc/{pid}/status") as status:
@@ -293,7 +278,7 @@ def test_sigterm_while_the_model_loads_ends_quietly(start_server):
     which must not die of it, not even while its interpreter starts and before its own code can ignore it (that would
     look like a model that failed to load: exit 1, an error logged)."""
     server = start_server(wait=False)
-    engine = wait_until(lambda: spawned_engine(server.process.pid), "the engine process is spawned")
+    engine = wait_until(lambda: engine_pid(server), "the engine process is spawned")
     stop_signals = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
     assert held_signals(engine) & stop_signals == stop_signals
     wait_until(lambda: "Uvicorn running" in server.log_path.read_text(), "the HTTP side is up")
