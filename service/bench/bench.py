@@ -364,6 +364,16 @@ SERVER_FORMATS = {"json": {}, "verbose_json": {"response_format": "verbose_json"
 Answer = tuple[str, str | None]
 
 
+def post_clip(url: str, clip, fields: dict) -> dict:
+    """The server's answer to one clip's WAV file posted to /v1/audio/transcriptions with these form fields."""
+    with httpx.Client(base_url=url, timeout=900) as http:
+        response = http.post("/v1/audio/transcriptions", data=fields,
+                             files={"file": (clip.path.name, clip.path.read_bytes(), "audio/wav")})
+    if response.status_code != 200:
+        raise RuntimeError(f"{clip.name}: HTTP {response.status_code}: {response.text[:200]}")
+    return response.json()
+
+
 def server_transcriber(url: str, concurrency: int, answer: str = "json") -> Callable[[list], list[Answer]]:
     """Our server over HTTP: `concurrency` clients, each posting one clip at a time (the clip's WAV file, no language
     given), asking for the SERVER_FORMATS `answer`."""
@@ -373,12 +383,7 @@ def server_transcriber(url: str, concurrency: int, answer: str = "json") -> Call
 
     def transcribe(clips: list) -> list[Answer]:
         def one(clip) -> Answer:
-            with httpx.Client(base_url=url, timeout=900) as http:
-                response = http.post("/v1/audio/transcriptions", data=fields,
-                                     files={"file": (clip.path.name, clip.path.read_bytes(), "audio/wav")})
-            if response.status_code != 200:
-                raise RuntimeError(f"{clip.name}: HTTP {response.status_code}: {response.text[:200]}")
-            body = response.json()
+            body = post_clip(url, clip, fields)
             return body["text"], TO_LANGUAGE_CODE.get(body.get("language"), body.get("language"))
 
         with ThreadPoolExecutor(concurrency) as pool:

@@ -159,6 +159,28 @@ def test_multilingual_table_pools_word_errors_and_detection_per_language_and_ove
     assert "| json only | de | 20.0% | 3.0% |  | 25.00 |" in table
 
 
+def test_decode_paths_splits_the_clips_by_the_decode_faster_whisper_kept():
+    """decode_paths.py: a clip is in the temperature-0 part when faster-whisper's first run kept its beam search,
+    else in the fallback part; errors and same words are counted per part, and the paired difference over all clips."""
+    load_bench()
+    spec = importlib.util.spec_from_file_location("decode_paths", BENCH.parent / "decode_paths.py")
+    decode_paths = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode_paths)
+    answer = lambda text, temperature: {"text": text, "language": "de", "temperature": temperature}  # noqa: E731
+    references = ["ein zwei drei", "vier fünf", "sechs sieben acht"]
+    systems = {"whisper-server zeros": [answer("Ein, zwei drei.", 0.0), answer("vier elf", 0.0), answer("sechs", 0.4)],
+               "faster-whisper transcribe, run 1": [answer("ein zwei drei", 0.0), answer("vier fünf", 0.0),
+                                                    answer("sechs sieben", 1.0)]}
+    rows = {row["system"]: row for row in decode_paths.report(references, systems, resamples=100)["rows"]}
+    server = rows["whisper-server zeros"]
+    assert server["errors"] == 3 and server["words"] == 8
+    assert server["temperature 0"] == {"clips": 2, "errors": 1, decode_paths.SAME: 1}
+    assert server["fallback"] == {"clips": 1, "errors": 2, decode_paths.SAME: 0}
+    assert server[decode_paths.AGAINST]["difference"] == 2 and server[decode_paths.AGAINST]["worse on"] == 2
+    assert "| whisper-server zeros | 3 of 8 | 1 (2 clips) | 1/2 | 2 (1 clips) | +2 (" in decode_paths.markdown(
+        {"rows": list(rows.values())})
+
+
 def test_word_error_rate_keeps_a_words_combining_marks():
     """Thai vowels and tones are combining marks: a word must not fall apart at them, or a transcript in the wrong
     language counts as many insertions as it has marks (and one system's garbage looks worse than another's)."""
