@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -73,13 +74,13 @@ def report(references: list[str], systems: dict[str, list[dict]], resamples: int
         row = {"system": name, "errors": int(errors[name].sum()), "words": sum(len(normalize_words(r)) for r in references)}
         for part, clips in parts.items():
             row[part] = {"clips": len(clips), "errors": int(errors[name][clips].sum()),
-                         SAME: sum(normalize_words(answers[i]["text"]) ==
-                                                               normalize_words(peer[i]["text"]) for i in clips)}
+                         SAME: sum(normalize_words(answers[i]["text"]) == normalize_words(peer[i]["text"])
+                                   for i in clips)}
         difference = errors[name] - errors[f"{PEER}, run 1"]
         draws = np.random.default_rng(0).integers(0, len(difference), (resamples, len(difference)))
         low, high = np.percentile(difference[draws].sum(axis=1), [2.5, 97.5])
         row[AGAINST] = {"difference": int(difference.sum()), "better on": int((difference < 0).sum()),
-                                           "worse on": int((difference > 0).sum()), "95% interval": [low, high]}
+                        "worse on": int((difference > 0).sum()), "95% interval": [low, high]}
         rows.append(row)
     return {"rows": rows}
 
@@ -132,10 +133,10 @@ def main() -> None:
         systems[f"{PEER}, run {run}"] = peer_answers(model, clips)
         print(f"{PEER}, run {run}: {time.monotonic() - started:.0f} s", flush=True)
     references = [clip.text for clip in clips]
-    result = {"command": " ".join(sys.argv), "split": args.split, "languages": args.languages,
+    result = {"command": shlex.join(["python", "service/bench/decode_paths.py", *sys.argv[1:]]), "split": args.split, "languages": args.languages,
               "clips": [clip.name for clip in clips], "references": references, "systems": systems,
               **report(references, systems)}
-    args.output.with_suffix(".json").write_text(json.dumps(result, ensure_ascii=False, indent=1))
+    args.output.with_suffix(".json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n")
     args.output.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
 
