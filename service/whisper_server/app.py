@@ -31,11 +31,11 @@ from .decoding import SAMPLE_RATE, DecodeOptions, OutOfMemory
 from .engine_process import EngineProcess, EngineUnavailable, QueueFull
 from .errors import ApiError, error_body, error_response
 from .languages import parse_language
-from .formats import MEDIA_TYPES, RESPONSE_FORMATS, STREAMING_FORMATS, logprobs_json, render, segment_json, word_json
+from .formats import MEDIA_TYPES, RESPONSE_FORMATS, STREAMING_FORMATS, render, segment_json, word_json
 from .metrics import Metrics
 from .segmentation import AUTO_VAD, ServerVad
 from .settings import Settings
-from .transcript import Transcript, TranscriptBuilder, transcribe, transcribe_pieces
+from .transcript import Transcript, TranscriptBuilder, segment_logprobs, transcribe, transcribe_pieces
 from .upload import ReceiveDeadlines, receive_form
 
 log = logging.getLogger("whisper_server.http")
@@ -402,7 +402,7 @@ async def answer_audio(request: Request, state: ServerState, task: str) -> Respo
     state.metrics.audio_seconds.inc(audio_seconds)
     body = render(transcript, asked.response_format, task)
     if asked.options.logprobs:
-        body["logprobs"] = logprobs_json(transcript.segments, state.engine.token_bytes)
+        body["logprobs"] = segment_logprobs(transcript.segments, state.engine.token_bytes)
     if isinstance(body, dict):
         return JSONResponse(body)
     return PlainTextResponse(body, media_type=MEDIA_TYPES[asked.response_format])
@@ -450,7 +450,7 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
                         if options.word_timestamps:
                             event["words"] = [word_json(word) for word in piece.words]
                         if options.logprobs:
-                            event["logprobs"] = logprobs_json(piece.segments, state.engine.token_bytes)
+                            event["logprobs"] = piece.logprobs
                         yield server_sent_event(event)
             transcript = builder.transcript()
             state.metrics.audio_seconds.inc(transcript.duration)
@@ -459,7 +459,7 @@ async def stream_events(state: ServerState, samples: np.ndarray, asked: Asked, h
             if transcript.language:
                 done["languages"] = [{"code": transcript.language}]
             if options.logprobs:
-                done["logprobs"] = logprobs_json(transcript.segments, state.engine.token_bytes)
+                done["logprobs"] = segment_logprobs(transcript.segments, state.engine.token_bytes)
             yield server_sent_event(done)
         except Exception as error:  # noqa: BLE001 - the status line is sent: the stream ends with the error instead
             answer = as_api_error(error, state)

@@ -254,7 +254,7 @@ class SlotDecoder:
         self.row_of: dict[int, int] = {}  # busy slot -> its row in the caches
         self.slot_at: list[int | None] = [None] * slots  # row -> the slot it holds
         self.joining: set[int] = set()  # slots allocated whose windows are not in yet: rows stay put meanwhile
-        self.chosen: dict[int, int] = {}  # watched slot -> the token it chose in the last step
+        self.chosen: dict[int, tuple[int, float]] = {}  # watched slot -> the token it chose last step, its log-prob
         self._allocate()
 
     @staticmethod
@@ -542,7 +542,7 @@ class SlotDecoder:
 
     def step(self, watched: Collection[int] = ()) -> list[Finished]:
         """Advances every busy slot by one token; returns the windows that finished and frees their slots. The token
-        each `watched` slot still decoding chose in this step is left in `chosen` (slot -> token)."""
+        each `watched` slot still decoding chose in this step is left in `chosen` (slot -> token, its log-prob)."""
         self._compact()
         size = bucket_for(self.extent, self.buckets)
         graph = self.graphs.get(size)
@@ -551,12 +551,15 @@ class SlotDecoder:
         else:
             self._step(size)
         # The step's one read-back: which slot rows finished (every sequence of a finished window is marked), and
-        # with watched slots, the token each slot row's first sequence has just written (at its length - 1).
+        # with watched slots, the token each slot row's first sequence has just written (at its length - 1) and its
+        # log-probability (float32 holds every token id exactly).
         first = slice(0, size * self.group, self.group)
         done = self.done[first]
         if watched:
-            newest = self.tokens[first].gather(1, (self.length[first] - 1).clamp(min=0)[:, None]).squeeze(1)
-            done, newest = torch.stack([done.long(), newest]).cpu().tolist()
+            newest = (self.length[first] - 1).clamp(min=0)[:, None]
+            done, tokens, logprobs = torch.stack([done.float(), self.tokens[first].gather(1, newest).squeeze(1).float(),
+                                                  self.logprobs[first].gather(1, newest).squeeze(1)]).cpu().tolist()
+            newest = [(int(token), logprob) for token, logprob in zip(tokens, logprobs)]
         else:
             done, newest = done.cpu().tolist(), None
         finished = [row for row, flag in enumerate(done) if flag]

@@ -151,6 +151,7 @@ class SlotWindow:
     logprobs: bool  # its segments keep their tokens' log-probabilities
     partials: bool = False  # its text tokens are reported as they are decoded
     tokens: list[int] = field(default_factory=list)  # with partials and timestamps: the tokens generated so far
+    token_logprobs: list[float] = field(default_factory=list)  # and their log-probabilities
     reported: int = 0  # with partials and timestamps: the tokens up to here make the segments reported
 
 
@@ -176,7 +177,8 @@ class WhisperEngine:
         self.beam_size = beam_size
         self.load_seconds: float | None = None
         self.windows: dict[int, SlotWindow] = {}
-        self.partials: dict[int, list[int]] = {}  # slot -> the text tokens the last step made final (partials)
+        # slot -> the text tokens the last step made final (partials), each with its log-probability
+        self.partials: dict[int, list[tuple[int, float]]] = {}
         self.attention_backends: dict[str, list[str]] = {}  # per attention, the backends it ran on at warm-up
 
     def load(self) -> None:
@@ -438,8 +440,9 @@ class WhisperEngine:
     def window_no_speech_prob(self, slot: int) -> float:
         return self.windows[slot].no_speech_prob
 
-    def partial_tokens(self) -> dict[int, list[int]]:
-        """Per slot decoding with partials, the text tokens the last step made final, where it made any."""
+    def partial_tokens(self) -> dict[int, list[tuple[int, float]]]:
+        """Per slot decoding with partials, the text tokens the last step made final, where it made any, each with
+        its log-probability."""
         return self.partials
 
     def _start_of_transcript(self, options: DecodeOptions, detected_id: int | None) -> tuple[list[int], str]:
@@ -485,8 +488,8 @@ class WhisperEngine:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(error)) from error
         self.partials = {}
-        for slot, token in self.decoder.chosen.items():
-            if made_final := self._made_final(self.windows[slot], token):
+        for slot, (token, logprob) in self.decoder.chosen.items():
+            if made_final := self._made_final(self.windows[slot], token, logprob):
                 self.partials[slot] = made_final
         results, aligning = [], []
         for item in finished:
@@ -499,19 +502,23 @@ class WhisperEngine:
             self._align(aligning)
         return results
 
-    def _made_final(self, window: SlotWindow, token: int) -> list[int]:
-        """The text tokens a window decoding with partials can report once it has chosen `token`: without timestamps
-        the token itself, if text; with them, those of the segments a timestamp pair has just closed (blank ones left
-        out, as _segments leaves them), since the seek decodes again whatever follows a decode's last pair."""
+    def _made_final(self, window: SlotWindow, token: int, logprob: float) -> list[tuple[int, float]]:
+        """The text tokens, with their log-probabilities, a window decoding with partials can report once it has
+        chosen `token`: without timestamps the token itself, if text; with them, those of the segments a timestamp
+        pair has just closed (blank ones left out, as _segments leaves them), since the seek decodes again whatever
+        follows a decode's last pair."""
         if not window.timestamps:
-            return [token] if token < self.special.end_of_text else []
+            return [(token, logprob)] if token < self.special.end_of_text else []
         window.tokens.append(token)
+        window.token_logprobs.append(logprob)
         tokens, timestamp_begin = window.tokens, self.special.timestamp_begin
         if len(tokens) < 2 or tokens[-2] < timestamp_begin or token < timestamp_begin:
             return []
-        closed, window.reported = tokens[window.reported:-1], len(tokens) - 1
-        return [text for segment in self._segments(closed, WindowResult(None, duration=window.duration))
-                for text in segment.tokens]
+        closed = slice(window.reported, len(tokens) - 1)
+        window.reported = closed.stop
+        segments = self._segments(tokens[closed], WindowResult(None, duration=window.duration),
+                                  window.token_logprobs[closed])
+        return [pair for segment in segments for pair in zip(segment.tokens, segment.logprobs)]
 
     def _result(self, tokens: list[int], logprobs: list[float] | None, sum_logprob: float,
                 window: SlotWindow) -> WindowResult:

@@ -137,7 +137,8 @@ class EngineLoop:
         self.steps: list[tuple[int, float]] = []
         self.reported: tuple | None = None
         self.reported_at = 0.0
-        self.partials: dict[tuple[int, int], list[int]] = {}  # (request, window) -> text tokens not yet sent
+        # (request, window) -> the text tokens not yet sent, each with its log-probability
+        self.partials: dict[tuple[int, int], list[tuple[int, float]]] = {}
         self.partials_sent_at = 0.0
         threading.Thread(target=self._receive, name="engine-receiver", daemon=True).start()
 
@@ -175,7 +176,7 @@ class EngineLoop:
             self._send_partials()
             self._report()
 
-    def _partials(self, partials: list[tuple[int, int, list[int]]]) -> None:
+    def _partials(self, partials: list[tuple[int, int, list[tuple[int, float]]]]) -> None:
         for key, index, tokens in partials:
             self.partials.setdefault((key, index), []).extend(tokens)
 
@@ -291,13 +292,14 @@ class EngineProcess:
         return max(1, min(60, math.ceil(self.stats.expected_wait_seconds)))
 
     async def transcribe(self, windows: list[Window], options: DecodeOptions,
-                         live: bool = False) -> AsyncIterator[tuple[int, WindowResult | list[int]]]:
+                         live: bool = False) -> AsyncIterator[tuple[int, WindowResult | list[tuple[int, float]]]]:
         """Decodes a request's windows, yielding (window index, result) as each is final, in the order they finish,
-        and where the options ask for partials, (window index, text tokens) as its decode makes them final before;
-        a window whose decode stopped short names the window that decodes its rest (`result.continuation`, an index
-        past the request's own windows). Leaving early (client gone, deadline passed, an error) cancels the request
-        in the engine: its slots are freed before the next step. A live session's turn (`live`) goes ahead of files
-        in the engine, and is not counted against --queue-size (--max-realtime-sessions bounds live turns)."""
+        and where the options ask for partials, (window index, [(text token, its log-probability)]) as its decode
+        makes them final before; a window whose decode stopped short names the window that decodes its rest
+        (`result.continuation`, an index past the request's own windows). Leaving early (client gone, deadline
+        passed, an error) cancels the request in the engine: its slots are freed before the next step. A live
+        session's turn (`live`) goes ahead of files in the engine, and is not counted against --queue-size
+        (--max-realtime-sessions bounds live turns)."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         key = next(self.keys)

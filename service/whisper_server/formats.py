@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import codecs
 import math
-from collections.abc import Sequence
 
 from .alignment import Word
 from .decoding import Segment
@@ -34,15 +32,6 @@ def segment_json(s: Segment) -> dict:
 
 def word_json(word: Word) -> dict:
     return {"word": word.word.strip(), "start": word.start, "end": word.end}
-
-
-def logprobs_json(segments: Sequence[Segment], token_bytes: Sequence[bytes]) -> list[dict]:
-    """include[]=logprobs, in OpenAI's shape: each text token of the segments with its log-probability and its
-    bytes. The tokens' strings join to the segments' text: a character whose UTF-8 bytes span several tokens is in
-    the string of the token that completes it."""
-    characters = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return [{"token": characters.decode(token_bytes[token]), "logprob": logprob, "bytes": list(token_bytes[token])}
-            for segment in segments for token, logprob in zip(segment.tokens, segment.logprobs or ())]
 
 
 def render(transcript: Transcript, response_format: str, task: str) -> dict | str:

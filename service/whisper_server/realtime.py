@@ -35,7 +35,6 @@ from starlette.websockets import WebSocket
 from .app import ServerState, as_api_error, authorize, checked_number, server_vad, token_usage, unless
 from .decoding import SAMPLE_RATE, WINDOW_SECONDS, DecodeOptions
 from .errors import ApiError, error_body, error_response
-from .formats import logprobs_json
 from .languages import parse_language
 from .segmentation import FRAME, PAUSE_MARGIN, ServerVad, SpeechStream, VoiceActivity, plan_windows
 from .transcript import TranscriptBuilder, transcribe_pieces
@@ -303,9 +302,8 @@ class Turn:
             async with aclosing(transcribe_pieces(engine, samples, session.options(self.logprobs), session.vad_work,
                                                   builder, live=True)) as pieces:
                 async for piece in pieces:  # (text, its tokens' log-probabilities where the turn asks for them)
-                    if piece.delta or (self.logprobs and piece.segments):
-                        deltas.put_nowait((piece.delta, logprobs_json(piece.segments, engine.token_bytes)
-                                           if self.logprobs else None))
+                    if piece.delta or piece.logprobs:
+                        deltas.put_nowait((piece.delta, piece.logprobs))
             deltas.put_nowait(builder.output_tokens)
         except Exception as error:  # noqa: BLE001 - reported as the turn's failed event
             deltas.put_nowait(error)
@@ -636,11 +634,10 @@ class RealtimeSession:
 
     def options(self, logprobs: bool) -> DecodeOptions:
         # Live transcripts show no segment times: decoded as json answers are (--decode-timestamps). Text shows as it
-        # decodes (partials), so a window is decoded once, at temperature 0: a delta sent cannot be taken back. With
-        # logprobs, a window's text goes out once it is final, with its tokens' (partial text carries none).
+        # decodes (partials), with its tokens' log-probabilities where asked, so a window is decoded once, at
+        # temperature 0: a delta sent cannot be taken back.
         return DecodeOptions(task="transcribe", language=self.config.language, prompt=self.config.prompt,
-                             timestamps=self.settings.decode_timestamps == "always", partials=not logprobs,
-                             logprobs=logprobs)
+                             timestamps=self.settings.decode_timestamps == "always", partials=True, logprobs=logprobs)
 
     async def commit(self, event: dict) -> None:
         held = len(self.frames) * FRAME + len(self.partial)

@@ -10,7 +10,7 @@ import codecs
 import logging
 import os
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
@@ -37,11 +37,28 @@ class Transcript:
 @dataclass
 class Piece:
     """One window's part of the transcript, absolute times: `delta` is what it adds to the text so far. A window
-    decoding with partials first gives pieces of text alone (no segments), then a last piece with the rest."""
+    decoding with partials first gives pieces of text alone (no segments), then a last piece with the rest. Where the
+    options ask for logprobs, `logprobs` holds the tokens the piece adds, in OpenAI's shape (token_logprobs)."""
 
     delta: str
     segments: list[Segment]
     words: list[Word] = field(default_factory=list)
+    logprobs: list[dict] | None = None
+
+
+def token_logprobs(tokens: Iterable[tuple[int, float]], token_bytes: Sequence[bytes], characters=None) -> list[dict]:
+    """include[]=logprobs, in OpenAI's shape: each text token with its log-probability and its UTF-8 bytes. The
+    tokens' strings join to their text: a character whose bytes span several tokens is in the string of the token
+    that completes it (`characters`: the incremental UTF-8 decoder a window's earlier tokens went through)."""
+    characters = characters or codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [{"token": characters.decode(token_bytes[token]), "logprob": logprob, "bytes": list(token_bytes[token])}
+            for token, logprob in tokens]
+
+
+def segment_logprobs(segments: Sequence[Segment], token_bytes: Sequence[bytes]) -> list[dict]:
+    """The segments' text tokens with their log-probabilities (decoded with `logprobs`), as token_logprobs gives."""
+    return token_logprobs(((token, logprob) for segment in segments
+                           for token, logprob in zip(segment.tokens, segment.logprobs or ())), token_bytes)
 
 
 class TranscriptBuilder:
@@ -109,18 +126,21 @@ class TranscriptBuilder:
 
 
 class PartialText:
-    """A window's text as its decode goes, from the text tokens made final so far: their bytes through an incremental
-    UTF-8 decoder, so that a character split over tokens shows once whole (errors replaced, as the tokenizer's
-    decode replaces them)."""
+    """A window's text as its decode goes, from the text tokens made final so far (with their log-probabilities):
+    their bytes through an incremental UTF-8 decoder, so that a character split over tokens shows once whole (errors
+    replaced, as the tokenizer's decode replaces them)."""
 
     def __init__(self, token_bytes: Sequence[bytes]):
         self.token_bytes = token_bytes
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
+        self.logprobs: list[dict] = []  # each token so far, as token_logprobs spells it
 
-    def add(self, tokens: list[int]) -> None:
-        self.text += self.decoder.decode(b"".join(self.token_bytes[token] for token in tokens
-                                                  if token < len(self.token_bytes)))
+    def add(self, tokens: list[tuple[int, float]]) -> None:
+        for entry in token_logprobs([(token, logprob) for token, logprob in tokens if token < len(self.token_bytes)],
+                                    self.token_bytes, self.decoder):
+            self.text += entry["token"]
+            self.logprobs.append(entry)
 
 
 def rest_of(final: str, shown: str) -> str:
@@ -153,7 +173,7 @@ async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options:
     finished: dict[int, WindowResult] = {}
     following = deque(range(len(windows)))  # the windows not yet given out, in audio order
     partials: dict[int, PartialText] = {}  # the text of windows decoding with partials, so far
-    shown = ""  # what pieces have said of the next window in audio order so far
+    shown, given = "", 0  # what pieces have said of the next window in audio order so far, and how many tokens
 
     def showable(index: int) -> str:
         """A window's partial text as builder.add will spell it: the request's first text without its leading
@@ -162,7 +182,7 @@ async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options:
         return (text if builder.segments else text.lstrip()).rstrip()
 
     async def ready() -> AsyncIterator[Piece]:
-        nonlocal shown
+        nonlocal shown, given
         while following and following[0] in finished:
             index = following.popleft()
             result = finished.pop(index)
@@ -170,10 +190,14 @@ async def transcribe_pieces(engine: EngineProcess, samples: np.ndarray, options:
             if result.continuation is not None:
                 following.appendleft(result.continuation)
             piece = builder.add(result) if result.alignment is None else await asyncio.to_thread(builder.add, result)
-            piece.delta, shown = rest_of(piece.delta, shown), ""
+            if options.logprobs:  # the tokens its partials have not given
+                piece.logprobs = segment_logprobs(piece.segments, engine.token_bytes)[given:]
+            piece.delta, shown, given = rest_of(piece.delta, shown), "", 0
             yield piece
         if following and len(text := showable(following[0])) > len(shown):
             piece, shown = Piece(text[len(shown):], []), text
+            if options.logprobs:  # every token so far: the text shown is all of it, but trailing whitespace
+                piece.logprobs, given = partials[following[0]].logprobs[given:], len(partials[following[0]].logprobs)
             yield piece
 
     if windows:
