@@ -46,7 +46,8 @@ class Piece:
     logprobs: list[dict] | None = None
 
 
-def token_logprobs(tokens: Iterable[tuple[int, float]], token_bytes: Sequence[bytes], characters=None) -> list[dict]:
+def token_logprobs(tokens: Iterable[tuple[int, float]], token_bytes: Sequence[bytes],
+                   characters: codecs.IncrementalDecoder | None = None) -> list[dict]:
     """include[]=logprobs, in OpenAI's shape: each text token with its log-probability and its UTF-8 bytes. The
     tokens' strings join to their text: a character whose bytes span several tokens is in the string of the token
     that completes it (`characters`: the incremental UTF-8 decoder a window's earlier tokens went through)."""
